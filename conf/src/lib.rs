@@ -1,0 +1,555 @@
+//! fluxgate's configuration: the TOML schema, its defaults and its validation.
+//!
+//! Input is parsed once into typed values (`Config::from_toml`); every error names the key path
+//! and the line at fault. This crate does no I/O beyond reading the file it is given and never
+//! touches sockets or the runtime.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The config `fluxgate run` serves when given no file (see README, "Embedded default").
+pub const DEFAULT_TOML: &str = include_str!("../examples/default.toml");
+
+/// Why a config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The text is not valid TOML or does not fit the schema (unknown key, wrong type).
+    #[error("{0}")]
+    Syntax(String),
+    /// A value has the right type but is not acceptable.
+    #[error("line {line}: `{key}`: {reason}")]
+    Invalid {
+        key: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// How worker threads accept connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when it can be set up, otherwise epoll (one log line says why).
+    Auto,
+    /// io_uring multishot accept; start-up fails if unavailable.
+    Uring,
+    /// epoll through tokio.
+    Epoll,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "uring" => Ok(IoMode::Uring),
+            "epoll" => Ok(IoMode::Epoll),
+            other => Err(format!("unknown io mode {other:?} (auto, uring, epoll)")),
+        }
+    }
+}
+
+impl fmt::Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoMode::Auto => "auto",
+            IoMode::Uring => "uring",
+            IoMode::Epoll => "epoll",
+        })
+    }
+}
+
+/// The whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runtime: Runtime,
+    pub http: HttpLimits,
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Worker threads, each with its own listener sockets. Default: available cores.
+    pub workers: usize,
+    /// Default: auto.
+    pub io: IoMode,
+}
+
+/// `[http]`: limits on what downstream clients may send.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Longest request target in bytes; longer gets 414. Default 8 KiB.
+    pub max_request_line: usize,
+    /// Largest request head (request line and headers) in bytes; larger gets 431. Default 32 KiB,
+    /// at least 8 KiB.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// A started request head must be complete within this, else 408 and close. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// An idle client connection is closed after this. Default 60 s.
+    pub keepalive_timeout: Duration,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub address: SocketAddr,
+    /// listen(2) backlog. Default 4096.
+    pub backlog: u32,
+    /// TCP_FASTOPEN queue length; 0 turns it off. Default 256.
+    pub tcp_fastopen: u32,
+    /// Open client connections per worker; beyond it new ones are closed at once. Default 10000.
+    pub max_connections: usize,
+    pub action: ListenerAction,
+}
+
+/// What a listener does with each request.
+#[derive(Debug, Clone)]
+pub enum ListenerAction {
+    /// Proxy to the upstream at this index of `Config::upstreams`.
+    Proxy(usize),
+    /// Answer directly.
+    Respond { status: u16, body: String },
+}
+
+/// Upstream application protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 cleartext with prior knowledge; one multiplexed connection per endpoint per worker.
+    H2c,
+}
+
+/// `[[upstream]]`
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    /// Round-robin targets.
+    pub endpoints: Vec<SocketAddr>,
+    /// Default http1.
+    pub protocol: UpstreamProtocol,
+    /// Connect failure or timeout answers 502. Default 1 s.
+    pub connect_timeout: Duration,
+    /// No response head within this answers 504. Default 30 s.
+    pub response_timeout: Duration,
+    /// Idle pooled connections kept per endpoint per worker. Default 256.
+    pub max_idle_per_host: usize,
+    /// An idle pooled connection is closed after this. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Connections opened per endpoint per worker at start. Default 0.
+    pub prewarm: usize,
+    /// Open connections per endpoint per worker; 0 is unlimited. Default 0.
+    pub max_connections: usize,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    workers: Option<Spanned<i64>>,
+    io: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    max_request_line: Option<Spanned<RawSize>>,
+    max_header_bytes: Option<Spanned<RawSize>>,
+    max_headers: Option<Spanned<i64>>,
+    header_read_timeout: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    address: Spanned<String>,
+    backlog: Option<Spanned<i64>>,
+    tcp_fastopen: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+    upstream: Option<Spanned<String>>,
+    respond: Option<Spanned<RawRespond>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRespond {
+    #[serde(default = "default_status")]
+    status: i64,
+    #[serde(default)]
+    body: String,
+}
+
+fn default_status() -> i64 {
+    200
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    protocol: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    max_idle_per_host: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
+    prewarm: Option<Spanned<i64>>,
+    max_connections: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(i64),
+    Text(String),
+}
+
+/// Turns spans into line numbers and builds errors that name the key.
+struct Source<'a>(&'a str);
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.0[..offset.min(self.0.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(&self, key: String, at: &Spanned<T>, reason: impl Into<String>) -> ConfError {
+        ConfError::Invalid {
+            key,
+            line: self.line_of(at.span().start),
+            reason: reason.into(),
+        }
+    }
+
+    fn count(
+        &self,
+        key: impl Fn() -> String,
+        v: &Option<Spanned<i64>>,
+        default: usize,
+        min: i64,
+        max: i64,
+    ) -> Result<usize, ConfError> {
+        match v {
+            None => Ok(default),
+            Some(s) if (min..=max).contains(s.get_ref()) => Ok(*s.get_ref() as usize),
+            Some(s) => Err(self.invalid(key(), s, format!("must be between {min} and {max}"))),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: impl Fn() -> String,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration(s.get_ref())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    self.invalid(
+                        key(),
+                        s,
+                        format!(
+                            "{:?} is not a positive duration (e.g. \"250ms\", \"10s\", \"2m\")",
+                            s.get_ref()
+                        ),
+                    )
+                }),
+        }
+    }
+
+    fn size(
+        &self,
+        key: impl Fn() -> String,
+        v: &Option<Spanned<RawSize>>,
+        default: usize,
+        min: usize,
+    ) -> Result<usize, ConfError> {
+        let Some(s) = v else { return Ok(default) };
+        let n = match s.get_ref() {
+            RawSize::Bytes(n) => usize::try_from(*n).ok(),
+            RawSize::Text(t) => parse_size(t),
+        };
+        match n {
+            Some(n) if n >= min && n <= 1 << 30 => Ok(n),
+            _ => Err(self.invalid(
+                key(),
+                s,
+                format!("must be a size from {min} bytes to 1GiB (e.g. 8192, \"8KiB\")"),
+            )),
+        }
+    }
+
+    fn addr(&self, key: String, v: &Spanned<String>) -> Result<SocketAddr, ConfError> {
+        v.get_ref().parse().map_err(|_| {
+            self.invalid(
+                key,
+                v,
+                format!("{:?} is not an IP:port address", v.get_ref()),
+            )
+        })
+    }
+}
+
+/// Parses "250ms", "10s", "2m", "1h".
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Parses "512", "8KiB", "1MiB" (also "8k", "1m").
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mul = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// The embedded default (see `DEFAULT_TOML`).
+    pub fn embedded_default() -> Config {
+        Config::from_toml(DEFAULT_TOML).expect("the embedded default config is valid")
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfError::Syntax(e.to_string().trim().to_owned()))?;
+        Config::build(raw, &Source(text))
+    }
+
+    fn build(raw: RawConfig, src: &Source<'_>) -> Result<Config, ConfError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = match src.count(|| "runtime.workers".into(), &raw.runtime.workers, 0, 0, 1024)? {
+            0 => cores,
+            n => n,
+        };
+        let io = match &raw.runtime.io {
+            None => IoMode::Auto,
+            Some(s) => s
+                .get_ref()
+                .parse()
+                .map_err(|e: String| src.invalid("runtime.io".into(), s, e))?,
+        };
+        let h = &raw.http;
+        let http = HttpLimits {
+            max_request_line: src.size(|| "http.max_request_line".into(), &h.max_request_line, 8 << 10, 64)?,
+            max_header_bytes: src.size(|| "http.max_header_bytes".into(), &h.max_header_bytes, 32 << 10, 8 << 10)?,
+            max_headers: src.count(|| "http.max_headers".into(), &h.max_headers, 100, 1, 10_000)?,
+            header_read_timeout: src.duration(
+                || "http.header_read_timeout".into(),
+                &h.header_read_timeout,
+                Duration::from_secs(10),
+            )?,
+            keepalive_timeout: src.duration(
+                || "http.keepalive_timeout".into(),
+                &h.keepalive_timeout,
+                Duration::from_secs(60),
+            )?,
+        };
+
+        let mut upstreams = Vec::with_capacity(raw.upstream.len());
+        for (i, u) in raw.upstream.iter().enumerate() {
+            let key = |k: &str| format!("upstream[{i}].{k}");
+            let name = u.name.get_ref().clone();
+            if name.is_empty() {
+                return Err(src.invalid(key("name"), &u.name, "must not be empty"));
+            }
+            if upstreams.iter().any(|x: &Upstream| x.name == name) {
+                return Err(src.invalid(key("name"), &u.name, format!("duplicate upstream {name:?}")));
+            }
+            if u.endpoints.get_ref().is_empty() {
+                return Err(src.invalid(key("endpoints"), &u.endpoints, "needs at least one endpoint"));
+            }
+            let endpoints = u
+                .endpoints
+                .get_ref()
+                .iter()
+                .enumerate()
+                .map(|(j, e)| src.addr(key(&format!("endpoints[{j}]")), e))
+                .collect::<Result<Vec<_>, _>>()?;
+            let protocol = match &u.protocol {
+                None => UpstreamProtocol::Http1,
+                Some(p) => match p.get_ref().as_str() {
+                    "http1" => UpstreamProtocol::Http1,
+                    "h2c" => UpstreamProtocol::H2c,
+                    other => {
+                        return Err(src.invalid(
+                            key("protocol"),
+                            p,
+                            format!("unknown protocol {other:?} (http1, h2c)"),
+                        ))
+                    }
+                },
+            };
+            upstreams.push(Upstream {
+                name,
+                endpoints,
+                protocol,
+                connect_timeout: src.duration(|| key("connect_timeout"), &u.connect_timeout, Duration::from_secs(1))?,
+                response_timeout: src.duration(|| key("response_timeout"), &u.response_timeout, Duration::from_secs(30))?,
+                max_idle_per_host: src.count(|| key("max_idle_per_host"), &u.max_idle_per_host, 256, 0, 1 << 20)?,
+                idle_timeout: src.duration(|| key("idle_timeout"), &u.idle_timeout, Duration::from_secs(30))?,
+                prewarm: src.count(|| key("prewarm"), &u.prewarm, 0, 0, 1024)?,
+                max_connections: src.count(|| key("max_connections"), &u.max_connections, 0, 0, 1 << 20)?,
+            });
+        }
+
+        let mut listeners = Vec::with_capacity(raw.listener.len());
+        for (i, l) in raw.listener.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            let address = src.addr(key("address"), &l.address)?;
+            if listeners.iter().any(|x: &Listener| x.address == address && address.port() != 0) {
+                return Err(src.invalid(key("address"), &l.address, format!("{address} is already a listener")));
+            }
+            let action = match (&l.upstream, &l.respond) {
+                (Some(name), None) => {
+                    let idx = upstreams
+                        .iter()
+                        .position(|u| &u.name == name.get_ref())
+                        .ok_or_else(|| {
+                            src.invalid(key("upstream"), name, format!("no [[upstream]] named {:?}", name.get_ref()))
+                        })?;
+                    ListenerAction::Proxy(idx)
+                }
+                (None, Some(r)) => {
+                    let status = r.get_ref().status;
+                    if !(200..=599).contains(&status) {
+                        return Err(src.invalid(key("respond.status"), r, "status must be 200..=599"));
+                    }
+                    ListenerAction::Respond {
+                        status: status as u16,
+                        body: r.get_ref().body.clone(),
+                    }
+                }
+                (Some(u), Some(_)) => {
+                    return Err(src.invalid(key("upstream"), u, "set either `upstream` or `respond`, not both"))
+                }
+                (None, None) => {
+                    return Err(src.invalid(key("address"), &l.address, "needs `upstream` or `respond`"))
+                }
+            };
+            listeners.push(Listener {
+                address,
+                backlog: src.count(|| key("backlog"), &l.backlog, 4096, 1, 65535)? as u32,
+                tcp_fastopen: src.count(|| key("tcp_fastopen"), &l.tcp_fastopen, 256, 0, 65535)? as u32,
+                max_connections: src.count(|| key("max_connections"), &l.max_connections, 10_000, 1, 1 << 24)?,
+                action,
+            });
+        }
+        if listeners.is_empty() {
+            return Err(ConfError::Invalid {
+                key: "listener".into(),
+                line: 1,
+                reason: "at least one [[listener]] is required".into(),
+            });
+        }
+        Ok(Config {
+            runtime: Runtime { workers, io },
+            http,
+            listeners,
+            upstreams,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples_parse() {
+        let d = Config::embedded_default();
+        assert_eq!(d.listeners.len(), 2);
+        assert!(matches!(d.listeners[0].action, ListenerAction::Proxy(0)));
+        let full = Config::from_toml(include_str!("../examples/full.toml")).unwrap();
+        assert_eq!(full.runtime.workers, 2);
+        assert_eq!(full.http.max_request_line, 8192);
+        assert_eq!(full.upstreams[0].prewarm, 4);
+        assert_eq!(full.upstreams[0].idle_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let text = "[[upstream]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\", \"nope\"]\n";
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains("upstream[0].endpoints[1]"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+
+        let text = "[[listener]]\naddress = \"127.0.0.1:1\"\n\nupstream = \"missing\"\n";
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains("listener[0].upstream") && err.contains("line 4"), "{err}");
+
+        let text = "[http]\nheader_read_timeout = \"soon\"\n";
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains("http.header_read_timeout") && err.contains("line 2"), "{err}");
+
+        let err = Config::from_toml("[http]\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_size("8KiB"), Some(8192));
+        assert_eq!(parse_size("1m"), Some(1 << 20));
+        assert_eq!(parse_size("3 parsecs"), None);
+    }
+}

@@ -1,0 +1,245 @@
+//! One client connection: the socket wrapper that enforces the header-read and keep-alive
+//! timeouts, and the hyper server (HTTP/1.1 and h2c prior knowledge on the same port).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::proxy::Handler;
+use crate::server::LocalExec;
+
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+
+/// Written by the socket wrapper itself when a started request head times out; hyper then
+/// closes the connection.
+const TIMEOUT_408: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// What the request handler and the socket wrapper of one connection share.
+pub(crate) struct ConnState {
+    /// Requests received whose response body has not been dropped yet.
+    in_flight: Cell<u32>,
+    /// Bytes arrived since the last request was handed over: a head is being read.
+    partial: Cell<bool>,
+    /// When `partial` last became true.
+    head_started: Cell<Instant>,
+    /// When the connection last became idle (no request in flight).
+    idle_since: Cell<Instant>,
+    /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408.
+    h2: Cell<bool>,
+    first_read: Cell<bool>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    /// The client's IP address, ready for X-Forwarded-For.
+    pub(crate) peer_ip: http::HeaderValue,
+}
+
+/// Held by a response body: the connection counts as busy until it is dropped.
+pub(crate) struct InFlight(Rc<ConnState>);
+
+impl ConnState {
+    /// Marks a request as received; the returned guard marks it finished when dropped.
+    pub(crate) fn begin_request(self: &Rc<Self>) -> InFlight {
+        self.in_flight.set(self.in_flight.get() + 1);
+        self.partial.set(false);
+        InFlight(Rc::clone(self))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        if self.in_flight.get() > 0 {
+            return None;
+        }
+        if self.partial.get() && !self.h2.get() {
+            Some(self.head_started.get() + self.header_timeout)
+        } else {
+            Some(self.idle_since.get() + self.idle_timeout)
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.get() - 1;
+        self.0.in_flight.set(n);
+        if n == 0 {
+            self.0.idle_since.set(Instant::now());
+        }
+    }
+}
+
+/// The client socket as hyper sees it. When hyper waits for bytes and the connection's
+/// deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
+/// head had started), which ends the connection.
+struct ClientIo {
+    stream: TcpStream,
+    state: Rc<ConnState>,
+    // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ClientIo {
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(deadline) = self.state.deadline() else {
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    let st = &this.state;
+                    if st.first_read.replace(false) {
+                        st.h2.set(got.starts_with(H2_PREFACE_START));
+                    }
+                    if st.h2.get() {
+                        st.idle_since.set(Instant::now());
+                    } else if st.in_flight.get() == 0 && !st.partial.get() {
+                        st.partial.set(true);
+                        st.head_started.set(Instant::now());
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if this.poll_deadline(cx).is_ready() {
+                    if this.state.partial.get() && !this.state.h2.get() {
+                        let _ = this.stream.try_write(TIMEOUT_408);
+                    }
+                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The server side of one listener on one worker: hyper's protocol builder, configured once.
+pub(crate) struct ConnServer {
+    builder: auto::Builder<LocalExec>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl ConnServer {
+    pub(crate) fn new(limits: &fluxgate_conf::HttpLimits) -> ConnServer {
+        let mut builder = auto::Builder::new(LocalExec);
+        builder
+            .http1()
+            .header_read_timeout(None)
+            .max_headers(limits.max_headers)
+            // hyper answers 431 when a head does not fit its read buffer.
+            .max_buf_size(limits.max_header_bytes)
+            .pipeline_flush(true);
+        builder
+            .http2()
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(256);
+        ConnServer {
+            builder,
+            header_timeout: limits.header_read_timeout,
+            idle_timeout: limits.keepalive_timeout,
+        }
+    }
+
+    /// Serves one accepted connection to its end.
+    pub(crate) async fn serve(&self, stream: TcpStream, peer: SocketAddr, handler: Rc<Handler>) {
+        let now = Instant::now();
+        let state = Rc::new(ConnState {
+            in_flight: Cell::new(0),
+            partial: Cell::new(false),
+            head_started: Cell::new(now),
+            idle_since: Cell::new(now),
+            h2: Cell::new(false),
+            first_read: Cell::new(true),
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+        });
+        let io = ClientIo {
+            stream,
+            state: Rc::clone(&state),
+            timer: None,
+        };
+        let service = service_fn(move |req| {
+            let handler = Rc::clone(&handler);
+            let inflight = state.begin_request();
+            async move { Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await) }
+        });
+        // Errors here are the client's (reset, timeout, malformed head already answered by
+        // hyper); there is no one left to tell.
+        let _ = self.builder.serve_connection(TokioIo::new(io), service).await;
+    }
+}
+
+impl InFlight {
+    pub(crate) fn state(&self) -> &ConnState {
+        &self.0
+    }
+}

@@ -1,0 +1,54 @@
+//! The one error type of the data path and the one place it becomes what a client sees.
+
+use http::StatusCode;
+
+/// Why a proxied request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream endpoint refused the connection, or the connect timed out.
+    #[error("connect to {addr} failed: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The upstream sent no response head within the response timeout.
+    #[error("upstream response timed out")]
+    ResponseTimeout,
+    /// The upstream broke the exchange: reset, closed early, malformed response.
+    #[error("upstream failed: {0}")]
+    Upstream(hyper::Error),
+    /// The client's request body was malformed (bad chunk framing) or cut short.
+    #[error("client request body failed: {0}")]
+    ClientBody(hyper::Error),
+    /// Every allowed connection to the endpoint was busy and none freed up in time.
+    #[error("upstream connection limit reached")]
+    Overloaded,
+}
+
+impl ProxyError {
+    /// The status the client receives for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Connect { .. } | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Whether the client connection must close after the answer: after a broken request
+    /// body the framing of what follows cannot be trusted.
+    pub fn closes_client(&self) -> bool {
+        matches!(self, ProxyError::ClientBody(_))
+    }
+
+    /// Classifies a hyper client error: a failure of the body we were streaming from the
+    /// client is the client's fault, anything else the upstream's.
+    pub(crate) fn from_upstream(err: hyper::Error) -> ProxyError {
+        if err.is_user() {
+            ProxyError::ClientBody(err)
+        } else {
+            ProxyError::Upstream(err)
+        }
+    }
+}

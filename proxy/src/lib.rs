@@ -1,0 +1,17 @@
+//! fluxgate, the gateway: worker threads with their own listeners, the io_uring or epoll
+//! acceptor, HTTP/1.1 and h2c serving through hyper, and per-worker upstream pools.
+//!
+//! Nothing here blocks a worker thread, and nothing here is shared between workers but the
+//! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
+//! `fluxgate-sys`.
+
+mod body;
+mod conn;
+mod error;
+mod headers;
+mod pool;
+mod proxy;
+mod server;
+
+pub use error::ProxyError;
+pub use server::{Handle, Server};

@@ -1,0 +1,170 @@
+//! The `fluxgate` command: `run` and `check`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fluxgate::Server;
+use fluxgate_conf::{Config, IoMode, Listener, ListenerAction, Upstream, UpstreamProtocol};
+
+const USAGE: &str = "\
+usage:
+  fluxgate run                      serve the embedded default (127.0.0.1:8080 -> built-in hello on :8081)
+  fluxgate run -c FILE              serve a TOML config
+  fluxgate run --listen ADDR --upstream ADDR [--upstream ADDR ...] [--h2c-upstream]
+               [--workers N] [--io auto|uring|epoll]
+                                    quick mode: proxy ADDR to the upstreams, no config file
+  fluxgate check -c FILE            validate a config; non-zero exit names the key and line
+options for run with -c or the default: --workers N and --io MODE override the config";
+
+#[derive(Default)]
+struct Args {
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    upstreams: Vec<SocketAddr>,
+    h2c_upstream: bool,
+    workers: Option<usize>,
+    io: Option<IoMode>,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
+    let mut a = Args::default();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match flag.as_str() {
+            "-c" | "--config" => a.config = Some(value("-c")?.into()),
+            "--listen" => a.listen = Some(value("--listen")?.parse().context("--listen wants IP:PORT")?),
+            "--upstream" => a
+                .upstreams
+                .push(value("--upstream")?.parse().context("--upstream wants IP:PORT")?),
+            "--h2c-upstream" => a.h2c_upstream = true,
+            "--workers" => a.workers = Some(value("--workers")?.parse().context("--workers wants a number")?),
+            "--io" => a.io = Some(value("--io")?.parse().map_err(anyhow::Error::msg)?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(a)
+}
+
+/// The config quick mode builds: one listener, one upstream, every other setting at its default.
+fn quick_config(listen: SocketAddr, upstreams: Vec<SocketAddr>, h2c: bool) -> Result<Config> {
+    let mut c = Config::from_toml(&format!(
+        "[[listener]]\naddress = \"{listen}\"\nupstream = \"quick\"\n\
+         [[upstream]]\nname = \"quick\"\nendpoints = [\"{}\"]\n",
+        upstreams[0]
+    ))?;
+    let u: &mut Upstream = &mut c.upstreams[0];
+    u.endpoints = upstreams;
+    if h2c {
+        u.protocol = UpstreamProtocol::H2c;
+    }
+    debug_assert!(matches!(
+        c.listeners[0],
+        Listener { action: ListenerAction::Proxy(0), .. }
+    ));
+    Ok(c)
+}
+
+fn run(args: Args) -> Result<()> {
+    let mut config = match (&args.config, args.listen) {
+        (Some(_), Some(_)) => bail!("use either -c FILE or --listen/--upstream, not both"),
+        (Some(path), None) => Config::from_file(path)?,
+        (None, Some(listen)) => {
+            if args.upstreams.is_empty() {
+                bail!("quick mode needs at least one --upstream ADDR");
+            }
+            quick_config(listen, args.upstreams, args.h2c_upstream)?
+        }
+        (None, None) => {
+            if !args.upstreams.is_empty() {
+                bail!("--upstream needs --listen ADDR");
+            }
+            eprintln!("fluxgate: no config given, serving the embedded default");
+            Config::embedded_default()
+        }
+    };
+    if let Some(w) = args.workers {
+        config.runtime.workers = if w == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            w
+        };
+    }
+    if let Some(io) = args.io {
+        config.runtime.io = io;
+    }
+    let workers = config.runtime.workers;
+    let handle = Server::start(config)?;
+    for a in handle.local_addrs() {
+        eprintln!("fluxgate: listening on {a} (HTTP/1.1 and h2c)");
+    }
+    eprintln!(
+        "fluxgate: {workers} worker(s), accepting through {}",
+        match handle.io_mode() {
+            IoMode::Uring => "io_uring (multishot accept)",
+            _ => "epoll",
+        }
+    );
+    wait_for_stop_signal()?;
+    eprintln!("fluxgate: stopping");
+    handle.shutdown();
+    Ok(())
+}
+
+fn wait_for_stop_signal() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    // Give in-flight writes a moment; draining proper is the gateway-control work.
+    std::thread::sleep(Duration::from_millis(10));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1);
+    let cmd = argv.next();
+    let result = match cmd.as_deref() {
+        Some("run") => parse_args(argv).and_then(run),
+        Some("check") => parse_args(argv).and_then(|a| {
+            let path = a.config.context("check needs -c FILE")?;
+            Config::from_file(&path)?;
+            println!("{}: ok", path.display());
+            Ok(())
+        }),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some("--version" | "-V") => {
+            println!("fluxgate {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fluxgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Per-worker upstream connection pools.
+//!
+//! HTTP/1.1 idle connections sit in a pingora-pool `ConnectionPool` keyed by endpoint; this
+//! module adds what it lacks: a per-endpoint idle cap, an open-connection cap, pre-warming and
+//! counters. HTTP/2 connections are multiplexed and shared, so they are kept apart, one per
+//! endpoint. Everything here belongs to one worker thread (`Rc`, `Cell`): no locks on the path.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use fluxgate_conf::{Upstream, UpstreamProtocol};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use pingora_pool::{ConnectionMeta, ConnectionPool};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+
+use crate::body::UpBody;
+use crate::error::ProxyError;
+use crate::server::LocalExec;
+
+/// An idle-able HTTP/1.1 upstream connection.
+pub(crate) struct H1Conn {
+    pub(crate) sender: http1::SendRequest<UpBody>,
+    // Changes (the sender is dropped) when the task driving the connection ends.
+    closed: watch::Receiver<bool>,
+    meta: ConnectionMeta,
+}
+
+struct Endpoint {
+    addr: SocketAddr,
+    /// Connections open now (idle, busy or being evicted).
+    open: Cell<usize>,
+    /// Connections checked out to requests now.
+    busy: Cell<usize>,
+    /// Signalled when a connection closes or returns, for requests waiting on the cap.
+    freed: Notify,
+    h2: RefCell<Option<http2::SendRequest<UpBody>>>,
+}
+
+/// The connections of one upstream on one worker.
+pub(crate) struct UpstreamPool {
+    pub(crate) cfg: Upstream,
+    idle: Rc<ConnectionPool<H1Conn>>,
+    endpoints: Vec<Endpoint>,
+    next_endpoint: Cell<usize>,
+    next_id: Cell<i32>,
+}
+
+/// A connection lent to one request. Dropping it closes the connection; `release` returns it
+/// to the pool.
+pub(crate) struct Checkout {
+    pool: Rc<UpstreamPool>,
+    endpoint: usize,
+    conn: Option<H1Conn>,
+    /// Whether it came from the idle pool (and so may have gone stale).
+    pub(crate) reused: bool,
+}
+
+impl Checkout {
+    pub(crate) fn sender(&mut self) -> &mut http1::SendRequest<UpBody> {
+        &mut self.conn.as_mut().expect("checkout holds a connection").sender
+    }
+
+    /// Returns the connection to the idle pool, or closes it when the pool is full or the
+    /// connection is no longer usable.
+    pub(crate) fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(self.endpoint, conn);
+        }
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            let ep = &self.pool.endpoints[self.endpoint];
+            ep.busy.set(ep.busy.get() - 1);
+        }
+    }
+}
+
+impl UpstreamPool {
+    pub(crate) fn new(cfg: Upstream) -> Rc<UpstreamPool> {
+        let lru_size = (cfg.max_idle_per_host * cfg.endpoints.len()).max(1);
+        let endpoints = cfg
+            .endpoints
+            .iter()
+            .map(|&addr| Endpoint {
+                addr,
+                open: Cell::new(0),
+                busy: Cell::new(0),
+                freed: Notify::new(),
+                h2: RefCell::new(None),
+            })
+            .collect();
+        Rc::new(UpstreamPool {
+            idle: Rc::new(ConnectionPool::new(lru_size)),
+            endpoints,
+            next_endpoint: Cell::new(0),
+            next_id: Cell::new(0),
+            cfg,
+        })
+    }
+
+    /// Round-robin choice of the endpoint for the next request.
+    pub(crate) fn pick_endpoint(&self) -> usize {
+        let n = self.next_endpoint.get();
+        self.next_endpoint.set((n + 1) % self.endpoints.len());
+        n
+    }
+
+    /// Opens `cfg.prewarm` idle connections to each endpoint. Failures are logged, not fatal:
+    /// the upstream may come up later.
+    pub(crate) async fn prewarm(self: Rc<Self>) {
+        if self.cfg.protocol != UpstreamProtocol::Http1 {
+            return;
+        }
+        for ep in 0..self.endpoints.len() {
+            for _ in 0..self.cfg.prewarm {
+                match self.connect_h1(ep).await {
+                    Ok(conn) => {
+                        self.endpoints[ep].busy.set(self.endpoints[ep].busy.get() + 1);
+                        self.checkin(ep, conn);
+                    }
+                    Err(e) => {
+                        eprintln!("fluxgate: pre-warm of upstream {:?}: {e}", self.cfg.name);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lends an HTTP/1.1 connection to `ep`: an idle one when there is one (unless `fresh`),
+    /// else a new one (waiting for a free slot when the endpoint is at `max_connections`).
+    pub(crate) async fn checkout(
+        self: &Rc<Self>,
+        ep: usize,
+        fresh: bool,
+    ) -> Result<Checkout, ProxyError> {
+        let endpoint = &self.endpoints[ep];
+        let deadline = tokio::time::Instant::now() + self.cfg.connect_timeout;
+        loop {
+            while let Some(conn) = (!fresh).then(|| self.idle.get(&(ep as u64))).flatten() {
+                if conn.sender.is_closed() {
+                    continue;
+                }
+                endpoint.busy.set(endpoint.busy.get() + 1);
+                return Ok(Checkout {
+                    pool: Rc::clone(self),
+                    endpoint: ep,
+                    conn: Some(conn),
+                    reused: true,
+                });
+            }
+            let cap = self.cfg.max_connections;
+            if cap == 0 || endpoint.open.get() < cap {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, endpoint.freed.notified())
+                .await
+                .is_err()
+            {
+                return Err(ProxyError::Overloaded);
+            }
+        }
+        let conn = self.connect_h1(ep).await?;
+        endpoint.busy.set(endpoint.busy.get() + 1);
+        Ok(Checkout {
+            pool: Rc::clone(self),
+            endpoint: ep,
+            conn: Some(conn),
+            reused: false,
+        })
+    }
+
+    fn checkin(self: &Rc<Self>, ep: usize, conn: H1Conn) {
+        let endpoint = &self.endpoints[ep];
+        endpoint.busy.set(endpoint.busy.get() - 1);
+        // Idle connections of this endpoint besides this one.
+        let idle_now = (endpoint.open.get() - endpoint.busy.get()).saturating_sub(1);
+        if conn.sender.is_closed() || idle_now >= self.cfg.max_idle_per_host {
+            drop(conn);
+            return;
+        }
+        let meta = conn.meta.clone();
+        let closed = conn.closed.clone();
+        let (evicted, picked_up) = self.idle.put(&meta, conn);
+        let idle = Rc::clone(&self.idle);
+        let timeout = self.cfg.idle_timeout;
+        tokio::task::spawn_local(async move {
+            idle.idle_timeout(&meta, timeout, evicted, closed, picked_up)
+                .await;
+        });
+        endpoint.freed.notify_one();
+    }
+
+    async fn dial(&self, ep: usize) -> Result<TcpStream, ProxyError> {
+        let addr = self.endpoints[ep].addr;
+        let stream = match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+            Err(_) => {
+                return Err(ProxyError::Connect {
+                    addr,
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {
+        let stream = self.dial(ep).await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ProxyError::Upstream)?;
+        let (closed_tx, closed) = watch::channel(false);
+        let endpoint = &self.endpoints[ep];
+        endpoint.open.set(endpoint.open.get() + 1);
+        let pool = Rc::clone(self);
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+            // Dropping the sender tells the idle pool to evict this connection at once.
+            drop(closed_tx);
+            let endpoint = &pool.endpoints[ep];
+            endpoint.open.set(endpoint.open.get().saturating_sub(1));
+            endpoint.freed.notify_one();
+        });
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1));
+        Ok(H1Conn {
+            sender,
+            closed,
+            meta: ConnectionMeta::new(ep as u64, id),
+        })
+    }
+
+    /// The shared HTTP/2 connection to `ep`, opened on first use or after it closed.
+    pub(crate) async fn h2_sender(
+        self: &Rc<Self>,
+        ep: usize,
+    ) -> Result<http2::SendRequest<UpBody>, ProxyError> {
+        let endpoint = &self.endpoints[ep];
+        if let Some(s) = endpoint.h2.borrow().as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let stream = self.dial(ep).await?;
+        let (sender, connection) = http2::Builder::new(LocalExec)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ProxyError::Upstream)?;
+        endpoint.open.set(endpoint.open.get() + 1);
+        let pool = Rc::clone(self);
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+            let endpoint = &pool.endpoints[ep];
+            endpoint.open.set(endpoint.open.get().saturating_sub(1));
+        });
+        *endpoint.h2.borrow_mut() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Drops the cached HTTP/2 connection of `ep` if it is `broken`, so the next request dials.
+    pub(crate) fn forget_h2(&self, ep: usize) {
+        let mut slot = self.endpoints[ep].h2.borrow_mut();
+        if slot.as_ref().is_some_and(|s| s.is_closed()) {
+            *slot = None;
+        }
+    }
+}

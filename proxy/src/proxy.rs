@@ -1,0 +1,259 @@
+//! The request handler: limits that need the parsed request, direct answers, and forwarding
+//! to an upstream with the stale-connection retry.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fluxgate_conf::UpstreamProtocol;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+
+use crate::body::{ProxyBody, UpBody};
+use crate::conn::InFlight;
+use crate::error::ProxyError;
+use crate::headers::{append_list, strip_hop_by_hop};
+use crate::pool::{Checkout, UpstreamPool};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// What a listener does with a request.
+pub(crate) enum Action {
+    Respond { status: StatusCode, body: Bytes },
+    Proxy(Rc<UpstreamPool>),
+}
+
+/// Handles every request of one listener on one worker.
+pub(crate) struct Handler {
+    pub(crate) action: Action,
+    pub(crate) max_request_line: usize,
+}
+
+/// A failed attempt, with the request back when hyper never sent it.
+struct Attempt {
+    error: ProxyError,
+    unsent: Option<Request<UpBody>>,
+}
+
+impl Handler {
+    pub(crate) async fn handle(&self, req: Request<Incoming>, inflight: InFlight) -> Response<ProxyBody> {
+        let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target > self.max_request_line {
+            return answer(StatusCode::URI_TOO_LONG, true, inflight);
+        }
+        match &self.action {
+            Action::Respond { status, body } => {
+                let mut resp = Response::new(ProxyBody::full(body.clone(), inflight));
+                *resp.status_mut() = *status;
+                resp
+            }
+            Action::Proxy(pool) => match forward(pool, req, &inflight.state().peer_ip).await {
+                Ok((resp, conn)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+                }
+                Err(e) => answer(e.status(), e.closes_client(), inflight),
+            },
+        }
+    }
+}
+
+/// A short gateway-made answer; `close` ends the client connection after it.
+fn answer(status: StatusCode, close: bool, inflight: InFlight) -> Response<ProxyBody> {
+    let text = format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(ProxyBody::full(Bytes::from(text), inflight));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Rewrites the request head for the upstream: hop-by-hop headers out, X-Forwarded-* in,
+/// Host kept, the target in the form the upstream protocol wants.
+fn prepare(parts: &mut Parts, peer_ip: &HeaderValue, protocol: UpstreamProtocol) {
+    strip_hop_by_hop(&mut parts.headers);
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    append_list(&mut parts.headers, X_FORWARDED_FOR, peer_ip);
+    append_list(&mut parts.headers, X_FORWARDED_PROTO, &PROTO_HTTP);
+    if let Some(h) = &host {
+        append_list(&mut parts.headers, X_FORWARDED_HOST, h);
+    }
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            if let Some(h) = host {
+                parts.headers.entry(header::HOST).or_insert(h);
+            }
+            if parts.uri.scheme().is_some() {
+                let mut p = http::uri::Parts::default();
+                p.path_and_query = parts.uri.path_and_query().cloned();
+                if let Ok(u) = Uri::from_parts(p) {
+                    parts.uri = u;
+                }
+            }
+        }
+        UpstreamProtocol::H2c => {
+            parts.version = Version::HTTP_2;
+            if parts.uri.authority().is_none() {
+                let mut p = http::uri::Parts::default();
+                p.scheme = Some(http::uri::Scheme::HTTP);
+                p.authority = host.and_then(|h| h.to_str().ok()?.parse().ok());
+                p.path_and_query = parts.uri.path_and_query().cloned();
+                if let Ok(u) = Uri::from_parts(p) {
+                    parts.uri = u;
+                }
+            }
+            // :authority carries it in HTTP/2.
+            parts.headers.remove(header::HOST);
+        }
+    }
+}
+
+/// A copy of a bodiless request head, kept so a request that reached a stale connection can
+/// be sent again.
+fn replay_copy(parts: &Parts) -> Request<UpBody> {
+    let mut r = Request::new(UpBody::Empty);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+async fn forward(
+    pool: &Rc<UpstreamPool>,
+    req: Request<Incoming>,
+    peer_ip: &HeaderValue,
+) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    prepare(&mut parts, peer_ip, pool.cfg.protocol);
+    let idempotent = is_idempotent(&parts.method);
+    let bodyless = body.is_end_stream();
+    let ep = pool.pick_endpoint();
+    match pool.cfg.protocol {
+        UpstreamProtocol::Http1 => {
+            let mut conn = pool.checkout(ep, false).await?;
+            let replay = (conn.reused && idempotent && bodyless).then(|| replay_copy(&parts));
+            let req = Request::from_parts(parts, UpBody::Client(body));
+            let failed = match send_h1(pool, &mut conn, req).await {
+                Ok(resp) => return Ok((resp, Some(conn))),
+                Err(a) => a,
+            };
+            // Retry once on a new connection, only where the first one was a pooled one that
+            // went stale, and only what is safe to send twice or was never sent.
+            let retry = match (&failed.error, conn.reused) {
+                (ProxyError::Upstream(_), true) => failed.unsent.or(replay),
+                _ => None,
+            };
+            let Some(req) = retry else {
+                return Err(failed.error);
+            };
+            drop(conn);
+            let mut fresh = pool.checkout(ep, true).await?;
+            match send_h1(pool, &mut fresh, req).await {
+                Ok(resp) => Ok((resp, Some(fresh))),
+                Err(a) => Err(a.error),
+            }
+        }
+        UpstreamProtocol::H2c => {
+            let replay = idempotent.then(|| replay_copy(&parts));
+            let req = Request::from_parts(parts, UpBody::Client(body));
+            let failed = match send_h2(pool, ep, req).await {
+                Ok(resp) => return Ok((resp, None)),
+                Err(a) => a,
+            };
+            let retry = match &failed.error {
+                ProxyError::Upstream(_) => failed.unsent.or(if bodyless { replay } else { None }),
+                _ => None,
+            };
+            let Some(req) = retry else {
+                return Err(failed.error);
+            };
+            pool.forget_h2(ep);
+            send_h2(pool, ep, req).await.map(|r| (r, None)).map_err(|a| a.error)
+        }
+    }
+}
+
+async fn send_h1(
+    pool: &UpstreamPool,
+    conn: &mut Checkout,
+    req: Request<UpBody>,
+) -> Result<Response<Incoming>, Attempt> {
+    let sender = conn.sender();
+    if let Err(e) = sender.ready().await {
+        return Err(Attempt {
+            error: ProxyError::Upstream(e),
+            unsent: Some(req),
+        });
+    }
+    await_response(pool.cfg.response_timeout, sender.try_send_request(req)).await
+}
+
+async fn send_h2(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    req: Request<UpBody>,
+) -> Result<Response<Incoming>, Attempt> {
+    let mut sender = match pool.h2_sender(ep).await {
+        Ok(s) => s,
+        Err(error) => return Err(Attempt { error, unsent: None }),
+    };
+    if let Err(e) = sender.ready().await {
+        return Err(Attempt {
+            error: ProxyError::Upstream(e),
+            unsent: Some(req),
+        });
+    }
+    await_response(pool.cfg.response_timeout, sender.try_send_request(req)).await
+}
+
+/// Waits for the response head within `limit`.
+async fn await_response(
+    limit: Duration,
+    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>>,
+) -> Result<Response<Incoming>, Attempt> {
+    match tokio::time::timeout(limit, sent).await {
+        Err(_) => Err(Attempt {
+            error: ProxyError::ResponseTimeout,
+            unsent: None,
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(mut e)) => {
+            let unsent = e.take_message();
+            Err(Attempt {
+                error: ProxyError::from_upstream(e.into_error()),
+                unsent,
+            })
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Worker threads and acceptors. Each worker is one thread running a current-thread tokio
+//! runtime, with its own SO_REUSEPORT socket per listener, its own upstream pools and its own
+//! acceptor: io_uring multishot accept (completions signalled through an eventfd the runtime
+//! polls) or tokio's epoll accept.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use fluxgate_conf::{Config, IoMode, ListenerAction};
+use fluxgate_sys::{AcceptRing, Drained};
+use http::StatusCode;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::conn::ConnServer;
+use crate::pool::UpstreamPool;
+use crate::proxy::{Action, Handler};
+
+/// Spawns futures on the current thread's `LocalSet`: hyper's HTTP/2 tasks and upstream
+/// connection drivers hold `Rc`s and never leave their worker.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalExec;
+
+impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// Starts fluxgate from a config.
+pub struct Server;
+
+/// A running fluxgate: its bound addresses and the way to stop it.
+pub struct Handle {
+    addrs: Vec<SocketAddr>,
+    io: IoMode,
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// The bound address of each `[[listener]]`, in config order (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The acceptor in use: `Uring` or `Epoll` (never `Auto`).
+    pub fn io_mode(&self) -> IoMode {
+        self.io
+    }
+
+    /// Stops every worker and waits for them to exit.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Server {
+    /// Binds every listener (failing here, before any thread starts, if one cannot be bound),
+    /// picks the acceptor and starts the workers.
+    pub fn start(config: Config) -> io::Result<Handle> {
+        let io = resolve_io(config.runtime.io)?;
+        let workers = config.runtime.workers.max(1);
+        // Bind worker 0's sockets first: that resolves port 0 for the others.
+        let mut per_worker: Vec<Vec<std::net::TcpListener>> = Vec::with_capacity(workers);
+        let mut addrs = Vec::with_capacity(config.listeners.len());
+        let mut first = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let sock = bind(l, l.address)?;
+            addrs.push(sock.local_addr()?);
+            first.push(sock);
+        }
+        per_worker.push(first);
+        for _ in 1..workers {
+            let socks = config
+                .listeners
+                .iter()
+                .zip(&addrs)
+                .map(|(l, &a)| bind(l, a))
+                .collect::<io::Result<Vec<_>>>()?;
+            per_worker.push(socks);
+        }
+        let config = Arc::new(config);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut threads = Vec::with_capacity(workers);
+        for (id, socks) in per_worker.into_iter().enumerate() {
+            let config = Arc::clone(&config);
+            let stop_rx = stop_rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("fluxgate-w{id}"))
+                .spawn(move || {
+                    if let Err(e) = run_worker(id, &config, socks, io, stop_rx) {
+                        eprintln!("fluxgate: worker {id} failed: {e}");
+                    }
+                })?;
+            threads.push(t);
+        }
+        Ok(Handle {
+            addrs,
+            io,
+            stop,
+            workers: threads,
+        })
+    }
+}
+
+fn resolve_io(mode: IoMode) -> io::Result<IoMode> {
+    match mode {
+        IoMode::Epoll => Ok(IoMode::Epoll),
+        IoMode::Uring => fluxgate_sys::probe_uring()
+            .map(|()| IoMode::Uring)
+            .map_err(|e| io::Error::new(e.kind(), format!("--io uring: io_uring unavailable: {e}"))),
+        IoMode::Auto => match fluxgate_sys::probe_uring() {
+            Ok(()) => Ok(IoMode::Uring),
+            Err(e) => {
+                eprintln!("fluxgate: io_uring unavailable ({e}); accepting through epoll");
+                Ok(IoMode::Epoll)
+            }
+        },
+    }
+}
+
+fn bind(l: &fluxgate_conf::Listener, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    sock.listen(l.backlog as i32)?;
+    if l.tcp_fastopen > 0 {
+        if let Err(e) = fluxgate_sys::set_tcp_fastopen(&sock, l.tcp_fastopen) {
+            eprintln!("fluxgate: TCP_FASTOPEN on {addr} not set: {e}");
+        }
+    }
+    Ok(sock.into())
+}
+
+/// Per-listener state of one worker.
+struct ListenerCtx {
+    server: ConnServer,
+    handler: Rc<Handler>,
+    active: Cell<usize>,
+    max_connections: usize,
+}
+
+fn run_worker(
+    id: usize,
+    config: &Config,
+    socks: Vec<std::net::TcpListener>,
+    io: IoMode,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let pools: Vec<Rc<UpstreamPool>> = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamPool::new(u.clone()))
+            .collect();
+        for p in &pools {
+            tokio::task::spawn_local(Rc::clone(p).prewarm());
+        }
+        for (l, sock) in config.listeners.iter().zip(socks) {
+            let action = match &l.action {
+                ListenerAction::Proxy(i) => Action::Proxy(Rc::clone(&pools[*i])),
+                ListenerAction::Respond { status, body } => Action::Respond {
+                    status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+                    body: Bytes::from(body.clone()),
+                },
+            };
+            let ctx = Rc::new(ListenerCtx {
+                server: ConnServer::new(&config.http),
+                handler: Rc::new(Handler {
+                    action,
+                    max_request_line: config.http.max_request_line,
+                }),
+                active: Cell::new(0),
+                max_connections: l.max_connections,
+            });
+            let uring = match io {
+                IoMode::Uring => match AcceptRing::new(sock.as_raw_fd(), 256) {
+                    Ok(ring) => Some(ring),
+                    Err(e) => {
+                        eprintln!("fluxgate: worker {id}: io_uring setup failed ({e}); accepting through epoll");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            match uring {
+                Some(ring) => tokio::task::spawn_local(accept_uring(sock, ring, ctx)),
+                None => tokio::task::spawn_local(accept_epoll(sock, ctx)),
+            };
+        }
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    Ok(())
+}
+
+fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+    if ctx.active.get() >= ctx.max_connections {
+        // Over the per-worker cap: close at once rather than queue unbounded work.
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fluxgate: cannot register accepted socket: {e}");
+            return;
+        }
+    };
+    ctx.active.set(ctx.active.get() + 1);
+    let ctx = Rc::clone(ctx);
+    tokio::task::spawn_local(async move {
+        ctx.server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        ctx.active.set(ctx.active.get() - 1);
+    });
+}
+
+/// Out of descriptors or memory: back off instead of spinning on a listener that stays ready.
+async fn accept_backoff(e: &io::Error) {
+    eprintln!("fluxgate: accept failed: {e}");
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    ) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn accept_epoll(sock: std::net::TcpListener, ctx: Rc<ListenerCtx>) {
+    let listener = match tokio::net::TcpListener::from_std(sock) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("fluxgate: cannot register listener: {e}");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => match stream.into_std() {
+                Ok(s) => start_conn(&ctx, s, peer),
+                Err(e) => eprintln!("fluxgate: accepted socket unusable: {e}"),
+            },
+            Err(e) => accept_backoff(&e).await,
+        }
+    }
+}
+
+async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<ListenerCtx>) {
+    // The listening socket stays open as long as this accept loop runs.
+    let _listener = sock;
+    let mut ring = match ring.register() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fluxgate: cannot poll the io_uring eventfd: {e}");
+            return;
+        }
+    };
+    let mut out = Drained::default();
+    loop {
+        let mut ready = match ring.readable_mut().await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fluxgate: io_uring eventfd failed: {e}");
+                return;
+            }
+        };
+        ready.clear_ready();
+        if let Err(e) = ready.get_inner_mut().drain(&mut out) {
+            eprintln!("fluxgate: io_uring re-arm failed: {e}");
+            accept_backoff(&e).await;
+        }
+        for r in out.accepted.drain(..) {
+            match r {
+                Ok(fd) => {
+                    let stream = std::net::TcpStream::from(fd);
+                    match stream.peer_addr() {
+                        Ok(peer) => start_conn(&ctx, stream, peer),
+                        // The client left before we looked: nothing to serve.
+                        Err(_) => continue,
+                    }
+                }
+                Err(e) => accept_backoff(&e).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The system-call edge of fluxgate: the io_uring multishot acceptor and the socket options
+//! socket2 does not carry. Every `unsafe` block of the gateway lives here, each with a SAFETY
+//! note. This crate never touches HTTP or config: it hands out file descriptors, and its only
+//! tie to tokio is registering the ring's eventfd with the reactor.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+/// Tag carried by the multishot accept submission, so its completions are told apart from
+/// anything else a later change might put on the same ring.
+const ACCEPT_TAG: u64 = 0xacce;
+
+/// A small io_uring that keeps one multishot accept armed on a listening socket and signals
+/// completions through an eventfd, so a readiness-based runtime can wait on it.
+///
+/// One ring per listener per worker thread; it is not shared between threads.
+pub struct AcceptRing {
+    ring: IoUring,
+    eventfd: OwnedFd,
+    listener: RawFd,
+    armed: bool,
+}
+
+/// What one drain of the completion queue produced.
+impl AsRawFd for AcceptRing {
+    /// The eventfd, which becomes readable when completions are waiting.
+    fn as_raw_fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Accepted sockets (non-blocking, close-on-exec) or the accept errors the kernel reported.
+    pub accepted: Vec<io::Result<OwnedFd>>,
+}
+
+impl AcceptRing {
+    /// Sets up a ring of `entries` slots for `listener` (which must stay open for the ring's
+    /// lifetime) and arms the multishot accept. Fails with the kernel's error when io_uring is
+    /// unavailable (ENOSYS, EPERM from seccomp or `kernel.io_uring_disabled`).
+    pub fn new(listener: RawFd, entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder().build(entries)?;
+        // SAFETY: eventfd(2) takes no pointers; a non-negative return is a fresh descriptor
+        // that nothing else owns, so OwnedFd may take it.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd is valid and owned by no one else (see above).
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let mut this = AcceptRing {
+            ring,
+            eventfd,
+            listener,
+            armed: false,
+        };
+        this.arm()?;
+        Ok(this)
+    }
+
+    /// Registers the ring with the current tokio reactor: the result polls readable when
+    /// completions are waiting. Must be called inside a tokio runtime.
+    pub fn register(self) -> io::Result<tokio::io::unix::AsyncFd<AcceptRing>> {
+        // SAFETY: the registered descriptor is the eventfd the ring owns, and AsyncFd owns the
+        // ring, so the descriptor stays open until AsyncFd deregisters it on drop.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)
+    }
+
+    fn arm(&mut self) -> io::Result<()> {
+        let entry = opcode::AcceptMulti::new(types::Fd(self.listener))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ACCEPT_TAG);
+        push(&mut self.ring, &entry)?;
+        self.ring.submit()?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Clears the eventfd counter, takes every completion waiting and re-arms the accept if the
+    /// kernel ended the multishot request (it does so after an error or when it runs out of
+    /// completion-queue space). Call it after the eventfd polled readable.
+    pub fn drain(&mut self, out: &mut Drained) -> io::Result<()> {
+        let mut counter = [0u8; 8];
+        // SAFETY: reading 8 bytes into a live 8-byte stack buffer from a descriptor we own;
+        // EAGAIN (nothing to clear) is fine and ignored.
+        unsafe {
+            libc::read(
+                self.eventfd.as_raw_fd(),
+                counter.as_mut_ptr().cast::<libc::c_void>(),
+                counter.len(),
+            );
+        }
+        for cqe in self.ring.completion() {
+            if cqe.user_data() != ACCEPT_TAG {
+                continue;
+            }
+            if !cqueue::more(cqe.flags()) {
+                self.armed = false;
+            }
+            let res = cqe.result();
+            if res >= 0 {
+                // SAFETY: a non-negative accept result is a new descriptor the kernel gave us
+                // and nothing else refers to it.
+                out.accepted.push(Ok(unsafe { OwnedFd::from_raw_fd(res) }));
+            } else if res != -libc::ECANCELED {
+                out.accepted.push(Err(io::Error::from_raw_os_error(-res)));
+            }
+        }
+        if !self.armed {
+            self.arm()?;
+        }
+        Ok(())
+    }
+}
+
+fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
+    // SAFETY: the accept entry references no user memory (multishot accept passes no address
+    // buffer), so nothing must outlive the submission.
+    unsafe {
+        if ring.submission().push(entry).is_err() {
+            ring.submit()?;
+            ring.submission()
+                .push(entry)
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that this process may create an io_uring and that the kernel supports multishot
+/// accept; the error says why not.
+pub fn probe_uring() -> io::Result<()> {
+    let ring = IoUring::new(2)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if !probe.is_supported(opcode::AcceptMulti::CODE) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "kernel lacks IORING_OP_ACCEPT",
+        ));
+    }
+    // Multishot accept arrived in Linux 5.19 and the probe cannot see flags, so check the release.
+    let mut uts: libc::utsname = unsafe_zeroed_utsname();
+    // SAFETY: uname fills the struct we pass by pointer and keeps no reference to it.
+    if unsafe { libc::uname(&mut uts) } == 0 {
+        // SAFETY: uname NUL-terminates release.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+        let mut parts = release
+            .to_str()
+            .unwrap_or("0.0")
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) < (5, 19) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("kernel {major}.{minor} predates multishot accept (5.19)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unsafe_zeroed_utsname() -> libc::utsname {
+    // SAFETY: utsname is plain old data (arrays of c_char); all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Sets TCP_FASTOPEN on a listening socket with the given pending-request queue length.
+pub fn set_tcp_fastopen(fd: &impl AsRawFd, queue_len: u32) -> io::Result<()> {
+    let val = queue_len as libc::c_int;
+    // SAFETY: passes a pointer to a live c_int and its exact size; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&val as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn accepts_through_the_ring_when_available() {
+        if probe_uring().is_err() {
+            eprintln!("io_uring unavailable here; skipping");
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut ring = AcceptRing::new(listener.as_raw_fd(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _a = TcpStream::connect(addr).unwrap();
+        let _b = TcpStream::connect(addr).unwrap();
+        let mut got = 0;
+        for _ in 0..200 {
+            let mut out = Drained::default();
+            ring.drain(&mut out).unwrap();
+            got += out.accepted.iter().filter(|r| r.is_ok()).count();
+            if got == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(got, 2);
+    }
+}
