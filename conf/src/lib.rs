@@ -375,7 +375,13 @@ impl Config {
 
     fn build(raw: RawConfig, src: &Source<'_>) -> Result<Config, ConfError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = match src.count(|| "runtime.workers".into(), &raw.runtime.workers, 0, 0, 1024)? {
+        let workers = match src.count(
+            || "runtime.workers".into(),
+            &raw.runtime.workers,
+            0,
+            0,
+            1024,
+        )? {
             0 => cores,
             n => n,
         };
@@ -388,8 +394,18 @@ impl Config {
         };
         let h = &raw.http;
         let http = HttpLimits {
-            max_request_line: src.size(|| "http.max_request_line".into(), &h.max_request_line, 8 << 10, 64)?,
-            max_header_bytes: src.size(|| "http.max_header_bytes".into(), &h.max_header_bytes, 32 << 10, 8 << 10)?,
+            max_request_line: src.size(
+                || "http.max_request_line".into(),
+                &h.max_request_line,
+                8 << 10,
+                64,
+            )?,
+            max_header_bytes: src.size(
+                || "http.max_header_bytes".into(),
+                &h.max_header_bytes,
+                32 << 10,
+                8 << 10,
+            )?,
             max_headers: src.count(|| "http.max_headers".into(), &h.max_headers, 100, 1, 10_000)?,
             header_read_timeout: src.duration(
                 || "http.header_read_timeout".into(),
@@ -411,10 +427,18 @@ impl Config {
                 return Err(src.invalid(key("name"), &u.name, "must not be empty"));
             }
             if upstreams.iter().any(|x: &Upstream| x.name == name) {
-                return Err(src.invalid(key("name"), &u.name, format!("duplicate upstream {name:?}")));
+                return Err(src.invalid(
+                    key("name"),
+                    &u.name,
+                    format!("duplicate upstream {name:?}"),
+                ));
             }
             if u.endpoints.get_ref().is_empty() {
-                return Err(src.invalid(key("endpoints"), &u.endpoints, "needs at least one endpoint"));
+                return Err(src.invalid(
+                    key("endpoints"),
+                    &u.endpoints,
+                    "needs at least one endpoint",
+                ));
             }
             let endpoints = u
                 .endpoints
@@ -441,12 +465,36 @@ impl Config {
                 name,
                 endpoints,
                 protocol,
-                connect_timeout: src.duration(|| key("connect_timeout"), &u.connect_timeout, Duration::from_secs(1))?,
-                response_timeout: src.duration(|| key("response_timeout"), &u.response_timeout, Duration::from_secs(30))?,
-                max_idle_per_host: src.count(|| key("max_idle_per_host"), &u.max_idle_per_host, 256, 0, 1 << 20)?,
-                idle_timeout: src.duration(|| key("idle_timeout"), &u.idle_timeout, Duration::from_secs(30))?,
+                connect_timeout: src.duration(
+                    || key("connect_timeout"),
+                    &u.connect_timeout,
+                    Duration::from_secs(1),
+                )?,
+                response_timeout: src.duration(
+                    || key("response_timeout"),
+                    &u.response_timeout,
+                    Duration::from_secs(30),
+                )?,
+                max_idle_per_host: src.count(
+                    || key("max_idle_per_host"),
+                    &u.max_idle_per_host,
+                    256,
+                    0,
+                    1 << 20,
+                )?,
+                idle_timeout: src.duration(
+                    || key("idle_timeout"),
+                    &u.idle_timeout,
+                    Duration::from_secs(30),
+                )?,
                 prewarm: src.count(|| key("prewarm"), &u.prewarm, 0, 0, 1024)?,
-                max_connections: src.count(|| key("max_connections"), &u.max_connections, 0, 0, 1 << 20)?,
+                max_connections: src.count(
+                    || key("max_connections"),
+                    &u.max_connections,
+                    0,
+                    0,
+                    1 << 20,
+                )?,
             });
         }
 
@@ -454,8 +502,15 @@ impl Config {
         for (i, l) in raw.listener.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
             let address = src.addr(key("address"), &l.address)?;
-            if listeners.iter().any(|x: &Listener| x.address == address && address.port() != 0) {
-                return Err(src.invalid(key("address"), &l.address, format!("{address} is already a listener")));
+            if listeners
+                .iter()
+                .any(|x: &Listener| x.address == address && address.port() != 0)
+            {
+                return Err(src.invalid(
+                    key("address"),
+                    &l.address,
+                    format!("{address} is already a listener"),
+                ));
             }
             let action = match (&l.upstream, &l.respond) {
                 (Some(name), None) => {
@@ -463,14 +518,22 @@ impl Config {
                         .iter()
                         .position(|u| &u.name == name.get_ref())
                         .ok_or_else(|| {
-                            src.invalid(key("upstream"), name, format!("no [[upstream]] named {:?}", name.get_ref()))
+                            src.invalid(
+                                key("upstream"),
+                                name,
+                                format!("no [[upstream]] named {:?}", name.get_ref()),
+                            )
                         })?;
                     ListenerAction::Proxy(idx)
                 }
                 (None, Some(r)) => {
                     let status = r.get_ref().status;
                     if !(200..=599).contains(&status) {
-                        return Err(src.invalid(key("respond.status"), r, "status must be 200..=599"));
+                        return Err(src.invalid(
+                            key("respond.status"),
+                            r,
+                            "status must be 200..=599",
+                        ));
                     }
                     ListenerAction::Respond {
                         status: status as u16,
@@ -478,17 +541,32 @@ impl Config {
                     }
                 }
                 (Some(u), Some(_)) => {
-                    return Err(src.invalid(key("upstream"), u, "set either `upstream` or `respond`, not both"))
+                    return Err(src.invalid(
+                        key("upstream"),
+                        u,
+                        "set either `upstream` or `respond`, not both",
+                    ))
                 }
                 (None, None) => {
-                    return Err(src.invalid(key("address"), &l.address, "needs `upstream` or `respond`"))
+                    return Err(src.invalid(
+                        key("address"),
+                        &l.address,
+                        "needs `upstream` or `respond`",
+                    ))
                 }
             };
             listeners.push(Listener {
                 address,
                 backlog: src.count(|| key("backlog"), &l.backlog, 4096, 1, 65535)? as u32,
-                tcp_fastopen: src.count(|| key("tcp_fastopen"), &l.tcp_fastopen, 256, 0, 65535)? as u32,
-                max_connections: src.count(|| key("max_connections"), &l.max_connections, 10_000, 1, 1 << 24)?,
+                tcp_fastopen: src.count(|| key("tcp_fastopen"), &l.tcp_fastopen, 256, 0, 65535)?
+                    as u32,
+                max_connections: src.count(
+                    || key("max_connections"),
+                    &l.max_connections,
+                    10_000,
+                    1,
+                    1 << 24,
+                )?,
                 action,
             });
         }
@@ -533,13 +611,21 @@ mod tests {
 
         let text = "[[listener]]\naddress = \"127.0.0.1:1\"\n\nupstream = \"missing\"\n";
         let err = Config::from_toml(text).unwrap_err().to_string();
-        assert!(err.contains("listener[0].upstream") && err.contains("line 4"), "{err}");
+        assert!(
+            err.contains("listener[0].upstream") && err.contains("line 4"),
+            "{err}"
+        );
 
         let text = "[http]\nheader_read_timeout = \"soon\"\n";
         let err = Config::from_toml(text).unwrap_err().to_string();
-        assert!(err.contains("http.header_read_timeout") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("http.header_read_timeout") && err.contains("line 2"),
+            "{err}"
+        );
 
-        let err = Config::from_toml("[http]\nbogus = 1\n").unwrap_err().to_string();
+        let err = Config::from_toml("[http]\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
     }
 

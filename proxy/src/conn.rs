@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::framing::HeadScan;
 use crate::proxy::Handler;
 use crate::server::LocalExec;
 
@@ -42,6 +43,11 @@ pub(crate) struct ConnState {
     first_read: Cell<bool>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// The head being read carries both Content-Length and Transfer-Encoding.
+    ambiguous: Cell<bool>,
+    /// The socket, handed back by `ClientIo` when hyper drops it, unless the client already
+    /// closed its side.
+    leftover: Cell<Option<TcpStream>>,
     /// The client's IP address, ready for X-Forwarded-For.
     pub(crate) peer_ip: http::HeaderValue,
 }
@@ -55,6 +61,11 @@ impl ConnState {
         self.in_flight.set(self.in_flight.get() + 1);
         self.partial.set(false);
         InFlight(Rc::clone(self))
+    }
+
+    /// Whether the request just received had ambiguous framing (and must be refused).
+    pub(crate) fn take_ambiguous(&self) -> bool {
+        self.ambiguous.replace(false)
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -83,13 +94,28 @@ impl Drop for InFlight {
 /// deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
 /// head had started), which ends the connection.
 struct ClientIo {
-    stream: TcpStream,
+    // Always Some until dropped.
+    stream: Option<TcpStream>,
+    eof: bool,
     state: Rc<ConnState>,
     // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
     timer: Option<Pin<Box<Sleep>>>,
+    scan: HeadScan,
+}
+
+impl Drop for ClientIo {
+    fn drop(&mut self) {
+        if !self.eof {
+            self.state.leftover.set(self.stream.take());
+        }
+    }
 }
 
 impl ClientIo {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(self.stream.as_mut().expect("stream present until drop"))
+    }
+
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let Some(deadline) = self.state.deadline() else {
             return Poll::Pending;
@@ -118,19 +144,27 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+        match this.stream().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
-                if !got.is_empty() {
+                if got.is_empty() {
+                    this.eof = buf.remaining() > 0;
+                } else {
                     let st = &this.state;
                     if st.first_read.replace(false) {
                         st.h2.set(got.starts_with(H2_PREFACE_START));
                     }
                     if st.h2.get() {
                         st.idle_since.set(Instant::now());
-                    } else if st.in_flight.get() == 0 && !st.partial.get() {
-                        st.partial.set(true);
-                        st.head_started.set(Instant::now());
+                    } else if st.in_flight.get() == 0 {
+                        if !st.partial.get() {
+                            st.partial.set(true);
+                            st.head_started.set(Instant::now());
+                            this.scan = HeadScan::default();
+                        }
+                        if !this.scan.done() && this.scan.feed(got) {
+                            st.ambiguous.set(true);
+                        }
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -138,7 +172,9 @@ impl AsyncRead for ClientIo {
             Poll::Pending => {
                 if this.poll_deadline(cx).is_ready() {
                     if this.state.partial.get() && !this.state.h2.get() {
-                        let _ = this.stream.try_write(TIMEOUT_408);
+                        if let Some(s) = &this.stream {
+                            let _ = s.try_write(TIMEOUT_408);
+                        }
                     }
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
@@ -155,7 +191,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        self.get_mut().stream().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -163,19 +199,19 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        self.get_mut().stream().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        self.get_mut().stream().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        self.get_mut().stream().poll_shutdown(cx)
     }
 }
 
@@ -194,8 +230,7 @@ impl ConnServer {
             .header_read_timeout(None)
             .max_headers(limits.max_headers)
             // hyper answers 431 when a head does not fit its read buffer.
-            .max_buf_size(limits.max_header_bytes)
-            .pipeline_flush(true);
+            .max_buf_size(limits.max_header_bytes);
         builder
             .http2()
             .max_header_list_size(limits.max_header_bytes as u32)
@@ -217,16 +252,21 @@ impl ConnServer {
             idle_since: Cell::new(now),
             h2: Cell::new(false),
             first_read: Cell::new(true),
+            ambiguous: Cell::new(false),
+            leftover: Cell::new(None),
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         });
         let io = ClientIo {
-            stream,
+            stream: Some(stream),
             state: Rc::clone(&state),
+            eof: false,
             timer: None,
+            scan: HeadScan::default(),
         };
+        let conn_state = Rc::clone(&state);
         let service = service_fn(move |req| {
             let handler = Rc::clone(&handler);
             let inflight = state.begin_request();
@@ -234,8 +274,38 @@ impl ConnServer {
         });
         // Errors here are the client's (reset, timeout, malformed head already answered by
         // hyper); there is no one left to tell.
-        let _ = self.builder.serve_connection(TokioIo::new(io), service).await;
+        let _ = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .await;
+        if let Some(stream) = conn_state.leftover.take() {
+            // Boxed: the linger buffer must not grow every connection's future.
+            Box::pin(linger(stream)).await;
+        }
     }
+}
+
+/// Closes a connection the client may still be writing to without losing our last answer:
+/// closing with unread bytes would send RST, and a client that gets RST before reading may
+/// discard the response. So send FIN, then read and discard for a bounded time and amount.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 1 << 20;
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut total = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while total < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 impl InFlight {

@@ -8,6 +8,7 @@
 mod body;
 mod conn;
 mod error;
+mod framing;
 mod headers;
 mod pool;
 mod proxy;

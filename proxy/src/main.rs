@@ -35,12 +35,26 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match flag.as_str() {
             "-c" | "--config" => a.config = Some(value("-c")?.into()),
-            "--listen" => a.listen = Some(value("--listen")?.parse().context("--listen wants IP:PORT")?),
-            "--upstream" => a
-                .upstreams
-                .push(value("--upstream")?.parse().context("--upstream wants IP:PORT")?),
+            "--listen" => {
+                a.listen = Some(
+                    value("--listen")?
+                        .parse()
+                        .context("--listen wants IP:PORT")?,
+                )
+            }
+            "--upstream" => a.upstreams.push(
+                value("--upstream")?
+                    .parse()
+                    .context("--upstream wants IP:PORT")?,
+            ),
             "--h2c-upstream" => a.h2c_upstream = true,
-            "--workers" => a.workers = Some(value("--workers")?.parse().context("--workers wants a number")?),
+            "--workers" => {
+                a.workers = Some(
+                    value("--workers")?
+                        .parse()
+                        .context("--workers wants a number")?,
+                )
+            }
             "--io" => a.io = Some(value("--io")?.parse().map_err(anyhow::Error::msg)?),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -66,7 +80,10 @@ fn quick_config(listen: SocketAddr, upstreams: Vec<SocketAddr>, h2c: bool) -> Re
     }
     debug_assert!(matches!(
         c.listeners[0],
-        Listener { action: ListenerAction::Proxy(0), .. }
+        Listener {
+            action: ListenerAction::Proxy(0),
+            ..
+        }
     ));
     Ok(c)
 }

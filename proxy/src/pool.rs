@@ -60,7 +60,11 @@ pub(crate) struct Checkout {
 
 impl Checkout {
     pub(crate) fn sender(&mut self) -> &mut http1::SendRequest<UpBody> {
-        &mut self.conn.as_mut().expect("checkout holds a connection").sender
+        &mut self
+            .conn
+            .as_mut()
+            .expect("checkout holds a connection")
+            .sender
     }
 
     /// Returns the connection to the idle pool, or closes it when the pool is full or the
@@ -121,7 +125,9 @@ impl UpstreamPool {
             for _ in 0..self.cfg.prewarm {
                 match self.connect_h1(ep).await {
                     Ok(conn) => {
-                        self.endpoints[ep].busy.set(self.endpoints[ep].busy.get() + 1);
+                        self.endpoints[ep]
+                            .busy
+                            .set(self.endpoints[ep].busy.get() + 1);
                         self.checkin(ep, conn);
                     }
                     Err(e) => {
@@ -199,18 +205,17 @@ impl UpstreamPool {
 
     async fn dial(&self, ep: usize) -> Result<TcpStream, ProxyError> {
         let addr = self.endpoints[ep].addr;
-        let stream = match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
-            Err(_) => {
-                return Err(ProxyError::Connect {
-                    addr,
-                    source: std::io::ErrorKind::TimedOut.into(),
-                })
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(ProxyError::Connect {
+                        addr,
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    })
+                }
+            };
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }

@@ -44,7 +44,15 @@ struct Attempt {
 }
 
 impl Handler {
-    pub(crate) async fn handle(&self, req: Request<Incoming>, inflight: InFlight) -> Response<ProxyBody> {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        inflight: InFlight,
+    ) -> Response<ProxyBody> {
+        if inflight.state().take_ambiguous() {
+            // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
+            return answer(StatusCode::BAD_REQUEST, true, inflight);
+        }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
             return answer(StatusCode::URI_TOO_LONG, true, inflight);
@@ -199,7 +207,10 @@ async fn forward(
                 return Err(failed.error);
             };
             pool.forget_h2(ep);
-            send_h2(pool, ep, req).await.map(|r| (r, None)).map_err(|a| a.error)
+            send_h2(pool, ep, req)
+                .await
+                .map(|r| (r, None))
+                .map_err(|a| a.error)
         }
     }
 }
@@ -226,7 +237,12 @@ async fn send_h2(
 ) -> Result<Response<Incoming>, Attempt> {
     let mut sender = match pool.h2_sender(ep).await {
         Ok(s) => s,
-        Err(error) => return Err(Attempt { error, unsent: None }),
+        Err(error) => {
+            return Err(Attempt {
+                error,
+                unsent: None,
+            })
+        }
     };
     if let Err(e) = sender.ready().await {
         return Err(Attempt {

@@ -119,7 +119,9 @@ fn resolve_io(mode: IoMode) -> io::Result<IoMode> {
         IoMode::Epoll => Ok(IoMode::Epoll),
         IoMode::Uring => fluxgate_sys::probe_uring()
             .map(|()| IoMode::Uring)
-            .map_err(|e| io::Error::new(e.kind(), format!("--io uring: io_uring unavailable: {e}"))),
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("--io uring: io_uring unavailable: {e}"))
+            }),
         IoMode::Auto => match fluxgate_sys::probe_uring() {
             Ok(()) => Ok(IoMode::Uring),
             Err(e) => {
@@ -133,11 +135,18 @@ fn resolve_io(mode: IoMode) -> io::Result<IoMode> {
 fn bind(l: &fluxgate_conf::Listener, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
+    // Port 0 with SO_REUSEPORT already set may hand out a port another reuseport listener of
+    // the same user holds, silently sharing its traffic. So pick the port without it, then
+    // join the group before listen(2), where Linux forms it.
+    let any_port = addr.port() == 0;
+    sock.set_reuse_port(!any_port)?;
     sock.set_tcp_nodelay(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    if any_port {
+        sock.set_reuse_port(true)?;
+    }
     sock.listen(l.backlog as i32)?;
     if l.tcp_fastopen > 0 {
         if let Err(e) = fluxgate_sys::set_tcp_fastopen(&sock, l.tcp_fastopen) {
@@ -228,7 +237,9 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
     ctx.active.set(ctx.active.get() + 1);
     let ctx = Rc::clone(ctx);
     tokio::task::spawn_local(async move {
-        ctx.server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        ctx.server
+            .serve(stream, peer, Rc::clone(&ctx.handler))
+            .await;
         ctx.active.set(ctx.active.get() - 1);
     });
 }

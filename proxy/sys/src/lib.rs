@@ -137,7 +137,16 @@ fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
 
 /// Checks that this process may create an io_uring and that the kernel supports multishot
 /// accept; the error says why not.
+///
+/// The probe runs on a short-lived thread of its own: tearing a ring down can interrupt a
+/// blocking system call of the thread that created it (EINTR), which the caller should not see.
 pub fn probe_uring() -> io::Result<()> {
+    std::thread::spawn(probe_on_this_thread)
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("io_uring probe panicked")))
+}
+
+fn probe_on_this_thread() -> io::Result<()> {
     let ring = IoUring::new(2)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;

@@ -1,0 +1,388 @@
+//! The core data path through real sockets: every test runs once with the io_uring acceptor
+//! and once with epoll.
+
+mod support;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use fluxgate_conf::IoMode;
+use support::*;
+
+macro_rules! on_both_acceptors {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Uring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Epoll) } )*
+        }
+    };
+}
+
+on_both_acceptors!(
+    http1_is_proxied_with_forwarding_headers,
+    h2c_downstream_is_proxied,
+    h2c_upstream_is_used,
+    pipelined_requests_are_answered_in_order,
+    ten_megabytes_stream_both_ways,
+    sequential_requests_reuse_pooled_connections,
+    idle_pooled_connections_close_after_idle_timeout,
+    prewarm_opens_connections_at_start,
+    dead_upstream_gives_502_fast,
+    slow_upstream_gives_504,
+    stale_pooled_connection_is_retried_for_idempotent_only,
+    long_request_line_gives_414_and_close,
+    large_headers_give_431_and_close,
+    slow_header_gives_408_and_close,
+    idle_client_is_closed_after_keepalive_timeout,
+    content_length_with_transfer_encoding_gives_400,
+    conflicting_content_lengths_give_400,
+    invalid_chunk_size_gives_400_and_close,
+    connections_over_the_worker_cap_are_closed,
+);
+
+fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(
+        b"GET /a?b=1 HTTP/1.1\r\nHost: app.example\r\nConnection: keep-alive, X-Drop\r\n\
+          X-Drop: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.1.1.1\r\n\
+          X-Keep: yes\r\n\r\n",
+    );
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-path"), Some("/a?b=1"));
+    assert_eq!(
+        r.header("x-up-host"),
+        Some("app.example"),
+        "Host is preserved"
+    );
+    assert_eq!(r.header("x-up-xff"), Some("10.1.1.1, 127.0.0.1"));
+    assert_eq!(r.header("x-up-xfp"), Some("http"));
+    assert_eq!(r.header("x-up-xfh"), Some("app.example"));
+    let seen = r.header("x-up-headers").unwrap();
+    for gone in ["x-drop", "keep-alive", "connection", "te"] {
+        assert!(
+            !seen.split(',').any(|h| h == gone),
+            "{gone} reached the upstream: {seen}"
+        );
+    }
+    assert!(seen.split(',').any(|h| h == "x-keep"));
+    // The upstream's hop-by-hop response headers stop at the proxy.
+    assert!(r.header("x-up-hop").is_none());
+    assert!(r.header("keep-alive").is_none());
+    assert!(r.header("connection").is_none());
+    // And the client connection is still usable.
+    c.send(b"GET /second HTTP/1.1\r\nHost: app.example\r\n\r\n");
+    assert_eq!(
+        c.read_response().unwrap().header("x-up-path"),
+        Some("/second")
+    );
+    fg.shutdown();
+}
+
+fn h2c_client_request(
+    addr: std::net::SocketAddr,
+    req: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+) -> (hyper::http::response::Parts, bytes::Bytes) {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = send.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        (parts, body.collect().await.unwrap().to_bytes())
+    })
+}
+
+fn h2c_downstream_is_proxied(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let req = hyper::Request::post("http://app.example/h2?x=1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"over h2c",
+        )))
+        .unwrap();
+    let (parts, body) = h2c_client_request(fg.local_addrs()[0], req);
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.version, hyper::Version::HTTP_2);
+    assert_eq!(parts.headers["x-up-version"], "HTTP/1.1");
+    assert_eq!(parts.headers["x-up-path"], "/h2?x=1");
+    assert_eq!(parts.headers["x-up-host"], "app.example");
+    assert_eq!(&body[..], b"over h2c");
+    fg.shutdown();
+}
+
+fn h2c_upstream_is_used(io: IoMode) {
+    let up = h2c_upstream();
+    let fg = proxy_to(up.addr, "protocol = \"h2c\"", "", io);
+    for i in 0..5 {
+        let r = get(fg.local_addrs()[0], &format!("/over-h2/{i}"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-up-version"), Some("HTTP/2.0"));
+        assert_eq!(
+            r.header("x-up-path"),
+            Some(format!("/over-h2/{i}").as_str())
+        );
+    }
+    assert_eq!(up.accepted(), 1, "one multiplexed upstream connection");
+    fg.shutdown();
+}
+
+fn pipelined_requests_are_answered_in_order(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.extend_from_slice(format!("GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    }
+    c.send(&batch);
+    for i in 0..5 {
+        let r = c.read_response().expect("pipelined response");
+        assert_eq!(r.header("x-up-path"), Some(format!("/p{i}").as_str()));
+    }
+    fg.shutdown();
+}
+
+fn ten_megabytes_stream_both_ways(io: IoMode) {
+    const LEN: usize = 10 << 20;
+    const FIRST: usize = 1 << 20;
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let body: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {LEN}\r\n\r\n").as_bytes());
+    c.send(&body[..FIRST]);
+    // The echo must start coming back while 9 MB are still unsent: neither direction is
+    // buffered whole. Read the head and the start of the body, then send the rest.
+    let mut reader = c.stream.try_clone().unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") || got.len() < 100_000 {
+        let n =
+            std::io::Read::read(&mut reader, &mut chunk).expect("echo starts before the body ends");
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let mut writer = c.stream.try_clone().unwrap();
+    let rest = body[FIRST..].to_vec();
+    let w = std::thread::spawn(move || writer.write_all(&rest).unwrap());
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut echoed = got.split_off(head_end);
+    while echoed.len() < LEN {
+        let n = std::io::Read::read(&mut reader, &mut chunk).unwrap();
+        assert!(n > 0, "closed after {} bytes", echoed.len());
+        echoed.extend_from_slice(&chunk[..n]);
+    }
+    w.join().unwrap();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert_eq!(echoed.len(), LEN);
+    assert!(echoed == body, "echoed body differs");
+    fg.shutdown();
+}
+
+fn sequential_requests_reuse_pooled_connections(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    for i in 0..1000 {
+        // A new client connection each time: reuse must come from the upstream pool.
+        let r = get(fg.local_addrs()[0], &format!("/n{i}"));
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        up.accepted() <= 4,
+        "{} upstream connections for 1000 requests",
+        up.accepted()
+    );
+    fg.shutdown();
+}
+
+fn idle_pooled_connections_close_after_idle_timeout(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "idle_timeout = \"300ms\"", "", io);
+    assert_eq!(get(fg.local_addrs()[0], "/").status, 200);
+    assert_eq!(up.accepted(), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || up.open() == 0),
+        "pooled connection still open"
+    );
+    fg.shutdown();
+}
+
+fn prewarm_opens_connections_at_start(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "prewarm = 3", "", io);
+    assert!(eventually(Duration::from_secs(5), || up.accepted() == 3));
+    assert!(eventually(Duration::from_secs(5), || up.open() == 3));
+    for _ in 0..3 {
+        assert_eq!(get(fg.local_addrs()[0], "/").status, 200);
+    }
+    assert_eq!(up.accepted(), 3, "requests used the pre-warmed connections");
+    fg.shutdown();
+}
+
+fn dead_upstream_gives_502_fast(io: IoMode) {
+    let fg = proxy_to(dead_addr(), "", "", io);
+    let t = Instant::now();
+    let r = get(fg.local_addrs()[0], "/");
+    assert_eq!(r.status, 502);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    fg.shutdown();
+}
+
+fn slow_upstream_gives_504(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_secs(3)));
+    let fg = proxy_to(up.addr, "response_timeout = \"200ms\"", "", io);
+    assert_eq!(get(fg.local_addrs()[0], "/").status, 504);
+    fg.shutdown();
+}
+
+fn stale_pooled_connection_is_retried_for_idempotent_only(io: IoMode) {
+    let up = upstream(Behavior::DropSecond);
+    let fg = proxy_to(up.addr, "", "", io);
+    let addr = fg.local_addrs()[0];
+    assert_eq!(get(addr, "/first").status, 200);
+    // The pooled connection dies under the second request: GET is retried on a new one.
+    let r = get(addr, "/second");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-path"), Some("/second"));
+    assert_eq!(up.accepted(), 2);
+    // POST is not idempotent: the same failure is a 502, not a second delivery.
+    let mut c = RawClient::connect(addr);
+    c.send(b"POST /order HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi");
+    assert_eq!(c.read_response().unwrap().status, 502);
+    assert_eq!(up.accepted(), 2, "POST was not sent again");
+    fg.shutdown();
+}
+
+fn long_request_line_gives_414_and_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_request_line = \"1KiB\"", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(2000)).as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 414);
+    assert!(c.closed());
+    assert_eq!(up.accepted(), 0);
+    fg.shutdown();
+}
+
+fn large_headers_give_431_and_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_header_bytes = \"16KiB\"", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    let mut req = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..40 {
+        req.push_str(&format!("X-Big-{i}: {}\r\n", "v".repeat(500)));
+    }
+    req.push_str("\r\n");
+    c.send(req.as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 431);
+    assert!(c.closed());
+    assert_eq!(up.accepted(), 0);
+    fg.shutdown();
+}
+
+fn slow_header_gives_408_and_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "header_read_timeout = \"300ms\"", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(c.read_response().unwrap().status, 408);
+    assert!(c.closed());
+    fg.shutdown();
+}
+
+fn idle_client_is_closed_after_keepalive_timeout(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "keepalive_timeout = \"300ms\"", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    assert!(
+        c.closed(),
+        "idle connection closed without another response"
+    );
+    fg.shutdown();
+}
+
+fn content_length_with_transfer_encoding_gives_400(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4\r\nabcd\r\n0\r\n\r\n",
+    );
+    assert_eq!(c.read_response().unwrap().status, 400);
+    assert!(c.closed());
+    assert_eq!(up.accepted(), 0, "nothing was forwarded");
+    fg.shutdown();
+}
+
+fn conflicting_content_lengths_give_400(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde");
+    assert_eq!(c.read_response().unwrap().status, 400);
+    assert!(c.closed());
+    assert_eq!(up.accepted(), 0, "nothing was forwarded");
+    fg.shutdown();
+}
+
+fn invalid_chunk_size_gives_400_and_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabcd\r\n0\r\n\r\n",
+    );
+    assert_eq!(c.read_response().unwrap().status, 400);
+    assert!(c.closed());
+    fg.shutdown();
+}
+
+fn connections_over_the_worker_cap_are_closed(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\nmax_connections = 1\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    let mut first = RawClient::connect(addr);
+    first.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(first.read_response().unwrap().status, 200);
+    let mut second = RawClient::connect(addr);
+    second.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        second.read_response().is_none() && second.closed(),
+        "over the cap: closed"
+    );
+    first.send(b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        first.read_response().unwrap().status,
+        200,
+        "the first still works"
+    );
+    fg.shutdown();
+}

@@ -1,0 +1,335 @@
+//! The one harness for "start fluxgate with this config" and the test upstreams it talks to.
+//! Everything binds 127.0.0.1 port 0 and reads the port back.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fluxgate::{Handle, Server};
+use fluxgate_conf::{Config, IoMode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+/// Starts fluxgate from TOML text with the given acceptor and one worker (so connection
+/// counts at the upstream are per worker and deterministic).
+pub fn start(toml: &str, io: IoMode) -> Handle {
+    let mut config = Config::from_toml(toml).expect("test config is valid");
+    config.runtime.io = io;
+    config.runtime.workers = 1;
+    let h = Server::start(config).expect("fluxgate starts");
+    assert_eq!(h.io_mode(), io);
+    h
+}
+
+/// A fluxgate proxying one listener to `upstream` with extra `[upstream]` lines.
+pub fn proxy_to(
+    upstream: SocketAddr,
+    upstream_extra: &str,
+    http_extra: &str,
+    io: IoMode,
+) -> Handle {
+    start(
+        &format!(
+            "[http]\n{http_extra}\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{upstream}\"]\n{upstream_extra}\n"
+        ),
+        io,
+    )
+}
+
+/// How a test upstream behaves.
+#[derive(Clone, Copy)]
+pub enum Behavior {
+    /// Echoes the request body and reports what it saw in `x-up-*` response headers.
+    Echo,
+    /// Sleeps this long before answering.
+    Slow(Duration),
+    /// Answers the first request of each connection, then closes the connection on reading
+    /// the second without answering (a keep-alive connection gone stale under the proxy).
+    DropSecond,
+}
+
+/// A test upstream (HTTP/1.1 or h2c) on its own thread, counting connections.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+pub fn upstream(behavior: Behavior) -> Upstream {
+    spawn_upstream(behavior, false)
+}
+
+pub fn h2c_upstream() -> Upstream {
+    spawn_upstream(Behavior::Echo, true)
+}
+
+fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let (acc, op) = (accepted.clone(), open.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                acc.fetch_add(1, Ordering::SeqCst);
+                op.fetch_add(1, Ordering::SeqCst);
+                let op = op.clone();
+                tokio::spawn(async move {
+                    let served = Arc::new(AtomicUsize::new(0));
+                    let svc = hyper::service::service_fn(move |req| {
+                        let n = served.fetch_add(1, Ordering::SeqCst);
+                        respond(behavior, req, n)
+                    });
+                    let io = TokioIo::new(stream);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, svc)
+                        .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                    op.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    });
+    Upstream {
+        addr,
+        accepted,
+        open,
+    }
+}
+
+type UpResponse = Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>;
+
+async fn respond(
+    behavior: Behavior,
+    req: Request<Incoming>,
+    nth: usize,
+) -> Result<UpResponse, std::io::Error> {
+    match behavior {
+        Behavior::Slow(d) => tokio::time::sleep(d).await,
+        Behavior::DropSecond if nth >= 1 => {
+            return Err(std::io::Error::other("dropping a kept-alive connection"))
+        }
+        _ => {}
+    }
+    let h = req.headers();
+    let get = |n: &str| {
+        h.get_all(n)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    let mut resp = Response::builder()
+        .header(
+            "x-up-path",
+            req.uri().path_and_query().map_or("", |p| p.as_str()),
+        )
+        .header("x-up-method", req.method().as_str())
+        .header("x-up-version", format!("{:?}", req.version()))
+        .header("x-up-host", get("host"))
+        .header("x-up-xff", get("x-forwarded-for"))
+        .header("x-up-xfp", get("x-forwarded-proto"))
+        .header("x-up-xfh", get("x-forwarded-host"))
+        .header("x-up-cl", get("content-length"))
+        .header("x-up-te", get("transfer-encoding"))
+        .header("x-up-headers", names.join(","))
+        // Hop-by-hop response headers the proxy must not pass on.
+        .header("connection", "x-up-hop")
+        .header("x-up-hop", "1")
+        .header("keep-alive", "timeout=30");
+    if let Some(cl) = h.get("content-length") {
+        resp = resp.header("content-length", cl);
+    }
+    if req.method() == hyper::Method::HEAD {
+        return Ok(resp
+            .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+            .unwrap());
+    }
+    Ok(resp.body(req.into_body().boxed()).unwrap())
+}
+
+/// A parsed HTTP/1.1 response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A blocking HTTP/1.1 client connection that writes raw bytes and parses responses.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 65536];
+        loop {
+            return match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(0) | Err(_) => false,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    true
+                }
+            };
+        }
+    }
+
+    /// Reads one response (Content-Length or chunked body; none for HEAD/1xx/204/304 is not
+    /// handled: tests do not need it). None if the connection closed first.
+    pub fn read_response(&mut self) -> Option<RawResponse> {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            if !self.fill() {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        self.buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut resp = RawResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if let Some(cl) = resp.header("content-length") {
+            let n: usize = cl.parse().ok()?;
+            while self.buf.len() < n {
+                if !self.fill() {
+                    return None;
+                }
+            }
+            resp.body = self.buf.drain(..n).collect();
+        } else if resp.header("transfer-encoding").is_some() {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = find(&self.buf, b"\r\n") {
+                        break i;
+                    }
+                    if !self.fill() {
+                        return None;
+                    }
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&self.buf[..line_end]).ok()?.trim(),
+                    16,
+                )
+                .ok()?;
+                self.buf.drain(..line_end + 2);
+                while self.buf.len() < size + 2 {
+                    if !self.fill() {
+                        return None;
+                    }
+                }
+                resp.body.extend(self.buf.drain(..size));
+                self.buf.drain(..2);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        Some(resp)
+    }
+
+    /// True when the server closes the connection (EOF) with nothing more to read.
+    pub fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One request on a fresh connection.
+pub fn get(addr: SocketAddr, path: &str) -> RawResponse {
+    let mut c = RawClient::connect(addr);
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
+    c.read_response().expect("a response")
+}
+
+/// Polls `cond` every 10 ms for up to `limit`; true if it became true.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// An address nothing listens on.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
