@@ -117,6 +117,9 @@ fn run(args: Args) -> Result<()> {
         config.runtime.io = io;
     }
     let workers = config.runtime.workers;
+    if let Err(e) = fluxgate_sys::raise_nofile_limit() {
+        eprintln!("fluxgate: cannot raise the open-file limit: {e}");
+    }
     let handle = Server::start(config)?;
     for a in handle.local_addrs() {
         eprintln!("fluxgate: listening on {a} (HTTP/1.1 and h2c)");

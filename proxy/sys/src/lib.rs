@@ -183,6 +183,28 @@ fn unsafe_zeroed_utsname() -> libc::utsname {
     unsafe { std::mem::zeroed() }
 }
 
+/// Raises the soft limit on open files to the hard limit (a proxy holds two descriptors per
+/// proxied connection) and returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass and keep no reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
 /// Sets TCP_FASTOPEN on a listening socket with the given pending-request queue length.
 pub fn set_tcp_fastopen(fd: &impl AsRawFd, queue_len: u32) -> io::Result<()> {
     let val = queue_len as libc::c_int;

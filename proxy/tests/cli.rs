@@ -1,0 +1,124 @@
+//! The `fluxgate` binary: `check` on good and bad configs, and quick mode serving HTTP/1.1
+//! and h2c on the address it is given.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use support::*;
+
+fn fluxgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fluxgate"))
+}
+
+#[test]
+fn check_accepts_every_example() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = fluxgate()
+                .arg("check")
+                .arg("-c")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}
+
+#[test]
+fn check_names_key_and_line_of_a_bad_value() {
+    let dir = std::env::temp_dir().join(format!("fluxgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\n\
+         endpoints = [\"127.0.0.1:1\"]\nidle_timeout = \"forever\"\n",
+    )
+    .unwrap();
+    let out = fluxgate()
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upstream[0].idle_timeout") && err.contains("line 8"),
+        "{err}"
+    );
+
+    let out = fluxgate()
+        .args(["check", "-c", "/nonexistent/fluxgate.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
+    let up = upstream(Behavior::Echo);
+    let mut child = fluxgate()
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+        ])
+        .args(["--workers", "1", "--io", "auto"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: SocketAddr = loop {
+        let line = lines.next().expect("fluxgate printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let r = get(addr, "/quick");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-path"), Some("/quick"));
+    // h2c prior knowledge on the same port.
+    let mut c = RawClient::connect(addr);
+    c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+    let mut first = [0u8; 9];
+    std::io::Read::read_exact(&mut c.stream, &mut first).unwrap();
+    assert_eq!(first[3], 0x04, "server answers the preface with SETTINGS");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(child.wait().unwrap().success(), "exit 0 on SIGTERM");
+}
+
+#[test]
+fn bad_arguments_fail_with_usage() {
+    let out = fluxgate()
+        .args(["run", "--listen", "nowhere"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen wants IP:PORT"));
+    let out = fluxgate().args(["run", "--bogus"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The core data-path benchmark, in one run on this machine:
+#  1. fluxgate beside nginx and HAProxy (../shared/bench/peers.sh): req/s, p99 and proxy CPU
+#     microseconds per request, HTTP/1.1 (wrk) and h2c (h2load);
+#  2. a new connection per request (wrk, Connection: close) with --io uring vs --io epoll;
+#  3. RSS per idle keep-alive connection with 10,000 idle connections.
+# Usage: scripts/bench.sh [DURATION_S]   (default 8)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D=${1:-8}
+scripts/deps.sh bench
+cargo build --release -q -p fluxgate
+FG=$PWD/target/release/fluxgate
+PEERS=${PEERS:-$PWD/../shared/bench/peers.sh}
+ulimit -n 65536 2>/dev/null || true
+
+echo "== 1. fluxgate vs nginx vs HAProxy (proxy on CPU 1; upstream and load on CPU 0)"
+OURS="$FG run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1" bash "$PEERS" "$D"
+
+W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+cat > "$W/up.conf" <<NG
+worker_processes 1; daemon off; pid $W/up.pid; error_log $W/up.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:18081 backlog=4096; location / { return 200 "hello from upstream\n"; } } }
+NG
+taskset -c 0 nginx -c "$W/up.conf" & sleep 0.5
+
+ticks() { awk '{print $14+$15}' /proc/$1/stat; }
+TCK=$(getconf CLK_TCK)
+
+echo
+echo "== 2. new connection per request: --io uring vs --io epoll (wrk -c50 -H 'Connection: close')"
+printf "%-6s %10s %12s\n" io req_s cpu_us_req
+for io in uring epoll; do
+  taskset -c 1 "$FG" run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1 --io $io 2>"$W/fg-$io.log" & pid=$!
+  sleep 0.5
+  c0=$(ticks $pid)
+  out=$(taskset -c 0 wrk -t1 -c50 -d${D}s -H 'Connection: close' http://127.0.0.1:18090/)
+  c1=$(ticks $pid)
+  kill $pid; wait $pid 2>/dev/null || true
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  n=$(echo "$out" | awk '/requests in/ {print $1}')
+  cus=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
+  printf "%-6s %10s %12s %s\n" $io "$rps" "$cus" "$(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
+done
+
+echo
+echo "== 3. RSS per idle keep-alive connection (10,000 connections, one request each)"
+cat > "$W/idle.toml" <<TOML
+[runtime]
+workers = 1
+[http]
+keepalive_timeout = "10m"
+[[listener]]
+address = "127.0.0.1:18090"
+max_connections = 20000
+upstream = "u"
+[[upstream]]
+name = "u"
+endpoints = ["127.0.0.1:18081"]
+TOML
+"$FG" run -c "$W/idle.toml" 2>"$W/fg-idle.log" & pid=$!
+sleep 0.5
+curl -s -o /dev/null http://127.0.0.1:18090/
+rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
+r0=$(rss $pid)
+mkfifo "$W/hold"
+python3 scripts/idle_conns.py 127.0.0.1 18090 10000 <"$W/hold" >"$W/idle.out" & cl=$!
+exec 3>"$W/hold"
+for _ in $(seq 600); do grep -qE "ready|only|failed" "$W/idle.out" 2>/dev/null && break; sleep 0.1; done
+cat "$W/idle.out"
+sleep 1
+r1=$(rss $pid)
+exec 3>&-; wait $cl || true
+kill $pid; wait $pid 2>/dev/null || true
+awk -v a=$r0 -v b=$r1 'BEGIN{printf "rss before %d KiB, with 10000 idle %d KiB: %.2f KiB per idle connection\n", a, b, (b-a)/10000}'
