@@ -4,7 +4,7 @@
 #     microseconds per request, HTTP/1.1 (wrk) and h2c (h2load);
 #  2. a new connection per request (wrk, Connection: close) with --io uring vs --io epoll;
 #  3. RSS per idle keep-alive connection with 10,000 idle connections.
-# Usage: scripts/bench.sh [DURATION_S]   (default 8)
+# Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${1:-8}
@@ -14,8 +14,13 @@ FG=$PWD/target/release/fluxgate
 PEERS=${PEERS:-$PWD/../shared/bench/peers.sh}
 ulimit -n 65536 2>/dev/null || true
 
+ONLY=${ONLY:-1 2 3}
+part() { [[ " $ONLY " == *" $1 "* ]]; }
+
+if part 1; then
 echo "== 1. fluxgate vs nginx vs HAProxy (proxy on CPU 1; upstream and load on CPU 0)"
 OURS="$FG run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1" bash "$PEERS" "$D"
+fi
 
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 cat > "$W/up.conf" <<NG
@@ -29,6 +34,7 @@ taskset -c 0 nginx -c "$W/up.conf" & sleep 0.5
 ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 TCK=$(getconf CLK_TCK)
 
+if part 2; then
 echo
 echo "== 2. new connection per request: --io uring vs --io epoll (wrk -c50 -H 'Connection: close')"
 printf "%-6s %10s %12s\n" io req_s cpu_us_req
@@ -44,7 +50,9 @@ for io in uring epoll; do
   cus=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
   printf "%-6s %10s %12s %s\n" $io "$rps" "$cus" "$(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
 done
+fi
 
+if part 3; then
 echo
 echo "== 3. RSS per idle keep-alive connection (10,000 connections, one request each)"
 cat > "$W/idle.toml" <<TOML
@@ -70,8 +78,10 @@ python3 scripts/idle_conns.py 127.0.0.1 18090 10000 <"$W/hold" >"$W/idle.out" & 
 exec 3>"$W/hold"
 for _ in $(seq 600); do grep -qE "ready|only|failed" "$W/idle.out" 2>/dev/null && break; sleep 0.1; done
 cat "$W/idle.out"
-sleep 1
+# Connections park after 1 s idle; give the last ones time to.
+sleep 3
 r1=$(rss $pid)
 exec 3>&-; wait $cl || true
 kill $pid; wait $pid 2>/dev/null || true
 awk -v a=$r0 -v b=$r1 'BEGIN{printf "rss before %d KiB, with 10000 idle %d KiB: %.2f KiB per idle connection\n", a, b, (b-a)/10000}'
+fi

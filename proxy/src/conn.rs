@@ -23,6 +23,11 @@ use crate::server::LocalExec;
 
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
+/// An HTTP/1.1 connection idle this long is parked: hyper's per-connection state and buffers
+/// (about 20 KiB) are freed and only the socket is watched, until the next request arrives
+/// and a fresh hyper connection takes over. Busy connections never pay for the restart.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Written by the socket wrapper itself when a started request head times out; hyper then
 /// closes the connection.
 const TIMEOUT_408: &[u8] =
@@ -38,8 +43,14 @@ pub(crate) struct ConnState {
     head_started: Cell<Instant>,
     /// When the connection last became idle (no request in flight).
     idle_since: Cell<Instant>,
-    /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408.
+    /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
     h2: Cell<bool>,
+    /// hyper's read buffer is known to be empty when the connection is idle: the last head
+    /// ended exactly at the end of a read and nothing was read while a request was in flight.
+    /// Only then may the connection be parked without losing bytes hyper holds.
+    clean: Cell<bool>,
+    /// Set when the socket wrapper ended hyper's connection to park it.
+    parked: Cell<bool>,
     first_read: Cell<bool>,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -68,14 +79,30 @@ impl ConnState {
         self.ambiguous.replace(false)
     }
 
-    fn deadline(&self) -> Option<Instant> {
+    fn parkable(&self) -> bool {
+        self.in_flight.get() == 0 && !self.partial.get() && !self.h2.get() && self.clean.get()
+    }
+
+    /// When the keep-alive idle period ends.
+    fn idle_deadline(&self) -> Instant {
+        self.idle_since.get() + self.idle_timeout
+    }
+
+    /// The next moment the socket wrapper must look again: 408, idle close or park.
+    fn deadline(&self) -> Instant {
         if self.in_flight.get() > 0 {
-            return None;
+            // Nothing to enforce while a request is served, but hyper may not read again when
+            // it ends, so keep a timer armed to look again later.
+            return Instant::now() + PARK_AFTER.min(self.idle_timeout);
         }
         if self.partial.get() && !self.h2.get() {
-            Some(self.head_started.get() + self.header_timeout)
+            return self.head_started.get() + self.header_timeout;
+        }
+        let close = self.idle_deadline();
+        if self.parkable() {
+            close.min(self.idle_since.get() + PARK_AFTER)
         } else {
-            Some(self.idle_since.get() + self.idle_timeout)
+            close
         }
     }
 }
@@ -117,9 +144,7 @@ impl ClientIo {
     }
 
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(deadline) = self.state.deadline() else {
-            return Poll::Pending;
-        };
+        let deadline = self.state.deadline();
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -127,7 +152,8 @@ impl ClientIo {
             timer.as_mut().reset(deadline);
         }
         while timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
+            let deadline = self.state.deadline();
+            if self.state.in_flight.get() == 0 && Instant::now() >= deadline {
                 return Poll::Ready(());
             }
             timer.as_mut().reset(deadline);
@@ -162,19 +188,30 @@ impl AsyncRead for ClientIo {
                             st.head_started.set(Instant::now());
                             this.scan = HeadScan::default();
                         }
-                        if !this.scan.done() && this.scan.feed(got) {
+                        let was_done = this.scan.done();
+                        if !was_done && this.scan.feed(got) {
                             st.ambiguous.set(true);
                         }
+                        st.clean
+                            .set(!was_done && this.scan.done() && this.scan.ended_at_chunk_end());
+                    } else {
+                        st.clean.set(false);
                     }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
                 if this.poll_deadline(cx).is_ready() {
-                    if this.state.partial.get() && !this.state.h2.get() {
+                    let st = &this.state;
+                    if st.partial.get() && !st.h2.get() {
                         if let Some(s) = &this.stream {
                             let _ = s.try_write(TIMEOUT_408);
                         }
+                    } else if st.parkable() && Instant::now() < st.idle_deadline() {
+                        // Looks like a clean end of stream to hyper, which then drops us and
+                        // hands the socket back (see `ConnServer::serve`).
+                        st.parked.set(true);
+                        return Poll::Ready(Ok(()));
                     }
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
@@ -211,6 +248,10 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state.parked.get() {
+            // Parking, not closing: the socket stays open for the next request.
+            return Poll::Ready(Ok(()));
+        }
         self.get_mut().stream().poll_shutdown(cx)
     }
 }
@@ -218,12 +259,14 @@ impl AsyncWrite for ClientIo {
 /// The server side of one listener on one worker: hyper's protocol builder, configured once.
 pub(crate) struct ConnServer {
     builder: auto::Builder<LocalExec>,
+    /// Connections parked so far on this worker (see `worker_housekeeping`).
+    parks: Rc<Cell<u64>>,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl ConnServer {
-    pub(crate) fn new(limits: &fluxgate_conf::HttpLimits) -> ConnServer {
+    pub(crate) fn new(limits: &fluxgate_conf::HttpLimits, parks: Rc<Cell<u64>>) -> ConnServer {
         let mut builder = auto::Builder::new(LocalExec);
         builder
             .http1()
@@ -237,6 +280,7 @@ impl ConnServer {
             .max_concurrent_streams(256);
         ConnServer {
             builder,
+            parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
         }
@@ -251,6 +295,8 @@ impl ConnServer {
             head_started: Cell::new(now),
             idle_since: Cell::new(now),
             h2: Cell::new(false),
+            clean: Cell::new(false),
+            parked: Cell::new(false),
             first_read: Cell::new(true),
             ambiguous: Cell::new(false),
             leftover: Cell::new(None),
@@ -259,28 +305,39 @@ impl ConnServer {
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         });
-        let io = ClientIo {
-            stream: Some(stream),
-            state: Rc::clone(&state),
-            eof: false,
-            timer: None,
-            scan: HeadScan::default(),
-        };
-        let conn_state = Rc::clone(&state);
-        let service = service_fn(move |req| {
-            let handler = Rc::clone(&handler);
-            let inflight = state.begin_request();
-            async move { Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await) }
-        });
-        // Errors here are the client's (reset, timeout, malformed head already answered by
-        // hyper); there is no one left to tell.
-        let _ = self
-            .builder
-            .serve_connection(TokioIo::new(io), service)
-            .await;
-        if let Some(stream) = conn_state.leftover.take() {
-            // Boxed: the linger buffer must not grow every connection's future.
-            Box::pin(linger(stream)).await;
+        let mut stream = stream;
+        loop {
+            let io = ClientIo {
+                stream: Some(stream),
+                eof: false,
+                state: Rc::clone(&state),
+                timer: None,
+                scan: HeadScan::default(),
+            };
+            let svc_state = Rc::clone(&state);
+            let svc_handler = Rc::clone(&handler);
+            let service = service_fn(move |req| {
+                let handler = Rc::clone(&svc_handler);
+                let inflight = svc_state.begin_request();
+                async move { Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await) }
+            });
+            // Boxed so a parked connection keeps none of hyper's state. Errors here are the
+            // client's (reset, timeout, malformed head already answered by hyper).
+            let _ = Box::pin(self.builder.serve_connection(TokioIo::new(io), service)).await;
+            let Some(s) = state.leftover.take() else {
+                return;
+            };
+            if !state.parked.replace(false) {
+                // Boxed: the linger buffer must not grow every connection's future.
+                Box::pin(linger(s)).await;
+                return;
+            }
+            self.parks.set(self.parks.get() + 1);
+            // Parked: wait for the next request's first bytes, or close at the idle deadline.
+            match tokio::time::timeout_at(state.idle_deadline(), s.readable()).await {
+                Ok(Ok(())) => stream = s,
+                _ => return,
+            }
         }
     }
 }
@@ -311,5 +368,20 @@ async fn linger(mut stream: TcpStream) {
 impl InFlight {
     pub(crate) fn state(&self) -> &ConnState {
         &self.0
+    }
+}
+
+/// Once a second, if connections were parked since the last look, hands the memory they freed
+/// back to the kernel (see `fluxgate_sys::release_free_memory`).
+pub(crate) async fn worker_housekeeping(parks: Rc<Cell<u64>>) {
+    let mut seen = parks.get();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if parks.get() != seen {
+            seen = parks.get();
+            fluxgate_sys::release_free_memory();
+        }
     }
 }

@@ -16,6 +16,8 @@ pub(crate) struct HeadScan {
     empty: bool,
     seen_cl: bool,
     seen_te: bool,
+    /// The head ended on the last byte of the chunk that completed it.
+    ended_at_end: bool,
 }
 
 const CL: &[u8] = b"content-length:";
@@ -25,13 +27,14 @@ impl HeadScan {
     /// Feeds bytes read from the client; returns true once the head is known to carry both
     /// framing headers.
     pub(crate) fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
+        for (i, &b) in bytes.iter().enumerate() {
             if self.done {
                 break;
             }
             if b == b'\n' {
                 if self.empty {
                     self.done = true;
+                    self.ended_at_end = i + 1 == bytes.len();
                 }
                 self.col = 0;
                 self.cand = 0b11;
@@ -68,6 +71,11 @@ impl HeadScan {
     pub(crate) fn done(&self) -> bool {
         self.done
     }
+
+    /// Whether the head ended exactly at the end of the bytes fed last (nothing follows it).
+    pub(crate) fn ended_at_chunk_end(&self) -> bool {
+        self.done && self.ended_at_end
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +100,16 @@ mod tests {
             b"POST / HTTP/1.1\r\nTRANSFER-enc",
             b"oding: chunked\r\ncontent-LENGTH:3\r\n\r\n"
         ]));
+    }
+
+    #[test]
+    fn knows_where_the_head_ended() {
+        let mut s = HeadScan::default();
+        s.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(s.ended_at_chunk_end());
+        let mut s = HeadScan::default();
+        s.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\n");
+        assert!(s.done() && !s.ended_at_chunk_end());
     }
 
     #[test]

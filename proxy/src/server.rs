@@ -19,7 +19,7 @@ use http::StatusCode;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use crate::conn::ConnServer;
+use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
 use crate::proxy::{Action, Handler};
 
@@ -184,6 +184,8 @@ fn run_worker(
         for p in &pools {
             tokio::task::spawn_local(Rc::clone(p).prewarm());
         }
+        let parks = Rc::new(Cell::new(0));
+        tokio::task::spawn_local(worker_housekeeping(Rc::clone(&parks)));
         for (l, sock) in config.listeners.iter().zip(socks) {
             let action = match &l.action {
                 ListenerAction::Proxy(i) => Action::Proxy(Rc::clone(&pools[*i])),
@@ -193,7 +195,7 @@ fn run_worker(
                 },
             };
             let ctx = Rc::new(ListenerCtx {
-                server: ConnServer::new(&config.http),
+                server: ConnServer::new(&config.http, Rc::clone(&parks)),
                 handler: Rc::new(Handler {
                     action,
                     max_request_line: config.http.max_request_line,

@@ -40,6 +40,8 @@ on_both_acceptors!(
     conflicting_content_lengths_give_400,
     invalid_chunk_size_gives_400_and_close,
     connections_over_the_worker_cap_are_closed,
+    idle_connection_is_parked_and_serves_the_next_request,
+    pipelined_bytes_held_while_idle_are_not_lost,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -384,5 +386,33 @@ fn connections_over_the_worker_cap_are_closed(io: IoMode) {
         200,
         "the first still works"
     );
+    fg.shutdown();
+}
+
+fn idle_connection_is_parked_and_serves_the_next_request(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 200);
+    // Idle past the park delay (1 s): hyper's state is dropped, the socket kept.
+    std::thread::sleep(Duration::from_millis(1500));
+    c.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response().expect("served after parking");
+    assert_eq!(r.header("x-up-path"), Some("/after"));
+    fg.shutdown();
+}
+
+fn pipelined_bytes_held_while_idle_are_not_lost(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    // The second head arrives half in the first read: the connection must not be parked
+    // while hyper holds those bytes.
+    c.send(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHo");
+    assert_eq!(c.read_response().unwrap().header("x-up-path"), Some("/one"));
+    std::thread::sleep(Duration::from_millis(1500));
+    c.send(b"st: x\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().header("x-up-path"), Some("/two"));
     fg.shutdown();
 }

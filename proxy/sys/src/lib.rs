@@ -183,6 +183,15 @@ fn unsafe_zeroed_utsname() -> libc::utsname {
     unsafe { std::mem::zeroed() }
 }
 
+/// Asks mimalloc (the binary's allocator) to return this thread's free pages to the kernel
+/// now. mimalloc purges lazily, on later allocator calls of the same thread; a worker that
+/// just parked thousands of idle connections may make no further calls for a long time.
+/// Harmless when mimalloc is not the global allocator: its heaps are then empty.
+pub fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers and may be called at any time from any thread.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
+
 /// Raises the soft limit on open files to the hard limit (a proxy holds two descriptors per
 /// proxied connection) and returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {
