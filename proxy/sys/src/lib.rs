@@ -211,7 +211,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
             }
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Sets TCP_FASTOPEN on a listening socket with the given pending-request queue length.
