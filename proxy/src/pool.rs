@@ -2,30 +2,47 @@
 //!
 //! HTTP/1.1 idle connections sit in a pingora-pool `ConnectionPool` keyed by endpoint; this
 //! module adds what it lacks: a per-endpoint idle cap, an open-connection cap, pre-warming and
-//! counters. HTTP/2 connections are multiplexed and shared, so they are kept apart, one per
+//! counters. Idle expiry is done by the task that already drives each connection (it looks
+//! at the connection's idle time on a coarse timer and takes it out of the pool), rather than
+//! by pingora's per-release watcher task: no spawn, channel or timer per request. HTTP/2 connections are multiplexed and shared, so they are kept apart, one per
 //! endpoint. Everything here belongs to one worker thread (`Rc`, `Cell`): no locks on the path.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use fluxgate_conf::{Upstream, UpstreamProtocol};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::body::UpBody;
 use crate::error::ProxyError;
 use crate::server::LocalExec;
 
+/// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve
+/// the next burst (closing them at once makes bursty load reconnect constantly), short enough
+/// that the idle set settles at the configured size.
+const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many times `max_idle_per_host` the idle set may reach during a burst.
+const SURPLUS_FACTOR: usize = 4;
+
 /// An idle-able HTTP/1.1 upstream connection.
 pub(crate) struct H1Conn {
     pub(crate) sender: http1::SendRequest<UpBody>,
-    // Changes (the sender is dropped) when the task driving the connection ends.
-    closed: watch::Receiver<bool>,
     meta: ConnectionMeta,
+    idle: Rc<IdleMark>,
+}
+
+/// Shared between a pooled connection and the task driving it.
+struct IdleMark {
+    /// When it last went into the pool, and how long it may stay there; None while lent out.
+    since: Cell<Option<(Instant, Duration)>>,
 }
 
 struct Endpoint {
@@ -87,7 +104,8 @@ impl Drop for Checkout {
 
 impl UpstreamPool {
     pub(crate) fn new(cfg: Upstream) -> Rc<UpstreamPool> {
-        let lru_size = (cfg.max_idle_per_host * cfg.endpoints.len()).max(1);
+        // Room for burst surplus beyond `max_idle_per_host` (see `checkin`).
+        let lru_size = (cfg.max_idle_per_host * SURPLUS_FACTOR).max(1024) * cfg.endpoints.len();
         let endpoints = cfg
             .endpoints
             .iter()
@@ -153,6 +171,7 @@ impl UpstreamPool {
                 if conn.sender.is_closed() {
                     continue;
                 }
+                conn.idle.since.set(None);
                 endpoint.busy.set(endpoint.busy.get() + 1);
                 return Ok(Checkout {
                     pool: Rc::clone(self),
@@ -187,19 +206,21 @@ impl UpstreamPool {
         endpoint.busy.set(endpoint.busy.get() - 1);
         // Idle connections of this endpoint besides this one.
         let idle_now = (endpoint.open.get() - endpoint.busy.get()).saturating_sub(1);
-        if conn.sender.is_closed() || idle_now >= self.cfg.max_idle_per_host {
+        let cap = self.cfg.max_idle_per_host;
+        if conn.sender.is_closed() || idle_now >= cap * SURPLUS_FACTOR {
             drop(conn);
             return;
         }
+        let limit = if idle_now >= cap {
+            SURPLUS_IDLE_TIMEOUT.min(self.cfg.idle_timeout)
+        } else {
+            self.cfg.idle_timeout
+        };
+        conn.idle.since.set(Some((Instant::now(), limit)));
         let meta = conn.meta.clone();
-        let closed = conn.closed.clone();
-        let (evicted, picked_up) = self.idle.put(&meta, conn);
-        let idle = Rc::clone(&self.idle);
-        let timeout = self.cfg.idle_timeout;
-        tokio::task::spawn_local(async move {
-            idle.idle_timeout(&meta, timeout, evicted, closed, picked_up)
-                .await;
-        });
+        // pingora hands back an eviction notifier and a pick-up channel for a watcher task;
+        // the connection's own driver watches instead (see `connect_h1`).
+        drop(self.idle.put(&meta, conn));
         endpoint.freed.notify_one();
     }
 
@@ -226,25 +247,47 @@ impl UpstreamPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyError::Upstream)?;
-        let (closed_tx, closed) = watch::channel(false);
         let endpoint = &self.endpoints[ep];
         endpoint.open.set(endpoint.open.get() + 1);
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1));
+        let meta = ConnectionMeta::new(ep as u64, id);
+        let idle = Rc::new(IdleMark {
+            since: Cell::new(None),
+        });
         let pool = Rc::clone(self);
+        let (driver_meta, mark) = (meta.clone(), Rc::clone(&idle));
         tokio::task::spawn_local(async move {
-            let _ = connection.await;
-            // Dropping the sender tells the idle pool to evict this connection at once.
-            drop(closed_tx);
+            // Look at the idle time this often: expiry lands within one period of its limit.
+            let period = idle_check_period(pool.cfg.idle_timeout);
+            let mut connection = std::pin::pin!(connection);
+            let check = tokio::time::sleep(period);
+            let mut check = std::pin::pin!(check);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut connection => break,
+                    _ = &mut check => {
+                        let now = Instant::now();
+                        if let Some((since, limit)) = mark.since.get() {
+                            if now >= since + limit {
+                                // Dropping the sender pingora returns lets hyper close the
+                                // connection, which ends `connection` above.
+                                pool.idle.pop_closed(&driver_meta);
+                                mark.since.set(None);
+                            }
+                        }
+                        check.as_mut().reset(now + period);
+                    }
+                }
+            }
+            // Gone while idle (the upstream closed it): out of the pool at once.
+            pool.idle.pop_closed(&driver_meta);
             let endpoint = &pool.endpoints[ep];
             endpoint.open.set(endpoint.open.get().saturating_sub(1));
             endpoint.freed.notify_one();
         });
-        let id = self.next_id.get();
-        self.next_id.set(id.wrapping_add(1));
-        Ok(H1Conn {
-            sender,
-            closed,
-            meta: ConnectionMeta::new(ep as u64, id),
-        })
+        Ok(H1Conn { sender, meta, idle })
     }
 
     /// The shared HTTP/2 connection to `ep`, opened on first use or after it closed.
@@ -281,4 +324,9 @@ impl UpstreamPool {
             *slot = None;
         }
     }
+}
+
+/// How often a connection driver looks at its idle time.
+fn idle_check_period(idle_timeout: Duration) -> Duration {
+    idle_timeout.min(SURPLUS_IDLE_TIMEOUT)
 }
