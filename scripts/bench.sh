@@ -37,19 +37,25 @@ TCK=$(getconf CLK_TCK)
 if part 2; then
 echo
 echo "== 2. new connection per request: --io uring vs --io epoll (wrk -c50 -H 'Connection: close')"
+echo "   alternating, 3 rounds of ${D}s each; the proxy's CPU per request, then the means"
 printf "%-6s %10s %12s\n" io req_s cpu_us_req
-for io in uring epoll; do
-  taskset -c 1 "$FG" run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1 --io $io 2>"$W/fg-$io.log" & pid=$!
-  sleep 0.5
-  c0=$(ticks $pid)
-  out=$(taskset -c 0 wrk -t1 -c50 -d${D}s -H 'Connection: close' http://127.0.0.1:18090/)
-  c1=$(ticks $pid)
-  kill $pid; wait $pid 2>/dev/null || true
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  n=$(echo "$out" | awk '/requests in/ {print $1}')
-  cus=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
-  printf "%-6s %10s %12s %s\n" $io "$rps" "$cus" "$(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
+declare -A SUM=()
+for round in 1 2 3; do
+  for io in epoll uring; do
+    taskset -c 1 "$FG" run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1 --io $io 2>"$W/fg-$io.log" & pid=$!
+    sleep 0.5
+    c0=$(ticks $pid)
+    out=$(taskset -c 0 wrk -t1 -c50 -d${D}s -H 'Connection: close' http://127.0.0.1:18090/)
+    c1=$(ticks $pid)
+    kill $pid; wait $pid 2>/dev/null || true
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    cus=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
+    SUM[$io]=$(awk -v a=${SUM[$io]:-0} -v b=$cus 'BEGIN{print a+b}')
+    printf "%-6s %10s %12s %s\n" $io "$rps" "$cus" "$(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
+  done
 done
+awk -v u=${SUM[uring]} -v e=${SUM[epoll]} 'BEGIN{printf "mean cpu_us_req: uring %.1f, epoll %.1f (uring/epoll %.2f)\n", u/3, e/3, u/e}'
 fi
 
 if part 3; then

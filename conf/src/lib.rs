@@ -41,7 +41,7 @@ pub enum ConfError {
 pub enum IoMode {
     /// io_uring when it can be set up, otherwise epoll (one log line says why).
     Auto,
-    /// io_uring multishot accept; start-up fails if unavailable.
+    /// io_uring accept; start-up fails if unavailable.
     Uring,
     /// epoll through tokio.
     Epoll,

@@ -132,7 +132,7 @@ fn run(args: Args) -> Result<()> {
     eprintln!(
         "fluxgate: {workers} worker(s), accepting through {}",
         match handle.io_mode() {
-            IoMode::Uring => "io_uring (multishot accept)",
+            IoMode::Uring => "io_uring (multishot accept, deferred task work)",
             _ => "epoll",
         }
     );

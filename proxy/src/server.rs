@@ -1,7 +1,8 @@
 //! Worker threads and acceptors. Each worker is one thread running a current-thread tokio
 //! runtime, with its own SO_REUSEPORT socket per listener, its own upstream pools and its own
 //! acceptor: io_uring multishot accept (completions signalled through an eventfd the runtime
-//! polls) or tokio's epoll accept.
+//! polls, completion work deferred to the worker instead of interrupting it) or
+//! tokio's epoll accept.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -204,7 +205,7 @@ fn run_worker(
                 max_connections: l.max_connections,
             });
             let uring = match io {
-                IoMode::Uring => match AcceptRing::new(sock.as_raw_fd(), 256) {
+                IoMode::Uring => match AcceptRing::new(sock.as_raw_fd()) {
                     Ok(ring) => Some(ring),
                     Err(e) => {
                         eprintln!("fluxgate: worker {id}: io_uring setup failed ({e}); accepting through epoll");
@@ -282,7 +283,7 @@ async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<Lis
     let mut ring = match ring.register() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("fluxgate: cannot poll the io_uring eventfd: {e}");
+            eprintln!("fluxgate: cannot poll the io_uring: {e}");
             return;
         }
     };
@@ -291,7 +292,7 @@ async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<Lis
         let mut ready = match ring.readable_mut().await {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("fluxgate: io_uring eventfd failed: {e}");
+                eprintln!("fluxgate: io_uring poll failed: {e}");
                 return;
             }
         };
@@ -302,14 +303,7 @@ async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<Lis
         }
         for r in out.accepted.drain(..) {
             match r {
-                Ok(fd) => {
-                    let stream = std::net::TcpStream::from(fd);
-                    match stream.peer_addr() {
-                        Ok(peer) => start_conn(&ctx, stream, peer),
-                        // The client left before we looked: nothing to serve.
-                        Err(_) => continue,
-                    }
-                }
+                Ok((fd, peer)) => start_conn(&ctx, std::net::TcpStream::from(fd), peer),
                 Err(e) => accept_backoff(&e).await,
             }
         }
