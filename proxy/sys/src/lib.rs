@@ -314,6 +314,56 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// A global allocator that counts allocations made on threads that asked to be counted:
+/// how tests and benchmarks check "no allocation on this path". Wraps the system allocator.
+///
+/// ```ignore
+/// #[global_allocator]
+/// static ALLOC: fluxgate_sys::CountingAlloc = fluxgate_sys::CountingAlloc;
+/// let n = fluxgate_sys::count_allocations(|| work());
+/// ```
+pub struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counting touches
+// only const-initialised thread-locals, which never allocate.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        }
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+/// Runs `f` and returns how many allocations (and reallocations) it made on this thread.
+/// Meaningful only when `CountingAlloc` is the global allocator.
+pub fn count_allocations(f: impl FnOnce()) -> u64 {
+    ALLOCATIONS.with(|n| n.set(0));
+    COUNTING.with(|c| c.set(true));
+    f();
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.with(|n| n.get())
+}
+
 /// Sets TCP_FASTOPEN on a listening socket with the given pending-request queue length.
 pub fn set_tcp_fastopen(fd: &impl AsRawFd, queue_len: u32) -> io::Result<()> {
     let val = queue_len as libc::c_int;
