@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Encodes ticks (flatbuffers package) and orders (protobuf package) with code generated from
+codecs/schema/, wraps each in fluxgate's frame envelope, and writes the stream plus a plain
+list of the values encoded, one message per line, for codecs/tests/interop.rs to compare."""
+import random
+import struct
+import sys
+
+import flatbuffers
+from fluxgate.md import BookLevel, Quote, Tick, Trade, Update
+import orders_pb2
+
+HEADER = struct.Struct("<2sBBHHIIQ")  # magic, version, kind, flags, reserved, len, instrument, seq
+KIND_TICK, KIND_ORDER = 1, 2
+
+
+def frame(kind, instrument, seq, payload):
+    return HEADER.pack(b"FG", 1, kind, 0, 0, len(payload), instrument, seq) + payload
+
+
+def trade(rng):
+    v = dict(instrument=rng.randrange(1 << 32), seq=rng.randrange(1 << 64),
+             price=rng.randrange(-(1 << 63), 1 << 63), size=rng.randrange(1 << 40),
+             scale=rng.randrange(10), aggressor=rng.randrange(3),
+             ts=rng.randrange(1 << 64), flags=rng.randrange(1 << 32))
+    b = flatbuffers.Builder(128)
+    Trade.TradeStart(b)
+    Trade.TradeAddInstrument(b, v["instrument"])
+    Trade.TradeAddSeq(b, v["seq"])
+    Trade.TradeAddPrice(b, v["price"])
+    Trade.TradeAddSize(b, v["size"])
+    Trade.TradeAddPriceScale(b, v["scale"])
+    Trade.TradeAddAggressor(b, v["aggressor"])
+    Trade.TradeAddExchangeTsNs(b, v["ts"])
+    Trade.TradeAddFlags(b, v["flags"])
+    t = Trade.TradeEnd(b)
+    Tick.TickStart(b)
+    Tick.TickAddUpdateType(b, Update.Update.Trade)
+    Tick.TickAddUpdate(b, t)
+    b.Finish(Tick.TickEnd(b))
+    line = "trade {instrument} {seq} {price} {size} {scale} {aggressor} {ts} {flags}".format(**v)
+    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+
+
+def quote(rng):
+    v = dict(instrument=rng.randrange(1 << 32), seq=rng.randrange(1 << 64),
+             bp=rng.randrange(1 << 40), bs=rng.randrange(1 << 40), ap=rng.randrange(1 << 40),
+             az=rng.randrange(1 << 40), scale=rng.randrange(10), ts=rng.randrange(1 << 64),
+             flags=rng.randrange(1 << 32))
+    b = flatbuffers.Builder(128)
+    Quote.QuoteStart(b)
+    Quote.QuoteAddInstrument(b, v["instrument"])
+    Quote.QuoteAddSeq(b, v["seq"])
+    Quote.QuoteAddBidPrice(b, v["bp"])
+    Quote.QuoteAddBidSize(b, v["bs"])
+    Quote.QuoteAddAskPrice(b, v["ap"])
+    Quote.QuoteAddAskSize(b, v["az"])
+    Quote.QuoteAddPriceScale(b, v["scale"])
+    Quote.QuoteAddExchangeTsNs(b, v["ts"])
+    Quote.QuoteAddFlags(b, v["flags"])
+    q = Quote.QuoteEnd(b)
+    Tick.TickStart(b)
+    Tick.TickAddUpdateType(b, Update.Update.Quote)
+    Tick.TickAddUpdate(b, q)
+    b.Finish(Tick.TickEnd(b))
+    line = "quote {instrument} {seq} {bp} {bs} {ap} {az} {scale} {ts} {flags}".format(**v)
+    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+
+
+def book(rng):
+    v = dict(instrument=rng.randrange(1 << 32), seq=rng.randrange(1 << 64),
+             side=rng.randrange(3), level=rng.randrange(1 << 16), price=rng.randrange(1 << 40),
+             size=rng.randrange(1 << 40), scale=rng.randrange(10), ts=rng.randrange(1 << 64),
+             flags=rng.randrange(1 << 32))
+    b = flatbuffers.Builder(128)
+    BookLevel.BookLevelStart(b)
+    BookLevel.BookLevelAddInstrument(b, v["instrument"])
+    BookLevel.BookLevelAddSeq(b, v["seq"])
+    BookLevel.BookLevelAddSide(b, v["side"])
+    BookLevel.BookLevelAddLevel(b, v["level"])
+    BookLevel.BookLevelAddPrice(b, v["price"])
+    BookLevel.BookLevelAddSize(b, v["size"])
+    BookLevel.BookLevelAddPriceScale(b, v["scale"])
+    BookLevel.BookLevelAddExchangeTsNs(b, v["ts"])
+    BookLevel.BookLevelAddFlags(b, v["flags"])
+    o = BookLevel.BookLevelEnd(b)
+    Tick.TickStart(b)
+    Tick.TickAddUpdateType(b, Update.Update.BookLevel)
+    Tick.TickAddUpdate(b, o)
+    b.Finish(Tick.TickEnd(b))
+    line = "book {instrument} {seq} {side} {level} {price} {size} {scale} {ts} {flags}".format(**v)
+    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+
+
+def order(rng):
+    """A valid limit order for instrument 1 (tick 0.05) or 2 (tick 0.0001)."""
+    instrument = rng.choice([1, 2])
+    tick_e4 = 500 if instrument == 1 else 1
+    price_e4 = tick_e4 * rng.randrange(1, 1_000_000)
+    o = orders_pb2.NewOrder(
+        client_order_id=f"py-{rng.randrange(10**9)}".encode(),
+        account=b"acct-py",
+        instrument=instrument,
+        side=rng.choice([orders_pb2.SIDE_BUY, orders_pb2.SIDE_SELL]),
+        type=orders_pb2.ORDER_TYPE_LIMIT,
+        price_mantissa=price_e4,
+        price_scale=4,
+        quantity=rng.randrange(1, 10_000),
+        time_in_force=rng.choice([orders_pb2.TIME_IN_FORCE_DAY, orders_pb2.TIME_IN_FORCE_IOC]),
+        seq=rng.randrange(1 << 64),
+    )
+    line = (f"order {o.client_order_id.decode()} {o.account.decode()} {o.instrument} {o.side} "
+            f"{o.type} {price_e4} {o.quantity} {o.time_in_force} {o.seq}")
+    return frame(KIND_ORDER, o.instrument, o.seq, o.SerializeToString()), line
+
+
+def main():
+    rng = random.Random(20261121)
+    makers = [trade, quote, book, order]
+    frames, lines = [], []
+    for i in range(400):
+        f, line = makers[i % 4](rng)
+        frames.append(f)
+        lines.append(line)
+    with open(sys.argv[1], "wb") as out:
+        out.write(b"".join(frames))
+    with open(sys.argv[2], "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
