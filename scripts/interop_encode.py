@@ -7,7 +7,7 @@ import struct
 import sys
 
 import flatbuffers
-from fluxgate.md import BookLevel, Quote, Tick, Trade, Update
+from fluxgate.md import BookLevel, Quote, Tick, Trade
 import orders_pb2
 
 HEADER = struct.Struct("<2sBBHHIIQ")  # magic, version, kind, flags, reserved, len, instrument, seq
@@ -18,28 +18,25 @@ def frame(kind, instrument, seq, payload):
     return HEADER.pack(b"FG", 1, kind, 0, 0, len(payload), instrument, seq) + payload
 
 
+def tick(b, add, struct_offset_fn):
+    """Finishes a Tick holding one struct update (structs are built inline in the table)."""
+    Tick.TickStart(b)
+    add(b, struct_offset_fn())
+    b.Finish(Tick.TickEnd(b))
+    return bytes(b.Output())
+
+
 def trade(rng):
     v = dict(instrument=rng.randrange(1 << 32), seq=rng.randrange(1 << 64),
              price=rng.randrange(-(1 << 63), 1 << 63), size=rng.randrange(1 << 40),
              scale=rng.randrange(10), aggressor=rng.randrange(3),
              ts=rng.randrange(1 << 64), flags=rng.randrange(1 << 32))
     b = flatbuffers.Builder(128)
-    Trade.TradeStart(b)
-    Trade.TradeAddInstrument(b, v["instrument"])
-    Trade.TradeAddSeq(b, v["seq"])
-    Trade.TradeAddPrice(b, v["price"])
-    Trade.TradeAddSize(b, v["size"])
-    Trade.TradeAddPriceScale(b, v["scale"])
-    Trade.TradeAddAggressor(b, v["aggressor"])
-    Trade.TradeAddExchangeTsNs(b, v["ts"])
-    Trade.TradeAddFlags(b, v["flags"])
-    t = Trade.TradeEnd(b)
-    Tick.TickStart(b)
-    Tick.TickAddUpdateType(b, Update.Update.Trade)
-    Tick.TickAddUpdate(b, t)
-    b.Finish(Tick.TickEnd(b))
+    payload = tick(b, Tick.TickAddTrade, lambda: Trade.CreateTrade(
+        b, v["seq"], v["price"], v["size"], v["ts"], v["instrument"], v["flags"], v["scale"],
+        v["aggressor"]))
     line = "trade {instrument} {seq} {price} {size} {scale} {aggressor} {ts} {flags}".format(**v)
-    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+    return frame(KIND_TICK, v["instrument"], v["seq"], payload), line
 
 
 def quote(rng):
@@ -48,23 +45,11 @@ def quote(rng):
              az=rng.randrange(1 << 40), scale=rng.randrange(10), ts=rng.randrange(1 << 64),
              flags=rng.randrange(1 << 32))
     b = flatbuffers.Builder(128)
-    Quote.QuoteStart(b)
-    Quote.QuoteAddInstrument(b, v["instrument"])
-    Quote.QuoteAddSeq(b, v["seq"])
-    Quote.QuoteAddBidPrice(b, v["bp"])
-    Quote.QuoteAddBidSize(b, v["bs"])
-    Quote.QuoteAddAskPrice(b, v["ap"])
-    Quote.QuoteAddAskSize(b, v["az"])
-    Quote.QuoteAddPriceScale(b, v["scale"])
-    Quote.QuoteAddExchangeTsNs(b, v["ts"])
-    Quote.QuoteAddFlags(b, v["flags"])
-    q = Quote.QuoteEnd(b)
-    Tick.TickStart(b)
-    Tick.TickAddUpdateType(b, Update.Update.Quote)
-    Tick.TickAddUpdate(b, q)
-    b.Finish(Tick.TickEnd(b))
+    payload = tick(b, Tick.TickAddQuote, lambda: Quote.CreateQuote(
+        b, v["seq"], v["bp"], v["bs"], v["ap"], v["az"], v["ts"], v["instrument"], v["flags"],
+        v["scale"]))
     line = "quote {instrument} {seq} {bp} {bs} {ap} {az} {scale} {ts} {flags}".format(**v)
-    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+    return frame(KIND_TICK, v["instrument"], v["seq"], payload), line
 
 
 def book(rng):
@@ -73,23 +58,11 @@ def book(rng):
              size=rng.randrange(1 << 40), scale=rng.randrange(10), ts=rng.randrange(1 << 64),
              flags=rng.randrange(1 << 32))
     b = flatbuffers.Builder(128)
-    BookLevel.BookLevelStart(b)
-    BookLevel.BookLevelAddInstrument(b, v["instrument"])
-    BookLevel.BookLevelAddSeq(b, v["seq"])
-    BookLevel.BookLevelAddSide(b, v["side"])
-    BookLevel.BookLevelAddLevel(b, v["level"])
-    BookLevel.BookLevelAddPrice(b, v["price"])
-    BookLevel.BookLevelAddSize(b, v["size"])
-    BookLevel.BookLevelAddPriceScale(b, v["scale"])
-    BookLevel.BookLevelAddExchangeTsNs(b, v["ts"])
-    BookLevel.BookLevelAddFlags(b, v["flags"])
-    o = BookLevel.BookLevelEnd(b)
-    Tick.TickStart(b)
-    Tick.TickAddUpdateType(b, Update.Update.BookLevel)
-    Tick.TickAddUpdate(b, o)
-    b.Finish(Tick.TickEnd(b))
+    payload = tick(b, Tick.TickAddBookLevel, lambda: BookLevel.CreateBookLevel(
+        b, v["seq"], v["price"], v["size"], v["ts"], v["instrument"], v["flags"], v["level"],
+        v["scale"], v["side"]))
     line = "book {instrument} {seq} {side} {level} {price} {size} {scale} {ts} {flags}".format(**v)
-    return frame(KIND_TICK, v["instrument"], v["seq"], bytes(b.Output())), line
+    return frame(KIND_TICK, v["instrument"], v["seq"], payload), line
 
 
 def order(rng):

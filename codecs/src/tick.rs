@@ -17,9 +17,9 @@ pub enum TickError {
     /// The FlatBuffers verifier refused the payload (out of bounds, too deep, too many tables).
     #[error("payload is not a valid Tick: {0}")]
     Invalid(#[from] flatbuffers::InvalidFlatbuffer),
-    /// The tick has no update, or an update type this build does not know.
-    #[error("tick has no known update")]
-    NoUpdate,
+    /// The tick carries no update, or more than one.
+    #[error("tick must carry exactly one update")]
+    NotOneUpdate,
     /// The header's routing metadata does not match the payload.
     #[error("header says instrument {header_instrument} seq {header_seq}, payload says {instrument} {seq}")]
     HeaderMismatch {
@@ -30,13 +30,13 @@ pub enum TickError {
     },
 }
 
-/// A tick is a handful of scalars in two tables: anything deeper or larger is hostile. The
-/// apparent size counts every table and vtable visited, so it may exceed the payload a little
-/// even for honest input; four times the payload leaves no room for overlap tricks.
+/// A tick is one table holding one struct: anything deeper or with more tables is hostile. The
+/// verifier's apparent size adds up every range it checks (the vtable is looked at more than
+/// once), so honest input exceeds its own length a little; four times is ample.
 fn verifier_options(payload_len: usize) -> VerifierOptions {
     VerifierOptions {
-        max_depth: 4,
-        max_tables: 4,
+        max_depth: 2,
+        max_tables: 1,
         max_apparent_size: payload_len * 4,
         ignore_missing_null_terminator: false,
     }
@@ -49,12 +49,12 @@ pub struct VerifiedTick {
     frame: Frame,
 }
 
-/// The update a tick carries, read in place.
+/// The update a tick carries, read in place (fixed-layout structs inside the frame's bytes).
 #[derive(Debug, Clone, Copy)]
 pub enum TickView<'a> {
-    Trade(md::Trade<'a>),
-    Quote(md::Quote<'a>),
-    BookLevel(md::BookLevel<'a>),
+    Trade(&'a md::Trade),
+    Quote(&'a md::Quote),
+    BookLevel(&'a md::BookLevel),
 }
 
 impl VerifiedTick {
@@ -67,7 +67,7 @@ impl VerifiedTick {
         }
         let payload = frame.payload_slice();
         let tick = md::root_as_tick_with_opts(&verifier_options(payload.len()), payload)?;
-        let (instrument, seq) = route_of(tick).ok_or(TickError::NoUpdate)?;
+        let (instrument, seq) = view_of(tick).ok_or(TickError::NotOneUpdate)?.route();
         if (instrument, seq) != (h.instrument, h.seq) {
             return Err(TickError::HeaderMismatch {
                 header_instrument: h.instrument,
@@ -85,11 +85,7 @@ impl VerifiedTick {
         // immutable (Bytes) for as long as `self` lives, and found a known update.
         #[allow(unsafe_code)]
         let tick = unsafe { md::root_as_tick_unchecked(self.frame.payload_slice()) };
-        match tick.update_type() {
-            md::Update::Trade => TickView::Trade(tick.update_as_trade().expect("verified")),
-            md::Update::Quote => TickView::Quote(tick.update_as_quote().expect("verified")),
-            _ => TickView::BookLevel(tick.update_as_book_level().expect("verified")),
-        }
+        view_of(tick).expect("verify checked there is exactly one update")
     }
 
     /// Instrument id, from the header (checked against the payload).
@@ -114,13 +110,12 @@ impl VerifiedTick {
     }
 }
 
-fn route_of(tick: md::Tick<'_>) -> Option<(u32, u64)> {
-    match tick.update_type() {
-        md::Update::Trade => tick.update_as_trade().map(|t| (t.instrument(), t.seq())),
-        md::Update::Quote => tick.update_as_quote().map(|q| (q.instrument(), q.seq())),
-        md::Update::BookLevel => tick
-            .update_as_book_level()
-            .map(|b| (b.instrument(), b.seq())),
+/// The one update of a tick; None when it has none or several.
+fn view_of(tick: md::Tick<'_>) -> Option<TickView<'_>> {
+    match (tick.trade(), tick.quote(), tick.book_level()) {
+        (Some(t), None, None) => Some(TickView::Trade(t)),
+        (None, Some(q), None) => Some(TickView::Quote(q)),
+        (None, None, Some(b)) => Some(TickView::BookLevel(b)),
         _ => None,
     }
 }
@@ -185,6 +180,15 @@ impl TickMsg {
 }
 
 impl TickView<'_> {
+    /// Instrument and sequence number.
+    pub fn route(&self) -> (u32, u64) {
+        match self {
+            TickView::Trade(t) => (t.instrument(), t.seq()),
+            TickView::Quote(q) => (q.instrument(), q.seq()),
+            TickView::BookLevel(b) => (b.instrument(), b.seq()),
+        }
+    }
+
     /// Copies the fields out into plain values.
     pub fn to_msg(&self) -> TickMsg {
         match *self {
@@ -241,68 +245,52 @@ impl TickEncoder {
     pub fn encode(&mut self, msg: &TickMsg, frame_flags: u16, out: &mut BytesMut) {
         let fbb = &mut self.fbb;
         fbb.reset();
-        let (kind, update) = match msg {
-            TickMsg::Trade(t) => (
-                md::Update::Trade,
-                md::Trade::create(
-                    fbb,
-                    &md::TradeArgs {
-                        instrument: t.instrument,
-                        seq: t.seq,
-                        price: t.price,
-                        size: t.size,
-                        price_scale: t.price_scale,
-                        aggressor: t.aggressor,
-                        exchange_ts_ns: t.exchange_ts_ns,
-                        flags: t.flags,
-                    },
-                )
-                .as_union_value(),
-            ),
-            TickMsg::Quote(q) => (
-                md::Update::Quote,
-                md::Quote::create(
-                    fbb,
-                    &md::QuoteArgs {
-                        instrument: q.instrument,
-                        seq: q.seq,
-                        bid_price: q.bid_price,
-                        bid_size: q.bid_size,
-                        ask_price: q.ask_price,
-                        ask_size: q.ask_size,
-                        price_scale: q.price_scale,
-                        exchange_ts_ns: q.exchange_ts_ns,
-                        flags: q.flags,
-                    },
-                )
-                .as_union_value(),
-            ),
-            TickMsg::BookLevel(b) => (
-                md::Update::BookLevel,
-                md::BookLevel::create(
-                    fbb,
-                    &md::BookLevelArgs {
-                        instrument: b.instrument,
-                        seq: b.seq,
-                        side: b.side,
-                        level: b.level,
-                        price: b.price,
-                        size: b.size,
-                        price_scale: b.price_scale,
-                        exchange_ts_ns: b.exchange_ts_ns,
-                        flags: b.flags,
-                    },
-                )
-                .as_union_value(),
-            ),
-        };
-        let tick = md::Tick::create(
-            fbb,
-            &md::TickArgs {
-                update_type: kind,
-                update: Some(update),
-            },
-        );
+        let mut args = md::TickArgs::default();
+        let (trade, quote, book);
+        match msg {
+            TickMsg::Trade(t) => {
+                trade = md::Trade::new(
+                    t.seq,
+                    t.price,
+                    t.size,
+                    t.exchange_ts_ns,
+                    t.instrument,
+                    t.flags,
+                    t.price_scale,
+                    t.aggressor,
+                );
+                args.trade = Some(&trade);
+            }
+            TickMsg::Quote(q) => {
+                quote = md::Quote::new(
+                    q.seq,
+                    q.bid_price,
+                    q.bid_size,
+                    q.ask_price,
+                    q.ask_size,
+                    q.exchange_ts_ns,
+                    q.instrument,
+                    q.flags,
+                    q.price_scale,
+                );
+                args.quote = Some(&quote);
+            }
+            TickMsg::BookLevel(b) => {
+                book = md::BookLevel::new(
+                    b.seq,
+                    b.price,
+                    b.size,
+                    b.exchange_ts_ns,
+                    b.instrument,
+                    b.flags,
+                    b.level,
+                    b.price_scale,
+                    b.side,
+                );
+                args.book_level = Some(&book);
+            }
+        }
+        let tick = md::Tick::create(fbb, &args);
         fbb.finish(tick, None);
         let (instrument, seq) = msg.route();
         write_frame(

@@ -155,853 +155,1094 @@ pub mod fluxgate {
         }
 
         impl ::flatbuffers::SimpleToVerifyInSlice for TickFlags {}
-        #[deprecated(
-            since = "2.0.0",
-            note = "Use associated constants instead. This will no longer be generated in 2021."
-        )]
-        pub const ENUM_MIN_UPDATE: u8 = 0;
-        #[deprecated(
-            since = "2.0.0",
-            note = "Use associated constants instead. This will no longer be generated in 2021."
-        )]
-        pub const ENUM_MAX_UPDATE: u8 = 3;
-        #[deprecated(
-            since = "2.0.0",
-            note = "Use associated constants instead. This will no longer be generated in 2021."
-        )]
-        #[allow(non_camel_case_types)]
-        pub const ENUM_VALUES_UPDATE: [Update; 4] = [
-            Update::NONE,
-            Update::Trade,
-            Update::Quote,
-            Update::BookLevel,
-        ];
-
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        // struct Trade, aligned to 8
         #[repr(transparent)]
-        pub struct Update(pub u8);
-        #[allow(non_upper_case_globals)]
-        impl Update {
-            pub const NONE: Self = Self(0);
-            pub const Trade: Self = Self(1);
-            pub const Quote: Self = Self(2);
-            pub const BookLevel: Self = Self(3);
-
-            pub const ENUM_MIN: u8 = 0;
-            pub const ENUM_MAX: u8 = 3;
-            pub const ENUM_VALUES: &'static [Self] =
-                &[Self::NONE, Self::Trade, Self::Quote, Self::BookLevel];
-            /// Returns the variant's name or "" if unknown.
-            pub fn variant_name(self) -> Option<&'static str> {
-                match self {
-                    Self::NONE => Some("NONE"),
-                    Self::Trade => Some("Trade"),
-                    Self::Quote => Some("Quote"),
-                    Self::BookLevel => Some("BookLevel"),
-                    _ => None,
-                }
+        #[derive(Clone, Copy, PartialEq)]
+        pub struct Trade(pub [u8; 48]);
+        impl Default for Trade {
+            fn default() -> Self {
+                Self([0; 48])
             }
         }
-        impl ::core::fmt::Debug for Update {
+        impl ::core::fmt::Debug for Trade {
             fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
-                if let Some(name) = self.variant_name() {
-                    f.write_str(name)
-                } else {
-                    f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
-                }
+                f.debug_struct("Trade")
+                    .field("seq", &self.seq())
+                    .field("price", &self.price())
+                    .field("size", &self.size())
+                    .field("exchange_ts_ns", &self.exchange_ts_ns())
+                    .field("instrument", &self.instrument())
+                    .field("flags", &self.flags())
+                    .field("price_scale", &self.price_scale())
+                    .field("aggressor", &self.aggressor())
+                    .finish()
             }
         }
-        impl<'a> ::flatbuffers::Follow<'a> for Update {
-            type Inner = Self;
+
+        impl ::flatbuffers::SimpleToVerifyInSlice for Trade {}
+        impl<'a> ::flatbuffers::Follow<'a> for Trade {
+            type Inner = &'a Trade;
             #[inline]
             unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-                let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
-                Self(b)
+                unsafe { <&'a Trade>::follow(buf, loc) }
             }
         }
-
-        impl ::flatbuffers::Push for Update {
-            type Output = Update;
+        impl<'a> ::flatbuffers::Follow<'a> for &'a Trade {
+            type Inner = &'a Trade;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { ::flatbuffers::follow_cast_ref::<Trade>(buf, loc) }
+            }
+        }
+        impl<'b> ::flatbuffers::Push for Trade {
+            type Output = Trade;
             #[inline]
             unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
-                unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+                let src = unsafe {
+                    ::core::slice::from_raw_parts(
+                        self as *const Trade as *const u8,
+                        <Self as ::flatbuffers::Push>::size(),
+                    )
+                };
+                dst.copy_from_slice(src);
+            }
+            #[inline]
+            fn alignment() -> ::flatbuffers::PushAlignment {
+                ::flatbuffers::PushAlignment::new(8)
             }
         }
 
-        impl ::flatbuffers::EndianScalar for Update {
-            type Scalar = u8;
-            #[inline]
-            fn to_little_endian(self) -> u8 {
-                self.0.to_le()
-            }
-            #[inline]
-            #[allow(clippy::wrong_self_convention)]
-            fn from_little_endian(v: u8) -> Self {
-                let b = u8::from_le(v);
-                Self(b)
-            }
-        }
-
-        impl<'a> ::flatbuffers::Verifiable for Update {
+        impl<'a> ::flatbuffers::Verifiable for Trade {
             #[inline]
             fn run_verifier(
                 v: &mut ::flatbuffers::Verifier,
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-                u8::run_verifier(v, pos)
+                v.in_buffer::<Self>(pos)
             }
         }
 
-        impl ::flatbuffers::SimpleToVerifyInSlice for Update {}
-        pub struct UpdateUnionTableOffset {}
+        impl<'a> Trade {
+            #[allow(clippy::too_many_arguments)]
+            pub fn new(
+                seq: u64,
+                price: i64,
+                size: i64,
+                exchange_ts_ns: u64,
+                instrument: u32,
+                flags: u32,
+                price_scale: u8,
+                aggressor: Side,
+            ) -> Self {
+                let mut s = Self([0; 48]);
+                s.set_seq(seq);
+                s.set_price(price);
+                s.set_size(size);
+                s.set_exchange_ts_ns(exchange_ts_ns);
+                s.set_instrument(instrument);
+                s.set_flags(flags);
+                s.set_price_scale(price_scale);
+                s.set_aggressor(aggressor);
+                s
+            }
 
-        pub enum TradeOffset {}
-        #[derive(Copy, Clone, PartialEq)]
+            pub fn seq(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[0..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
 
-        pub struct Trade<'a> {
-            pub _tab: ::flatbuffers::Table<'a>,
-        }
-
-        impl<'a> ::flatbuffers::Follow<'a> for Trade<'a> {
-            type Inner = Trade<'a>;
-            #[inline]
-            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-                Self {
-                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
+            pub fn set_seq(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[0..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
                 }
             }
-        }
 
-        impl<'a> Trade<'a> {
-            pub const VT_INSTRUMENT: ::flatbuffers::VOffsetT = 4;
-            pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
-            pub const VT_PRICE: ::flatbuffers::VOffsetT = 8;
-            pub const VT_SIZE: ::flatbuffers::VOffsetT = 10;
-            pub const VT_PRICE_SCALE: ::flatbuffers::VOffsetT = 12;
-            pub const VT_AGGRESSOR: ::flatbuffers::VOffsetT = 14;
-            pub const VT_EXCHANGE_TS_NS: ::flatbuffers::VOffsetT = 16;
-            pub const VT_FLAGS: ::flatbuffers::VOffsetT = 18;
-
-            #[inline]
-            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-                Trade { _tab: table }
-            }
-            #[allow(unused_mut)]
-            pub fn create<
-                'bldr: 'args,
-                'args: 'mut_bldr,
-                'mut_bldr,
-                A: ::flatbuffers::Allocator + 'bldr,
-            >(
-                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-                args: &'args TradeArgs,
-            ) -> ::flatbuffers::WIPOffset<Trade<'bldr>> {
-                let mut builder = TradeBuilder::new(_fbb);
-                builder.add_exchange_ts_ns(args.exchange_ts_ns);
-                builder.add_size(args.size);
-                builder.add_price(args.price);
-                builder.add_seq(args.seq);
-                builder.add_flags(args.flags);
-                builder.add_instrument(args.instrument);
-                builder.add_aggressor(args.aggressor);
-                builder.add_price_scale(args.price_scale);
-                builder.finish()
-            }
-
-            #[inline]
-            pub fn instrument(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Trade::VT_INSTRUMENT, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn seq(&self) -> u64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u64>(Trade::VT_SEQ, Some(0)).unwrap() }
-            }
-            #[inline]
             pub fn price(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Trade::VT_PRICE, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[8..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
+
+            pub fn set_price(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[8..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
             pub fn size(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Trade::VT_SIZE, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[16..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
+
+            pub fn set_size(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[16..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn exchange_ts_ns(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[24..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_exchange_ts_ns(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[24..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn instrument(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[32..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_instrument(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[32..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn flags(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[36..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_flags(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[36..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
             pub fn price_scale(&self) -> u8 {
+                let mut mem =
+                    ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit(
+                    );
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u8>(Trade::VT_PRICE_SCALE, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[40..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
+
+            pub fn set_price_scale(&mut self, x: u8) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[40..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
             pub fn aggressor(&self) -> Side {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <Side as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<Side>(Trade::VT_AGGRESSOR, Some(Side::Unknown))
-                        .unwrap()
-                }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[41..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<Side as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
-            pub fn exchange_ts_ns(&self) -> u64 {
+
+            pub fn set_aggressor(&mut self, x: Side) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
                 unsafe {
-                    self._tab
-                        .get::<u64>(Trade::VT_EXCHANGE_TS_NS, Some(0))
-                        .unwrap()
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[41..].as_mut_ptr(),
+                        ::core::mem::size_of::<<Side as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
                 }
-            }
-            #[inline]
-            pub fn flags(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Trade::VT_FLAGS, Some(0)).unwrap() }
             }
         }
 
-        impl ::flatbuffers::Verifiable for Trade<'_> {
+        // struct Quote, aligned to 8
+        #[repr(transparent)]
+        #[derive(Clone, Copy, PartialEq)]
+        pub struct Quote(pub [u8; 64]);
+        impl Default for Quote {
+            fn default() -> Self {
+                Self([0; 64])
+            }
+        }
+        impl ::core::fmt::Debug for Quote {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+                f.debug_struct("Quote")
+                    .field("seq", &self.seq())
+                    .field("bid_price", &self.bid_price())
+                    .field("bid_size", &self.bid_size())
+                    .field("ask_price", &self.ask_price())
+                    .field("ask_size", &self.ask_size())
+                    .field("exchange_ts_ns", &self.exchange_ts_ns())
+                    .field("instrument", &self.instrument())
+                    .field("flags", &self.flags())
+                    .field("price_scale", &self.price_scale())
+                    .finish()
+            }
+        }
+
+        impl ::flatbuffers::SimpleToVerifyInSlice for Quote {}
+        impl<'a> ::flatbuffers::Follow<'a> for Quote {
+            type Inner = &'a Quote;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { <&'a Quote>::follow(buf, loc) }
+            }
+        }
+        impl<'a> ::flatbuffers::Follow<'a> for &'a Quote {
+            type Inner = &'a Quote;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { ::flatbuffers::follow_cast_ref::<Quote>(buf, loc) }
+            }
+        }
+        impl<'b> ::flatbuffers::Push for Quote {
+            type Output = Quote;
+            #[inline]
+            unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+                let src = unsafe {
+                    ::core::slice::from_raw_parts(
+                        self as *const Quote as *const u8,
+                        <Self as ::flatbuffers::Push>::size(),
+                    )
+                };
+                dst.copy_from_slice(src);
+            }
+            #[inline]
+            fn alignment() -> ::flatbuffers::PushAlignment {
+                ::flatbuffers::PushAlignment::new(8)
+            }
+        }
+
+        impl<'a> ::flatbuffers::Verifiable for Quote {
             #[inline]
             fn run_verifier(
                 v: &mut ::flatbuffers::Verifier,
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-                v.visit_table(pos)?
-                    .visit_field::<u32>("instrument", Self::VT_INSTRUMENT, false)?
-                    .visit_field::<u64>("seq", Self::VT_SEQ, false)?
-                    .visit_field::<i64>("price", Self::VT_PRICE, false)?
-                    .visit_field::<i64>("size", Self::VT_SIZE, false)?
-                    .visit_field::<u8>("price_scale", Self::VT_PRICE_SCALE, false)?
-                    .visit_field::<Side>("aggressor", Self::VT_AGGRESSOR, false)?
-                    .visit_field::<u64>("exchange_ts_ns", Self::VT_EXCHANGE_TS_NS, false)?
-                    .visit_field::<u32>("flags", Self::VT_FLAGS, false)?
-                    .finish();
-                Ok(())
-            }
-        }
-        pub struct TradeArgs {
-            pub instrument: u32,
-            pub seq: u64,
-            pub price: i64,
-            pub size: i64,
-            pub price_scale: u8,
-            pub aggressor: Side,
-            pub exchange_ts_ns: u64,
-            pub flags: u32,
-        }
-        impl<'a> Default for TradeArgs {
-            #[inline]
-            fn default() -> Self {
-                TradeArgs {
-                    instrument: 0,
-                    seq: 0,
-                    price: 0,
-                    size: 0,
-                    price_scale: 0,
-                    aggressor: Side::Unknown,
-                    exchange_ts_ns: 0,
-                    flags: 0,
-                }
+                v.in_buffer::<Self>(pos)
             }
         }
 
-        pub struct TradeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-        }
-        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TradeBuilder<'a, 'b, A> {
-            #[inline]
-            pub fn add_instrument(&mut self, instrument: u32) {
-                self.fbb_
-                    .push_slot::<u32>(Trade::VT_INSTRUMENT, instrument, 0);
-            }
-            #[inline]
-            pub fn add_seq(&mut self, seq: u64) {
-                self.fbb_.push_slot::<u64>(Trade::VT_SEQ, seq, 0);
-            }
-            #[inline]
-            pub fn add_price(&mut self, price: i64) {
-                self.fbb_.push_slot::<i64>(Trade::VT_PRICE, price, 0);
-            }
-            #[inline]
-            pub fn add_size(&mut self, size: i64) {
-                self.fbb_.push_slot::<i64>(Trade::VT_SIZE, size, 0);
-            }
-            #[inline]
-            pub fn add_price_scale(&mut self, price_scale: u8) {
-                self.fbb_
-                    .push_slot::<u8>(Trade::VT_PRICE_SCALE, price_scale, 0);
-            }
-            #[inline]
-            pub fn add_aggressor(&mut self, aggressor: Side) {
-                self.fbb_
-                    .push_slot::<Side>(Trade::VT_AGGRESSOR, aggressor, Side::Unknown);
-            }
-            #[inline]
-            pub fn add_exchange_ts_ns(&mut self, exchange_ts_ns: u64) {
-                self.fbb_
-                    .push_slot::<u64>(Trade::VT_EXCHANGE_TS_NS, exchange_ts_ns, 0);
-            }
-            #[inline]
-            pub fn add_flags(&mut self, flags: u32) {
-                self.fbb_.push_slot::<u32>(Trade::VT_FLAGS, flags, 0);
-            }
-            #[inline]
+        impl<'a> Quote {
+            #[allow(clippy::too_many_arguments)]
             pub fn new(
-                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            ) -> TradeBuilder<'a, 'b, A> {
-                let start = _fbb.start_table();
-                TradeBuilder {
-                    fbb_: _fbb,
-                    start_: start,
-                }
-            }
-            #[inline]
-            pub fn finish(self) -> ::flatbuffers::WIPOffset<Trade<'a>> {
-                let o = self.fbb_.end_table(self.start_);
-                ::flatbuffers::WIPOffset::new(o.value())
-            }
-        }
-
-        impl ::core::fmt::Debug for Trade<'_> {
-            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-                let mut ds = f.debug_struct("Trade");
-                ds.field("instrument", &self.instrument());
-                ds.field("seq", &self.seq());
-                ds.field("price", &self.price());
-                ds.field("size", &self.size());
-                ds.field("price_scale", &self.price_scale());
-                ds.field("aggressor", &self.aggressor());
-                ds.field("exchange_ts_ns", &self.exchange_ts_ns());
-                ds.field("flags", &self.flags());
-                ds.finish()
-            }
-        }
-        pub enum QuoteOffset {}
-        #[derive(Copy, Clone, PartialEq)]
-
-        pub struct Quote<'a> {
-            pub _tab: ::flatbuffers::Table<'a>,
-        }
-
-        impl<'a> ::flatbuffers::Follow<'a> for Quote<'a> {
-            type Inner = Quote<'a>;
-            #[inline]
-            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-                Self {
-                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
-                }
-            }
-        }
-
-        impl<'a> Quote<'a> {
-            pub const VT_INSTRUMENT: ::flatbuffers::VOffsetT = 4;
-            pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
-            pub const VT_BID_PRICE: ::flatbuffers::VOffsetT = 8;
-            pub const VT_BID_SIZE: ::flatbuffers::VOffsetT = 10;
-            pub const VT_ASK_PRICE: ::flatbuffers::VOffsetT = 12;
-            pub const VT_ASK_SIZE: ::flatbuffers::VOffsetT = 14;
-            pub const VT_PRICE_SCALE: ::flatbuffers::VOffsetT = 16;
-            pub const VT_EXCHANGE_TS_NS: ::flatbuffers::VOffsetT = 18;
-            pub const VT_FLAGS: ::flatbuffers::VOffsetT = 20;
-
-            #[inline]
-            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-                Quote { _tab: table }
-            }
-            #[allow(unused_mut)]
-            pub fn create<
-                'bldr: 'args,
-                'args: 'mut_bldr,
-                'mut_bldr,
-                A: ::flatbuffers::Allocator + 'bldr,
-            >(
-                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-                args: &'args QuoteArgs,
-            ) -> ::flatbuffers::WIPOffset<Quote<'bldr>> {
-                let mut builder = QuoteBuilder::new(_fbb);
-                builder.add_exchange_ts_ns(args.exchange_ts_ns);
-                builder.add_ask_size(args.ask_size);
-                builder.add_ask_price(args.ask_price);
-                builder.add_bid_size(args.bid_size);
-                builder.add_bid_price(args.bid_price);
-                builder.add_seq(args.seq);
-                builder.add_flags(args.flags);
-                builder.add_instrument(args.instrument);
-                builder.add_price_scale(args.price_scale);
-                builder.finish()
+                seq: u64,
+                bid_price: i64,
+                bid_size: i64,
+                ask_price: i64,
+                ask_size: i64,
+                exchange_ts_ns: u64,
+                instrument: u32,
+                flags: u32,
+                price_scale: u8,
+            ) -> Self {
+                let mut s = Self([0; 64]);
+                s.set_seq(seq);
+                s.set_bid_price(bid_price);
+                s.set_bid_size(bid_size);
+                s.set_ask_price(ask_price);
+                s.set_ask_size(ask_size);
+                s.set_exchange_ts_ns(exchange_ts_ns);
+                s.set_instrument(instrument);
+                s.set_flags(flags);
+                s.set_price_scale(price_scale);
+                s
             }
 
-            #[inline]
-            pub fn instrument(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Quote::VT_INSTRUMENT, Some(0)).unwrap() }
-            }
-            #[inline]
             pub fn seq(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u64>(Quote::VT_SEQ, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[0..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
+
+            pub fn set_seq(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[0..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
             pub fn bid_price(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Quote::VT_BID_PRICE, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[8..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
             }
-            #[inline]
-            pub fn bid_size(&self) -> i64 {
+
+            pub fn set_bid_price(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Quote::VT_BID_SIZE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn ask_price(&self) -> i64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Quote::VT_ASK_PRICE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn ask_size(&self) -> i64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(Quote::VT_ASK_SIZE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn price_scale(&self) -> u8 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u8>(Quote::VT_PRICE_SCALE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn exchange_ts_ns(&self) -> u64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
                 unsafe {
-                    self._tab
-                        .get::<u64>(Quote::VT_EXCHANGE_TS_NS, Some(0))
-                        .unwrap()
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[8..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
                 }
             }
-            #[inline]
-            pub fn flags(&self) -> u32 {
+
+            pub fn bid_size(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
                 // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(Quote::VT_FLAGS, Some(0)).unwrap() }
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[16..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_bid_size(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[16..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn ask_price(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[24..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_ask_price(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[24..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn ask_size(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[32..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_ask_size(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[32..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn exchange_ts_ns(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[40..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_exchange_ts_ns(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[40..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn instrument(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[48..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_instrument(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[48..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn flags(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[52..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_flags(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[52..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn price_scale(&self) -> u8 {
+                let mut mem =
+                    ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit(
+                    );
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[56..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_price_scale(&mut self, x: u8) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[56..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
             }
         }
 
-        impl ::flatbuffers::Verifiable for Quote<'_> {
-            #[inline]
-            fn run_verifier(
-                v: &mut ::flatbuffers::Verifier,
-                pos: usize,
-            ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-                v.visit_table(pos)?
-                    .visit_field::<u32>("instrument", Self::VT_INSTRUMENT, false)?
-                    .visit_field::<u64>("seq", Self::VT_SEQ, false)?
-                    .visit_field::<i64>("bid_price", Self::VT_BID_PRICE, false)?
-                    .visit_field::<i64>("bid_size", Self::VT_BID_SIZE, false)?
-                    .visit_field::<i64>("ask_price", Self::VT_ASK_PRICE, false)?
-                    .visit_field::<i64>("ask_size", Self::VT_ASK_SIZE, false)?
-                    .visit_field::<u8>("price_scale", Self::VT_PRICE_SCALE, false)?
-                    .visit_field::<u64>("exchange_ts_ns", Self::VT_EXCHANGE_TS_NS, false)?
-                    .visit_field::<u32>("flags", Self::VT_FLAGS, false)?
-                    .finish();
-                Ok(())
-            }
-        }
-        pub struct QuoteArgs {
-            pub instrument: u32,
-            pub seq: u64,
-            pub bid_price: i64,
-            pub bid_size: i64,
-            pub ask_price: i64,
-            pub ask_size: i64,
-            pub price_scale: u8,
-            pub exchange_ts_ns: u64,
-            pub flags: u32,
-        }
-        impl<'a> Default for QuoteArgs {
-            #[inline]
+        // struct BookLevel, aligned to 8
+        #[repr(transparent)]
+        #[derive(Clone, Copy, PartialEq)]
+        pub struct BookLevel(pub [u8; 48]);
+        impl Default for BookLevel {
             fn default() -> Self {
-                QuoteArgs {
-                    instrument: 0,
-                    seq: 0,
-                    bid_price: 0,
-                    bid_size: 0,
-                    ask_price: 0,
-                    ask_size: 0,
-                    price_scale: 0,
-                    exchange_ts_ns: 0,
-                    flags: 0,
-                }
+                Self([0; 48])
+            }
+        }
+        impl ::core::fmt::Debug for BookLevel {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+                f.debug_struct("BookLevel")
+                    .field("seq", &self.seq())
+                    .field("price", &self.price())
+                    .field("size", &self.size())
+                    .field("exchange_ts_ns", &self.exchange_ts_ns())
+                    .field("instrument", &self.instrument())
+                    .field("flags", &self.flags())
+                    .field("level", &self.level())
+                    .field("price_scale", &self.price_scale())
+                    .field("side", &self.side())
+                    .finish()
             }
         }
 
-        pub struct QuoteBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-        }
-        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QuoteBuilder<'a, 'b, A> {
-            #[inline]
-            pub fn add_instrument(&mut self, instrument: u32) {
-                self.fbb_
-                    .push_slot::<u32>(Quote::VT_INSTRUMENT, instrument, 0);
-            }
-            #[inline]
-            pub fn add_seq(&mut self, seq: u64) {
-                self.fbb_.push_slot::<u64>(Quote::VT_SEQ, seq, 0);
-            }
-            #[inline]
-            pub fn add_bid_price(&mut self, bid_price: i64) {
-                self.fbb_
-                    .push_slot::<i64>(Quote::VT_BID_PRICE, bid_price, 0);
-            }
-            #[inline]
-            pub fn add_bid_size(&mut self, bid_size: i64) {
-                self.fbb_.push_slot::<i64>(Quote::VT_BID_SIZE, bid_size, 0);
-            }
-            #[inline]
-            pub fn add_ask_price(&mut self, ask_price: i64) {
-                self.fbb_
-                    .push_slot::<i64>(Quote::VT_ASK_PRICE, ask_price, 0);
-            }
-            #[inline]
-            pub fn add_ask_size(&mut self, ask_size: i64) {
-                self.fbb_.push_slot::<i64>(Quote::VT_ASK_SIZE, ask_size, 0);
-            }
-            #[inline]
-            pub fn add_price_scale(&mut self, price_scale: u8) {
-                self.fbb_
-                    .push_slot::<u8>(Quote::VT_PRICE_SCALE, price_scale, 0);
-            }
-            #[inline]
-            pub fn add_exchange_ts_ns(&mut self, exchange_ts_ns: u64) {
-                self.fbb_
-                    .push_slot::<u64>(Quote::VT_EXCHANGE_TS_NS, exchange_ts_ns, 0);
-            }
-            #[inline]
-            pub fn add_flags(&mut self, flags: u32) {
-                self.fbb_.push_slot::<u32>(Quote::VT_FLAGS, flags, 0);
-            }
-            #[inline]
-            pub fn new(
-                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            ) -> QuoteBuilder<'a, 'b, A> {
-                let start = _fbb.start_table();
-                QuoteBuilder {
-                    fbb_: _fbb,
-                    start_: start,
-                }
-            }
-            #[inline]
-            pub fn finish(self) -> ::flatbuffers::WIPOffset<Quote<'a>> {
-                let o = self.fbb_.end_table(self.start_);
-                ::flatbuffers::WIPOffset::new(o.value())
-            }
-        }
-
-        impl ::core::fmt::Debug for Quote<'_> {
-            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-                let mut ds = f.debug_struct("Quote");
-                ds.field("instrument", &self.instrument());
-                ds.field("seq", &self.seq());
-                ds.field("bid_price", &self.bid_price());
-                ds.field("bid_size", &self.bid_size());
-                ds.field("ask_price", &self.ask_price());
-                ds.field("ask_size", &self.ask_size());
-                ds.field("price_scale", &self.price_scale());
-                ds.field("exchange_ts_ns", &self.exchange_ts_ns());
-                ds.field("flags", &self.flags());
-                ds.finish()
-            }
-        }
-        pub enum BookLevelOffset {}
-        #[derive(Copy, Clone, PartialEq)]
-
-        pub struct BookLevel<'a> {
-            pub _tab: ::flatbuffers::Table<'a>,
-        }
-
-        impl<'a> ::flatbuffers::Follow<'a> for BookLevel<'a> {
-            type Inner = BookLevel<'a>;
+        impl ::flatbuffers::SimpleToVerifyInSlice for BookLevel {}
+        impl<'a> ::flatbuffers::Follow<'a> for BookLevel {
+            type Inner = &'a BookLevel;
             #[inline]
             unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-                Self {
-                    _tab: unsafe { ::flatbuffers::Table::new(buf, loc) },
-                }
+                unsafe { <&'a BookLevel>::follow(buf, loc) }
+            }
+        }
+        impl<'a> ::flatbuffers::Follow<'a> for &'a BookLevel {
+            type Inner = &'a BookLevel;
+            #[inline]
+            unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+                unsafe { ::flatbuffers::follow_cast_ref::<BookLevel>(buf, loc) }
+            }
+        }
+        impl<'b> ::flatbuffers::Push for BookLevel {
+            type Output = BookLevel;
+            #[inline]
+            unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+                let src = unsafe {
+                    ::core::slice::from_raw_parts(
+                        self as *const BookLevel as *const u8,
+                        <Self as ::flatbuffers::Push>::size(),
+                    )
+                };
+                dst.copy_from_slice(src);
+            }
+            #[inline]
+            fn alignment() -> ::flatbuffers::PushAlignment {
+                ::flatbuffers::PushAlignment::new(8)
             }
         }
 
-        impl<'a> BookLevel<'a> {
-            pub const VT_INSTRUMENT: ::flatbuffers::VOffsetT = 4;
-            pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
-            pub const VT_SIDE: ::flatbuffers::VOffsetT = 8;
-            pub const VT_LEVEL: ::flatbuffers::VOffsetT = 10;
-            pub const VT_PRICE: ::flatbuffers::VOffsetT = 12;
-            pub const VT_SIZE: ::flatbuffers::VOffsetT = 14;
-            pub const VT_PRICE_SCALE: ::flatbuffers::VOffsetT = 16;
-            pub const VT_EXCHANGE_TS_NS: ::flatbuffers::VOffsetT = 18;
-            pub const VT_FLAGS: ::flatbuffers::VOffsetT = 20;
-
-            #[inline]
-            pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-                BookLevel { _tab: table }
-            }
-            #[allow(unused_mut)]
-            pub fn create<
-                'bldr: 'args,
-                'args: 'mut_bldr,
-                'mut_bldr,
-                A: ::flatbuffers::Allocator + 'bldr,
-            >(
-                _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-                args: &'args BookLevelArgs,
-            ) -> ::flatbuffers::WIPOffset<BookLevel<'bldr>> {
-                let mut builder = BookLevelBuilder::new(_fbb);
-                builder.add_exchange_ts_ns(args.exchange_ts_ns);
-                builder.add_size(args.size);
-                builder.add_price(args.price);
-                builder.add_seq(args.seq);
-                builder.add_flags(args.flags);
-                builder.add_instrument(args.instrument);
-                builder.add_level(args.level);
-                builder.add_price_scale(args.price_scale);
-                builder.add_side(args.side);
-                builder.finish()
-            }
-
-            #[inline]
-            pub fn instrument(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<u32>(BookLevel::VT_INSTRUMENT, Some(0))
-                        .unwrap()
-                }
-            }
-            #[inline]
-            pub fn seq(&self) -> u64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u64>(BookLevel::VT_SEQ, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn side(&self) -> Side {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<Side>(BookLevel::VT_SIDE, Some(Side::Unknown))
-                        .unwrap()
-                }
-            }
-            #[inline]
-            pub fn level(&self) -> u16 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u16>(BookLevel::VT_LEVEL, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn price(&self) -> i64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(BookLevel::VT_PRICE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn size(&self) -> i64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<i64>(BookLevel::VT_SIZE, Some(0)).unwrap() }
-            }
-            #[inline]
-            pub fn price_scale(&self) -> u8 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<u8>(BookLevel::VT_PRICE_SCALE, Some(0))
-                        .unwrap()
-                }
-            }
-            #[inline]
-            pub fn exchange_ts_ns(&self) -> u64 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<u64>(BookLevel::VT_EXCHANGE_TS_NS, Some(0))
-                        .unwrap()
-                }
-            }
-            #[inline]
-            pub fn flags(&self) -> u32 {
-                // Safety:
-                // Created from valid Table for this object
-                // which contains a valid value in this slot
-                unsafe { self._tab.get::<u32>(BookLevel::VT_FLAGS, Some(0)).unwrap() }
-            }
-        }
-
-        impl ::flatbuffers::Verifiable for BookLevel<'_> {
+        impl<'a> ::flatbuffers::Verifiable for BookLevel {
             #[inline]
             fn run_verifier(
                 v: &mut ::flatbuffers::Verifier,
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-                v.visit_table(pos)?
-                    .visit_field::<u32>("instrument", Self::VT_INSTRUMENT, false)?
-                    .visit_field::<u64>("seq", Self::VT_SEQ, false)?
-                    .visit_field::<Side>("side", Self::VT_SIDE, false)?
-                    .visit_field::<u16>("level", Self::VT_LEVEL, false)?
-                    .visit_field::<i64>("price", Self::VT_PRICE, false)?
-                    .visit_field::<i64>("size", Self::VT_SIZE, false)?
-                    .visit_field::<u8>("price_scale", Self::VT_PRICE_SCALE, false)?
-                    .visit_field::<u64>("exchange_ts_ns", Self::VT_EXCHANGE_TS_NS, false)?
-                    .visit_field::<u32>("flags", Self::VT_FLAGS, false)?
-                    .finish();
-                Ok(())
-            }
-        }
-        pub struct BookLevelArgs {
-            pub instrument: u32,
-            pub seq: u64,
-            pub side: Side,
-            pub level: u16,
-            pub price: i64,
-            pub size: i64,
-            pub price_scale: u8,
-            pub exchange_ts_ns: u64,
-            pub flags: u32,
-        }
-        impl<'a> Default for BookLevelArgs {
-            #[inline]
-            fn default() -> Self {
-                BookLevelArgs {
-                    instrument: 0,
-                    seq: 0,
-                    side: Side::Unknown,
-                    level: 0,
-                    price: 0,
-                    size: 0,
-                    price_scale: 0,
-                    exchange_ts_ns: 0,
-                    flags: 0,
-                }
+                v.in_buffer::<Self>(pos)
             }
         }
 
-        pub struct BookLevelBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-            fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-        }
-        impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BookLevelBuilder<'a, 'b, A> {
-            #[inline]
-            pub fn add_instrument(&mut self, instrument: u32) {
-                self.fbb_
-                    .push_slot::<u32>(BookLevel::VT_INSTRUMENT, instrument, 0);
-            }
-            #[inline]
-            pub fn add_seq(&mut self, seq: u64) {
-                self.fbb_.push_slot::<u64>(BookLevel::VT_SEQ, seq, 0);
-            }
-            #[inline]
-            pub fn add_side(&mut self, side: Side) {
-                self.fbb_
-                    .push_slot::<Side>(BookLevel::VT_SIDE, side, Side::Unknown);
-            }
-            #[inline]
-            pub fn add_level(&mut self, level: u16) {
-                self.fbb_.push_slot::<u16>(BookLevel::VT_LEVEL, level, 0);
-            }
-            #[inline]
-            pub fn add_price(&mut self, price: i64) {
-                self.fbb_.push_slot::<i64>(BookLevel::VT_PRICE, price, 0);
-            }
-            #[inline]
-            pub fn add_size(&mut self, size: i64) {
-                self.fbb_.push_slot::<i64>(BookLevel::VT_SIZE, size, 0);
-            }
-            #[inline]
-            pub fn add_price_scale(&mut self, price_scale: u8) {
-                self.fbb_
-                    .push_slot::<u8>(BookLevel::VT_PRICE_SCALE, price_scale, 0);
-            }
-            #[inline]
-            pub fn add_exchange_ts_ns(&mut self, exchange_ts_ns: u64) {
-                self.fbb_
-                    .push_slot::<u64>(BookLevel::VT_EXCHANGE_TS_NS, exchange_ts_ns, 0);
-            }
-            #[inline]
-            pub fn add_flags(&mut self, flags: u32) {
-                self.fbb_.push_slot::<u32>(BookLevel::VT_FLAGS, flags, 0);
-            }
-            #[inline]
+        impl<'a> BookLevel {
+            #[allow(clippy::too_many_arguments)]
             pub fn new(
-                _fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-            ) -> BookLevelBuilder<'a, 'b, A> {
-                let start = _fbb.start_table();
-                BookLevelBuilder {
-                    fbb_: _fbb,
-                    start_: start,
+                seq: u64,
+                price: i64,
+                size: i64,
+                exchange_ts_ns: u64,
+                instrument: u32,
+                flags: u32,
+                level: u16,
+                price_scale: u8,
+                side: Side,
+            ) -> Self {
+                let mut s = Self([0; 48]);
+                s.set_seq(seq);
+                s.set_price(price);
+                s.set_size(size);
+                s.set_exchange_ts_ns(exchange_ts_ns);
+                s.set_instrument(instrument);
+                s.set_flags(flags);
+                s.set_level(level);
+                s.set_price_scale(price_scale);
+                s.set_side(side);
+                s
+            }
+
+            pub fn seq(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[0..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_seq(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[0..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
                 }
             }
-            #[inline]
-            pub fn finish(self) -> ::flatbuffers::WIPOffset<BookLevel<'a>> {
-                let o = self.fbb_.end_table(self.start_);
-                ::flatbuffers::WIPOffset::new(o.value())
+
+            pub fn price(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[8..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_price(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[8..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn size(&self) -> i64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <i64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[16..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_size(&mut self, x: i64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[16..].as_mut_ptr(),
+                        ::core::mem::size_of::<<i64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn exchange_ts_ns(&self) -> u64 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u64 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[24..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_exchange_ts_ns(&mut self, x: u64) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[24..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn instrument(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[32..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_instrument(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[32..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn flags(&self) -> u32 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u32 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[36..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_flags(&mut self, x: u32) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[36..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn level(&self) -> u16 {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <u16 as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[40..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_level(&mut self, x: u16) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[40..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn price_scale(&self) -> u8 {
+                let mut mem =
+                    ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit(
+                    );
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[42..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_price_scale(&mut self, x: u8) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[42..].as_mut_ptr(),
+                        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
+            }
+
+            pub fn side(&self) -> Side {
+                let mut mem = ::core::mem::MaybeUninit::<
+                    <Side as ::flatbuffers::EndianScalar>::Scalar,
+                >::uninit();
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        self.0[43..].as_ptr(),
+                        mem.as_mut_ptr() as *mut u8,
+                        ::core::mem::size_of::<<Side as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                    mem.assume_init()
+                })
+            }
+
+            pub fn set_side(&mut self, x: Side) {
+                let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+                // Safety:
+                // Created from a valid Table for this object
+                // Which contains a valid value in this slot
+                unsafe {
+                    ::core::ptr::copy_nonoverlapping(
+                        &x_le as *const _ as *const u8,
+                        self.0[43..].as_mut_ptr(),
+                        ::core::mem::size_of::<<Side as ::flatbuffers::EndianScalar>::Scalar>(),
+                    );
+                }
             }
         }
 
-        impl ::core::fmt::Debug for BookLevel<'_> {
-            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-                let mut ds = f.debug_struct("BookLevel");
-                ds.field("instrument", &self.instrument());
-                ds.field("seq", &self.seq());
-                ds.field("side", &self.side());
-                ds.field("level", &self.level());
-                ds.field("price", &self.price());
-                ds.field("size", &self.size());
-                ds.field("price_scale", &self.price_scale());
-                ds.field("exchange_ts_ns", &self.exchange_ts_ns());
-                ds.field("flags", &self.flags());
-                ds.finish()
-            }
-        }
         pub enum TickOffset {}
         #[derive(Copy, Clone, PartialEq)]
 
@@ -1020,8 +1261,9 @@ pub mod fluxgate {
         }
 
         impl<'a> Tick<'a> {
-            pub const VT_UPDATE_TYPE: ::flatbuffers::VOffsetT = 4;
-            pub const VT_UPDATE: ::flatbuffers::VOffsetT = 6;
+            pub const VT_TRADE: ::flatbuffers::VOffsetT = 4;
+            pub const VT_QUOTE: ::flatbuffers::VOffsetT = 6;
+            pub const VT_BOOK_LEVEL: ::flatbuffers::VOffsetT = 8;
 
             #[inline]
             pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1035,83 +1277,41 @@ pub mod fluxgate {
                 A: ::flatbuffers::Allocator + 'bldr,
             >(
                 _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-                args: &'args TickArgs,
+                args: &'args TickArgs<'args>,
             ) -> ::flatbuffers::WIPOffset<Tick<'bldr>> {
                 let mut builder = TickBuilder::new(_fbb);
-                if let Some(x) = args.update {
-                    builder.add_update(x);
+                if let Some(x) = args.book_level {
+                    builder.add_book_level(x);
                 }
-                builder.add_update_type(args.update_type);
+                if let Some(x) = args.quote {
+                    builder.add_quote(x);
+                }
+                if let Some(x) = args.trade {
+                    builder.add_trade(x);
+                }
                 builder.finish()
             }
 
             #[inline]
-            pub fn update_type(&self) -> Update {
+            pub fn trade(&self) -> Option<&'a Trade> {
                 // Safety:
                 // Created from valid Table for this object
                 // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<Update>(Tick::VT_UPDATE_TYPE, Some(Update::NONE))
-                        .unwrap()
-                }
+                unsafe { self._tab.get::<Trade>(Tick::VT_TRADE, None) }
             }
             #[inline]
-            pub fn update(&self) -> Option<::flatbuffers::Table<'a>> {
+            pub fn quote(&self) -> Option<&'a Quote> {
                 // Safety:
                 // Created from valid Table for this object
                 // which contains a valid value in this slot
-                unsafe {
-                    self._tab
-                        .get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(
-                            Tick::VT_UPDATE,
-                            None,
-                        )
-                }
+                unsafe { self._tab.get::<Quote>(Tick::VT_QUOTE, None) }
             }
             #[inline]
-            #[allow(non_snake_case)]
-            pub fn update_as_trade(&self) -> Option<Trade<'a>> {
-                if self.update_type() == Update::Trade {
-                    self.update().map(|t| {
-                        // Safety:
-                        // Created from a valid Table for this object
-                        // Which contains a valid union in this slot
-                        unsafe { Trade::init_from_table(t) }
-                    })
-                } else {
-                    None
-                }
-            }
-
-            #[inline]
-            #[allow(non_snake_case)]
-            pub fn update_as_quote(&self) -> Option<Quote<'a>> {
-                if self.update_type() == Update::Quote {
-                    self.update().map(|t| {
-                        // Safety:
-                        // Created from a valid Table for this object
-                        // Which contains a valid union in this slot
-                        unsafe { Quote::init_from_table(t) }
-                    })
-                } else {
-                    None
-                }
-            }
-
-            #[inline]
-            #[allow(non_snake_case)]
-            pub fn update_as_book_level(&self) -> Option<BookLevel<'a>> {
-                if self.update_type() == Update::BookLevel {
-                    self.update().map(|t| {
-                        // Safety:
-                        // Created from a valid Table for this object
-                        // Which contains a valid union in this slot
-                        unsafe { BookLevel::init_from_table(t) }
-                    })
-                } else {
-                    None
-                }
+            pub fn book_level(&self) -> Option<&'a BookLevel> {
+                // Safety:
+                // Created from valid Table for this object
+                // which contains a valid value in this slot
+                unsafe { self._tab.get::<BookLevel>(Tick::VT_BOOK_LEVEL, None) }
             }
         }
 
@@ -1122,45 +1322,25 @@ pub mod fluxgate {
                 pos: usize,
             ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
                 v.visit_table(pos)?
-                    .visit_union::<Update, _>(
-                        "update_type",
-                        Self::VT_UPDATE_TYPE,
-                        "update",
-                        Self::VT_UPDATE,
-                        false,
-                        |key, v, pos| match key {
-                            Update::Trade => v
-                                .verify_union_variant::<::flatbuffers::ForwardsUOffset<Trade>>(
-                                    "Update::Trade",
-                                    pos,
-                                ),
-                            Update::Quote => v
-                                .verify_union_variant::<::flatbuffers::ForwardsUOffset<Quote>>(
-                                    "Update::Quote",
-                                    pos,
-                                ),
-                            Update::BookLevel => v
-                                .verify_union_variant::<::flatbuffers::ForwardsUOffset<BookLevel>>(
-                                    "Update::BookLevel",
-                                    pos,
-                                ),
-                            _ => Ok(()),
-                        },
-                    )?
+                    .visit_field::<Trade>("trade", Self::VT_TRADE, false)?
+                    .visit_field::<Quote>("quote", Self::VT_QUOTE, false)?
+                    .visit_field::<BookLevel>("book_level", Self::VT_BOOK_LEVEL, false)?
                     .finish();
                 Ok(())
             }
         }
-        pub struct TickArgs {
-            pub update_type: Update,
-            pub update: Option<::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>>,
+        pub struct TickArgs<'a> {
+            pub trade: Option<&'a Trade>,
+            pub quote: Option<&'a Quote>,
+            pub book_level: Option<&'a BookLevel>,
         }
-        impl<'a> Default for TickArgs {
+        impl<'a> Default for TickArgs<'a> {
             #[inline]
             fn default() -> Self {
                 TickArgs {
-                    update_type: Update::NONE,
-                    update: None,
+                    trade: None,
+                    quote: None,
+                    book_level: None,
                 }
             }
         }
@@ -1171,17 +1351,17 @@ pub mod fluxgate {
         }
         impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TickBuilder<'a, 'b, A> {
             #[inline]
-            pub fn add_update_type(&mut self, update_type: Update) {
-                self.fbb_
-                    .push_slot::<Update>(Tick::VT_UPDATE_TYPE, update_type, Update::NONE);
+            pub fn add_trade(&mut self, trade: &Trade) {
+                self.fbb_.push_slot_always::<&Trade>(Tick::VT_TRADE, trade);
             }
             #[inline]
-            pub fn add_update(
-                &mut self,
-                update: ::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>,
-            ) {
+            pub fn add_quote(&mut self, quote: &Quote) {
+                self.fbb_.push_slot_always::<&Quote>(Tick::VT_QUOTE, quote);
+            }
+            #[inline]
+            pub fn add_book_level(&mut self, book_level: &BookLevel) {
                 self.fbb_
-                    .push_slot_always::<::flatbuffers::WIPOffset<_>>(Tick::VT_UPDATE, update);
+                    .push_slot_always::<&BookLevel>(Tick::VT_BOOK_LEVEL, book_level);
             }
             #[inline]
             pub fn new(
@@ -1203,43 +1383,9 @@ pub mod fluxgate {
         impl ::core::fmt::Debug for Tick<'_> {
             fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
                 let mut ds = f.debug_struct("Tick");
-                ds.field("update_type", &self.update_type());
-                match self.update_type() {
-                    Update::Trade => {
-                        if let Some(x) = self.update_as_trade() {
-                            ds.field("update", &x)
-                        } else {
-                            ds.field(
-                                "update",
-                                &"InvalidFlatbuffer: Union discriminant does not match value.",
-                            )
-                        }
-                    }
-                    Update::Quote => {
-                        if let Some(x) = self.update_as_quote() {
-                            ds.field("update", &x)
-                        } else {
-                            ds.field(
-                                "update",
-                                &"InvalidFlatbuffer: Union discriminant does not match value.",
-                            )
-                        }
-                    }
-                    Update::BookLevel => {
-                        if let Some(x) = self.update_as_book_level() {
-                            ds.field("update", &x)
-                        } else {
-                            ds.field(
-                                "update",
-                                &"InvalidFlatbuffer: Union discriminant does not match value.",
-                            )
-                        }
-                    }
-                    _ => {
-                        let x: Option<()> = None;
-                        ds.field("update", &x)
-                    }
-                };
+                ds.field("trade", &self.trade());
+                ds.field("quote", &self.quote());
+                ds.field("book_level", &self.book_level());
                 ds.finish()
             }
         }
