@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then formatting, lints, every test of the
-# workspace, and a smoke run of the embedded default. Exits non-zero on the first failure.
+# workspace (the codec interop test sets up its Python packages itself, in a venv under
+# target/), a smoke run of the embedded default and a bounded run of every fuzz target.
+# Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh test
@@ -8,3 +10,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --no-fail-fast
 scripts/smoke.sh
+scripts/fuzz-smoke.sh
