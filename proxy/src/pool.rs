@@ -242,13 +242,24 @@ impl UpstreamPool {
     }
 
     async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {
-        let stream = self.dial(ep).await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ProxyError::Upstream)?;
         let endpoint = &self.endpoints[ep];
+        // Counted from the start of the dial, so concurrent requests see the slot taken.
         endpoint.open.set(endpoint.open.get() + 1);
+        let handshake = async {
+            let stream = self.dial(ep).await?;
+            http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(ProxyError::Upstream)
+        };
+        let (sender, connection) = match handshake.await {
+            Ok(pair) => pair,
+            Err(e) => {
+                endpoint.open.set(endpoint.open.get() - 1);
+                endpoint.freed.notify_one();
+                return Err(e);
+            }
+        };
         let id = self.next_id.get();
         self.next_id.set(id.wrapping_add(1));
         let meta = ConnectionMeta::new(ep as u64, id);

@@ -42,6 +42,7 @@ on_both_acceptors!(
     connections_over_the_worker_cap_are_closed,
     idle_connection_is_parked_and_serves_the_next_request,
     pipelined_bytes_held_while_idle_are_not_lost,
+    upstream_connection_cap_queues_then_gives_503,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -414,5 +415,37 @@ fn pipelined_bytes_held_while_idle_are_not_lost(io: IoMode) {
     std::thread::sleep(Duration::from_millis(1500));
     c.send(b"st: x\r\n\r\n");
     assert_eq!(c.read_response().unwrap().header("x-up-path"), Some("/two"));
+    fg.shutdown();
+}
+
+fn upstream_connection_cap_queues_then_gives_503(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_millis(400)));
+    let fg = proxy_to(
+        up.addr,
+        "max_connections = 1\nconnect_timeout = \"1s\"",
+        "",
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    // Two at once through one allowed connection: the second waits for the first.
+    let a = std::thread::spawn(move || get(addr, "/a").status);
+    let b = std::thread::spawn(move || get(addr, "/b").status);
+    assert_eq!((a.join().unwrap(), b.join().unwrap()), (200, 200));
+    assert_eq!(up.accepted(), 1, "the cap held");
+    fg.shutdown();
+
+    // When the wait for a free connection outlasts connect_timeout: 503.
+    let up = upstream(Behavior::Slow(Duration::from_millis(1500)));
+    let fg = proxy_to(
+        up.addr,
+        "max_connections = 1\nconnect_timeout = \"200ms\"",
+        "",
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    let slow = std::thread::spawn(move || get(addr, "/slow").status);
+    assert!(eventually(Duration::from_secs(2), || up.accepted() == 1));
+    assert_eq!(get(addr, "/queued").status, 503);
+    assert_eq!(slow.join().unwrap(), 200);
     fg.shutdown();
 }
