@@ -84,8 +84,14 @@ python3 scripts/idle_conns.py 127.0.0.1 18090 10000 <"$W/hold" >"$W/idle.out" & 
 exec 3>"$W/hold"
 for _ in $(seq 600); do grep -qE "ready|only|failed" "$W/idle.out" 2>/dev/null && break; sleep 0.1; done
 cat "$W/idle.out"
-# Connections park after 1 s idle; give the last ones time to.
-sleep 3
+# Connections park after 1 s idle and memory is handed back once a second: wait until the
+# RSS holds still (two readings 1 s apart within 1%), at most 15 s.
+r1=$(rss $pid)
+for _ in $(seq 15); do
+  sleep 1; r2=$(rss $pid)
+  awk -v a=$r1 -v b=$r2 'BEGIN{exit !(a-b < a/100 && b-a < a/100)}' && break
+  r1=$r2
+done
 r1=$(rss $pid)
 exec 3>&-; wait $cl || true
 kill $pid; wait $pid 2>/dev/null || true

@@ -288,8 +288,9 @@ fn unsafe_zeroed_utsname() -> libc::utsname {
 /// just parked thousands of idle connections may make no further calls for a long time.
 /// Harmless when mimalloc is not the global allocator: its heaps are then empty.
 pub fn release_free_memory() {
-    // SAFETY: mi_collect takes no pointers and may be called at any time from any thread.
-    unsafe { libmimalloc_sys::mi_collect(false) }
+    // SAFETY: mi_collect takes no pointers and may be called at any time from any thread;
+    // `force` also releases the thread's cached segments.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Raises the soft limit on open files to the hard limit (a proxy holds two descriptors per
