@@ -12,6 +12,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod route;
+pub use route::{
+    HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
+    ValueMatch,
+};
+
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
 pub const DEFAULT_TOML: &str = include_str!("../examples/default.toml");
 
@@ -113,16 +119,9 @@ pub struct Listener {
     pub tcp_fastopen: u32,
     /// Open client connections per worker; beyond it new ones are closed at once. Default 10000.
     pub max_connections: usize,
-    pub action: ListenerAction,
-}
-
-/// What a listener does with each request.
-#[derive(Debug, Clone)]
-pub enum ListenerAction {
-    /// Proxy to the upstream at this index of `Config::upstreams`.
-    Proxy(usize),
-    /// Answer directly.
-    Respond { status: u16, body: String },
+    /// In order, first match wins; no match answers 404. `upstream = "x"` and `respond = {..}`
+    /// on the listener are shorthands for one route matching everything.
+    pub routes: Vec<Route>,
 }
 
 /// Upstream application protocol.
@@ -193,20 +192,9 @@ struct RawListener {
     tcp_fastopen: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     upstream: Option<Spanned<String>>,
-    respond: Option<Spanned<RawRespond>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRespond {
-    #[serde(default = "default_status")]
-    status: i64,
+    respond: Option<Spanned<route::RawRespond>>,
     #[serde(default)]
-    body: String,
-}
-
-fn default_status() -> i64 {
-    200
+    route: Vec<route::RawRoute>,
 }
 
 #[derive(Deserialize)]
@@ -231,7 +219,7 @@ enum RawSize {
 }
 
 /// Turns spans into line numbers and builds errors that name the key.
-struct Source<'a>(&'a str);
+pub(crate) struct Source<'a>(&'a str);
 
 impl Source<'_> {
     fn line_of(&self, offset: usize) -> usize {
@@ -512,46 +500,28 @@ impl Config {
                     format!("{address} is already a listener"),
                 ));
             }
-            let action = match (&l.upstream, &l.respond) {
-                (Some(name), None) => {
-                    let idx = upstreams
-                        .iter()
-                        .position(|u| &u.name == name.get_ref())
-                        .ok_or_else(|| {
-                            src.invalid(
-                                key("upstream"),
-                                name,
-                                format!("no [[upstream]] named {:?}", name.get_ref()),
-                            )
-                        })?;
-                    ListenerAction::Proxy(idx)
+            let routes = match (&l.upstream, &l.respond, l.route.is_empty()) {
+                (Some(name), None, true) => vec![route::catch_all(RouteAction::Forward(
+                    route::upstream_index(src, key("upstream"), name, &upstreams)?,
+                ))],
+                (None, Some(r), true) => {
+                    vec![route::catch_all(route::respond_action(
+                        src,
+                        &key("respond"),
+                        r,
+                    )?)]
                 }
-                (None, Some(r)) => {
-                    let status = r.get_ref().status;
-                    if !(200..=599).contains(&status) {
-                        return Err(src.invalid(
-                            key("respond.status"),
-                            r,
-                            "status must be 200..=599",
-                        ));
-                    }
-                    ListenerAction::Respond {
-                        status: status as u16,
-                        body: r.get_ref().body.clone(),
-                    }
-                }
-                (Some(u), Some(_)) => {
-                    return Err(src.invalid(
-                        key("upstream"),
-                        u,
-                        "set either `upstream` or `respond`, not both",
-                    ))
-                }
-                (None, None) => {
+                (None, None, false) => l
+                    .route
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| route::build(src, &key(&format!("route[{j}]")), r, &upstreams))
+                    .collect::<Result<_, _>>()?,
+                _ => {
                     return Err(src.invalid(
                         key("address"),
                         &l.address,
-                        "needs `upstream` or `respond`",
+                        "needs exactly one of `upstream`, `respond` or [[listener.route]]",
                     ))
                 }
             };
@@ -567,7 +537,7 @@ impl Config {
                     1,
                     1 << 24,
                 )?,
-                action,
+                routes,
             });
         }
         if listeners.is_empty() {
@@ -594,7 +564,10 @@ mod tests {
     fn examples_parse() {
         let d = Config::embedded_default();
         assert_eq!(d.listeners.len(), 2);
-        assert!(matches!(d.listeners[0].action, ListenerAction::Proxy(0)));
+        assert!(matches!(
+            d.listeners[0].routes[0].action,
+            RouteAction::Forward(0)
+        ));
         let full = Config::from_toml(include_str!("../examples/full.toml")).unwrap();
         assert_eq!(full.runtime.workers, 2);
         assert_eq!(full.http.max_request_line, 8192);

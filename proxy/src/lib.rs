@@ -12,6 +12,7 @@ mod framing;
 mod headers;
 mod pool;
 mod proxy;
+pub mod route;
 mod server;
 
 pub use error::ProxyError;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fluxgate::Server;
-use fluxgate_conf::{Config, IoMode, Listener, ListenerAction, Upstream, UpstreamProtocol};
+use fluxgate_conf::{Config, IoMode, RouteAction, Upstream, UpstreamProtocol};
 
 /// mimalloc returns freed pages to the kernel promptly (parked idle connections free their
 /// buffers; glibc would keep them resident) and is faster on this allocation pattern.
@@ -84,11 +84,8 @@ fn quick_config(listen: SocketAddr, upstreams: Vec<SocketAddr>, h2c: bool) -> Re
         u.protocol = UpstreamProtocol::H2c;
     }
     debug_assert!(matches!(
-        c.listeners[0],
-        Listener {
-            action: ListenerAction::Proxy(0),
-            ..
-        }
+        c.listeners[0].routes[0].action,
+        RouteAction::Forward(0)
     ));
     Ok(c)
 }

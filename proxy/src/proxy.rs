@@ -1,12 +1,13 @@
-//! The request handler: limits that need the parsed request, direct answers, and forwarding
-//! to an upstream with the stale-connection retry.
+//! The request handler: limits that need the parsed request, route selection, direct answers
+//! and redirects, header edits, and forwarding to an upstream with the stale-connection retry.
 
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fluxgate_conf::UpstreamProtocol;
+use fluxgate_conf::{HeaderOps, Route, RouteAction, UpstreamProtocol};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -19,21 +20,19 @@ use crate::conn::InFlight;
 use crate::error::ProxyError;
 use crate::headers::{append_list, strip_hop_by_hop};
 use crate::pool::{Checkout, UpstreamPool};
+use crate::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
-/// What a listener does with a request.
-pub(crate) enum Action {
-    Respond { status: StatusCode, body: Bytes },
-    Proxy(Rc<UpstreamPool>),
-}
-
 /// Handles every request of one listener on one worker.
 pub(crate) struct Handler {
-    pub(crate) action: Action,
+    /// The listener's routes, shared by all workers.
+    pub(crate) routes: Arc<RouteTable>,
+    /// This worker's pools, indexed like `Config::upstreams`.
+    pub(crate) pools: Rc<[Rc<UpstreamPool>]>,
     pub(crate) max_request_line: usize,
 }
 
@@ -57,22 +56,132 @@ impl Handler {
         if target > self.max_request_line {
             return answer(StatusCode::URI_TOO_LONG, true, inflight);
         }
-        match &self.action {
-            Action::Respond { status, body } => {
+        let head = RequestHead {
+            method: req.method(),
+            host: request_host(&req),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let Some(route) = self.routes.match_request(&head) else {
+            return answer(StatusCode::NOT_FOUND, false, inflight);
+        };
+        let mut resp = match &route.action {
+            RouteAction::Respond {
+                status,
+                body,
+                headers,
+            } => {
                 let mut resp = Response::new(ProxyBody::full(body.clone(), inflight));
-                *resp.status_mut() = *status;
+                *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                for (k, v) in headers {
+                    resp.headers_mut().insert(k, v.clone());
+                }
                 resp
             }
-            Action::Proxy(pool) => match forward(pool, req, &inflight.state().peer_ip).await {
-                Ok((resp, conn)) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+            RouteAction::Redirect {
+                status,
+                location,
+                keep_path,
+            } => redirect(*status, location, *keep_path, req.uri(), inflight),
+            RouteAction::Forward(i) => {
+                let pool = &self.pools[*i];
+                let mut req = req;
+                edit_headers(req.headers_mut(), &route.request_headers);
+                if let Some(to) = &route.rewrite_prefix {
+                    rewrite_prefix(&mut req, route, to);
                 }
-                Err(e) => answer(e.status(), e.closes_client(), inflight),
-            },
+                let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
+                match forward(pool, req, &inflight.state().peer_ip, timeout).await {
+                    Ok((resp, conn)) => {
+                        let (mut parts, body) = resp.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+                    }
+                    Err(e) => answer(e.status(), e.closes_client(), inflight),
+                }
+            }
+        };
+        edit_headers(resp.headers_mut(), &route.response_headers);
+        resp
+    }
+}
+
+/// The request's host for routing: Host, or the HTTP/2 authority, without the port.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    let raw = match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok()?,
+        None => req.uri().host()?,
+    };
+    // "[v6]:port", "name:port" or bare.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    })
+}
+
+fn edit_headers(h: &mut http::HeaderMap, ops: &HeaderOps) {
+    if ops.is_empty() {
+        return;
+    }
+    for name in &ops.remove {
+        h.remove(name);
+    }
+    for (k, v) in &ops.set {
+        h.insert(k, v.clone());
+    }
+    for (k, v) in &ops.add {
+        h.append(k, v.clone());
+    }
+}
+
+/// Replaces the route's matched path prefix with `to`, keeping the rest and the query.
+fn rewrite_prefix<B>(req: &mut Request<B>, route: &Route, to: &str) {
+    let Some(fluxgate_conf::PathMatch::Prefix(from)) = &route.matcher.path else {
+        return;
+    };
+    let uri = req.uri();
+    let rest = uri.path().strip_prefix(from.as_str()).unwrap_or(uri.path());
+    let mut target =
+        String::with_capacity(to.len() + rest.len() + 1 + uri.query().map_or(0, str::len));
+    target.push_str(
+        to.strip_suffix('/')
+            .filter(|_| rest.starts_with('/'))
+            .unwrap_or(to),
+    );
+    target.push_str(rest);
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(target) {
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = Uri::from_parts(parts) {
+            *req.uri_mut() = u;
         }
     }
+}
+
+fn redirect(
+    status: u16,
+    location: &str,
+    keep_path: bool,
+    uri: &Uri,
+    inflight: InFlight,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::full(Bytes::new(), inflight));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let value = if keep_path {
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        HeaderValue::from_str(&format!("{}{pq}", location.trim_end_matches('/')))
+    } else {
+        HeaderValue::from_str(location)
+    };
+    if let Ok(v) = value {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
 }
 
 /// A short gateway-made answer; `close` ends the client connection after it.
@@ -161,6 +270,7 @@ async fn forward(
     pool: &Rc<UpstreamPool>,
     req: Request<Incoming>,
     peer_ip: &HeaderValue,
+    timeout: Duration,
 ) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer_ip, pool.cfg.protocol);
@@ -172,7 +282,7 @@ async fn forward(
             let mut conn = pool.checkout(ep, false).await?;
             let replay = (conn.reused && idempotent && bodyless).then(|| replay_copy(&parts));
             let req = Request::from_parts(parts, UpBody::Client(body));
-            let failed = match send_h1(pool, &mut conn, req).await {
+            let failed = match send_h1(&mut conn, req, timeout).await {
                 Ok(resp) => return Ok((resp, Some(conn))),
                 Err(a) => a,
             };
@@ -187,7 +297,7 @@ async fn forward(
             };
             drop(conn);
             let mut fresh = pool.checkout(ep, true).await?;
-            match send_h1(pool, &mut fresh, req).await {
+            match send_h1(&mut fresh, req, timeout).await {
                 Ok(resp) => Ok((resp, Some(fresh))),
                 Err(a) => Err(a.error),
             }
@@ -195,7 +305,7 @@ async fn forward(
         UpstreamProtocol::H2c => {
             let replay = idempotent.then(|| replay_copy(&parts));
             let req = Request::from_parts(parts, UpBody::Client(body));
-            let failed = match send_h2(pool, ep, req).await {
+            let failed = match send_h2(pool, ep, req, timeout).await {
                 Ok(resp) => return Ok((resp, None)),
                 Err(a) => a,
             };
@@ -207,7 +317,7 @@ async fn forward(
                 return Err(failed.error);
             };
             pool.forget_h2(ep);
-            send_h2(pool, ep, req)
+            send_h2(pool, ep, req, timeout)
                 .await
                 .map(|r| (r, None))
                 .map_err(|a| a.error)
@@ -216,9 +326,9 @@ async fn forward(
 }
 
 async fn send_h1(
-    pool: &UpstreamPool,
     conn: &mut Checkout,
     req: Request<UpBody>,
+    timeout: Duration,
 ) -> Result<Response<Incoming>, Attempt> {
     let sender = conn.sender();
     if let Err(e) = sender.ready().await {
@@ -227,13 +337,14 @@ async fn send_h1(
             unsent: Some(req),
         });
     }
-    await_response(pool.cfg.response_timeout, sender.try_send_request(req)).await
+    await_response(timeout, sender.try_send_request(req)).await
 }
 
 async fn send_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
     req: Request<UpBody>,
+    timeout: Duration,
 ) -> Result<Response<Incoming>, Attempt> {
     let mut sender = match pool.h2_sender(ep).await {
         Ok(s) => s,
@@ -250,7 +361,7 @@ async fn send_h2(
             unsent: Some(req),
         });
     }
-    await_response(pool.cfg.response_timeout, sender.try_send_request(req)).await
+    await_response(timeout, sender.try_send_request(req)).await
 }
 
 /// Waits for the response head within `limit`.

@@ -13,16 +13,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
-use fluxgate_conf::{Config, IoMode, ListenerAction};
+use fluxgate_conf::{Config, IoMode};
 use fluxgate_sys::{AcceptRing, Drained};
-use http::StatusCode;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
-use crate::proxy::{Action, Handler};
+use crate::proxy::Handler;
+use crate::route::RouteTable;
 
 /// Spawns futures on the current thread's `LocalSet`: hyper's HTTP/2 tasks and upstream
 /// connection drivers hold `Rc`s and never leave their worker.
@@ -91,16 +90,22 @@ impl Server {
                 .collect::<io::Result<Vec<_>>>()?;
             per_worker.push(socks);
         }
+        let tables: Arc<[Arc<RouteTable>]> = config
+            .listeners
+            .iter()
+            .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
+            .collect();
         let config = Arc::new(config);
         let (stop, stop_rx) = watch::channel(false);
         let mut threads = Vec::with_capacity(workers);
         for (id, socks) in per_worker.into_iter().enumerate() {
             let config = Arc::clone(&config);
+            let tables = Arc::clone(&tables);
             let stop_rx = stop_rx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("fluxgate-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = run_worker(id, &config, socks, io, stop_rx) {
+                    if let Err(e) = run_worker(id, &config, &tables, socks, io, stop_rx) {
                         eprintln!("fluxgate: worker {id} failed: {e}");
                     }
                 })?;
@@ -168,6 +173,7 @@ struct ListenerCtx {
 fn run_worker(
     id: usize,
     config: &Config,
+    tables: &[Arc<RouteTable>],
     socks: Vec<std::net::TcpListener>,
     io: IoMode,
     mut stop: watch::Receiver<bool>,
@@ -177,28 +183,22 @@ fn run_worker(
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let pools: Vec<Rc<UpstreamPool>> = config
+        let pools: Rc<[Rc<UpstreamPool>]> = config
             .upstreams
             .iter()
             .map(|u| UpstreamPool::new(u.clone()))
             .collect();
-        for p in &pools {
+        for p in pools.iter() {
             tokio::task::spawn_local(Rc::clone(p).prewarm());
         }
         let parks = Rc::new(Cell::new(0));
         tokio::task::spawn_local(worker_housekeeping(Rc::clone(&parks)));
-        for (l, sock) in config.listeners.iter().zip(socks) {
-            let action = match &l.action {
-                ListenerAction::Proxy(i) => Action::Proxy(Rc::clone(&pools[*i])),
-                ListenerAction::Respond { status, body } => Action::Respond {
-                    status: StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
-                    body: Bytes::from(body.clone()),
-                },
-            };
+        for ((l, sock), table) in config.listeners.iter().zip(socks).zip(tables) {
             let ctx = Rc::new(ListenerCtx {
                 server: ConnServer::new(&config.http, Rc::clone(&parks)),
                 handler: Rc::new(Handler {
-                    action,
+                    routes: Arc::clone(table),
+                    pools: Rc::clone(&pools),
                     max_request_line: config.http.max_request_line,
                 }),
                 active: Cell::new(0),

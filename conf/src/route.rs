@@ -1,0 +1,472 @@
+//! `[[listener.route]]`: what a request must look like to match, and what the gateway does
+//! with it. Regexes are compiled and header names checked here, once, at load.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{ConfError, Source, Upstream};
+
+/// One route. Routes are tried in order; the first that matches wins.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub matcher: RouteMatch,
+    pub action: RouteAction,
+    /// Replaces `upstream.response_timeout` for this route. Default: the upstream's.
+    pub timeout: Option<Duration>,
+    /// Replaces the matched `path_prefix` before forwarding. Default: none.
+    pub rewrite_prefix: Option<String>,
+    /// Applied to the request before forwarding. Default: none.
+    pub request_headers: HeaderOps,
+    /// Applied to the response (forwarded or direct). Default: none.
+    pub response_headers: HeaderOps,
+}
+
+/// Every condition set must hold; an empty match matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct RouteMatch {
+    pub host: Option<HostMatch>,
+    pub path: Option<PathMatch>,
+    /// Any of these; empty means any method.
+    pub methods: Vec<Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+}
+
+/// Host (from Host or the HTTP/2 authority, port removed, compared without case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `api.example.com`, stored lowercase.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: any host ending in it (any depth).
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+/// How a header or query parameter value must look.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(Regex),
+    Present,
+    Absent,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderMatch {
+    pub name: HeaderName,
+    pub value: ValueMatch,
+}
+
+/// A query parameter, compared as it appears in the URL (no percent-decoding).
+#[derive(Debug, Clone)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    /// Proxy to the upstream at this index of `Config::upstreams`.
+    Forward(usize),
+    /// Answer directly.
+    Respond {
+        status: u16,
+        body: bytes::Bytes,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// Answer with a redirect to `location`, with the request's path and query appended when
+    /// `keep_path`.
+    Redirect {
+        status: u16,
+        location: String,
+        keep_path: bool,
+    },
+}
+
+/// Header edits: `remove` first, then `set` (replace), then `add` (append).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    host: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    path_regex: Option<Spanned<String>>,
+    #[serde(default)]
+    methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    headers: Vec<Spanned<RawValueMatch>>,
+    #[serde(default)]
+    query: Vec<Spanned<RawValueMatch>>,
+    upstream: Option<Spanned<String>>,
+    respond: Option<Spanned<RawRespond>>,
+    redirect: Option<Spanned<RawRedirect>>,
+    timeout: Option<Spanned<String>>,
+    rewrite_prefix: Option<Spanned<String>>,
+    request_headers: Option<Spanned<RawHeaderOps>>,
+    response_headers: Option<Spanned<RawHeaderOps>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRespond {
+    #[serde(default = "default_status")]
+    pub(crate) status: i64,
+    #[serde(default)]
+    pub(crate) body: String,
+    #[serde(default)]
+    pub(crate) headers: BTreeMap<String, String>,
+}
+
+fn default_status() -> i64 {
+    200
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirect {
+    location: String,
+    #[serde(default = "default_redirect")]
+    status: i64,
+    #[serde(default)]
+    keep_path: bool,
+}
+
+fn default_redirect() -> i64 {
+    301
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawValueMatch {
+    name: String,
+    exact: Option<String>,
+    regex: Option<String>,
+    present: Option<bool>,
+    absent: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderOps {
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+fn regex(
+    src: &Source<'_>,
+    key: String,
+    at: &Spanned<impl Sized>,
+    re: &str,
+) -> Result<Regex, ConfError> {
+    Regex::new(re).map_err(|e| src.invalid(key, at, format!("bad regex: {e}")))
+}
+
+fn header_name(
+    src: &Source<'_>,
+    key: String,
+    at: &Spanned<impl Sized>,
+    n: &str,
+) -> Result<HeaderName, ConfError> {
+    HeaderName::from_bytes(n.as_bytes())
+        .map_err(|_| src.invalid(key, at, format!("{n:?} is not a header name")))
+}
+
+fn header_pairs(
+    src: &Source<'_>,
+    key: &str,
+    at: &Spanned<impl Sized>,
+    map: &BTreeMap<String, String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, ConfError> {
+    map.iter()
+        .map(|(k, v)| {
+            let name = header_name(src, format!("{key}.{k}"), at, k)?;
+            let value = HeaderValue::from_str(v).map_err(|_| {
+                src.invalid(
+                    format!("{key}.{k}"),
+                    at,
+                    format!("{v:?} is not a header value"),
+                )
+            })?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn header_ops(
+    src: &Source<'_>,
+    key: &str,
+    raw: &Option<Spanned<RawHeaderOps>>,
+) -> Result<HeaderOps, ConfError> {
+    let Some(r) = raw else {
+        return Ok(HeaderOps::default());
+    };
+    let ops = r.get_ref();
+    Ok(HeaderOps {
+        remove: ops
+            .remove
+            .iter()
+            .map(|n| header_name(src, format!("{key}.remove"), r, n))
+            .collect::<Result<_, _>>()?,
+        set: header_pairs(src, &format!("{key}.set"), r, &ops.set)?,
+        add: header_pairs(src, &format!("{key}.add"), r, &ops.add)?,
+    })
+}
+
+fn value_match(
+    src: &Source<'_>,
+    key: String,
+    at: &Spanned<RawValueMatch>,
+) -> Result<ValueMatch, ConfError> {
+    let m = at.get_ref();
+    match (&m.exact, &m.regex, m.present, m.absent) {
+        (Some(e), None, None, None) => Ok(ValueMatch::Exact(e.clone())),
+        (None, Some(r), None, None) => Ok(ValueMatch::Regex(regex(
+            src,
+            format!("{key}.regex"),
+            at,
+            r,
+        )?)),
+        (None, None, Some(true), None) => Ok(ValueMatch::Present),
+        (None, None, None, Some(true)) => Ok(ValueMatch::Absent),
+        _ => Err(src.invalid(
+            key,
+            at,
+            "needs exactly one of `exact`, `regex`, `present = true`, `absent = true`",
+        )),
+    }
+}
+
+/// Checks a direct response's status and headers.
+pub(crate) fn respond_action(
+    src: &Source<'_>,
+    key: &str,
+    r: &Spanned<RawRespond>,
+) -> Result<RouteAction, ConfError> {
+    let raw = r.get_ref();
+    if !(200..=599).contains(&raw.status) {
+        return Err(src.invalid(format!("{key}.status"), r, "status must be 200..=599"));
+    }
+    Ok(RouteAction::Respond {
+        status: raw.status as u16,
+        body: bytes::Bytes::from(raw.body.clone()),
+        headers: header_pairs(src, &format!("{key}.headers"), r, &raw.headers)?,
+    })
+}
+
+/// Finds an upstream by name.
+pub(crate) fn upstream_index(
+    src: &Source<'_>,
+    key: String,
+    name: &Spanned<String>,
+    upstreams: &[Upstream],
+) -> Result<usize, ConfError> {
+    upstreams
+        .iter()
+        .position(|u| &u.name == name.get_ref())
+        .ok_or_else(|| {
+            src.invalid(
+                key,
+                name,
+                format!("no [[upstream]] named {:?}", name.get_ref()),
+            )
+        })
+}
+
+/// A route that matches everything and does `action`.
+pub(crate) fn catch_all(action: RouteAction) -> Route {
+    Route {
+        matcher: RouteMatch::default(),
+        action,
+        timeout: None,
+        rewrite_prefix: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    }
+}
+
+pub(crate) fn build(
+    src: &Source<'_>,
+    key: &str,
+    r: &RawRoute,
+    upstreams: &[Upstream],
+) -> Result<Route, ConfError> {
+    let k = |f: &str| format!("{key}.{f}");
+    let host = match &r.host {
+        None => None,
+        Some(h) => {
+            let v = h.get_ref().to_ascii_lowercase();
+            match v.strip_prefix('*') {
+                Some(suffix) if suffix.starts_with('.') && suffix.len() > 1 => {
+                    Some(HostMatch::Suffix(suffix.to_owned()))
+                }
+                Some(_) => {
+                    return Err(src.invalid(
+                        k("host"),
+                        h,
+                        "a wildcard host looks like \"*.example.com\"",
+                    ))
+                }
+                None if !v.is_empty() && !v.contains(['*', '/', ':']) => Some(HostMatch::Exact(v)),
+                None => return Err(src.invalid(k("host"), h, "expects a host name without port")),
+            }
+        }
+    };
+    let path = match (&r.path, &r.path_prefix, &r.path_regex) {
+        (None, None, None) => None,
+        (Some(p), None, None) => Some(PathMatch::Exact(p.get_ref().clone())),
+        (None, Some(p), None) => Some(PathMatch::Prefix(p.get_ref().clone())),
+        (None, None, Some(p)) => Some(PathMatch::Regex(regex(
+            src,
+            k("path_regex"),
+            p,
+            p.get_ref(),
+        )?)),
+        (Some(p), _, _) | (None, Some(p), _) => {
+            return Err(src.invalid(
+                k("path"),
+                p,
+                "set one of `path`, `path_prefix`, `path_regex`",
+            ))
+        }
+    };
+    for p in [&r.path, &r.path_prefix].into_iter().flatten() {
+        if !p.get_ref().starts_with('/') {
+            return Err(src.invalid(k("path"), p, "paths start with '/'"));
+        }
+    }
+    let methods = r
+        .methods
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                src.invalid(
+                    k("methods"),
+                    m,
+                    format!("{:?} is not a method", m.get_ref()),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let headers = r
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            Ok(HeaderMatch {
+                name: header_name(
+                    src,
+                    format!("{key}.headers[{i}].name"),
+                    h,
+                    &h.get_ref().name,
+                )?,
+                value: value_match(src, format!("{key}.headers[{i}]"), h)?,
+            })
+        })
+        .collect::<Result<_, ConfError>>()?;
+    let query = r
+        .query
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            Ok(QueryMatch {
+                name: q.get_ref().name.clone(),
+                value: value_match(src, format!("{key}.query[{i}]"), q)?,
+            })
+        })
+        .collect::<Result<_, ConfError>>()?;
+    let action = match (&r.upstream, &r.respond, &r.redirect) {
+        (Some(u), None, None) => {
+            RouteAction::Forward(upstream_index(src, k("upstream"), u, upstreams)?)
+        }
+        (None, Some(resp), None) => respond_action(src, &k("respond"), resp)?,
+        (None, None, Some(red)) => {
+            let raw = red.get_ref();
+            if ![301, 302, 303, 307, 308].contains(&raw.status) {
+                return Err(src.invalid(
+                    k("redirect.status"),
+                    red,
+                    "redirect status is 301, 302, 303, 307 or 308",
+                ));
+            }
+            if HeaderValue::from_str(&raw.location).is_err() || raw.location.is_empty() {
+                return Err(src.invalid(k("redirect.location"), red, "not a valid Location value"));
+            }
+            RouteAction::Redirect {
+                status: raw.status as u16,
+                location: raw.location.clone(),
+                keep_path: raw.keep_path,
+            }
+        }
+        _ => {
+            let at = r.host.as_ref().map_or(0, |h| h.span().start);
+            return Err(ConfError::Invalid {
+                key: key.to_owned(),
+                line: src.line_of(at),
+                reason: "needs exactly one action: `upstream`, `respond` or `redirect`".into(),
+            });
+        }
+    };
+    let rewrite_prefix = match &r.rewrite_prefix {
+        None => None,
+        Some(rw) => {
+            if !matches!(path, Some(PathMatch::Prefix(_)))
+                || !matches!(action, RouteAction::Forward(_))
+            {
+                return Err(src.invalid(
+                    k("rewrite_prefix"),
+                    rw,
+                    "needs `path_prefix` and `upstream`",
+                ));
+            }
+            if !rw.get_ref().starts_with('/') {
+                return Err(src.invalid(k("rewrite_prefix"), rw, "paths start with '/'"));
+            }
+            Some(rw.get_ref().clone())
+        }
+    };
+    Ok(Route {
+        matcher: RouteMatch {
+            host,
+            path,
+            methods,
+            headers,
+            query,
+        },
+        action,
+        timeout: match &r.timeout {
+            None => None,
+            Some(t) => Some(src.duration(|| k("timeout"), &Some(t.clone()), Duration::ZERO)?),
+        },
+        rewrite_prefix,
+        request_headers: header_ops(src, &k("request_headers"), &r.request_headers)?,
+        response_headers: header_ops(src, &k("response_headers"), &r.response_headers)?,
+    })
+}
