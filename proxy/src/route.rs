@@ -2,9 +2,11 @@
 //! no allocation per request; shared read-only by every worker.
 //!
 //! Routes keep their configured order (first match wins). To avoid testing every route,
-//! routes are bucketed by host condition: exact hosts in a map, wildcard suffixes in a map
-//! keyed by suffix, and routes without a host condition in a list. A request walks the
-//! (already ordered) candidate lists of its host together, lowest index first.
+//! routes are bucketed by host condition (exact hosts in a map, wildcard suffixes in a map
+//! keyed by suffix) and host-less routes by the first path segment their path condition
+//! pins down (`/api/` or `^/api/` pins `api`; `/ap`, `/` or a general regex pins nothing).
+//! A request walks the already ordered candidate lists of its host and first segment
+//! together, lowest index first.
 
 use std::collections::HashMap;
 
@@ -28,33 +30,61 @@ pub struct RouteTable {
     routes: Vec<Route>,
     exact: HashMap<String, Vec<u32>>,
     suffix: HashMap<String, Vec<u32>>,
-    any_host: Vec<u32>,
+    /// Host-less routes whose path pins the first segment.
+    by_segment: HashMap<String, Vec<u32>>,
+    /// Host-less routes that may match any path.
+    any: Vec<u32>,
 }
 
 /// Longest host name (RFC 1035).
 const MAX_HOST: usize = 253;
 /// Most candidate lists one request can draw from: its exact host, the no-host list and one
 /// per dot in the host (each suffix).
-const MAX_LISTS: usize = 2 + MAX_HOST / 2;
+const MAX_LISTS: usize = 3 + MAX_HOST / 2;
+
+/// The first path segment a path condition requires, if it pins one.
+fn pinned_segment(p: &PathMatch) -> Option<&str> {
+    let (rest, exact) = match p {
+        PathMatch::Exact(p) => (p.strip_prefix('/')?, true),
+        PathMatch::Prefix(p) => (p.strip_prefix('/')?, false),
+        // Only the plain form `^/literal/...`: anything cleverer is tried on every request.
+        PathMatch::Regex(r) => (r.as_str().strip_prefix("^/")?, false),
+    };
+    let seg_len = rest.find('/').or(exact.then_some(rest.len()))?;
+    let seg = &rest[..seg_len];
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    (!seg.is_empty() && seg.chars().all(plain)).then_some(seg)
+}
+
+/// The first segment of a request path (`/a/b` gives `a`).
+fn first_segment(path: &str) -> &str {
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    rest.split('/').next().unwrap_or("")
+}
 
 impl RouteTable {
     pub fn new(routes: Vec<Route>) -> RouteTable {
         let mut exact: HashMap<String, Vec<u32>> = HashMap::new();
         let mut suffix: HashMap<String, Vec<u32>> = HashMap::new();
-        let mut any_host = Vec::new();
+        let mut by_segment: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut any = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             let i = i as u32;
             match &r.matcher.host {
                 Some(HostMatch::Exact(h)) => exact.entry(h.clone()).or_default().push(i),
                 Some(HostMatch::Suffix(s)) => suffix.entry(s.clone()).or_default().push(i),
-                None => any_host.push(i),
+                None => match r.matcher.path.as_ref().and_then(pinned_segment) {
+                    Some(seg) => by_segment.entry(seg.to_owned()).or_default().push(i),
+                    None => any.push(i),
+                },
             }
         }
         RouteTable {
             routes,
             exact,
             suffix,
-            any_host,
+            by_segment,
+            any,
         }
     }
 
@@ -76,8 +106,12 @@ impl RouteTable {
         });
         let mut lists: [&[u32]; MAX_LISTS] = [&[]; MAX_LISTS];
         let mut n = 0;
-        lists[n] = &self.any_host;
+        lists[n] = &self.any;
         n += 1;
+        if let Some(l) = self.by_segment.get(first_segment(req.path)) {
+            lists[n] = l;
+            n += 1;
+        }
         if let Some(h) = host {
             if let Some(l) = self.exact.get(h) {
                 lists[n] = l;
@@ -253,6 +287,44 @@ mod tests {
         assert_eq!(which(&t, "GET", None, "/?a=1&v=2&debug", &[]), Some(4));
         assert_eq!(which(&t, "GET", None, "/?v=2", &[]), None);
         assert_eq!(which(&t, "GET", None, "/?v=20&debug", &[]), None);
+    }
+
+    #[test]
+    fn segments_pinned_only_when_certain() {
+        let seg = |p: PathMatch| pinned_segment(&p).map(str::to_owned);
+        assert_eq!(seg(PathMatch::Prefix("/api/".into())), Some("api".into()));
+        assert_eq!(seg(PathMatch::Prefix("/api".into())), None);
+        assert_eq!(
+            seg(PathMatch::Exact("/health".into())),
+            Some("health".into())
+        );
+        assert_eq!(seg(PathMatch::Exact("/a/b".into())), Some("a".into()));
+        assert_eq!(seg(PathMatch::Prefix("/".into())), None);
+        let re = |r: &str| PathMatch::Regex(regex::Regex::new(r).unwrap());
+        assert_eq!(seg(re("^/v1/[0-9]+$")), Some("v1".into()));
+        assert_eq!(seg(re("^/v[0-9]/")), None);
+        assert_eq!(seg(re("/v1/")), None);
+        assert_eq!(first_segment("/a/b"), "a");
+        assert_eq!(first_segment("/"), "");
+    }
+
+    #[test]
+    fn pinned_and_unpinned_routes_keep_their_order() {
+        let t = table(&format!(
+            "[[listener.route]]\npath_prefix = \"/ap\"\n{R}\
+             [[listener.route]]\npath_prefix = \"/api/\"\n{R}\
+             [[listener.route]]\npath_regex = \"^/api/v[0-9]$\"\n{R}\
+             [[listener.route]]\n{R}"
+        ));
+        assert_eq!(which(&t, "GET", None, "/api/v1", &[]), Some(0));
+        let t = table(&format!(
+            "[[listener.route]]\npath_regex = \"^/api/v[0-9]$\"\n{R}\
+             [[listener.route]]\npath_prefix = \"/ap\"\n{R}\
+             [[listener.route]]\n{R}"
+        ));
+        assert_eq!(which(&t, "GET", None, "/api/v1", &[]), Some(0));
+        assert_eq!(which(&t, "GET", None, "/api/x", &[]), Some(1));
+        assert_eq!(which(&t, "GET", None, "/zzz", &[]), Some(2));
     }
 
     #[test]
