@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod balance;
 mod route;
+pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
 pub use route::{
     HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
     ValueMatch,
@@ -136,8 +138,12 @@ pub enum UpstreamProtocol {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
-    /// Round-robin targets.
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<Endpoint>,
+    /// Default round robin.
+    pub balance: Balance,
+    /// Default none (endpoints are healthy until passive checks say otherwise).
+    pub health_check: Option<HealthCheck>,
+    pub passive: Passive,
     /// Default http1.
     pub protocol: UpstreamProtocol,
     /// Connect failure or timeout answers 502. Default 1 s.
@@ -201,7 +207,11 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
     name: Spanned<String>,
-    endpoints: Spanned<Vec<Spanned<String>>>,
+    endpoints: Spanned<Vec<Spanned<balance::RawEndpoint>>>,
+    balance: Option<Spanned<String>>,
+    hash_key: Option<Spanned<balance::RawHashKey>>,
+    health_check: Option<Spanned<balance::RawHealthCheck>>,
+    passive: Option<Spanned<balance::RawPassive>>,
     protocol: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     response_timeout: Option<Spanned<String>>,
@@ -421,20 +431,11 @@ impl Config {
                     format!("duplicate upstream {name:?}"),
                 ));
             }
-            if u.endpoints.get_ref().is_empty() {
-                return Err(src.invalid(
-                    key("endpoints"),
-                    &u.endpoints,
-                    "needs at least one endpoint",
-                ));
-            }
-            let endpoints = u
-                .endpoints
-                .get_ref()
-                .iter()
-                .enumerate()
-                .map(|(j, e)| src.addr(key(&format!("endpoints[{j}]")), e))
-                .collect::<Result<Vec<_>, _>>()?;
+            let ukey = format!("upstream[{i}]");
+            let endpoints = balance::endpoints(src, &ukey, &u.endpoints)?;
+            let balance = balance::balance(src, &ukey, &u.balance, &u.hash_key)?;
+            let health_check = balance::health_check(src, &ukey, &u.health_check)?;
+            let passive = balance::passive(src, &ukey, &u.passive)?;
             let protocol = match &u.protocol {
                 None => UpstreamProtocol::Http1,
                 Some(p) => match p.get_ref().as_str() {
@@ -452,6 +453,9 @@ impl Config {
             upstreams.push(Upstream {
                 name,
                 endpoints,
+                balance,
+                health_check,
+                passive,
                 protocol,
                 connect_timeout: src.duration(
                     || key("connect_timeout"),

@@ -20,6 +20,9 @@ pub enum ProxyError {
     /// The client's request body was malformed (bad chunk framing) or cut short.
     #[error("client request body failed: {0}")]
     ClientBody(hyper::Error),
+    /// Every endpoint of the upstream is unhealthy (failed checks or ejected).
+    #[error("no healthy upstream endpoint")]
+    NoHealthyEndpoint,
     /// Every allowed connection to the endpoint was busy and none freed up in time.
     #[error("upstream connection limit reached")]
     Overloaded,
@@ -32,7 +35,9 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded | ProxyError::NoHealthyEndpoint => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 

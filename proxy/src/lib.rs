@@ -5,11 +5,13 @@
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
 //! `fluxgate-sys`.
 
+mod balance;
 mod body;
 mod conn;
 mod error;
 mod framing;
 mod headers;
+mod health;
 mod pool;
 mod proxy;
 pub mod route;

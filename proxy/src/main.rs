@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fluxgate::Server;
-use fluxgate_conf::{Config, IoMode, RouteAction, Upstream, UpstreamProtocol};
+use fluxgate_conf::{Config, Endpoint, IoMode, RouteAction, Upstream, UpstreamProtocol};
 
 /// mimalloc returns freed pages to the kernel promptly (parked idle connections free their
 /// buffers; glibc would keep them resident) and is faster on this allocation pattern.
@@ -79,7 +79,10 @@ fn quick_config(listen: SocketAddr, upstreams: Vec<SocketAddr>, h2c: bool) -> Re
         upstreams[0]
     ))?;
     let u: &mut Upstream = &mut c.upstreams[0];
-    u.endpoints = upstreams;
+    u.endpoints = upstreams
+        .into_iter()
+        .map(|addr| Endpoint { addr, weight: 1 })
+        .collect();
     if h2c {
         u.protocol = UpstreamProtocol::H2c;
     }

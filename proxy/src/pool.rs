@@ -13,6 +13,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use fluxgate_conf::{Upstream, UpstreamProtocol};
+use std::sync::Arc;
+
+use crate::balance::{Balancer, Health, Pick};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
@@ -61,7 +64,9 @@ pub(crate) struct UpstreamPool {
     pub(crate) cfg: Upstream,
     idle: Rc<ConnectionPool<H1Conn>>,
     endpoints: Vec<Endpoint>,
-    next_endpoint: Cell<usize>,
+    /// Shared with the other workers and the active checker.
+    pub(crate) health: Arc<Health>,
+    pub(crate) balancer: Balancer,
     next_id: Cell<i32>,
 }
 
@@ -103,14 +108,14 @@ impl Drop for Checkout {
 }
 
 impl UpstreamPool {
-    pub(crate) fn new(cfg: Upstream) -> Rc<UpstreamPool> {
+    pub(crate) fn new(cfg: Upstream, health: Arc<Health>, seed: u64) -> Rc<UpstreamPool> {
         // Room for burst surplus beyond `max_idle_per_host` (see `checkin`).
         let lru_size = (cfg.max_idle_per_host * SURPLUS_FACTOR).max(1024) * cfg.endpoints.len();
         let endpoints = cfg
             .endpoints
             .iter()
-            .map(|&addr| Endpoint {
-                addr,
+            .map(|e| Endpoint {
+                addr: e.addr,
                 open: Cell::new(0),
                 busy: Cell::new(0),
                 freed: Notify::new(),
@@ -120,17 +125,18 @@ impl UpstreamPool {
         Rc::new(UpstreamPool {
             idle: Rc::new(ConnectionPool::new(lru_size)),
             endpoints,
-            next_endpoint: Cell::new(0),
+            balancer: Balancer::new(cfg.balance.clone(), &cfg.endpoints, seed),
+            health,
             next_id: Cell::new(0),
             cfg,
         })
     }
 
-    /// Round-robin choice of the endpoint for the next request.
-    pub(crate) fn pick_endpoint(&self) -> usize {
-        let n = self.next_endpoint.get();
-        self.next_endpoint.set((n + 1) % self.endpoints.len());
-        n
+    /// The endpoint for the next request, among the healthy ones (None: none is healthy).
+    /// `key_hash` feeds consistent hashing.
+    pub(crate) fn pick_endpoint(&self, key_hash: Option<u64>) -> Option<Pick> {
+        self.balancer
+            .pick(|ep| self.health.is_healthy(ep), key_hash)
     }
 
     /// Opens `cfg.prewarm` idle connections to each endpoint. Failures are logged, not fatal:

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fluxgate_conf::{HeaderOps, Route, RouteAction, UpstreamProtocol};
+use fluxgate_conf::{Balance, HashKey, HeaderOps, Route, RouteAction, UpstreamProtocol};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -15,6 +15,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
+use crate::balance::hash64;
 use crate::body::{ProxyBody, UpBody};
 use crate::conn::InFlight;
 use crate::error::ProxyError;
@@ -266,8 +267,55 @@ fn replay_copy(parts: &Parts) -> Request<UpBody> {
     r
 }
 
+/// The hashed key a `hash` policy balances on, read from the request as it arrived.
+fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Option<u64> {
+    let Balance::Hash(key) = balance else {
+        return None;
+    };
+    match key {
+        HashKey::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| hash64(v.as_bytes())),
+        HashKey::Cookie(name) => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| hash64(v.as_bytes())),
+        HashKey::ClientIp => Some(hash64(peer_ip.as_bytes())),
+    }
+}
+
+/// Picks an endpoint, runs the exchange, and tells the balancer and passive health how it
+/// went (5xx answers and connect or protocol failures count against the endpoint).
 async fn forward(
     pool: &Rc<UpstreamPool>,
+    req: Request<Incoming>,
+    peer_ip: &HeaderValue,
+    timeout: Duration,
+) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+    let key = hash_key(&pool.cfg.balance, &req, peer_ip);
+    let pick = pool
+        .pick_endpoint(key)
+        .ok_or(ProxyError::NoHealthyEndpoint)?;
+    let result = exchange(pool, pick.ep, req, peer_ip, timeout).await;
+    pool.balancer.done(pick);
+    let failed = match &result {
+        Ok((resp, _)) => resp.status().is_server_error(),
+        Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
+    };
+    pool.health.record(pick.ep, failed);
+    result
+}
+
+/// One request to endpoint `ep`, with the stale-connection retry.
+async fn exchange(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
     req: Request<Incoming>,
     peer_ip: &HeaderValue,
     timeout: Duration,
@@ -276,7 +324,6 @@ async fn forward(
     prepare(&mut parts, peer_ip, pool.cfg.protocol);
     let idempotent = is_idempotent(&parts.method);
     let bodyless = body.is_end_stream();
-    let ep = pool.pick_endpoint();
     match pool.cfg.protocol {
         UpstreamProtocol::Http1 => {
             let mut conn = pool.checkout(ep, false).await?;

@@ -18,6 +18,7 @@ use fluxgate_sys::{AcceptRing, Drained};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
+use crate::balance::Health;
 use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
 use crate::proxy::Handler;
@@ -90,6 +91,11 @@ impl Server {
                 .collect::<io::Result<Vec<_>>>()?;
             per_worker.push(socks);
         }
+        let health: Arc<[Arc<Health>]> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Health::new(u.endpoints.len(), u.passive.clone())))
+            .collect();
         let tables: Arc<[Arc<RouteTable>]> = config
             .listeners
             .iter()
@@ -101,11 +107,12 @@ impl Server {
         for (id, socks) in per_worker.into_iter().enumerate() {
             let config = Arc::clone(&config);
             let tables = Arc::clone(&tables);
+            let health = Arc::clone(&health);
             let stop_rx = stop_rx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("fluxgate-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = run_worker(id, &config, &tables, socks, io, stop_rx) {
+                    if let Err(e) = run_worker(id, &config, &tables, &health, socks, io, stop_rx) {
                         eprintln!("fluxgate: worker {id} failed: {e}");
                     }
                 })?;
@@ -174,6 +181,7 @@ fn run_worker(
     id: usize,
     config: &Config,
     tables: &[Arc<RouteTable>],
+    health: &[Arc<Health>],
     socks: Vec<std::net::TcpListener>,
     io: IoMode,
     mut stop: watch::Receiver<bool>,
@@ -186,8 +194,22 @@ fn run_worker(
         let pools: Rc<[Rc<UpstreamPool>]> = config
             .upstreams
             .iter()
-            .map(|u| UpstreamPool::new(u.clone()))
+            .zip(health)
+            .enumerate()
+            .map(|(i, (u, h))| UpstreamPool::new(u.clone(), Arc::clone(h), (id * 1000 + i) as u64))
             .collect();
+        if id == 0 {
+            // One prober per upstream for the whole process; the verdicts are shared.
+            for (u, h) in config.upstreams.iter().zip(health) {
+                if let Some(check) = &u.health_check {
+                    tokio::task::spawn_local(crate::health::probe_forever(
+                        u.clone(),
+                        check.clone(),
+                        Arc::clone(h),
+                    ));
+                }
+            }
+        }
         for p in pools.iter() {
             tokio::task::spawn_local(Rc::clone(p).prewarm());
         }
