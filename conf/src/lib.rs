@@ -93,6 +93,9 @@ pub struct Runtime {
     pub workers: usize,
     /// Default: auto.
     pub io: IoMode,
+    /// On SIGTERM, how long requests in flight may take to finish before the process exits
+    /// anyway. Default 30 s.
+    pub drain_timeout: Duration,
 }
 
 /// `[http]`: limits on what downstream clients may send.
@@ -178,6 +181,7 @@ struct RawConfig {
 struct RawRuntime {
     workers: Option<Spanned<i64>>,
     io: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -552,7 +556,15 @@ impl Config {
             });
         }
         Ok(Config {
-            runtime: Runtime { workers, io },
+            runtime: Runtime {
+                workers,
+                io,
+                drain_timeout: src.duration(
+                    || "runtime.drain_timeout".into(),
+                    &raw.runtime.drain_timeout,
+                    Duration::from_secs(30),
+                )?,
+            },
             http,
             listeners,
             upstreams,

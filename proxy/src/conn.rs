@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::framing::HeadScan;
@@ -259,6 +260,8 @@ impl AsyncWrite for ClientIo {
 /// The server side of one listener on one worker: hyper's protocol builder, configured once.
 pub(crate) struct ConnServer {
     builder: auto::Builder<LocalExec>,
+    /// Turns true when the worker drains: finish in-flight requests, then close.
+    draining: watch::Receiver<bool>,
     /// Connections parked so far on this worker (see `worker_housekeeping`).
     parks: Rc<Cell<u64>>,
     header_timeout: Duration,
@@ -266,7 +269,11 @@ pub(crate) struct ConnServer {
 }
 
 impl ConnServer {
-    pub(crate) fn new(limits: &fluxgate_conf::HttpLimits, parks: Rc<Cell<u64>>) -> ConnServer {
+    pub(crate) fn new(
+        limits: &fluxgate_conf::HttpLimits,
+        parks: Rc<Cell<u64>>,
+        draining: watch::Receiver<bool>,
+    ) -> ConnServer {
         let mut builder = auto::Builder::new(LocalExec);
         builder
             .http1()
@@ -280,6 +287,7 @@ impl ConnServer {
             .max_concurrent_streams(256);
         ConnServer {
             builder,
+            draining,
             parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
@@ -306,6 +314,7 @@ impl ConnServer {
                 .expect("an IP address is a valid header value"),
         });
         let mut stream = stream;
+        let mut draining = self.draining.clone();
         loop {
             let io = ClientIo {
                 stream: Some(stream),
@@ -323,20 +332,37 @@ impl ConnServer {
             });
             // Boxed so a parked connection keeps none of hyper's state. Errors here are the
             // client's (reset, timeout, malformed head already answered by hyper).
-            let _ = Box::pin(self.builder.serve_connection(TokioIo::new(io), service)).await;
+            let mut conn = Box::pin(self.builder.serve_connection(TokioIo::new(io), service));
+            tokio::select! {
+                biased;
+                _ = conn.as_mut() => {}
+                _ = draining.wait_for(|d| *d) => {
+                    // HTTP/1.1: no more keep-alive (idle connections close now, busy ones
+                    // after their response); HTTP/2: GOAWAY, then the open streams finish.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
+                }
+            }
+            // Dropping hyper's connection drops `ClientIo`, which hands the socket back.
+            drop(conn);
             let Some(s) = state.leftover.take() else {
                 return;
             };
-            if !state.parked.replace(false) {
+            if !state.parked.replace(false) || *draining.borrow() {
                 // Boxed: the linger buffer must not grow every connection's future.
                 Box::pin(linger(s)).await;
                 return;
             }
             self.parks.set(self.parks.get() + 1);
-            // Parked: wait for the next request's first bytes, or close at the idle deadline.
-            match tokio::time::timeout_at(state.idle_deadline(), s.readable()).await {
-                Ok(Ok(())) => stream = s,
-                _ => return,
+            // Parked: wait for the next request's first bytes, or close at the idle deadline
+            // or when the worker drains.
+            tokio::select! {
+                biased;
+                _ = draining.wait_for(|d| *d) => return,
+                r = tokio::time::timeout_at(state.idle_deadline(), s.readable()) => match r {
+                    Ok(Ok(())) => stream = s,
+                    _ => return,
+                },
             }
         }
     }

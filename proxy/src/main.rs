@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fluxgate::Server;
@@ -122,6 +121,9 @@ fn run(args: Args) -> Result<()> {
         config.runtime.io = io;
     }
     let workers = config.runtime.workers;
+    let grace = config.runtime.drain_timeout;
+    // Handlers first: a SIGTERM that lands during start-up must drain, not kill.
+    let signals = StopSignals::install()?;
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
         eprintln!("fluxgate: cannot raise the open-file limit: {e}");
     }
@@ -136,29 +138,44 @@ fn run(args: Args) -> Result<()> {
             _ => "epoll",
         }
     );
-    wait_for_stop_signal()?;
-    eprintln!("fluxgate: stopping");
-    handle.shutdown();
+    signals.wait();
+    eprintln!("fluxgate: draining (up to {grace:?})");
+    if handle.drain(grace) {
+        eprintln!("fluxgate: drained, exiting");
+    } else {
+        eprintln!("fluxgate: drain timeout reached, exiting with requests cut off");
+    }
     Ok(())
 }
 
-fn wait_for_stop_signal() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
+/// SIGTERM and SIGINT, caught on the main thread.
+struct StopSignals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok::<_, std::io::Error>(())
-    })?;
-    // Give in-flight writes a moment; draining proper is the gateway-control work.
-    std::thread::sleep(Duration::from_millis(10));
-    Ok(())
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let entered = rt.enter();
+        let term = signal(SignalKind::terminate())?;
+        let int = signal(SignalKind::interrupt())?;
+        drop(entered);
+        Ok(StopSignals { rt, term, int })
+    }
+
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        });
+    }
 }
 
 fn main() -> ExitCode {

@@ -38,12 +38,24 @@ impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExec {
 /// Starts fluxgate from a config.
 pub struct Server;
 
+/// Where the workers are in their life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Not accepting; finishing what is in flight.
+    Draining,
+    /// Stop now, whatever is in flight.
+    Stopped,
+}
+
 /// A running fluxgate: its bound addresses and the way to stop it.
 pub struct Handle {
     addrs: Vec<SocketAddr>,
     io: IoMode,
-    stop: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     workers: Vec<JoinHandle<()>>,
+    /// Each worker sends once when it has exited its loop.
+    exited: std::sync::mpsc::Receiver<()>,
 }
 
 impl Handle {
@@ -57,12 +69,35 @@ impl Handle {
         self.io
     }
 
-    /// Stops every worker and waits for them to exit.
+    /// Stops every worker at once and waits for them to exit.
     pub fn shutdown(self) {
-        let _ = self.stop.send(true);
+        let _ = self.phase.send(Phase::Stopped);
         for w in self.workers {
             let _ = w.join();
         }
+    }
+
+    /// Graceful stop: listeners close (new connections are refused), idle connections close,
+    /// requests in flight finish (HTTP/1.1 answers carry `Connection: close`, HTTP/2 gets
+    /// GOAWAY), then the workers exit. Whatever is still running after `grace` is cut off.
+    /// Returns whether everything finished within `grace`.
+    pub fn drain(self, grace: std::time::Duration) -> bool {
+        let _ = self.phase.send(Phase::Draining);
+        let deadline = std::time::Instant::now() + grace;
+        let mut finished = 0;
+        while finished < self.workers.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.exited.recv_timeout(left) {
+                Ok(()) => finished += 1,
+                Err(_) => break,
+            }
+        }
+        let clean = finished == self.workers.len();
+        let _ = self.phase.send(Phase::Stopped);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        clean
     }
 }
 
@@ -102,27 +137,31 @@ impl Server {
             .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
             .collect();
         let config = Arc::new(config);
-        let (stop, stop_rx) = watch::channel(false);
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+        let (exited_tx, exited) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(workers);
         for (id, socks) in per_worker.into_iter().enumerate() {
             let config = Arc::clone(&config);
             let tables = Arc::clone(&tables);
             let health = Arc::clone(&health);
-            let stop_rx = stop_rx.clone();
+            let phase_rx = phase_rx.clone();
+            let exited_tx = exited_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("fluxgate-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = run_worker(id, &config, &tables, &health, socks, io, stop_rx) {
+                    if let Err(e) = run_worker(id, &config, &tables, &health, socks, io, phase_rx) {
                         eprintln!("fluxgate: worker {id} failed: {e}");
                     }
+                    let _ = exited_tx.send(());
                 })?;
             threads.push(t);
         }
         Ok(Handle {
             addrs,
             io,
-            stop,
+            phase,
             workers: threads,
+            exited,
         })
     }
 }
@@ -184,7 +223,7 @@ fn run_worker(
     health: &[Arc<Health>],
     socks: Vec<std::net::TcpListener>,
     io: IoMode,
-    mut stop: watch::Receiver<bool>,
+    mut phase: watch::Receiver<Phase>,
 ) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -215,9 +254,12 @@ fn run_worker(
         }
         let parks = Rc::new(Cell::new(0));
         tokio::task::spawn_local(worker_housekeeping(Rc::clone(&parks)));
+        // This worker's own drain signal, for its acceptors and connections.
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let mut listeners = Vec::with_capacity(config.listeners.len());
         for ((l, sock), table) in config.listeners.iter().zip(socks).zip(tables) {
             let ctx = Rc::new(ListenerCtx {
-                server: ConnServer::new(&config.http, Rc::clone(&parks)),
+                server: ConnServer::new(&config.http, Rc::clone(&parks), drain_rx.clone()),
                 handler: Rc::new(Handler {
                     routes: Arc::clone(table),
                     pools: Rc::clone(&pools),
@@ -236,12 +278,20 @@ fn run_worker(
                 },
                 _ => None,
             };
+            listeners.push(Rc::clone(&ctx));
+            let drain = drain_rx.clone();
             match uring {
-                Some(ring) => tokio::task::spawn_local(accept_uring(sock, ring, ctx)),
-                None => tokio::task::spawn_local(accept_epoll(sock, ctx)),
+                Some(ring) => tokio::task::spawn_local(accept_uring(sock, ring, ctx, drain)),
+                None => tokio::task::spawn_local(accept_epoll(sock, ctx, drain)),
             };
         }
-        let _ = stop.wait_for(|s| *s).await;
+        let _ = phase.wait_for(|p| *p != Phase::Running).await;
+        let _ = drain_tx.send(true);
+        // Wait for the connections to finish, unless told to stop now.
+        let open = || listeners.iter().map(|l| l.active.get()).sum::<usize>();
+        while open() > 0 && *phase.borrow() == Phase::Draining {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(20), phase.changed()).await;
+        }
     });
     Ok(())
 }
@@ -280,7 +330,11 @@ async fn accept_backoff(e: &io::Error) {
     }
 }
 
-async fn accept_epoll(sock: std::net::TcpListener, ctx: Rc<ListenerCtx>) {
+async fn accept_epoll(
+    sock: std::net::TcpListener,
+    ctx: Rc<ListenerCtx>,
+    mut drain: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
@@ -289,7 +343,12 @@ async fn accept_epoll(sock: std::net::TcpListener, ctx: Rc<ListenerCtx>) {
         }
     };
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
             Ok((stream, peer)) => match stream.into_std() {
                 Ok(s) => start_conn(&ctx, s, peer),
                 Err(e) => eprintln!("fluxgate: accepted socket unusable: {e}"),
@@ -299,7 +358,12 @@ async fn accept_epoll(sock: std::net::TcpListener, ctx: Rc<ListenerCtx>) {
     }
 }
 
-async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<ListenerCtx>) {
+async fn accept_uring(
+    sock: std::net::TcpListener,
+    ring: AcceptRing,
+    ctx: Rc<ListenerCtx>,
+    mut drain: watch::Receiver<bool>,
+) {
     // The listening socket stays open as long as this accept loop runs.
     let _listener = sock;
     let mut ring = match ring.register() {
@@ -311,7 +375,12 @@ async fn accept_uring(sock: std::net::TcpListener, ring: AcceptRing, ctx: Rc<Lis
     };
     let mut out = Drained::default();
     loop {
-        let mut ready = match ring.readable_mut().await {
+        let readable = tokio::select! {
+            biased;
+            _ = drain.wait_for(|d| *d) => return,
+            r = ring.readable_mut() => r,
+        };
+        let mut ready = match readable {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("fluxgate: io_uring poll failed: {e}");

@@ -6,6 +6,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -70,9 +71,8 @@ fn check_names_key_and_line_of_a_bad_value() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
-#[test]
-fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
-    let up = upstream(Behavior::Echo);
+/// Starts the binary in quick mode in front of `up`; returns it and its address.
+fn quick_mode(up: &Upstream) -> (std::process::Child, SocketAddr) {
     let mut child = fluxgate()
         .args([
             "run",
@@ -92,6 +92,23 @@ fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
             break rest.split_whitespace().next().unwrap().parse().unwrap();
         }
     };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
+    let up = upstream(Behavior::Echo);
+    let (mut child, addr) = quick_mode(&up);
     let r = get(addr, "/quick");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-up-path"), Some("/quick"));
@@ -101,13 +118,32 @@ fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
     let mut first = [0u8; 9];
     std::io::Read::read_exact(&mut c.stream, &mut first).unwrap();
     assert_eq!(first[3], 0x04, "server answers the preface with SETTINGS");
-
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    drop(c);
+    sigterm(&child);
     assert!(child.wait().unwrap().success(), "exit 0 on SIGTERM");
+}
+
+#[test]
+fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections() {
+    let up = upstream(Behavior::Slow(Duration::from_millis(1000)));
+    let (mut child, addr) = quick_mode(&up);
+    let slow = std::thread::spawn(move || get(addr, "/slow").status);
+    assert!(eventually(Duration::from_secs(3), || up.requests() == 1));
+    let t = Instant::now();
+    sigterm(&child);
+    assert!(
+        eventually(Duration::from_secs(2), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_err()),
+        "new connections refused while draining"
+    );
+    assert_eq!(slow.join().unwrap(), 200, "the request in flight completed");
+    assert!(child.wait().unwrap().success(), "exit 0 after the drain");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "well within the 30 s grace"
+    );
 }
 
 #[test]

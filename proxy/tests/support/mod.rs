@@ -54,6 +54,8 @@ pub enum Behavior {
     /// Answers the first request of each connection, then closes the connection on reading
     /// the second without answering (a keep-alive connection gone stale under the proxy).
     DropSecond,
+    /// Answers every request with 500.
+    Fail500,
 }
 
 /// A test upstream (HTTP/1.1 or h2c) on its own thread, counting connections.
@@ -63,6 +65,10 @@ pub struct Upstream {
     pub accepted: Arc<AtomicUsize>,
     /// Connections open now.
     pub open: Arc<AtomicUsize>,
+    /// Requests answered (health probes excluded).
+    pub requests: Arc<AtomicUsize>,
+    /// What `GET /healthz` answers: 200 while true, 503 after.
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Upstream {
@@ -71,6 +77,12 @@ impl Upstream {
     }
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+    pub fn set_healthy(&self, up: bool) {
+        self.healthy.store(up, Ordering::SeqCst);
     }
 }
 
@@ -88,7 +100,11 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
     let addr = std_listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (acc, op) = (accepted.clone(), open.clone());
+    let (reqs, hl) = (requests.clone(), healthy.clone());
+    let port = addr.port();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -101,11 +117,17 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
                 acc.fetch_add(1, Ordering::SeqCst);
                 op.fetch_add(1, Ordering::SeqCst);
                 let op = op.clone();
+                let (reqs, hl) = (reqs.clone(), hl.clone());
                 tokio::spawn(async move {
                     let served = Arc::new(AtomicUsize::new(0));
-                    let svc = hyper::service::service_fn(move |req| {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let probe = req.uri().path() == "/healthz";
+                        let up = hl.load(Ordering::SeqCst);
+                        if !probe {
+                            reqs.fetch_add(1, Ordering::SeqCst);
+                        }
                         let n = served.fetch_add(1, Ordering::SeqCst);
-                        respond(behavior, req, n)
+                        respond(behavior, req, n, port, probe.then_some(up))
                     });
                     let io = TokioIo::new(stream);
                     if h2 {
@@ -128,6 +150,8 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
         addr,
         accepted,
         open,
+        requests,
+        healthy,
     }
 }
 
@@ -137,8 +161,22 @@ async fn respond(
     behavior: Behavior,
     req: Request<Incoming>,
     nth: usize,
+    port: u16,
+    probe: Option<bool>,
 ) -> Result<UpResponse, std::io::Error> {
+    let empty = || Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+    if let Some(up) = probe {
+        let status = if up { 200 } else { 503 };
+        return Ok(Response::builder().status(status).body(empty()).unwrap());
+    }
     match behavior {
+        Behavior::Fail500 => {
+            return Ok(Response::builder()
+                .status(500)
+                .header("x-up-port", port)
+                .body(empty())
+                .unwrap())
+        }
         Behavior::Slow(d) => tokio::time::sleep(d).await,
         Behavior::DropSecond if nth >= 1 => {
             return Err(std::io::Error::other("dropping a kept-alive connection"))
@@ -155,6 +193,7 @@ async fn respond(
     };
     let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
     let mut resp = Response::builder()
+        .header("x-up-port", port)
         .header(
             "x-up-path",
             req.uri().path_and_query().map_or("", |p| p.as_str()),
