@@ -84,6 +84,9 @@ pub struct Config {
     pub http: HttpLimits,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+    /// `[admin] address`: where /metrics, /healthz, /readyz and /config are served.
+    /// Default: no admin listener.
+    pub admin: Option<SocketAddr>,
 }
 
 /// `[runtime]`
@@ -174,6 +177,13 @@ struct RawConfig {
     listener: Vec<RawListener>,
     #[serde(default)]
     upstream: Vec<RawUpstream>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -523,7 +533,7 @@ impl Config {
                     .route
                     .iter()
                     .enumerate()
-                    .map(|(j, r)| route::build(src, &key(&format!("route[{j}]")), r, &upstreams))
+                    .map(|(j, r)| route::build(src, &key(&format!("route[{j}]")), j, r, &upstreams))
                     .collect::<Result<_, _>>()?,
                 _ => {
                     return Err(src.invalid(
@@ -568,6 +578,10 @@ impl Config {
             http,
             listeners,
             upstreams,
+            admin: match &raw.admin {
+                None => None,
+                Some(a) => Some(src.addr("admin.address".into(), &a.address)?),
+            },
         })
     }
 }

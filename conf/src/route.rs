@@ -14,6 +14,9 @@ use crate::{ConfError, Source, Upstream};
 /// One route. Routes are tried in order; the first that matches wins.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Label in metrics and logs. Default `route<index>` (`default` for the listener
+    /// shorthands).
+    pub name: String,
     pub matcher: RouteMatch,
     pub action: RouteAction,
     /// Replaces `upstream.response_timeout` for this route. Default: the upstream's.
@@ -111,6 +114,7 @@ impl HeaderOps {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawRoute {
+    name: Option<String>,
     host: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     path_prefix: Option<Spanned<String>>,
@@ -303,6 +307,7 @@ pub(crate) fn upstream_index(
 /// A route that matches everything and does `action`.
 pub(crate) fn catch_all(action: RouteAction) -> Route {
     Route {
+        name: "default".into(),
         matcher: RouteMatch::default(),
         action,
         timeout: None,
@@ -315,6 +320,7 @@ pub(crate) fn catch_all(action: RouteAction) -> Route {
 pub(crate) fn build(
     src: &Source<'_>,
     key: &str,
+    index: usize,
     r: &RawRoute,
     upstreams: &[Upstream],
 ) -> Result<Route, ConfError> {
@@ -453,6 +459,7 @@ pub(crate) fn build(
         }
     };
     Ok(Route {
+        name: r.name.clone().unwrap_or_else(|| format!("route{index}")),
         matcher: RouteMatch {
             host,
             path,

@@ -5,6 +5,7 @@
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
 //! `fluxgate-sys`.
 
+mod admin;
 mod balance;
 mod body;
 mod conn;
@@ -12,6 +13,7 @@ mod error;
 mod framing;
 mod headers;
 mod health;
+mod metrics;
 mod pool;
 mod proxy;
 pub mod route;

@@ -16,9 +16,11 @@ use fluxgate_conf::{Upstream, UpstreamProtocol};
 use std::sync::Arc;
 
 use crate::balance::{Balancer, Health, Pick};
+use crate::metrics::{Metrics, UpstreamStats};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
+use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -68,6 +70,8 @@ pub(crate) struct UpstreamPool {
     pub(crate) health: Arc<Health>,
     pub(crate) balancer: Balancer,
     next_id: Cell<i32>,
+    /// (registry, worker, upstream index): where this pool's counters live.
+    metrics: (Arc<Metrics>, usize, usize),
 }
 
 /// A connection lent to one request. Dropping it closes the connection; `release` returns it
@@ -101,14 +105,18 @@ impl Checkout {
 impl Drop for Checkout {
     fn drop(&mut self) {
         if self.conn.take().is_some() {
-            let ep = &self.pool.endpoints[self.endpoint];
-            ep.busy.set(ep.busy.get() - 1);
+            self.pool.busy_add(self.endpoint, -1);
         }
     }
 }
 
 impl UpstreamPool {
-    pub(crate) fn new(cfg: Upstream, health: Arc<Health>, seed: u64) -> Rc<UpstreamPool> {
+    pub(crate) fn new(
+        cfg: Upstream,
+        health: Arc<Health>,
+        metrics: (Arc<Metrics>, usize, usize),
+        seed: u64,
+    ) -> Rc<UpstreamPool> {
         // Room for burst surplus beyond `max_idle_per_host` (see `checkin`).
         let lru_size = (cfg.max_idle_per_host * SURPLUS_FACTOR).max(1024) * cfg.endpoints.len();
         let endpoints = cfg
@@ -128,8 +136,28 @@ impl UpstreamPool {
             balancer: Balancer::new(cfg.balance.clone(), &cfg.endpoints, seed),
             health,
             next_id: Cell::new(0),
+            metrics,
             cfg,
         })
+    }
+
+    fn stats(&self) -> &UpstreamStats {
+        let (m, worker, upstream) = &self.metrics;
+        &m.workers[*worker].upstreams[*upstream]
+    }
+
+    /// Connections of `ep` lent out: this worker's count and the metric.
+    fn busy_add(&self, ep: usize, d: i64) {
+        let b = &self.endpoints[ep].busy;
+        b.set(b.get().saturating_add_signed(d as isize));
+        self.stats().busy.fetch_add(d, Ordering::Relaxed);
+    }
+
+    /// Connections of `ep` open: this worker's count and the metric.
+    fn open_add(&self, ep: usize, d: i64) {
+        let o = &self.endpoints[ep].open;
+        o.set(o.get().saturating_add_signed(d as isize));
+        self.stats().open.fetch_add(d, Ordering::Relaxed);
     }
 
     /// The endpoint for the next request, among the healthy ones (None: none is healthy).
@@ -149,9 +177,7 @@ impl UpstreamPool {
             for _ in 0..self.cfg.prewarm {
                 match self.connect_h1(ep).await {
                     Ok(conn) => {
-                        self.endpoints[ep]
-                            .busy
-                            .set(self.endpoints[ep].busy.get() + 1);
+                        self.busy_add(ep, 1);
                         self.checkin(ep, conn);
                     }
                     Err(e) => {
@@ -178,7 +204,8 @@ impl UpstreamPool {
                     continue;
                 }
                 conn.idle.since.set(None);
-                endpoint.busy.set(endpoint.busy.get() + 1);
+                self.busy_add(ep, 1);
+                self.stats().pool_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Checkout {
                     pool: Rc::clone(self),
                     endpoint: ep,
@@ -198,7 +225,8 @@ impl UpstreamPool {
             }
         }
         let conn = self.connect_h1(ep).await?;
-        endpoint.busy.set(endpoint.busy.get() + 1);
+        self.busy_add(ep, 1);
+        self.stats().pool_misses.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout {
             pool: Rc::clone(self),
             endpoint: ep,
@@ -209,7 +237,7 @@ impl UpstreamPool {
 
     fn checkin(self: &Rc<Self>, ep: usize, conn: H1Conn) {
         let endpoint = &self.endpoints[ep];
-        endpoint.busy.set(endpoint.busy.get() - 1);
+        self.busy_add(ep, -1);
         // Idle connections of this endpoint besides this one.
         let idle_now = (endpoint.open.get() - endpoint.busy.get()).saturating_sub(1);
         let cap = self.cfg.max_idle_per_host;
@@ -250,7 +278,7 @@ impl UpstreamPool {
     async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {
         let endpoint = &self.endpoints[ep];
         // Counted from the start of the dial, so concurrent requests see the slot taken.
-        endpoint.open.set(endpoint.open.get() + 1);
+        self.open_add(ep, 1);
         let handshake = async {
             let stream = self.dial(ep).await?;
             http1::Builder::new()
@@ -261,7 +289,7 @@ impl UpstreamPool {
         let (sender, connection) = match handshake.await {
             Ok(pair) => pair,
             Err(e) => {
-                endpoint.open.set(endpoint.open.get() - 1);
+                self.open_add(ep, -1);
                 endpoint.freed.notify_one();
                 return Err(e);
             }
@@ -300,9 +328,8 @@ impl UpstreamPool {
             }
             // Gone while idle (the upstream closed it): out of the pool at once.
             pool.idle.pop_closed(&driver_meta);
-            let endpoint = &pool.endpoints[ep];
-            endpoint.open.set(endpoint.open.get().saturating_sub(1));
-            endpoint.freed.notify_one();
+            pool.open_add(ep, -1);
+            pool.endpoints[ep].freed.notify_one();
         });
         Ok(H1Conn { sender, meta, idle })
     }
@@ -323,12 +350,11 @@ impl UpstreamPool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ProxyError::Upstream)?;
-        endpoint.open.set(endpoint.open.get() + 1);
+        self.open_add(ep, 1);
         let pool = Rc::clone(self);
         tokio::task::spawn_local(async move {
             let _ = connection.await;
-            let endpoint = &pool.endpoints[ep];
-            endpoint.open.set(endpoint.open.get().saturating_sub(1));
+            pool.open_add(ep, -1);
         });
         *endpoint.h2.borrow_mut() = Some(sender.clone());
         Ok(sender)

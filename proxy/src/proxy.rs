@@ -20,6 +20,7 @@ use crate::body::{ProxyBody, UpBody};
 use crate::conn::InFlight;
 use crate::error::ProxyError;
 use crate::headers::{append_list, strip_hop_by_hop};
+use crate::metrics::Metrics;
 use crate::pool::{Checkout, UpstreamPool};
 use crate::route::{RequestHead, RouteTable};
 
@@ -30,6 +31,9 @@ const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Handles every request of one listener on one worker.
 pub(crate) struct Handler {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) worker: usize,
+    pub(crate) listener: usize,
     /// The listener's routes, shared by all workers.
     pub(crate) routes: Arc<RouteTable>,
     /// This worker's pools, indexed like `Config::upstreams`.
@@ -49,13 +53,27 @@ impl Handler {
         req: Request<Incoming>,
         inflight: InFlight,
     ) -> Response<ProxyBody> {
+        let started = std::time::Instant::now();
+        let (route, resp) = self.route_and_answer(req, inflight).await;
+        let stats = &self.metrics.workers[self.worker].listeners[self.listener];
+        let stats = route.map_or(&stats.unrouted, |i| &stats.routes[i]);
+        stats.record(resp.status().as_u16(), started.elapsed());
+        resp
+    }
+
+    /// The answer, and the index of the route that produced it (None: refused or unmatched).
+    async fn route_and_answer(
+        &self,
+        req: Request<Incoming>,
+        inflight: InFlight,
+    ) -> (Option<usize>, Response<ProxyBody>) {
         if inflight.state().take_ambiguous() {
             // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
-            return answer(StatusCode::BAD_REQUEST, true, inflight);
+            return (None, answer(StatusCode::BAD_REQUEST, true, inflight));
         }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
-            return answer(StatusCode::URI_TOO_LONG, true, inflight);
+            return (None, answer(StatusCode::URI_TOO_LONG, true, inflight));
         }
         let head = RequestHead {
             method: req.method(),
@@ -64,8 +82,8 @@ impl Handler {
             query: req.uri().query(),
             headers: req.headers(),
         };
-        let Some(route) = self.routes.match_request(&head) else {
-            return answer(StatusCode::NOT_FOUND, false, inflight);
+        let Some((index, route)) = self.routes.match_request(&head) else {
+            return (None, answer(StatusCode::NOT_FOUND, false, inflight));
         };
         let mut resp = match &route.action {
             RouteAction::Respond {
@@ -104,7 +122,7 @@ impl Handler {
             }
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        resp
+        (Some(index), resp)
     }
 }
 

@@ -92,8 +92,8 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The first route, in configured order, that matches `req`.
-    pub fn match_request(&self, req: &RequestHead<'_>) -> Option<&Route> {
+    /// The first route, in configured order, that matches `req`, with its index.
+    pub fn match_request(&self, req: &RequestHead<'_>) -> Option<(usize, &Route)> {
         // Lowercase the host into a stack buffer: hosts are case-insensitive, keys lowercase.
         let mut buf = [0u8; MAX_HOST];
         let host = req.host.and_then(|h| {
@@ -139,7 +139,7 @@ impl RouteTable {
             lists[which] = &lists[which][1..];
             let route = &self.routes[idx as usize];
             if matches_rest(&route.matcher, req) {
-                return Some(route);
+                return Some((idx as usize, route));
             }
         }
     }
@@ -225,8 +225,7 @@ mod tests {
             query,
             headers: &h,
         };
-        let r = t.match_request(&head)?;
-        Some(t.routes().iter().position(|x| std::ptr::eq(x, r)).unwrap())
+        t.match_request(&head).map(|(i, _)| i)
     }
 
     const R: &str = "upstream = \"u\"\n";

@@ -18,11 +18,14 @@ use fluxgate_sys::{AcceptRing, Drained};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
+use crate::admin::AdminState;
 use crate::balance::Health;
 use crate::conn::{worker_housekeeping, ConnServer};
+use crate::metrics::{self, ListenerStats, Metrics};
 use crate::pool::UpstreamPool;
 use crate::proxy::Handler;
 use crate::route::RouteTable;
+use std::sync::atomic::AtomicBool;
 
 /// Spawns futures on the current thread's `LocalSet`: hyper's HTTP/2 tasks and upstream
 /// connection drivers hold `Rc`s and never leave their worker.
@@ -51,6 +54,7 @@ enum Phase {
 /// A running fluxgate: its bound addresses and the way to stop it.
 pub struct Handle {
     addrs: Vec<SocketAddr>,
+    admin: Option<Admin>,
     io: IoMode,
     phase: watch::Sender<Phase>,
     workers: Vec<JoinHandle<()>>,
@@ -58,7 +62,27 @@ pub struct Handle {
     exited: std::sync::mpsc::Receiver<()>,
 }
 
+/// The admin listener's thread and controls.
+struct Admin {
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    stop: watch::Sender<bool>,
+    thread: JoinHandle<()>,
+}
+
 impl Handle {
+    /// The admin listener's bound address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
+    fn stop_admin(&mut self) {
+        if let Some(a) = self.admin.take() {
+            let _ = a.stop.send(true);
+            let _ = a.thread.join();
+        }
+    }
+
     /// The bound address of each `[[listener]]`, in config order (port 0 resolved).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
@@ -70,7 +94,8 @@ impl Handle {
     }
 
     /// Stops every worker at once and waits for them to exit.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
+        self.stop_admin();
         let _ = self.phase.send(Phase::Stopped);
         for w in self.workers {
             let _ = w.join();
@@ -81,7 +106,12 @@ impl Handle {
     /// requests in flight finish (HTTP/1.1 answers carry `Connection: close`, HTTP/2 gets
     /// GOAWAY), then the workers exit. Whatever is still running after `grace` is cut off.
     /// Returns whether everything finished within `grace`.
-    pub fn drain(self, grace: std::time::Duration) -> bool {
+    pub fn drain(mut self, grace: std::time::Duration) -> bool {
+        if let Some(a) = &self.admin {
+            a.state
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let _ = self.phase.send(Phase::Draining);
         let deadline = std::time::Instant::now() + grace;
         let mut finished = 0;
@@ -93,6 +123,7 @@ impl Handle {
             }
         }
         let clean = finished == self.workers.len();
+        self.stop_admin();
         let _ = self.phase.send(Phase::Stopped);
         for w in self.workers {
             let _ = w.join();
@@ -136,7 +167,32 @@ impl Server {
             .iter()
             .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
             .collect();
+        let metrics = Metrics::new(&config, workers);
         let config = Arc::new(config);
+        let admin = match config.admin {
+            None => None,
+            Some(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .map_err(|e| io::Error::new(e.kind(), format!("bind admin {addr}: {e}")))?;
+                listener.set_nonblocking(true)?;
+                let addr = listener.local_addr()?;
+                let state = Arc::new(AdminState {
+                    config: Arc::clone(&config),
+                    addrs: addrs.clone(),
+                    health: Arc::clone(&health),
+                    metrics: Arc::clone(&metrics),
+                    draining: AtomicBool::new(false),
+                });
+                let (stop, stop_rx) = watch::channel(false);
+                let thread = crate::admin::spawn(listener, Arc::clone(&state), stop_rx)?;
+                Some(Admin {
+                    addr,
+                    state,
+                    stop,
+                    thread,
+                })
+            }
+        };
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let (exited_tx, exited) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(workers);
@@ -144,12 +200,19 @@ impl Server {
             let config = Arc::clone(&config);
             let tables = Arc::clone(&tables);
             let health = Arc::clone(&health);
+            let metrics = Arc::clone(&metrics);
             let phase_rx = phase_rx.clone();
             let exited_tx = exited_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("fluxgate-w{id}"))
                 .spawn(move || {
-                    if let Err(e) = run_worker(id, &config, &tables, &health, socks, io, phase_rx) {
+                    let shared = WorkerShared {
+                        config: &config,
+                        tables: &tables,
+                        health: &health,
+                        metrics: &metrics,
+                    };
+                    if let Err(e) = run_worker(id, shared, socks, io, phase_rx) {
                         eprintln!("fluxgate: worker {id} failed: {e}");
                     }
                     let _ = exited_tx.send(());
@@ -158,6 +221,7 @@ impl Server {
         }
         Ok(Handle {
             addrs,
+            admin,
             io,
             phase,
             workers: threads,
@@ -214,13 +278,28 @@ struct ListenerCtx {
     handler: Rc<Handler>,
     active: Cell<usize>,
     max_connections: usize,
+    metrics: Arc<Metrics>,
+    worker: usize,
+    index: usize,
+}
+
+impl ListenerCtx {
+    fn stats(&self) -> &ListenerStats {
+        &self.metrics.workers[self.worker].listeners[self.index]
+    }
+}
+
+/// What every worker reads and nobody writes (but through atomics).
+struct WorkerShared<'a> {
+    config: &'a Config,
+    tables: &'a [Arc<RouteTable>],
+    health: &'a [Arc<Health>],
+    metrics: &'a Arc<Metrics>,
 }
 
 fn run_worker(
     id: usize,
-    config: &Config,
-    tables: &[Arc<RouteTable>],
-    health: &[Arc<Health>],
+    shared: WorkerShared<'_>,
     socks: Vec<std::net::TcpListener>,
     io: IoMode,
     mut phase: watch::Receiver<Phase>,
@@ -229,13 +308,22 @@ fn run_worker(
         .enable_all()
         .build()?;
     let local = tokio::task::LocalSet::new();
+    let WorkerShared {
+        config,
+        tables,
+        health,
+        metrics,
+    } = shared;
     local.block_on(&rt, async move {
         let pools: Rc<[Rc<UpstreamPool>]> = config
             .upstreams
             .iter()
             .zip(health)
             .enumerate()
-            .map(|(i, (u, h))| UpstreamPool::new(u.clone(), Arc::clone(h), (id * 1000 + i) as u64))
+            .map(|(i, (u, h))| {
+                let stats = (Arc::clone(metrics), id, i);
+                UpstreamPool::new(u.clone(), Arc::clone(h), stats, (id * 1000 + i) as u64)
+            })
             .collect();
         if id == 0 {
             // One prober per upstream for the whole process; the verdicts are shared.
@@ -257,16 +345,22 @@ fn run_worker(
         // This worker's own drain signal, for its acceptors and connections.
         let (drain_tx, drain_rx) = watch::channel(false);
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        for ((l, sock), table) in config.listeners.iter().zip(socks).zip(tables) {
+        for (index, ((l, sock), table)) in config.listeners.iter().zip(socks).zip(tables).enumerate() {
             let ctx = Rc::new(ListenerCtx {
                 server: ConnServer::new(&config.http, Rc::clone(&parks), drain_rx.clone()),
                 handler: Rc::new(Handler {
+                    metrics: Arc::clone(metrics),
+                    worker: id,
+                    listener: index,
                     routes: Arc::clone(table),
                     pools: Rc::clone(&pools),
                     max_request_line: config.http.max_request_line,
                 }),
                 active: Cell::new(0),
                 max_connections: l.max_connections,
+                metrics: Arc::clone(metrics),
+                worker: id,
+                index,
             });
             let uring = match io {
                 IoMode::Uring => match AcceptRing::new(sock.as_raw_fd()) {
@@ -310,12 +404,14 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
         }
     };
     ctx.active.set(ctx.active.get() + 1);
+    metrics::inc(&ctx.stats().active);
     let ctx = Rc::clone(ctx);
     tokio::task::spawn_local(async move {
         ctx.server
             .serve(stream, peer, Rc::clone(&ctx.handler))
             .await;
         ctx.active.set(ctx.active.get() - 1);
+        metrics::dec(&ctx.stats().active);
     });
 }
 

@@ -1,0 +1,201 @@
+//! The admin listener, on its own thread and address: `/metrics` (Prometheus text),
+//! `/healthz` (the process is up), `/readyz` (503 while draining), `/config` (the running
+//! config and endpoint health as JSON).
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fluxgate_conf::{Balance, Config, RouteAction};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
+
+use crate::balance::Health;
+use crate::metrics::Metrics;
+
+/// What the admin endpoints read.
+pub(crate) struct AdminState {
+    pub(crate) config: Arc<Config>,
+    /// Bound addresses of the listeners, in config order.
+    pub(crate) addrs: Vec<std::net::SocketAddr>,
+    pub(crate) health: Arc<[Arc<Health>]>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) draining: AtomicBool,
+}
+
+/// Serves the admin endpoints on `listener` until `stop` turns true.
+pub(crate) fn spawn(
+    listener: std::net::TcpListener,
+    state: Arc<AdminState>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("fluxgate-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fluxgate: admin listener failed: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("fluxgate: admin listener failed: {e}");
+                        return;
+                    }
+                };
+                loop {
+                    let accepted = tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        a = listener.accept() => a,
+                    };
+                    let Ok((stream, _)) = accepted else { continue };
+                    let state = Arc::clone(&state);
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| {
+                            let state = Arc::clone(&state);
+                            async move { Ok::<_, Infallible>(answer(&state, &req)) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        })
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static parts are valid")
+}
+
+fn answer<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state
+                .metrics
+                .render(&state.config, &state.addrs, &state.health),
+        ),
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.draining.load(Ordering::Relaxed) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".into(),
+        ),
+        "/readyz" => text(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/config" => text(
+            StatusCode::OK,
+            "application/json",
+            config_json(&state.config, &state.health),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// A JSON string literal.
+fn js(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// The running config's shape and every endpoint's health, as JSON.
+fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
+    let mut o = String::from("{\"listeners\":[");
+    for (i, l) in c.listeners.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"address\":{},\"routes\":[",
+            js(&l.address.to_string())
+        );
+        for (j, r) in l.routes.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            let action = match &r.action {
+                RouteAction::Forward(u) => {
+                    format!("{{\"upstream\":{}}}", js(&c.upstreams[*u].name))
+                }
+                RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
+                RouteAction::Redirect {
+                    status, location, ..
+                } => {
+                    format!("{{\"redirect\":{status},\"location\":{}}}", js(location))
+                }
+            };
+            let _ = write!(o, "{{\"name\":{},\"action\":{action}}}", js(&r.name));
+        }
+        o.push_str("]}");
+    }
+    o.push_str("],\"upstreams\":[");
+    for (i, (u, h)) in c.upstreams.iter().zip(health).enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let balance = match &u.balance {
+            Balance::RoundRobin => "round_robin",
+            Balance::WeightedRoundRobin => "weighted_round_robin",
+            Balance::LeastRequest => "least_request",
+            Balance::P2cEwma => "p2c_ewma",
+            Balance::Hash(_) => "hash",
+        };
+        let _ = write!(
+            o,
+            "{{\"name\":{},\"balance\":{},\"endpoints\":[",
+            js(&u.name),
+            js(balance)
+        );
+        for (j, e) in u.endpoints.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            let _ = write!(
+                o,
+                "{{\"address\":{},\"weight\":{},\"healthy\":{}}}",
+                js(&e.addr.to_string()),
+                e.weight,
+                h.is_healthy(j)
+            );
+        }
+        o.push_str("]}");
+    }
+    o.push_str("]}\n");
+    o
+}

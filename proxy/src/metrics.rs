@@ -1,0 +1,267 @@
+//! The one metrics registry: counters sharded per worker (each worker writes only its own
+//! shard, relaxed atomics, no contention), summed when the admin listener renders them in
+//! Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxgate_conf::Config;
+
+use crate::balance::Health;
+
+/// Upper bounds of the latency histogram buckets, in microseconds.
+const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Requests of one route (or of no route) on one worker.
+#[derive(Debug, Default)]
+pub(crate) struct RouteStats {
+    /// By status class: 1xx .. 5xx.
+    by_class: [AtomicU64; 5],
+    /// Cumulative-at-render histogram: per-bucket counts, the last one +Inf.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl RouteStats {
+    /// Counts one request answered with `status` after `elapsed` (time to response head).
+    pub(crate) fn record(&self, status: u16, elapsed: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        let us = elapsed.as_micros() as u64;
+        let b = BUCKETS_US.partition_point(|&limit| limit < us);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct ListenerStats {
+    pub(crate) active: AtomicI64,
+    pub(crate) routes: Vec<RouteStats>,
+    /// Requests no route matched (answered 404) or refused before routing (400, 414).
+    pub(crate) unrouted: RouteStats,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct UpstreamStats {
+    pub(crate) pool_hits: AtomicU64,
+    pub(crate) pool_misses: AtomicU64,
+    /// Open connections (HTTP/1.1 and HTTP/2).
+    pub(crate) open: AtomicI64,
+    /// Of those, lent to a request right now.
+    pub(crate) busy: AtomicI64,
+}
+
+#[derive(Debug)]
+pub(crate) struct WorkerStats {
+    pub(crate) listeners: Vec<ListenerStats>,
+    pub(crate) upstreams: Vec<UpstreamStats>,
+}
+
+/// All workers' shards.
+#[derive(Debug)]
+pub struct Metrics {
+    pub(crate) workers: Vec<WorkerStats>,
+    pub(crate) reloads_ok: AtomicU64,
+    pub(crate) reloads_failed: AtomicU64,
+}
+
+fn add(a: &AtomicI64, d: i64) {
+    a.fetch_add(d, Ordering::Relaxed);
+}
+
+pub(crate) fn inc(a: &AtomicI64) {
+    add(a, 1);
+}
+
+pub(crate) fn dec(a: &AtomicI64) {
+    add(a, -1);
+}
+
+impl Metrics {
+    pub(crate) fn new(config: &Config, workers: usize) -> Arc<Metrics> {
+        Arc::new(Metrics {
+            workers: (0..workers)
+                .map(|_| WorkerStats {
+                    listeners: config
+                        .listeners
+                        .iter()
+                        .map(|l| ListenerStats {
+                            active: AtomicI64::new(0),
+                            routes: l.routes.iter().map(|_| RouteStats::default()).collect(),
+                            unrouted: RouteStats::default(),
+                        })
+                        .collect(),
+                    upstreams: config
+                        .upstreams
+                        .iter()
+                        .map(|_| UpstreamStats::default())
+                        .collect(),
+                })
+                .collect(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        })
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    /// `addrs` are the listeners' bound addresses, the `listener` label.
+    pub(crate) fn render(
+        &self,
+        config: &Config,
+        addrs: &[std::net::SocketAddr],
+        health: &[Arc<Health>],
+    ) -> String {
+        let mut o = String::with_capacity(8 << 10);
+        let sum = |f: &dyn Fn(&WorkerStats) -> u64| self.workers.iter().map(f).sum::<u64>();
+        let isum = |f: &dyn Fn(&WorkerStats) -> i64| self.workers.iter().map(f).sum::<i64>();
+
+        o.push_str("# HELP fluxgate_requests_total Requests answered, by listener, route, upstream and status class.\n");
+        o.push_str("# TYPE fluxgate_requests_total counter\n");
+        let upstream_of = |l: usize, r: usize| match &config.listeners[l].routes[r].action {
+            fluxgate_conf::RouteAction::Forward(u) => config.upstreams[*u].name.as_str(),
+            _ => "",
+        };
+        for (li, l) in config.listeners.iter().enumerate() {
+            let routes = l
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(ri, r)| (r.name.as_str(), upstream_of(li, ri), Some(ri)))
+                .chain([("", "", None)]);
+            for (name, up, ri) in routes {
+                for (c, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                    let n = sum(&|w| route_of(w, li, ri).by_class[c].load(Ordering::Relaxed));
+                    if n > 0 {
+                        let _ = writeln!(
+                            o,
+                            "fluxgate_requests_total{{listener=\"{}\",route=\"{name}\",upstream=\"{up}\",code=\"{class}\"}} {n}",
+                            addrs[li]
+                        );
+                    }
+                }
+            }
+        }
+
+        o.push_str("# HELP fluxgate_request_duration_seconds Time to the response head, by listener and route.\n");
+        o.push_str("# TYPE fluxgate_request_duration_seconds histogram\n");
+        for (li, l) in config.listeners.iter().enumerate() {
+            let routes = l
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(ri, r)| (r.name.as_str(), Some(ri)))
+                .chain([("", None)]);
+            for (name, ri) in routes {
+                let labels = format!("listener=\"{}\",route=\"{name}\"", addrs[li]);
+                let mut cumulative = 0;
+                for (b, limit) in BUCKETS_US.iter().enumerate() {
+                    cumulative += sum(&|w| route_of(w, li, ri).buckets[b].load(Ordering::Relaxed));
+                    let _ = writeln!(
+                        o,
+                        "fluxgate_request_duration_seconds_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                        *limit as f64 / 1e6
+                    );
+                }
+                cumulative +=
+                    sum(&|w| route_of(w, li, ri).buckets[BUCKETS_US.len()].load(Ordering::Relaxed));
+                let _ = writeln!(
+                    o,
+                    "fluxgate_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+                );
+                let secs =
+                    sum(&|w| route_of(w, li, ri).sum_us.load(Ordering::Relaxed)) as f64 / 1e6;
+                let _ = writeln!(
+                    o,
+                    "fluxgate_request_duration_seconds_sum{{{labels}}} {secs}"
+                );
+                let _ = writeln!(
+                    o,
+                    "fluxgate_request_duration_seconds_count{{{labels}}} {cumulative}"
+                );
+            }
+        }
+
+        o.push_str("# HELP fluxgate_active_connections Client connections open now.\n");
+        o.push_str("# TYPE fluxgate_active_connections gauge\n");
+        for (li, addr) in addrs.iter().enumerate() {
+            let n = isum(&|w| w.listeners[li].active.load(Ordering::Relaxed));
+            let _ = writeln!(o, "fluxgate_active_connections{{listener=\"{addr}\"}} {n}");
+        }
+
+        type Counter = fn(&UpstreamStats) -> i64;
+        let pool: [(&str, &str, &str, Counter); 4] = [
+            (
+                "fluxgate_upstream_pool_hits_total",
+                "counter",
+                "Requests served on a pooled connection.",
+                |u| u.pool_hits.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "fluxgate_upstream_pool_misses_total",
+                "counter",
+                "Requests that needed a new connection.",
+                |u| u.pool_misses.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "fluxgate_upstream_connections",
+                "gauge",
+                "Upstream connections open now.",
+                |u| u.open.load(Ordering::Relaxed),
+            ),
+            (
+                "fluxgate_upstream_pool_idle_connections",
+                "gauge",
+                "Open upstream connections not lent to a request.",
+                |u| u.open.load(Ordering::Relaxed) - u.busy.load(Ordering::Relaxed),
+            ),
+        ];
+        for (metric, kind, help, f) in pool {
+            let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+            for (ui, u) in config.upstreams.iter().enumerate() {
+                let n = isum(&|w| f(&w.upstreams[ui]));
+                let _ = writeln!(o, "{metric}{{upstream=\"{}\"}} {n}", u.name);
+            }
+        }
+
+        o.push_str("# HELP fluxgate_endpoint_healthy Whether an endpoint gets traffic (1) or is out (0).\n");
+        o.push_str("# TYPE fluxgate_endpoint_healthy gauge\n");
+        for (u, h) in config.upstreams.iter().zip(health) {
+            for (i, e) in u.endpoints.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "fluxgate_endpoint_healthy{{upstream=\"{}\",endpoint=\"{}\"}} {}",
+                    u.name,
+                    e.addr,
+                    u8::from(h.is_healthy(i))
+                );
+            }
+        }
+
+        o.push_str("# HELP fluxgate_config_reloads_total Config reloads, by result.\n");
+        o.push_str("# TYPE fluxgate_config_reloads_total counter\n");
+        let _ = writeln!(
+            o,
+            "fluxgate_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "fluxgate_config_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
+        o
+    }
+}
+
+fn route_of(w: &WorkerStats, listener: usize, route: Option<usize>) -> &RouteStats {
+    match route {
+        Some(i) => &w.listeners[listener].routes[i],
+        None => &w.listeners[listener].unrouted,
+    }
+}
