@@ -141,7 +141,7 @@ pub enum UpstreamProtocol {
 }
 
 /// `[[upstream]]`
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
     pub endpoints: Vec<Endpoint>,

@@ -15,15 +15,11 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::balance::Health;
-use crate::metrics::Metrics;
+use crate::server::Reloader;
 
 /// What the admin endpoints read.
 pub(crate) struct AdminState {
-    pub(crate) config: Arc<Config>,
-    /// Bound addresses of the listeners, in config order.
-    pub(crate) addrs: Vec<std::net::SocketAddr>,
-    pub(crate) health: Arc<[Arc<Health>]>,
-    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) reloader: Arc<Reloader>,
     pub(crate) draining: AtomicBool,
 }
 
@@ -84,20 +80,26 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 }
 
 fn answer<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "GET only\n".into(),
-        );
+    if (req.method(), req.uri().path()) == (&Method::POST, "/reload") {
+        return match state.reloader.reload_source() {
+            Ok(()) => text(StatusCode::OK, "text/plain", "reloaded\n".into()),
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("refused: {e}\n"),
+            ),
+        };
     }
+    if req.method() != Method::GET {
+        let allowed = "GET, or POST /reload\n".to_owned();
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", allowed);
+    }
+    let g = state.reloader.current();
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            state
-                .metrics
-                .render(&state.config, &state.addrs, &state.health),
+            g.metrics.render(&g.config, &g.addrs, &g.health),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if state.draining.load(Ordering::Relaxed) => text(
@@ -109,7 +111,7 @@ fn answer<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
         "/config" => text(
             StatusCode::OK,
             "application/json",
-            config_json(&state.config, &state.health),
+            config_json(&g.config, &g.health),
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::framing::HeadScan;
-use crate::proxy::Handler;
 use crate::server::LocalExec;
+use crate::worker::HandlerSlot;
 
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
@@ -295,7 +295,9 @@ impl ConnServer {
     }
 
     /// Serves one accepted connection to its end.
-    pub(crate) async fn serve(&self, stream: TcpStream, peer: SocketAddr, handler: Rc<Handler>) {
+    /// Serves one accepted connection to its end; each request takes the listener's handler
+    /// current when it arrives.
+    pub(crate) async fn serve(&self, stream: TcpStream, peer: SocketAddr, handler: HandlerSlot) {
         let now = Instant::now();
         let state = Rc::new(ConnState {
             in_flight: Cell::new(0),
@@ -326,7 +328,7 @@ impl ConnServer {
             let svc_state = Rc::clone(&state);
             let svc_handler = Rc::clone(&handler);
             let service = service_fn(move |req| {
-                let handler = Rc::clone(&svc_handler);
+                let handler = Rc::clone(&svc_handler.borrow());
                 let inflight = svc_state.begin_request();
                 async move { Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await) }
             });

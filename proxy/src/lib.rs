@@ -5,6 +5,7 @@
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
 //! `fluxgate-sys`.
 
+mod accept;
 mod admin;
 mod balance;
 mod body;
@@ -18,6 +19,7 @@ mod pool;
 mod proxy;
 pub mod route;
 mod server;
+mod worker;
 
 pub use error::ProxyError;
 pub use server::{Handle, Server};

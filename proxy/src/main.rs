@@ -93,6 +93,7 @@ fn quick_config(listen: SocketAddr, upstreams: Vec<SocketAddr>, h2c: bool) -> Re
 }
 
 fn run(args: Args) -> Result<()> {
+    let source = args.config.clone();
     let mut config = match (&args.config, args.listen) {
         (Some(_), Some(_)) => bail!("use either -c FILE or --listen/--upstream, not both"),
         (Some(path), None) => Config::from_file(path)?,
@@ -123,11 +124,11 @@ fn run(args: Args) -> Result<()> {
     let workers = config.runtime.workers;
     let grace = config.runtime.drain_timeout;
     // Handlers first: a SIGTERM that lands during start-up must drain, not kill.
-    let signals = StopSignals::install()?;
+    let mut signals = Signals::install()?;
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
         eprintln!("fluxgate: cannot raise the open-file limit: {e}");
     }
-    let handle = Server::start(config)?;
+    let handle = Server::start_from(config, source)?;
     for a in handle.local_addrs() {
         eprintln!("fluxgate: listening on {a} (HTTP/1.1 and h2c)");
     }
@@ -138,7 +139,10 @@ fn run(args: Args) -> Result<()> {
             _ => "epoll",
         }
     );
-    signals.wait();
+    // SIGHUP reloads (the outcome is logged by the reloader); SIGTERM and SIGINT drain.
+    while signals.next() == Event::Reload {
+        let _ = handle.reload_source();
+    }
     eprintln!("fluxgate: draining (up to {grace:?})");
     if handle.drain(grace) {
         eprintln!("fluxgate: drained, exiting");
@@ -148,15 +152,22 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT, caught on the main thread.
-struct StopSignals {
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    Reload,
+    Stop,
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught on the main thread.
+struct Signals {
     rt: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
-    fn install() -> Result<StopSignals> {
+impl Signals {
+    fn install() -> Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -164,17 +175,19 @@ impl StopSignals {
         let entered = rt.enter();
         let term = signal(SignalKind::terminate())?;
         let int = signal(SignalKind::interrupt())?;
+        let hup = signal(SignalKind::hangup())?;
         drop(entered);
-        Ok(StopSignals { rt, term, int })
+        Ok(Signals { rt, term, int, hup })
     }
 
-    fn wait(mut self) {
+    fn next(&mut self) -> Event {
         self.rt.block_on(async {
             tokio::select! {
-                _ = self.term.recv() => {}
-                _ = self.int.recv() => {}
+                _ = self.term.recv() => Event::Stop,
+                _ = self.int.recv() => Event::Stop,
+                _ = self.hup.recv() => Event::Reload,
             }
-        });
+        })
     }
 }
 

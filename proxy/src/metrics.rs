@@ -39,9 +39,9 @@ impl RouteStats {
     }
 }
 
+/// Requests of one listener on one worker, by route. New with every config generation.
 #[derive(Debug)]
-pub(crate) struct ListenerStats {
-    pub(crate) active: AtomicI64,
+pub(crate) struct RouteSet {
     pub(crate) routes: Vec<RouteStats>,
     /// Requests no route matched (answered 404) or refused before routing (400, 414).
     pub(crate) unrouted: RouteStats,
@@ -57,55 +57,87 @@ pub(crate) struct UpstreamStats {
     pub(crate) busy: AtomicI64,
 }
 
-#[derive(Debug)]
-pub(crate) struct WorkerStats {
-    pub(crate) listeners: Vec<ListenerStats>,
-    pub(crate) upstreams: Vec<UpstreamStats>,
-}
-
-/// All workers' shards.
+/// The registry of one config generation. Gauges and counters that describe something that
+/// outlives a reload (a kept listener's connections, a kept upstream's pool) are shared with
+/// the previous generation; per-route request counts start afresh.
 #[derive(Debug)]
 pub struct Metrics {
-    pub(crate) workers: Vec<WorkerStats>,
-    pub(crate) reloads_ok: AtomicU64,
-    pub(crate) reloads_failed: AtomicU64,
+    /// [listener][worker]: client connections open.
+    pub(crate) active: Vec<Vec<Arc<AtomicI64>>>,
+    /// [listener][worker]
+    pub(crate) routes: Vec<Vec<Arc<RouteSet>>>,
+    /// [upstream][worker]
+    pub(crate) upstreams: Vec<Vec<Arc<UpstreamStats>>>,
+    pub(crate) reloads_ok: Arc<AtomicU64>,
+    pub(crate) reloads_failed: Arc<AtomicU64>,
 }
 
-fn add(a: &AtomicI64, d: i64) {
-    a.fetch_add(d, Ordering::Relaxed);
-}
+/// The previous registry, and for each listener / upstream of the new config the index of
+/// the old one it continues.
+pub(crate) type Continuing<'a> = (&'a Metrics, &'a [Option<usize>], &'a [Option<usize>]);
 
 pub(crate) fn inc(a: &AtomicI64) {
-    add(a, 1);
+    a.fetch_add(1, Ordering::Relaxed);
 }
 
 pub(crate) fn dec(a: &AtomicI64) {
-    add(a, -1);
+    a.fetch_add(-1, Ordering::Relaxed);
 }
 
 impl Metrics {
-    pub(crate) fn new(config: &Config, workers: usize) -> Arc<Metrics> {
-        Arc::new(Metrics {
-            workers: (0..workers)
-                .map(|_| WorkerStats {
-                    listeners: config
-                        .listeners
-                        .iter()
-                        .map(|l| ListenerStats {
-                            active: AtomicI64::new(0),
+    /// A registry for `config`; `keep_listener[i]` / `keep_upstream[i]` name the entry of
+    /// `previous` that listener / upstream `i` continues (same address / same settings).
+    pub(crate) fn new(
+        config: &Config,
+        workers: usize,
+        previous: Option<Continuing<'_>>,
+    ) -> Arc<Metrics> {
+        let fresh_i64 = || {
+            (0..workers)
+                .map(|_| Arc::new(AtomicI64::new(0)))
+                .collect::<Vec<_>>()
+        };
+        let active = (0..config.listeners.len())
+            .map(|i| match previous {
+                Some((p, keep, _)) => keep[i].map_or_else(fresh_i64, |j| p.active[j].clone()),
+                None => fresh_i64(),
+            })
+            .collect();
+        let routes = config
+            .listeners
+            .iter()
+            .map(|l| {
+                (0..workers)
+                    .map(|_| {
+                        Arc::new(RouteSet {
                             routes: l.routes.iter().map(|_| RouteStats::default()).collect(),
                             unrouted: RouteStats::default(),
                         })
-                        .collect(),
-                    upstreams: config
-                        .upstreams
-                        .iter()
-                        .map(|_| UpstreamStats::default())
-                        .collect(),
-                })
-                .collect(),
-            reloads_ok: AtomicU64::new(0),
-            reloads_failed: AtomicU64::new(0),
+                    })
+                    .collect()
+            })
+            .collect();
+        let fresh_up = || {
+            (0..workers)
+                .map(|_| Arc::new(UpstreamStats::default()))
+                .collect::<Vec<_>>()
+        };
+        let upstreams = (0..config.upstreams.len())
+            .map(|i| match previous {
+                Some((p, _, keep)) => keep[i].map_or_else(fresh_up, |j| p.upstreams[j].clone()),
+                None => fresh_up(),
+            })
+            .collect();
+        let (reloads_ok, reloads_failed) = match previous {
+            Some((p, _, _)) => (Arc::clone(&p.reloads_ok), Arc::clone(&p.reloads_failed)),
+            None => Default::default(),
+        };
+        Arc::new(Metrics {
+            active,
+            routes,
+            upstreams,
+            reloads_ok,
+            reloads_failed,
         })
     }
 
@@ -118,8 +150,6 @@ impl Metrics {
         health: &[Arc<Health>],
     ) -> String {
         let mut o = String::with_capacity(8 << 10);
-        let sum = |f: &dyn Fn(&WorkerStats) -> u64| self.workers.iter().map(f).sum::<u64>();
-        let isum = |f: &dyn Fn(&WorkerStats) -> i64| self.workers.iter().map(f).sum::<i64>();
 
         o.push_str("# HELP fluxgate_requests_total Requests answered, by listener, route, upstream and status class.\n");
         o.push_str("# TYPE fluxgate_requests_total counter\n");
@@ -136,7 +166,7 @@ impl Metrics {
                 .chain([("", "", None)]);
             for (name, up, ri) in routes {
                 for (c, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-                    let n = sum(&|w| route_of(w, li, ri).by_class[c].load(Ordering::Relaxed));
+                    let n = self.route_sum(li, ri, |r| r.by_class[c].load(Ordering::Relaxed));
                     if n > 0 {
                         let _ = writeln!(
                             o,
@@ -161,21 +191,22 @@ impl Metrics {
                 let labels = format!("listener=\"{}\",route=\"{name}\"", addrs[li]);
                 let mut cumulative = 0;
                 for (b, limit) in BUCKETS_US.iter().enumerate() {
-                    cumulative += sum(&|w| route_of(w, li, ri).buckets[b].load(Ordering::Relaxed));
+                    cumulative += self.route_sum(li, ri, |r| r.buckets[b].load(Ordering::Relaxed));
                     let _ = writeln!(
                         o,
                         "fluxgate_request_duration_seconds_bucket{{{labels},le=\"{}\"}} {cumulative}",
                         *limit as f64 / 1e6
                     );
                 }
-                cumulative +=
-                    sum(&|w| route_of(w, li, ri).buckets[BUCKETS_US.len()].load(Ordering::Relaxed));
+                cumulative += self.route_sum(li, ri, |r| {
+                    r.buckets[BUCKETS_US.len()].load(Ordering::Relaxed)
+                });
                 let _ = writeln!(
                     o,
                     "fluxgate_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
                 );
                 let secs =
-                    sum(&|w| route_of(w, li, ri).sum_us.load(Ordering::Relaxed)) as f64 / 1e6;
+                    self.route_sum(li, ri, |r| r.sum_us.load(Ordering::Relaxed)) as f64 / 1e6;
                 let _ = writeln!(
                     o,
                     "fluxgate_request_duration_seconds_sum{{{labels}}} {secs}"
@@ -190,7 +221,10 @@ impl Metrics {
         o.push_str("# HELP fluxgate_active_connections Client connections open now.\n");
         o.push_str("# TYPE fluxgate_active_connections gauge\n");
         for (li, addr) in addrs.iter().enumerate() {
-            let n = isum(&|w| w.listeners[li].active.load(Ordering::Relaxed));
+            let n: i64 = self.active[li]
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum();
             let _ = writeln!(o, "fluxgate_active_connections{{listener=\"{addr}\"}} {n}");
         }
 
@@ -224,7 +258,7 @@ impl Metrics {
         for (metric, kind, help, f) in pool {
             let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
             for (ui, u) in config.upstreams.iter().enumerate() {
-                let n = isum(&|w| f(&w.upstreams[ui]));
+                let n: i64 = self.upstreams[ui].iter().map(|u| f(u)).sum();
                 let _ = writeln!(o, "{metric}{{upstream=\"{}\"}} {n}", u.name);
             }
         }
@@ -259,9 +293,17 @@ impl Metrics {
     }
 }
 
-fn route_of(w: &WorkerStats, listener: usize, route: Option<usize>) -> &RouteStats {
-    match route {
-        Some(i) => &w.listeners[listener].routes[i],
-        None => &w.listeners[listener].unrouted,
+impl Metrics {
+    /// Sums `f` over every worker's stats of route `route` (None: unrouted) of `listener`.
+    fn route_sum(
+        &self,
+        listener: usize,
+        route: Option<usize>,
+        f: impl Fn(&RouteStats) -> u64,
+    ) -> u64 {
+        self.routes[listener]
+            .iter()
+            .map(|set| f(route.map_or(&set.unrouted, |i| &set.routes[i])))
+            .sum()
     }
 }

@@ -16,7 +16,7 @@ use fluxgate_conf::{Upstream, UpstreamProtocol};
 use std::sync::Arc;
 
 use crate::balance::{Balancer, Health, Pick};
-use crate::metrics::{Metrics, UpstreamStats};
+use crate::metrics::UpstreamStats;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
@@ -70,8 +70,8 @@ pub(crate) struct UpstreamPool {
     pub(crate) health: Arc<Health>,
     pub(crate) balancer: Balancer,
     next_id: Cell<i32>,
-    /// (registry, worker, upstream index): where this pool's counters live.
-    metrics: (Arc<Metrics>, usize, usize),
+    /// This worker's counters for the upstream; they follow the pool across reloads.
+    stats: Arc<UpstreamStats>,
 }
 
 /// A connection lent to one request. Dropping it closes the connection; `release` returns it
@@ -114,7 +114,7 @@ impl UpstreamPool {
     pub(crate) fn new(
         cfg: Upstream,
         health: Arc<Health>,
-        metrics: (Arc<Metrics>, usize, usize),
+        stats: Arc<UpstreamStats>,
         seed: u64,
     ) -> Rc<UpstreamPool> {
         // Room for burst surplus beyond `max_idle_per_host` (see `checkin`).
@@ -136,28 +136,23 @@ impl UpstreamPool {
             balancer: Balancer::new(cfg.balance.clone(), &cfg.endpoints, seed),
             health,
             next_id: Cell::new(0),
-            metrics,
+            stats,
             cfg,
         })
-    }
-
-    fn stats(&self) -> &UpstreamStats {
-        let (m, worker, upstream) = &self.metrics;
-        &m.workers[*worker].upstreams[*upstream]
     }
 
     /// Connections of `ep` lent out: this worker's count and the metric.
     fn busy_add(&self, ep: usize, d: i64) {
         let b = &self.endpoints[ep].busy;
         b.set(b.get().saturating_add_signed(d as isize));
-        self.stats().busy.fetch_add(d, Ordering::Relaxed);
+        self.stats.busy.fetch_add(d, Ordering::Relaxed);
     }
 
     /// Connections of `ep` open: this worker's count and the metric.
     fn open_add(&self, ep: usize, d: i64) {
         let o = &self.endpoints[ep].open;
         o.set(o.get().saturating_add_signed(d as isize));
-        self.stats().open.fetch_add(d, Ordering::Relaxed);
+        self.stats.open.fetch_add(d, Ordering::Relaxed);
     }
 
     /// The endpoint for the next request, among the healthy ones (None: none is healthy).
@@ -205,7 +200,7 @@ impl UpstreamPool {
                 }
                 conn.idle.since.set(None);
                 self.busy_add(ep, 1);
-                self.stats().pool_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.pool_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Checkout {
                     pool: Rc::clone(self),
                     endpoint: ep,
@@ -226,7 +221,7 @@ impl UpstreamPool {
         }
         let conn = self.connect_h1(ep).await?;
         self.busy_add(ep, 1);
-        self.stats().pool_misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.pool_misses.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout {
             pool: Rc::clone(self),
             endpoint: ep,

@@ -20,7 +20,7 @@ use crate::body::{ProxyBody, UpBody};
 use crate::conn::InFlight;
 use crate::error::ProxyError;
 use crate::headers::{append_list, strip_hop_by_hop};
-use crate::metrics::Metrics;
+use crate::metrics::RouteSet;
 use crate::pool::{Checkout, UpstreamPool};
 use crate::route::{RequestHead, RouteTable};
 
@@ -31,9 +31,8 @@ const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Handles every request of one listener on one worker.
 pub(crate) struct Handler {
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) worker: usize,
-    pub(crate) listener: usize,
+    /// This worker's request counters for the listener's routes.
+    pub(crate) stats: Arc<RouteSet>,
     /// The listener's routes, shared by all workers.
     pub(crate) routes: Arc<RouteTable>,
     /// This worker's pools, indexed like `Config::upstreams`.
@@ -55,8 +54,7 @@ impl Handler {
     ) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
         let (route, resp) = self.route_and_answer(req, inflight).await;
-        let stats = &self.metrics.workers[self.worker].listeners[self.listener];
-        let stats = route.map_or(&stats.unrouted, |i| &stats.routes[i]);
+        let stats = route.map_or(&self.stats.unrouted, |i| &self.stats.routes[i]);
         stats.record(resp.status().as_u16(), started.elapsed());
         resp
     }

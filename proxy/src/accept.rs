@@ -1,0 +1,175 @@
+//! Listening sockets and the two acceptors: io_uring multishot accept (completions signalled
+//! through an eventfd the runtime polls, completion work deferred to the worker instead of
+//! interrupting it) and tokio's epoll accept.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use fluxgate_conf::IoMode;
+use fluxgate_sys::{AcceptRing, Drained};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::metrics;
+use crate::worker::ListenerCtx;
+
+/// Binds one worker's socket for a listener (SO_REUSEPORT, TCP_NODELAY, backlog, TFO).
+pub(crate) fn bind(
+    l: &fluxgate_conf::Listener,
+    addr: SocketAddr,
+) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    // Port 0 with SO_REUSEPORT already set may hand out a port another reuseport listener of
+    // the same user holds, silently sharing its traffic. So pick the port without it, then
+    // join the group before listen(2), where Linux forms it.
+    let any_port = addr.port() == 0;
+    sock.set_reuse_port(!any_port)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    if any_port {
+        sock.set_reuse_port(true)?;
+    }
+    sock.listen(l.backlog as i32)?;
+    if l.tcp_fastopen > 0 {
+        if let Err(e) = fluxgate_sys::set_tcp_fastopen(&sock, l.tcp_fastopen) {
+            eprintln!("fluxgate: TCP_FASTOPEN on {addr} not set: {e}");
+        }
+    }
+    Ok(sock.into())
+}
+
+/// Starts the acceptor for one listener socket; it runs until `stop` turns true.
+pub(crate) fn spawn(
+    worker: usize,
+    io: IoMode,
+    sock: std::net::TcpListener,
+    ctx: Rc<ListenerCtx>,
+    stop: watch::Receiver<bool>,
+) {
+    let ring = match io {
+        IoMode::Uring => match AcceptRing::new(sock.as_raw_fd()) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                eprintln!("fluxgate: worker {worker}: io_uring setup failed ({e}); accepting through epoll");
+                None
+            }
+        },
+        _ => None,
+    };
+    match ring {
+        Some(ring) => tokio::task::spawn_local(accept_uring(sock, ring, ctx, stop)),
+        None => tokio::task::spawn_local(accept_epoll(sock, ctx, stop)),
+    };
+}
+
+fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {
+    if ctx.active.get() >= ctx.max_connections.get() {
+        // Over the per-worker cap: close at once rather than queue unbounded work.
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fluxgate: cannot register accepted socket: {e}");
+            return;
+        }
+    };
+    ctx.active.set(ctx.active.get() + 1);
+    metrics::inc(&ctx.active_gauge);
+    let ctx = Rc::clone(ctx);
+    tokio::task::spawn_local(async move {
+        // The limits in force when the connection arrived; routes are looked up per request.
+        let server = ctx.server.borrow().clone();
+        server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        ctx.active.set(ctx.active.get() - 1);
+        metrics::dec(&ctx.active_gauge);
+    });
+}
+
+/// Out of descriptors or memory: back off instead of spinning on a listener that stays ready.
+async fn accept_backoff(e: &io::Error) {
+    eprintln!("fluxgate: accept failed: {e}");
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    ) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn accept_epoll(
+    sock: std::net::TcpListener,
+    ctx: Rc<ListenerCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(sock) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("fluxgate: cannot register listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|d| *d) => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => match stream.into_std() {
+                Ok(s) => start_conn(&ctx, s, peer),
+                Err(e) => eprintln!("fluxgate: accepted socket unusable: {e}"),
+            },
+            Err(e) => accept_backoff(&e).await,
+        }
+    }
+}
+
+async fn accept_uring(
+    sock: std::net::TcpListener,
+    ring: AcceptRing,
+    ctx: Rc<ListenerCtx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // The listening socket stays open as long as this accept loop runs.
+    let _listener = sock;
+    let mut ring = match ring.register() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fluxgate: cannot poll the io_uring: {e}");
+            return;
+        }
+    };
+    let mut out = Drained::default();
+    loop {
+        let readable = tokio::select! {
+            biased;
+            _ = stop.wait_for(|d| *d) => return,
+            r = ring.readable_mut() => r,
+        };
+        let mut ready = match readable {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fluxgate: io_uring poll failed: {e}");
+                return;
+            }
+        };
+        ready.clear_ready();
+        if let Err(e) = ready.get_inner_mut().drain(&mut out) {
+            eprintln!("fluxgate: io_uring re-arm failed: {e}");
+            accept_backoff(&e).await;
+        }
+        for r in out.accepted.drain(..) {
+            match r {
+                Ok((fd, peer)) => start_conn(&ctx, std::net::TcpStream::from(fd), peer),
+                Err(e) => accept_backoff(&e).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! One worker thread: a current-thread tokio runtime with its own listener sockets, upstream
+//! pools and acceptors. It applies each config generation it is sent: kept listeners and
+//! unchanged upstreams carry on (sockets, pooled connections, counters), new ones start,
+//! removed listeners stop accepting. Requests look up the handler when they arrive, so a
+//! request in flight finishes on the generation it started with.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use fluxgate_conf::{IoMode, Upstream};
+use tokio::sync::{mpsc, watch};
+
+use crate::conn::{worker_housekeeping, ConnServer};
+use crate::pool::UpstreamPool;
+use crate::proxy::Handler;
+use crate::server::{Generation, Phase};
+
+/// The handler of a listener, swapped by reloads and read by every new request.
+pub(crate) type HandlerSlot = Rc<RefCell<Rc<Handler>>>;
+
+/// What the reloader sends a worker.
+pub(crate) struct Apply {
+    pub(crate) generation: Arc<Generation>,
+    /// Per listener of the generation: this worker's socket when the listener is new, None
+    /// when it continues a listener of the previous generation.
+    pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
+    /// Per listener: the index, in the previous generation, of the listener it continues.
+    pub(crate) previous: Vec<Option<usize>>,
+}
+
+/// Per-listener state of one worker.
+pub(crate) struct ListenerCtx {
+    pub(crate) server: RefCell<Rc<ConnServer>>,
+    pub(crate) handler: HandlerSlot,
+    pub(crate) active: Cell<usize>,
+    pub(crate) max_connections: Cell<usize>,
+    /// This worker's share of `fluxgate_active_connections`; survives reloads.
+    pub(crate) active_gauge: Arc<AtomicI64>,
+    /// Stops this listener's acceptor.
+    stop: watch::Sender<bool>,
+}
+
+struct Worker {
+    id: usize,
+    io: IoMode,
+    pools: RefCell<Vec<(Upstream, Rc<UpstreamPool>)>>,
+    listeners: RefCell<Vec<Rc<ListenerCtx>>>,
+    /// Active health checkers (worker 0 only), by the upstream settings they probe.
+    checkers: RefCell<Vec<(Upstream, tokio::task::AbortHandle)>>,
+    parks: Rc<Cell<u64>>,
+    draining: watch::Receiver<bool>,
+}
+
+impl Worker {
+    fn apply(&self, a: Apply) {
+        let g = &a.generation;
+        let mut sockets = a.sockets;
+        let previous = a.previous;
+
+        let old = self.pools.take();
+        let pools: Vec<(Upstream, Rc<UpstreamPool>)> = g
+            .config
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| match old.iter().find(|(c, _)| c == u) {
+                Some((c, p)) => (c.clone(), Rc::clone(p)),
+                None => {
+                    let p = UpstreamPool::new(
+                        u.clone(),
+                        Arc::clone(&g.health[i]),
+                        Arc::clone(&g.metrics.upstreams[i][self.id]),
+                        (self.id * 1000 + i) as u64,
+                    );
+                    tokio::task::spawn_local(Rc::clone(&p).prewarm());
+                    (u.clone(), p)
+                }
+            })
+            .collect();
+        let shared: Rc<[Rc<UpstreamPool>]> = pools.iter().map(|(_, p)| Rc::clone(p)).collect();
+        *self.pools.borrow_mut() = pools;
+
+        let old = self.listeners.take();
+        let mut kept = Vec::with_capacity(g.config.listeners.len());
+        for (i, l) in g.config.listeners.iter().enumerate() {
+            let handler = Rc::new(Handler {
+                routes: Arc::clone(&g.tables[i]),
+                pools: Rc::clone(&shared),
+                stats: Arc::clone(&g.metrics.routes[i][self.id]),
+                max_request_line: g.config.http.max_request_line,
+            });
+            let server = Rc::new(ConnServer::new(
+                &g.config.http,
+                Rc::clone(&self.parks),
+                self.draining.clone(),
+            ));
+            let ctx = match sockets[i].take() {
+                Some(sock) => {
+                    let (stop, stop_rx) = watch::channel(false);
+                    let ctx = Rc::new(ListenerCtx {
+                        server: RefCell::new(server),
+                        handler: Rc::new(RefCell::new(handler)),
+                        active: Cell::new(0),
+                        max_connections: Cell::new(l.max_connections),
+                        active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
+                        stop,
+                    });
+                    crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);
+                    ctx
+                }
+                None => {
+                    let j = previous[i].expect("a listener without a socket continues one");
+                    let ctx = Rc::clone(&old[j]);
+                    *ctx.server.borrow_mut() = server;
+                    *ctx.handler.borrow_mut() = handler;
+                    ctx.max_connections.set(l.max_connections);
+                    ctx
+                }
+            };
+            kept.push(ctx);
+        }
+        for c in &old {
+            if !kept.iter().any(|k| Rc::ptr_eq(k, c)) {
+                // Its connections finish on their own; no new ones.
+                let _ = c.stop.send(true);
+            }
+        }
+        *self.listeners.borrow_mut() = kept;
+
+        if self.id == 0 {
+            let old = self.checkers.take();
+            let mut checkers = Vec::new();
+            for (u, h) in g.config.upstreams.iter().zip(&g.health) {
+                let Some(check) = &u.health_check else {
+                    continue;
+                };
+                match old.iter().position(|(c, _)| c == u) {
+                    Some(j) => checkers.push((u.clone(), old[j].1.clone())),
+                    None => {
+                        let task = tokio::task::spawn_local(crate::health::probe_forever(
+                            u.clone(),
+                            check.clone(),
+                            Arc::clone(h),
+                        ));
+                        checkers.push((u.clone(), task.abort_handle()));
+                    }
+                }
+            }
+            for (u, handle) in old {
+                if !checkers.iter().any(|(c, _)| *c == u) {
+                    handle.abort();
+                }
+            }
+            *self.checkers.borrow_mut() = checkers;
+        }
+    }
+
+    fn open_connections(&self) -> usize {
+        self.listeners.borrow().iter().map(|l| l.active.get()).sum()
+    }
+}
+
+/// Runs worker `id` until told to stop: applies generations from `commands`, and on drain
+/// stops accepting and waits for its connections to finish.
+pub(crate) fn run(
+    id: usize,
+    io: IoMode,
+    first: Apply,
+    mut commands: mpsc::UnboundedReceiver<Apply>,
+    mut phase: watch::Receiver<Phase>,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let parks = Rc::new(Cell::new(0));
+        tokio::task::spawn_local(worker_housekeeping(Rc::clone(&parks)));
+        let (drain_tx, draining) = watch::channel(false);
+        let worker = Worker {
+            id,
+            io,
+            pools: RefCell::new(Vec::new()),
+            listeners: RefCell::new(Vec::new()),
+            checkers: RefCell::new(Vec::new()),
+            parks,
+            draining,
+        };
+        worker.apply(first);
+        loop {
+            tokio::select! {
+                biased;
+                _ = phase.wait_for(|p| *p != Phase::Running) => break,
+                cmd = commands.recv() => match cmd {
+                    Some(a) => worker.apply(a),
+                    None => break,
+                },
+            }
+        }
+        for l in worker.listeners.borrow().iter() {
+            let _ = l.stop.send(true);
+        }
+        let _ = drain_tx.send(true);
+        // Wait for the connections to finish, unless told to stop now.
+        while worker.open_connections() > 0 && *phase.borrow() == Phase::Draining {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(20), phase.changed()).await;
+        }
+        for (_, c) in worker.checkers.take() {
+            c.abort();
+        }
+    });
+    Ok(())
+}
