@@ -166,12 +166,24 @@ impl Reloader {
             health,
             metrics,
         });
+        let (applied, acks) = std::sync::mpsc::channel();
         for (tx, sockets) in self.workers.iter().zip(sockets) {
             let _ = tx.send(Apply {
                 generation: Arc::clone(&generation),
                 sockets,
                 previous: keep_listener.clone(),
+                applied: Some(applied.clone()),
             });
+        }
+        // Return once every worker serves the new config (a stopped worker never answers).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for _ in 0..workers {
+            if acks
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                break;
+            }
         }
         generation
             .metrics
@@ -328,6 +340,7 @@ impl Server {
                 generation: Arc::clone(&generation),
                 previous: vec![None; sockets.len()],
                 sockets,
+                applied: None,
             };
             let phase_rx = phase_rx.clone();
             let exited_tx = exited_tx.clone();

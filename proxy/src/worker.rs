@@ -28,6 +28,8 @@ pub(crate) struct Apply {
     pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
     /// Per listener: the index, in the previous generation, of the listener it continues.
     pub(crate) previous: Vec<Option<usize>>,
+    /// Told once the worker has switched over.
+    pub(crate) applied: Option<std::sync::mpsc::Sender<()>>,
 }
 
 /// Per-listener state of one worker.
@@ -58,6 +60,7 @@ impl Worker {
         let g = &a.generation;
         let mut sockets = a.sockets;
         let previous = a.previous;
+        let applied = a.applied;
 
         let old = self.pools.take();
         let pools: Vec<(Upstream, Rc<UpstreamPool>)> = g
@@ -154,6 +157,9 @@ impl Worker {
                 }
             }
             *self.checkers.borrow_mut() = checkers;
+        }
+        if let Some(tx) = applied {
+            let _ = tx.send(());
         }
     }
 

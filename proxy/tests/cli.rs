@@ -71,38 +71,99 @@ fn check_names_key_and_line_of_a_bad_value() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
-/// Starts the binary in quick mode in front of `up`; returns it and its address.
-fn quick_mode(up: &Upstream) -> (std::process::Child, SocketAddr) {
+/// A running `fluxgate` binary, its first listener's address and everything it has logged.
+struct Running {
+    child: std::process::Child,
+    addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn spawn(args: &[&str]) -> Running {
     let mut child = fluxgate()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-        ])
-        .args(["--workers", "1", "--io", "auto"])
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr: SocketAddr = loop {
         let line = lines.next().expect("fluxgate printed its address").unwrap();
+        log.lock().unwrap().push(line.clone());
         if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
             break rest.split_whitespace().next().unwrap().parse().unwrap();
         }
     };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
+    // Keep reading its log so it never blocks on a full pipe.
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|l| sink.lock().unwrap().push(l))
+    });
+    Running { child, addr, log }
 }
 
-fn sigterm(child: &std::process::Child) {
+/// Starts the binary in quick mode in front of `up`.
+fn quick_mode(up: &Upstream) -> (std::process::Child, SocketAddr) {
+    let r = spawn(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up.addr.to_string(),
+        "--workers",
+        "1",
+        "--io",
+        "auto",
+    ]);
+    (r.child, r.addr)
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([sig, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_the_file_and_refuses_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("fluxgate-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("f.toml");
+    let cfg = |body: &str| {
+        format!("[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200, body = \"{body}\" }}\n")
+    };
+    std::fs::write(&path, cfg("one")).unwrap();
+    let mut r = spawn(&["run", "-c", path.to_str().unwrap(), "--workers", "1"]);
+    assert_eq!(get(r.addr, "/").body, b"one");
+    std::fs::write(&path, cfg("two")).unwrap();
+    signal(&r.child, "-HUP");
+    assert!(eventually(Duration::from_secs(3), || get(r.addr, "/").body == b"two"));
+    std::fs::write(
+        &path,
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = { status = 99 }\n",
+    )
+    .unwrap();
+    signal(&r.child, "-HUP");
+    assert!(eventually(Duration::from_secs(3), || r
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("refused") && l.contains("respond.status"))));
+    assert_eq!(
+        get(r.addr, "/").body,
+        b"two",
+        "the old config keeps serving"
+    );
+    signal(&r.child, "-TERM");
+    assert!(r.child.wait().unwrap().success());
+}
+
+fn sigterm(child: &std::process::Child) {
+    signal(child, "-TERM");
 }
 
 #[test]
