@@ -7,6 +7,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,42 +39,120 @@ const TIMEOUT_408: &[u8] =
 /// What the request handler and the socket wrapper of one connection share.
 pub(crate) struct ConnState {
     /// Requests received whose response body has not been dropped yet.
-    in_flight: Cell<u32>,
+    in_flight: Count,
     /// Bytes arrived since the last request was handed over: a head is being read.
-    partial: Cell<bool>,
+    partial: Flag,
     /// When `partial` last became true.
-    head_started: Cell<Instant>,
+    head_started: Stamp,
     /// When the connection last became idle (no request in flight).
-    idle_since: Cell<Instant>,
+    idle_since: Stamp,
     /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
-    h2: Cell<bool>,
+    h2: Flag,
     /// hyper's read buffer is known to be empty when the connection is idle: the last head
     /// ended exactly at the end of a read and nothing was read while a request was in flight.
     /// Only then may the connection be parked without losing bytes hyper holds.
-    clean: Cell<bool>,
+    clean: Flag,
     /// Set when the socket wrapper ended hyper's connection to park it.
-    parked: Cell<bool>,
-    first_read: Cell<bool>,
+    parked: Flag,
+    first_read: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
     /// The head being read carries both Content-Length and Transfer-Encoding.
-    ambiguous: Cell<bool>,
+    ambiguous: Flag,
     /// The socket, handed back by `ClientIo` when hyper drops it, unless the client already
     /// closed its side.
-    leftover: Cell<Option<TcpStream>>,
+    leftover: Slot,
+    /// The connection was upgraded (WebSocket and the like): the tunnel has no timeouts
+    /// here and is never parked.
+    upgraded: Flag,
     /// The client's IP address, ready for X-Forwarded-For.
     pub(crate) peer_ip: http::HeaderValue,
 }
 
+// The fields of `ConnState` are touched by one thread only, but hyper's upgrade machinery
+// wants the socket wrapper to be Send, so they are relaxed atomics rather than Cells.
+
+/// A `Cell<bool>` that is Sync.
+#[derive(Default)]
+struct Flag(AtomicBool);
+
+impl Flag {
+    fn new(v: bool) -> Flag {
+        Flag(AtomicBool::new(v))
+    }
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn set(&self, v: bool) {
+        self.0.store(v, Ordering::Relaxed)
+    }
+    fn replace(&self, v: bool) -> bool {
+        self.0.swap(v, Ordering::Relaxed)
+    }
+}
+
+/// A `Cell<u32>` that is Sync (one writer: plain load and store).
+struct Count(AtomicU32);
+
+impl Count {
+    fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn set(&self, v: u32) {
+        self.0.store(v, Ordering::Relaxed)
+    }
+}
+
+/// A `Cell<Instant>` that is Sync: nanoseconds since a process-wide base.
+struct Stamp(AtomicU64);
+
+fn base() -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+impl Stamp {
+    fn new(at: Instant) -> Stamp {
+        let s = Stamp(AtomicU64::new(0));
+        s.set(at);
+        s
+    }
+    fn get(&self) -> Instant {
+        base() + Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+    fn set(&self, at: Instant) {
+        let n = at.saturating_duration_since(base()).as_nanos() as u64;
+        self.0.store(n, Ordering::Relaxed)
+    }
+}
+
+/// The socket handed back by `ClientIo`.
+#[derive(Default)]
+struct Slot(std::sync::Mutex<Option<TcpStream>>);
+
+impl Slot {
+    fn set(&self, s: Option<TcpStream>) {
+        *self.0.lock().expect("slot lock") = s;
+    }
+    fn take(&self) -> Option<TcpStream> {
+        self.0.lock().expect("slot lock").take()
+    }
+}
+
 /// Held by a response body: the connection counts as busy until it is dropped.
-pub(crate) struct InFlight(Rc<ConnState>);
+pub(crate) struct InFlight(Arc<ConnState>);
 
 impl ConnState {
     /// Marks a request as received; the returned guard marks it finished when dropped.
-    pub(crate) fn begin_request(self: &Rc<Self>) -> InFlight {
+    pub(crate) fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.set(self.in_flight.get() + 1);
         self.partial.set(false);
-        InFlight(Rc::clone(self))
+        InFlight(Arc::clone(self))
+    }
+
+    /// The connection becomes a tunnel: no more request timeouts or parking.
+    pub(crate) fn mark_upgraded(&self) {
+        self.upgraded.set(true);
     }
 
     /// Whether the request just received had ambiguous framing (and must be refused).
@@ -81,7 +161,11 @@ impl ConnState {
     }
 
     fn parkable(&self) -> bool {
-        self.in_flight.get() == 0 && !self.partial.get() && !self.h2.get() && self.clean.get()
+        self.in_flight.get() == 0
+            && !self.partial.get()
+            && !self.h2.get()
+            && self.clean.get()
+            && !self.upgraded.get()
     }
 
     /// When the keep-alive idle period ends.
@@ -91,7 +175,7 @@ impl ConnState {
 
     /// The next moment the socket wrapper must look again: 408, idle close or park.
     fn deadline(&self) -> Instant {
-        if self.in_flight.get() > 0 {
+        if self.in_flight.get() > 0 || self.upgraded.get() {
             // Nothing to enforce while a request is served, but hyper may not read again when
             // it ends, so keep a timer armed to look again later.
             return Instant::now() + PARK_AFTER.min(self.idle_timeout);
@@ -125,7 +209,7 @@ struct ClientIo {
     // Always Some until dropped.
     stream: Option<TcpStream>,
     eof: bool,
-    state: Rc<ConnState>,
+    state: Arc<ConnState>,
     // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
     timer: Option<Pin<Box<Sleep>>>,
     scan: HeadScan,
@@ -299,17 +383,18 @@ impl ConnServer {
     /// current when it arrives.
     pub(crate) async fn serve(&self, stream: TcpStream, peer: SocketAddr, handler: HandlerSlot) {
         let now = Instant::now();
-        let state = Rc::new(ConnState {
-            in_flight: Cell::new(0),
-            partial: Cell::new(false),
-            head_started: Cell::new(now),
-            idle_since: Cell::new(now),
-            h2: Cell::new(false),
-            clean: Cell::new(false),
-            parked: Cell::new(false),
-            first_read: Cell::new(true),
-            ambiguous: Cell::new(false),
-            leftover: Cell::new(None),
+        let state = Arc::new(ConnState {
+            in_flight: Count(AtomicU32::new(0)),
+            partial: Flag::default(),
+            head_started: Stamp::new(now),
+            idle_since: Stamp::new(now),
+            h2: Flag::default(),
+            clean: Flag::default(),
+            parked: Flag::default(),
+            first_read: Flag::new(true),
+            ambiguous: Flag::default(),
+            upgraded: Flag::default(),
+            leftover: Slot::default(),
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
@@ -321,11 +406,11 @@ impl ConnServer {
             let io = ClientIo {
                 stream: Some(stream),
                 eof: false,
-                state: Rc::clone(&state),
+                state: Arc::clone(&state),
                 timer: None,
                 scan: HeadScan::default(),
             };
-            let svc_state = Rc::clone(&state);
+            let svc_state = Arc::clone(&state);
             let svc_handler = Rc::clone(&handler);
             let service = service_fn(move |req| {
                 let handler = Rc::clone(&svc_handler.borrow());
@@ -334,7 +419,10 @@ impl ConnServer {
             });
             // Boxed so a parked connection keeps none of hyper's state. Errors here are the
             // client's (reset, timeout, malformed head already answered by hyper).
-            let mut conn = Box::pin(self.builder.serve_connection(TokioIo::new(io), service));
+            let mut conn = Box::pin(
+                self.builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service),
+            );
             tokio::select! {
                 biased;
                 _ = conn.as_mut() => {}

@@ -300,7 +300,8 @@ impl UpstreamPool {
         tokio::task::spawn_local(async move {
             // Look at the idle time this often: expiry lands within one period of its limit.
             let period = idle_check_period(pool.cfg.idle_timeout);
-            let mut connection = std::pin::pin!(connection);
+            // With upgrades: a 101 hands the socket over to the tunnel instead of closing.
+            let mut connection = std::pin::pin!(connection.with_upgrades());
             let check = tokio::time::sleep(period);
             let mut check = std::pin::pin!(check);
             loop {

@@ -109,11 +109,39 @@ impl Handler {
                     rewrite_prefix(&mut req, route, to);
                 }
                 let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
-                match forward(pool, req, &inflight.state().peer_ip, timeout).await {
-                    Ok((resp, conn)) => {
+                let upgrade = upgrade_protocol(&req);
+                let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+                match forward(
+                    pool,
+                    req,
+                    &inflight.state().peer_ip,
+                    timeout,
+                    upgrade.clone(),
+                )
+                .await
+                {
+                    Ok((mut resp, conn)) => {
+                        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                        let tunnel = match (client_side, switching) {
+                            (Some(client_side), true) => {
+                                let upstream_side = hyper::upgrade::on(&mut resp);
+                                inflight.state().mark_upgraded();
+                                tokio::task::spawn_local(tunnel(client_side, upstream_side));
+                                true
+                            }
+                            _ => false,
+                        };
                         let (mut parts, body) = resp.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
-                        Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+                        if tunnel {
+                            // The upgraded connection is the tunnel's now, never pooled.
+                            drop(conn);
+                            let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
+                            restore_upgrade(&mut parts.headers, proto);
+                            Response::from_parts(parts, ProxyBody::full(Bytes::new(), inflight))
+                        } else {
+                            Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+                        }
                     }
                     Err(e) => answer(e.status(), e.closes_client(), inflight),
                 }
@@ -122,6 +150,38 @@ impl Handler {
         edit_headers(resp.headers_mut(), &route.response_headers);
         (Some(index), resp)
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let asks = req.version() == Version::HTTP_11
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts back the two headers an upgrade needs, which the hop-by-hop rule removed.
+fn restore_upgrade(h: &mut http::HeaderMap, proto: Option<HeaderValue>) {
+    if let Some(p) = proto {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, p);
+    }
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides switched.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+        return;
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 /// The request's host for routing: Host, or the HTTP/2 authority, without the port.
@@ -313,12 +373,13 @@ async fn forward(
     req: Request<Incoming>,
     peer_ip: &HeaderValue,
     timeout: Duration,
+    upgrade: Option<HeaderValue>,
 ) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
     let key = hash_key(&pool.cfg.balance, &req, peer_ip);
     let pick = pool
         .pick_endpoint(key)
         .ok_or(ProxyError::NoHealthyEndpoint)?;
-    let result = exchange(pool, pick.ep, req, peer_ip, timeout).await;
+    let result = exchange(pool, pick.ep, req, peer_ip, timeout, upgrade).await;
     pool.balancer.done(pick);
     let failed = match &result {
         Ok((resp, _)) => resp.status().is_server_error(),
@@ -335,9 +396,13 @@ async fn exchange(
     req: Request<Incoming>,
     peer_ip: &HeaderValue,
     timeout: Duration,
+    upgrade: Option<HeaderValue>,
 ) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, peer_ip, pool.cfg.protocol);
+    if pool.cfg.protocol == UpstreamProtocol::Http1 {
+        restore_upgrade(&mut parts.headers, upgrade);
+    }
     let idempotent = is_idempotent(&parts.method);
     let bodyless = body.is_end_stream();
     match pool.cfg.protocol {
