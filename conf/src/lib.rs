@@ -87,6 +87,19 @@ pub struct Config {
     /// `[admin] address`: where /metrics, /healthz, /readyz and /config are served.
     /// Default: no admin listener.
     pub admin: Option<SocketAddr>,
+    /// `[access_log]`. Default: off.
+    pub access_log: Option<AccessLog>,
+}
+
+/// `[access_log]`: one JSON line per request, buffered per worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// File appended to (created if missing).
+    pub path: std::path::PathBuf,
+    /// Bytes a worker gathers before writing. Default 64 KiB.
+    pub buffer: usize,
+    /// Longest a line waits in the buffer. Default 1 s.
+    pub flush_interval: Duration,
 }
 
 /// `[runtime]`
@@ -178,6 +191,15 @@ struct RawConfig {
     #[serde(default)]
     upstream: Vec<RawUpstream>,
     admin: Option<RawAdmin>,
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Spanned<String>,
+    buffer: Option<Spanned<RawSize>>,
+    flush_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -581,6 +603,27 @@ impl Config {
             admin: match &raw.admin {
                 None => None,
                 Some(a) => Some(src.addr("admin.address".into(), &a.address)?),
+            },
+            access_log: match &raw.access_log {
+                None => None,
+                Some(a) => {
+                    if a.path.get_ref().is_empty() {
+                        return Err(src.invalid(
+                            "access_log.path".into(),
+                            &a.path,
+                            "must not be empty",
+                        ));
+                    }
+                    Some(AccessLog {
+                        path: a.path.get_ref().into(),
+                        buffer: src.size(|| "access_log.buffer".into(), &a.buffer, 64 << 10, 0)?,
+                        flush_interval: src.duration(
+                            || "access_log.flush_interval".into(),
+                            &a.flush_interval,
+                            Duration::from_secs(1),
+                        )?,
+                    })
+                }
             },
         })
     }

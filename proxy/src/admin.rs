@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::balance::Health;
+use crate::json;
 use crate::server::Reloader;
 
 /// What the admin endpoints read.
@@ -117,24 +118,6 @@ fn answer<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
-/// A JSON string literal.
-fn js(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
 /// The running config's shape and every endpoint's health, as JSON.
 fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
     let mut o = String::from("{\"listeners\":[");
@@ -145,7 +128,7 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
         let _ = write!(
             o,
             "{{\"address\":{},\"routes\":[",
-            js(&l.address.to_string())
+            json::string(&l.address.to_string())
         );
         for (j, r) in l.routes.iter().enumerate() {
             if j > 0 {
@@ -153,16 +136,23 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
             }
             let action = match &r.action {
                 RouteAction::Forward(u) => {
-                    format!("{{\"upstream\":{}}}", js(&c.upstreams[*u].name))
+                    format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
                 }
                 RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
                 RouteAction::Redirect {
                     status, location, ..
                 } => {
-                    format!("{{\"redirect\":{status},\"location\":{}}}", js(location))
+                    format!(
+                        "{{\"redirect\":{status},\"location\":{}}}",
+                        json::string(location)
+                    )
                 }
             };
-            let _ = write!(o, "{{\"name\":{},\"action\":{action}}}", js(&r.name));
+            let _ = write!(
+                o,
+                "{{\"name\":{},\"action\":{action}}}",
+                json::string(&r.name)
+            );
         }
         o.push_str("]}");
     }
@@ -181,8 +171,8 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
         let _ = write!(
             o,
             "{{\"name\":{},\"balance\":{},\"endpoints\":[",
-            js(&u.name),
-            js(balance)
+            json::string(&u.name),
+            json::string(balance)
         );
         for (j, e) in u.endpoints.iter().enumerate() {
             if j > 0 {
@@ -191,7 +181,7 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
             let _ = write!(
                 o,
                 "{{\"address\":{},\"weight\":{},\"healthy\":{}}}",
-                js(&e.addr.to_string()),
+                json::string(&e.addr.to_string()),
                 e.weight,
                 h.is_healthy(j)
             );

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::accesslog::Pending;
 use crate::conn::InFlight;
 use crate::pool::Checkout;
 
@@ -53,6 +54,8 @@ pub struct ProxyBody {
     inner: Inner,
     // Marks the request as in flight on its client connection until hyper drops the body.
     _inflight: InFlight,
+    /// The access log line to write when the body ends, counting the bytes sent.
+    log: Option<Box<Pending>>,
 }
 
 enum Inner {
@@ -68,6 +71,7 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Full((!bytes.is_empty()).then_some(bytes)),
             _inflight: inflight,
+            log: None,
         }
     }
 
@@ -83,6 +87,20 @@ impl ProxyBody {
         ProxyBody {
             inner: Inner::Upstream { body, conn },
             _inflight: inflight,
+            log: None,
+        }
+    }
+
+    /// Logs the request when this body is done (or dropped).
+    pub(crate) fn attach_log(&mut self, pending: Box<Pending>) {
+        self.log = Some(pending);
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(p) = self.log.take() {
+            p.finish();
         }
     }
 }
@@ -95,7 +113,35 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let polled = this.poll_inner(cx);
+        if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled) {
+            log.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(b) => b.is_none(),
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl ProxyBody {
+    fn poll_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream { body, conn } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -116,20 +162,6 @@ impl Body for ProxyBody {
                 }
                 polled
             }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Inner::Full(b) => b.is_none(),
-            Inner::Upstream { body, .. } => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream { body, .. } => body.size_hint(),
         }
     }
 }

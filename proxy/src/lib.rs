@@ -6,6 +6,7 @@
 //! `fluxgate-sys`.
 
 mod accept;
+mod accesslog;
 mod admin;
 mod balance;
 mod body;
@@ -14,6 +15,7 @@ mod error;
 mod framing;
 mod headers;
 mod health;
+mod json;
 mod metrics;
 mod pool;
 mod proxy;

@@ -15,6 +15,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
+use crate::accesslog::{AccessLog, Pending};
 use crate::balance::hash64;
 use crate::body::{ProxyBody, UpBody};
 use crate::conn::InFlight;
@@ -38,6 +39,8 @@ pub(crate) struct Handler {
     /// This worker's pools, indexed like `Config::upstreams`.
     pub(crate) pools: Rc<[Rc<UpstreamPool>]>,
     pub(crate) max_request_line: usize,
+    /// This worker's access log, when `[access_log]` is on.
+    pub(crate) access_log: Option<Rc<AccessLog>>,
 }
 
 /// A failed attempt, with the request back when hyper never sent it.
@@ -53,25 +56,51 @@ impl Handler {
         inflight: InFlight,
     ) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
-        let (route, resp) = self.route_and_answer(req, inflight).await;
+        let logged = self.access_log.as_ref().map(|log| Pending {
+            log: Rc::clone(log),
+            time: std::time::SystemTime::now(),
+            started,
+            client: inflight.state().peer_ip.clone(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            route: String::new(),
+            upstream: String::new(),
+            status: 0,
+            upstream_time: None,
+            bytes: 0,
+        });
+        let (route, upstream_time, mut resp) = self.route_and_answer(req, inflight).await;
+        let status = resp.status().as_u16();
         let stats = route.map_or(&self.stats.unrouted, |i| &self.stats.routes[i]);
-        stats.record(resp.status().as_u16(), started.elapsed());
+        stats.record(status, started.elapsed());
+        if let Some(mut p) = logged {
+            if let Some(r) = route.map(|i| &self.routes.routes()[i]) {
+                p.route.clone_from(&r.name);
+                if let RouteAction::Forward(u) = r.action {
+                    p.upstream.clone_from(&self.pools[u].cfg.name);
+                }
+            }
+            p.status = status;
+            p.upstream_time = upstream_time;
+            resp.body_mut().attach_log(Box::new(p));
+        }
         resp
     }
 
-    /// The answer, and the index of the route that produced it (None: refused or unmatched).
+    /// The answer, the index of the route that produced it (None: refused or unmatched) and
+    /// how long the upstream took to answer (for forwarded requests).
     async fn route_and_answer(
         &self,
         req: Request<Incoming>,
         inflight: InFlight,
-    ) -> (Option<usize>, Response<ProxyBody>) {
+    ) -> (Option<usize>, Option<Duration>, Response<ProxyBody>) {
         if inflight.state().take_ambiguous() {
             // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
-            return (None, answer(StatusCode::BAD_REQUEST, true, inflight));
+            return (None, None, answer(StatusCode::BAD_REQUEST, true, inflight));
         }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
-            return (None, answer(StatusCode::URI_TOO_LONG, true, inflight));
+            return (None, None, answer(StatusCode::URI_TOO_LONG, true, inflight));
         }
         let head = RequestHead {
             method: req.method(),
@@ -81,8 +110,9 @@ impl Handler {
             headers: req.headers(),
         };
         let Some((index, route)) = self.routes.match_request(&head) else {
-            return (None, answer(StatusCode::NOT_FOUND, false, inflight));
+            return (None, None, answer(StatusCode::NOT_FOUND, false, inflight));
         };
+        let mut upstream_time = None;
         let mut resp = match &route.action {
             RouteAction::Respond {
                 status,
@@ -111,15 +141,17 @@ impl Handler {
                 let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
                 let upgrade = upgrade_protocol(&req);
                 let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-                match forward(
+                let asked = std::time::Instant::now();
+                let forwarded = forward(
                     pool,
                     req,
                     &inflight.state().peer_ip,
                     timeout,
                     upgrade.clone(),
                 )
-                .await
-                {
+                .await;
+                upstream_time = Some(asked.elapsed());
+                match forwarded {
                     Ok((mut resp, conn)) => {
                         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let tunnel = match (client_side, switching) {
@@ -148,7 +180,7 @@ impl Handler {
             }
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        (Some(index), resp)
+        (Some(index), upstream_time, resp)
     }
 }
 

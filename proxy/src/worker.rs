@@ -12,6 +12,7 @@ use std::sync::Arc;
 use fluxgate_conf::{IoMode, Upstream};
 use tokio::sync::{mpsc, watch};
 
+use crate::accesslog::AccessLog;
 use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
 use crate::proxy::Handler;
@@ -53,6 +54,8 @@ struct Worker {
     checkers: RefCell<Vec<(Upstream, tokio::task::AbortHandle)>>,
     parks: Rc<Cell<u64>>,
     draining: watch::Receiver<bool>,
+    /// This worker's access log writer and the settings it was opened with.
+    access_log: RefCell<Option<(fluxgate_conf::AccessLog, Rc<AccessLog>)>>,
 }
 
 impl Worker {
@@ -85,6 +88,24 @@ impl Worker {
         let shared: Rc<[Rc<UpstreamPool>]> = pools.iter().map(|(_, p)| Rc::clone(p)).collect();
         *self.pools.borrow_mut() = pools;
 
+        let access_log = {
+            let mut current = self.access_log.borrow_mut();
+            let wanted = &g.config.access_log;
+            if current.as_ref().map(|(c, _)| c) != wanted.as_ref() {
+                *current = wanted.as_ref().and_then(|cfg| match AccessLog::open(cfg) {
+                    Ok(log) => Some((cfg.clone(), log)),
+                    Err(e) => {
+                        eprintln!(
+                            "fluxgate: access log {} not opened: {e}",
+                            cfg.path.display()
+                        );
+                        None
+                    }
+                });
+            }
+            current.as_ref().map(|(_, log)| Rc::clone(log))
+        };
+
         let old = self.listeners.take();
         let mut kept = Vec::with_capacity(g.config.listeners.len());
         for (i, l) in g.config.listeners.iter().enumerate() {
@@ -93,6 +114,7 @@ impl Worker {
                 pools: Rc::clone(&shared),
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
                 max_request_line: g.config.http.max_request_line,
+                access_log: access_log.clone(),
             });
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
@@ -193,6 +215,7 @@ pub(crate) fn run(
             checkers: RefCell::new(Vec::new()),
             parks,
             draining,
+            access_log: RefCell::new(None),
         };
         worker.apply(first);
         loop {

@@ -1,0 +1,128 @@
+//! The access log: one JSON line per request, written when the response body ends (so the
+//! byte count is true). Each worker gathers lines in its own buffer and appends them to the
+//! file when the buffer fills or the flush interval passes: no system call per request.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::json;
+
+/// One worker's access log writer.
+pub(crate) struct AccessLog {
+    file: RefCell<File>,
+    buf: RefCell<String>,
+    limit: usize,
+}
+
+impl AccessLog {
+    /// Opens (appending, creating) the log file for this worker and starts its flush timer.
+    pub(crate) fn open(cfg: &fluxgate_conf::AccessLog) -> std::io::Result<Rc<AccessLog>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)?;
+        let log = Rc::new(AccessLog {
+            file: RefCell::new(file),
+            buf: RefCell::new(String::with_capacity(cfg.buffer + 512)),
+            limit: cfg.buffer,
+        });
+        let weak = Rc::downgrade(&log);
+        let every = cfg.flush_interval;
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(log) => log.flush(),
+                    None => return,
+                }
+            }
+        });
+        Ok(log)
+    }
+
+    /// Writes out whatever is buffered. Errors are reported once per flush, not per line.
+    pub(crate) fn flush(&self) {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            return;
+        }
+        if let Err(e) = self.file.borrow_mut().write_all(buf.as_bytes()) {
+            eprintln!("fluxgate: access log write failed: {e}");
+        }
+        buf.clear();
+    }
+
+    fn push(&self, line: impl FnOnce(&mut String)) {
+        let full = {
+            let mut buf = self.buf.borrow_mut();
+            line(&mut buf);
+            buf.len() >= self.limit
+        };
+        if full {
+            self.flush();
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// What is known about a request when its answer starts; completed when the body ends.
+pub(crate) struct Pending {
+    pub(crate) log: Rc<AccessLog>,
+    pub(crate) time: SystemTime,
+    pub(crate) started: Instant,
+    pub(crate) client: http::HeaderValue,
+    pub(crate) method: http::Method,
+    pub(crate) path: String,
+    pub(crate) route: String,
+    pub(crate) upstream: String,
+    pub(crate) status: u16,
+    /// Time until the upstream's response head, for forwarded requests.
+    pub(crate) upstream_time: Option<Duration>,
+    pub(crate) bytes: u64,
+}
+
+impl Pending {
+    /// Appends the line: the request is over (body sent, or the client went away).
+    pub(crate) fn finish(self) {
+        let total = self.started.elapsed();
+        self.log.push(|o| {
+            o.push_str("{\"time\":\"");
+            o.push_str(&json::rfc3339(self.time));
+            o.push_str("\",\"client\":");
+            json::push_str(o, self.client.to_str().unwrap_or(""));
+            o.push_str(",\"method\":");
+            json::push_str(o, self.method.as_str());
+            o.push_str(",\"path\":");
+            json::push_str(o, &self.path);
+            o.push_str(",\"route\":");
+            json::push_str(o, &self.route);
+            o.push_str(",\"upstream\":");
+            json::push_str(o, &self.upstream);
+            let _ = write!(
+                o,
+                ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3}",
+                self.status,
+                self.bytes,
+                total.as_secs_f64() * 1e3
+            );
+            match self.upstream_time {
+                Some(d) => {
+                    let _ = write!(o, ",\"upstream_ms\":{:.3}", d.as_secs_f64() * 1e3);
+                }
+                None => o.push_str(",\"upstream_ms\":null"),
+            }
+            o.push_str("}\n");
+        });
+    }
+}
