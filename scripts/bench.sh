@@ -3,7 +3,8 @@
 #  1. fluxgate beside nginx and HAProxy (../shared/bench/peers.sh): req/s, p99 and proxy CPU
 #     microseconds per request, HTTP/1.1 (wrk) and h2c (h2load);
 #  2. a new connection per request (wrk, Connection: close) with --io uring vs --io epoll;
-#  3. RSS per idle keep-alive connection with 10,000 idle connections.
+#  3. RSS per idle keep-alive connection with 10,000 idle connections;
+#  4. part 1 again with fluxgate on a 20-route table (conf/examples/bench-20-routes.toml).
 # Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +15,18 @@ FG=$PWD/target/release/fluxgate
 PEERS=${PEERS:-$PWD/../shared/bench/peers.sh}
 ulimit -n 65536 2>/dev/null || true
 
-ONLY=${ONLY:-1 2 3}
+ONLY=${ONLY:-1 2 3 4}
 part() { [[ " $ONLY " == *" $1 "* ]]; }
 
 if part 1; then
 echo "== 1. fluxgate vs nginx vs HAProxy (proxy on CPU 1; upstream and load on CPU 0)"
 OURS="$FG run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1" bash "$PEERS" "$D"
+fi
+
+if part 4; then
+echo
+echo "== 4. as 1, fluxgate routing through 20 routes (the match is the last one)"
+OURS="$FG run -c $PWD/conf/examples/bench-20-routes.toml" bash "$PEERS" "$D"
 fi
 
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
