@@ -54,7 +54,12 @@ impl Health {
 
     pub(crate) fn is_healthy(&self, ep: usize) -> bool {
         let e = &self.endpoints[ep];
-        e.active_ok.load(Ordering::Relaxed) && e.ejected_until.load(Ordering::Relaxed) <= now_ms()
+        if !e.active_ok.load(Ordering::Relaxed) {
+            return false;
+        }
+        // The clock is read only while an ejection is on record.
+        let until = e.ejected_until.load(Ordering::Relaxed);
+        until == 0 || until <= now_ms()
     }
 
     /// Records the outcome of a request for passive health.
@@ -105,7 +110,8 @@ pub(crate) struct Balancer {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pick {
     pub(crate) ep: usize,
-    started: Instant,
+    /// When the request went out; only latency-aware policies read the clock.
+    started: Option<Instant>,
 }
 
 /// FNV-1a, then a 64-bit finaliser: stable across runs and machines, well spread.
@@ -215,7 +221,7 @@ impl Balancer {
         l.in_flight.set(l.in_flight.get() + 1);
         Some(Pick {
             ep,
-            started: Instant::now(),
+            started: matches!(self.policy, Balance::P2cEwma).then(Instant::now),
         })
     }
 
@@ -238,9 +244,9 @@ impl Balancer {
     pub(crate) fn done(&self, pick: Pick) {
         let l = &self.load[pick.ep];
         l.in_flight.set(l.in_flight.get().saturating_sub(1));
-        if matches!(self.policy, Balance::P2cEwma) {
+        if let Some(started) = pick.started {
             let now = Instant::now();
-            let sample = now.duration_since(pick.started).as_nanos() as f64;
+            let sample = now.duration_since(started).as_nanos() as f64;
             let elapsed = now.duration_since(l.last_sample.get()).as_secs_f64();
             let keep = (-elapsed / EWMA_DECAY.as_secs_f64() * std::f64::consts::LN_2).exp();
             let old = l.ewma_ns.get();
@@ -327,7 +333,7 @@ mod tests {
         // Teach it: endpoint 0 answers in 20 ms, endpoint 1 at once.
         let slow = Pick {
             ep: 0,
-            started: Instant::now() - Duration::from_millis(20),
+            started: Some(Instant::now() - Duration::from_millis(20)),
         };
         b.load[0].in_flight.set(1);
         b.done(slow);

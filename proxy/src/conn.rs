@@ -229,6 +229,19 @@ impl ClientIo {
     }
 
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let st = &self.state;
+        if st.in_flight.get() > 0 || st.upgraded.get() {
+            if let Some(timer) = &mut self.timer {
+                // Nothing to enforce now: the armed timer brings us back to look again, and
+                // the common path reads no clock.
+                while timer.as_mut().poll(cx).is_ready() {
+                    timer
+                        .as_mut()
+                        .reset(Instant::now() + PARK_AFTER.min(st.idle_timeout));
+                }
+                return Poll::Pending;
+            }
+        }
         let deadline = self.state.deadline();
         let timer = self
             .timer
