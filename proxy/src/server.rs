@@ -128,14 +128,9 @@ impl Reloader {
                     sockets.iter_mut().for_each(|s| s.push(None));
                 }
                 None => {
-                    let first = crate::accept::bind(l, l.address)?;
-                    let bound = first.local_addr()?;
-                    let mut per_worker = vec![Some(first)];
-                    for _ in 1..workers {
-                        per_worker.push(Some(crate::accept::bind(l, bound)?));
-                    }
+                    let (bound, per_worker) = bind_all(l, workers)?;
                     for (s, sock) in sockets.iter_mut().zip(per_worker) {
-                        s.push(sock);
+                        s.push(Some(sock));
                     }
                     addrs.push(bound);
                 }
@@ -156,11 +151,7 @@ impl Reloader {
             Some((&old.metrics, &keep_listener, &keep_upstream)),
         );
         let generation = Arc::new(Generation {
-            tables: config
-                .listeners
-                .iter()
-                .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
-                .collect(),
+            tables: route_tables(&config),
             config: Arc::new(config),
             addrs,
             health,
@@ -306,20 +297,14 @@ impl Server {
         let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
             (0..workers).map(|_| Vec::new()).collect();
         for l in &config.listeners {
-            let first = crate::accept::bind(l, l.address)?;
-            let bound = first.local_addr()?;
+            let (bound, per_worker) = bind_all(l, workers)?;
             addrs.push(bound);
-            sockets[0].push(Some(first));
-            for s in sockets.iter_mut().skip(1) {
-                s.push(Some(crate::accept::bind(l, bound)?));
+            for (s, sock) in sockets.iter_mut().zip(per_worker) {
+                s.push(Some(sock));
             }
         }
         let generation = Arc::new(Generation {
-            tables: config
-                .listeners
-                .iter()
-                .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
-                .collect(),
+            tables: route_tables(&config),
             health: config
                 .upstreams
                 .iter()
@@ -389,6 +374,29 @@ impl Server {
             exited,
         })
     }
+}
+
+/// One socket per worker for a listener. The first bind resolves port 0; the others join
+/// its SO_REUSEPORT group on the resolved port.
+fn bind_all(
+    l: &fluxgate_conf::Listener,
+    workers: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let first = crate::accept::bind(l, l.address)?;
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(crate::accept::bind(l, bound)?);
+    }
+    Ok((bound, all))
+}
+
+fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
+        .collect()
 }
 
 fn resolve_io(mode: IoMode) -> io::Result<IoMode> {
