@@ -143,6 +143,39 @@ pub struct Listener {
     /// In order, first match wins; no match answers 404. `upstream = "x"` and `respond = {..}`
     /// on the listener are shorthands for one route matching everything.
     pub routes: Vec<Route>,
+    /// `[listener.tls]`: terminate TLS on this listener. Default: cleartext.
+    pub tls: Option<Tls>,
+}
+
+/// Lowest TLS version a listener accepts (TLS 1.0 and 1.1 never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+/// One certificate chain and key, and the server names it answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+    /// SNI names (`a.example.com`, `*.example.com`); empty: only as the default.
+    pub names: Vec<String>,
+}
+
+/// `[listener.tls]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// The first is the default, for clients without SNI or with an unknown name.
+    pub certificates: Vec<TlsCertificate>,
+    /// Default 1.2.
+    pub min_version: TlsVersion,
+    /// TLS 1.3 stateless session tickets with rotating keys. Default true.
+    pub session_tickets: bool,
+    /// Stateful session cache entries; 0 turns it off. Default 1024.
+    pub session_cache: usize,
 }
 
 /// Upstream application protocol.
@@ -237,6 +270,25 @@ struct RawListener {
     respond: Option<Spanned<route::RawRespond>>,
     #[serde(default)]
     route: Vec<route::RawRoute>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificates: Vec<RawTlsCertificate>,
+    min_version: Option<String>,
+    session_tickets: Option<bool>,
+    session_cache: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTlsCertificate {
+    cert: String,
+    key: String,
+    #[serde(default)]
+    names: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +405,49 @@ impl Source<'_> {
             )
         })
     }
+}
+
+fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls, ConfError> {
+    let r = t.get_ref();
+    if r.certificates.is_empty() {
+        return Err(src.invalid(
+            format!("{key}.certificates"),
+            t,
+            "needs at least one certificate",
+        ));
+    }
+    let min_version = match r.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::Tls12,
+        Some("1.3") => TlsVersion::Tls13,
+        Some(v) => {
+            return Err(src.invalid(
+                format!("{key}.min_version"),
+                t,
+                format!("{v:?}: \"1.2\" or \"1.3\" (1.0 and 1.1 are never offered)"),
+            ))
+        }
+    };
+    let session_cache = match r.session_cache {
+        None => 1024,
+        Some(n) if (0..=1 << 20).contains(&n) => n as usize,
+        Some(_) => {
+            return Err(src.invalid(format!("{key}.session_cache"), t, "must be 0..=1048576"))
+        }
+    };
+    Ok(Tls {
+        certificates: r
+            .certificates
+            .iter()
+            .map(|c| TlsCertificate {
+                cert: c.cert.clone().into(),
+                key: c.key.clone().into(),
+                names: c.names.iter().map(|n| n.to_ascii_lowercase()).collect(),
+            })
+            .collect(),
+        min_version,
+        session_tickets: r.session_tickets.unwrap_or(true),
+        session_cache,
+    })
 }
 
 /// Parses "250ms", "10s", "2m", "1h".
@@ -578,6 +673,10 @@ impl Config {
                     1 << 24,
                 )?,
                 routes,
+                tls: match &l.tls {
+                    None => None,
+                    Some(t) => Some(tls_settings(src, &key("tls"), t)?),
+                },
             });
         }
         if listeners.is_empty() {

@@ -12,6 +12,7 @@ use fluxgate_sys::{AcceptRing, Drained};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
+use crate::conn::ClientStream;
 use crate::metrics;
 use crate::worker::ListenerCtx;
 
@@ -83,10 +84,25 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
     ctx.active.set(ctx.active.get() + 1);
     metrics::inc(&ctx.active_gauge);
     let ctx = Rc::clone(ctx);
+    let tls = ctx.tls.borrow().clone();
     tokio::task::spawn_local(async move {
-        // The limits in force when the connection arrived; routes are looked up per request.
+        // The limits and certificates in force when the connection arrived; routes are
+        // looked up per request.
         let server = ctx.server.borrow().clone();
-        server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        let stream = match tls {
+            None => Some(ClientStream::Plain(stream)),
+            // A handshake gets as long as a request head would.
+            Some(acceptor) => {
+                tokio::time::timeout(server.header_timeout(), acceptor.accept(stream))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|s| ClientStream::Tls(Box::new(s)))
+            }
+        };
+        if let Some(stream) = stream {
+            server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        }
         ctx.active.set(ctx.active.get() - 1);
         metrics::dec(&ctx.active_gauge);
     });

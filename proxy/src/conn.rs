@@ -128,13 +128,13 @@ impl Stamp {
 
 /// The socket handed back by `ClientIo`.
 #[derive(Default)]
-struct Slot(std::sync::Mutex<Option<TcpStream>>);
+struct Slot(std::sync::Mutex<Option<ClientStream>>);
 
 impl Slot {
-    fn set(&self, s: Option<TcpStream>) {
+    fn set(&self, s: Option<ClientStream>) {
         *self.0.lock().expect("slot lock") = s;
     }
-    fn take(&self) -> Option<TcpStream> {
+    fn take(&self) -> Option<ClientStream> {
         self.0.lock().expect("slot lock").take()
     }
 }
@@ -207,7 +207,7 @@ impl Drop for InFlight {
 /// head had started), which ends the connection.
 struct ClientIo {
     // Always Some until dropped.
-    stream: Option<TcpStream>,
+    stream: Option<ClientStream>,
     eof: bool,
     state: Arc<ConnState>,
     // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
@@ -224,7 +224,7 @@ impl Drop for ClientIo {
 }
 
 impl ClientIo {
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
+    fn stream(&mut self) -> Pin<&mut ClientStream> {
         Pin::new(self.stream.as_mut().expect("stream present until drop"))
     }
 
@@ -290,8 +290,14 @@ impl AsyncRead for ClientIo {
                         if !was_done && this.scan.feed(got) {
                             st.ambiguous.set(true);
                         }
-                        st.clean
-                            .set(!was_done && this.scan.done() && this.scan.ended_at_chunk_end());
+                        // A TLS session's state cannot be parked: only plain sockets are.
+                        let plain = matches!(this.stream, Some(ClientStream::Plain(_)));
+                        st.clean.set(
+                            plain
+                                && !was_done
+                                && this.scan.done()
+                                && this.scan.ended_at_chunk_end(),
+                        );
                     } else {
                         st.clean.set(false);
                     }
@@ -302,7 +308,8 @@ impl AsyncRead for ClientIo {
                 if this.poll_deadline(cx).is_ready() {
                     let st = &this.state;
                     if st.partial.get() && !st.h2.get() {
-                        if let Some(s) = &this.stream {
+                        // Written raw on plain sockets; a TLS client just sees the close.
+                        if let Some(ClientStream::Plain(s)) = &this.stream {
                             let _ = s.try_write(TIMEOUT_408);
                         }
                     } else if st.parkable() && Instant::now() < st.idle_deadline() {
@@ -392,9 +399,13 @@ impl ConnServer {
     }
 
     /// Serves one accepted connection to its end.
+    pub(crate) fn header_timeout(&self) -> Duration {
+        self.header_timeout
+    }
+
     /// Serves one accepted connection to its end; each request takes the listener's handler
     /// current when it arrives.
-    pub(crate) async fn serve(&self, stream: TcpStream, peer: SocketAddr, handler: HandlerSlot) {
+    pub(crate) async fn serve(&self, stream: ClientStream, peer: SocketAddr, handler: HandlerSlot) {
         let now = Instant::now();
         let state = Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
@@ -451,11 +462,11 @@ impl ConnServer {
             let Some(s) = state.leftover.take() else {
                 return;
             };
-            if !state.parked.replace(false) || *draining.borrow() {
+            let s = match s {
+                ClientStream::Plain(s) if state.parked.replace(false) && !*draining.borrow() => s,
                 // Boxed: the linger buffer must not grow every connection's future.
-                Box::pin(linger(s)).await;
-                return;
-            }
+                other => return Box::pin(linger(other)).await,
+            };
             self.parks.set(self.parks.get() + 1);
             // Parked: wait for the next request's first bytes, or close at the idle deadline
             // or when the worker drains.
@@ -463,7 +474,7 @@ impl ConnServer {
                 biased;
                 _ = draining.wait_for(|d| *d) => return,
                 r = tokio::time::timeout_at(state.idle_deadline(), s.readable()) => match r {
-                    Ok(Ok(())) => stream = s,
+                    Ok(Ok(())) => stream = ClientStream::Plain(s),
                     _ => return,
                 },
             }
@@ -474,11 +485,15 @@ impl ConnServer {
 /// Closes a connection the client may still be writing to without losing our last answer:
 /// closing with unread bytes would send RST, and a client that gets RST before reading may
 /// discard the response. So send FIN, then read and discard for a bounded time and amount.
-async fn linger(mut stream: TcpStream) {
+async fn linger(mut stream: ClientStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LINGER_TIME: Duration = Duration::from_secs(2);
     const LINGER_BYTES: usize = 1 << 20;
-    if stream.shutdown().await.is_err() {
+    // TLS: close_notify, then the same drain.
+    if tokio::time::timeout(LINGER_TIME, stream.shutdown())
+        .await
+        .is_err()
+    {
         return;
     }
     let mut sink = [0u8; 4096];
@@ -492,6 +507,67 @@ async fn linger(mut stream: TcpStream) {
         }
     })
     .await;
+}
+
+/// A client connection: a plain socket or a TLS session over one.
+pub(crate) enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 impl InFlight {

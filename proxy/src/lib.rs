@@ -21,6 +21,7 @@ mod pool;
 mod proxy;
 pub mod route;
 mod server;
+pub mod tls;
 mod worker;
 
 pub use error::ProxyError;

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use fluxgate::Server;
-use fluxgate_conf::{Config, Endpoint, IoMode, RouteAction, Upstream, UpstreamProtocol};
+use fluxgate_conf::{
+    Config, Endpoint, IoMode, RouteAction, Tls, TlsCertificate, TlsVersion, Upstream,
+    UpstreamProtocol,
+};
 
 /// mimalloc returns freed pages to the kernel promptly (parked idle connections free their
 /// buffers; glibc would keep them resident) and is faster on this allocation pattern.
@@ -18,6 +21,7 @@ usage:
   fluxgate run                      serve the embedded default (127.0.0.1:8080 -> built-in hello on :8081)
   fluxgate run -c FILE              serve a TOML config
   fluxgate run --listen ADDR --upstream ADDR [--upstream ADDR ...] [--h2c-upstream]
+               [--tls-cert FILE --tls-key FILE]
                [--workers N] [--io auto|uring|epoll]
                                     quick mode: proxy ADDR to the upstreams, no config file
   fluxgate check -c FILE            validate a config; non-zero exit names the key and line
@@ -29,6 +33,8 @@ struct Args {
     listen: Option<SocketAddr>,
     upstreams: Vec<SocketAddr>,
     h2c_upstream: bool,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     workers: Option<usize>,
     io: Option<IoMode>,
 }
@@ -52,6 +58,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args> {
                     .context("--upstream wants IP:PORT")?,
             ),
             "--h2c-upstream" => a.h2c_upstream = true,
+            "--tls-cert" => a.tls_cert = Some(value("--tls-cert")?.into()),
+            "--tls-key" => a.tls_key = Some(value("--tls-key")?.into()),
             "--workers" => {
                 a.workers = Some(
                     value("--workers")?
@@ -101,7 +109,22 @@ fn run(args: Args) -> Result<()> {
             if args.upstreams.is_empty() {
                 bail!("quick mode needs at least one --upstream ADDR");
             }
-            quick_config(listen, args.upstreams, args.h2c_upstream)?
+            let mut c = quick_config(listen, args.upstreams, args.h2c_upstream)?;
+            c.listeners[0].tls = match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(Tls {
+                    certificates: vec![TlsCertificate {
+                        cert,
+                        key,
+                        names: Vec::new(),
+                    }],
+                    min_version: TlsVersion::Tls12,
+                    session_tickets: true,
+                    session_cache: 1024,
+                }),
+                (None, None) => None,
+                _ => bail!("--tls-cert and --tls-key go together"),
+            };
+            c
         }
         (None, None) => {
             if !args.upstreams.is_empty() {
@@ -128,9 +151,15 @@ fn run(args: Args) -> Result<()> {
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
         eprintln!("fluxgate: cannot raise the open-file limit: {e}");
     }
+    let tls_flags: Vec<bool> = config.listeners.iter().map(|l| l.tls.is_some()).collect();
     let handle = Server::start_from(config, source)?;
-    for a in handle.local_addrs() {
-        eprintln!("fluxgate: listening on {a} (HTTP/1.1 and h2c)");
+    for (a, tls) in handle.local_addrs().iter().zip(&tls_flags) {
+        let proto = if *tls {
+            "TLS: h2 and HTTP/1.1 by ALPN"
+        } else {
+            "HTTP/1.1 and h2c"
+        };
+        eprintln!("fluxgate: listening on {a} ({proto})");
     }
     eprintln!(
         "fluxgate: {workers} worker(s), accepting through {}",
@@ -198,7 +227,8 @@ fn main() -> ExitCode {
         Some("run") => parse_args(argv).and_then(run),
         Some("check") => parse_args(argv).and_then(|a| {
             let path = a.config.context("check needs -c FILE")?;
-            Config::from_file(&path)?;
+            let config = Config::from_file(&path)?;
+            fluxgate::tls::validate(&config).map_err(anyhow::Error::msg)?;
             println!("{}: ok", path.display());
             Ok(())
         }),

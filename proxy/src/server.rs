@@ -49,6 +49,8 @@ pub(crate) struct Generation {
     pub(crate) tables: Vec<Arc<RouteTable>>,
     pub(crate) health: Vec<Arc<Health>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// TLS settings per listener (certificates read when the generation was built).
+    pub(crate) tls: Vec<Option<Arc<rustls::ServerConfig>>>,
 }
 
 /// Applies new configs to running workers; shared by the `Handle` and the admin listener.
@@ -117,7 +119,9 @@ impl Reloader {
             .iter()
             .map(|u| old.config.upstreams.iter().position(|o| o == u))
             .collect();
-        // Bind every new listener before touching anything, so a failure changes nothing.
+        // Read certificates and bind every new listener before touching anything, so a
+        // failure changes nothing.
+        let tls = crate::tls::listener_configs(&config).map_err(io::Error::other)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
         let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
             (0..workers).map(|_| Vec::new()).collect();
@@ -156,6 +160,7 @@ impl Reloader {
             addrs,
             health,
             metrics,
+            tls,
         });
         let (applied, acks) = std::sync::mpsc::channel();
         for (tx, sockets) in self.workers.iter().zip(sockets) {
@@ -291,6 +296,7 @@ impl Server {
     /// picks the acceptor and starts the workers. `source` is the file reloads re-read.
     pub fn start_from(config: Config, source: Option<PathBuf>) -> io::Result<Handle> {
         let io = resolve_io(config.runtime.io)?;
+        let tls = crate::tls::listener_configs(&config).map_err(io::Error::other)?;
         let workers = config.runtime.workers.max(1);
         // Worker 0's sockets first: that resolves port 0 for the others.
         let mut addrs = Vec::with_capacity(config.listeners.len());
@@ -313,6 +319,7 @@ impl Server {
             metrics: Metrics::new(&config, workers, None),
             config: Arc::new(config),
             addrs,
+            tls,
         });
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let (exited_tx, exited) = std::sync::mpsc::channel();

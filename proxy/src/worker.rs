@@ -41,6 +41,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) max_connections: Cell<usize>,
     /// This worker's share of `fluxgate_active_connections`; survives reloads.
     pub(crate) active_gauge: Arc<AtomicI64>,
+    /// TLS termination for new connections, when the listener has `[listener.tls]`.
+    pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     /// Stops this listener's acceptor.
     stop: watch::Sender<bool>,
 }
@@ -121,6 +123,7 @@ impl Worker {
                 Rc::clone(&self.parks),
                 self.draining.clone(),
             ));
+            let tls = g.tls[i].clone().map(tokio_rustls::TlsAcceptor::from);
             let ctx = match sockets[i].take() {
                 Some(sock) => {
                     let (stop, stop_rx) = watch::channel(false);
@@ -130,6 +133,7 @@ impl Worker {
                         active: Cell::new(0),
                         max_connections: Cell::new(l.max_connections),
                         active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
+                        tls: RefCell::new(tls),
                         stop,
                     });
                     crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);
@@ -140,6 +144,7 @@ impl Worker {
                     let ctx = Rc::clone(&old[j]);
                     *ctx.server.borrow_mut() = server;
                     *ctx.handler.borrow_mut() = handler;
+                    *ctx.tls.borrow_mut() = tls;
                     ctx.max_connections.set(l.max_connections);
                     ctx
                 }
