@@ -67,6 +67,8 @@ pub(crate) struct ConnState {
     upgraded: Flag,
     /// The client's IP address, ready for X-Forwarded-For.
     pub(crate) peer_ip: http::HeaderValue,
+    /// "http" or "https", for X-Forwarded-Proto.
+    pub(crate) scheme: http::HeaderValue,
 }
 
 // The fields of `ConnState` are touched by one thread only, but hyper's upgrade machinery
@@ -421,6 +423,10 @@ impl ConnServer {
             leftover: Slot::default(),
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
+            scheme: http::HeaderValue::from_static(match stream {
+                ClientStream::Plain(_) => "http",
+                ClientStream::Tls(_) => "https",
+            }),
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         });

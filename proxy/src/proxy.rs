@@ -18,7 +18,7 @@ use hyper::client::conn::TrySendError;
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::hash64;
 use crate::body::{ProxyBody, UpBody};
-use crate::conn::InFlight;
+use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::headers::{append_list, strip_hop_by_hop};
 use crate::metrics::RouteSet;
@@ -28,7 +28,6 @@ use crate::route::{RequestHead, RouteTable};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// Handles every request of one listener on one worker.
 pub(crate) struct Handler {
@@ -143,14 +142,8 @@ impl Handler {
                 let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
                 // Timed only for the access log: no clock read per request otherwise.
                 let asked = self.access_log.is_some().then(std::time::Instant::now);
-                let forwarded = forward(
-                    pool,
-                    req,
-                    &inflight.state().peer_ip,
-                    timeout,
-                    upgrade.clone(),
-                )
-                .await;
+                let forwarded =
+                    forward(pool, req, inflight.state(), timeout, upgrade.clone()).await;
                 upstream_time = asked.map(|t| t.elapsed());
                 match forwarded {
                     Ok((mut resp, conn)) => {
@@ -320,7 +313,7 @@ fn is_idempotent(m: &Method) -> bool {
 
 /// Rewrites the request head for the upstream: hop-by-hop headers out, X-Forwarded-* in,
 /// Host kept, the target in the form the upstream protocol wants.
-fn prepare(parts: &mut Parts, peer_ip: &HeaderValue, protocol: UpstreamProtocol) {
+fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
     strip_hop_by_hop(&mut parts.headers);
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -329,8 +322,8 @@ fn prepare(parts: &mut Parts, peer_ip: &HeaderValue, protocol: UpstreamProtocol)
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    append_list(&mut parts.headers, X_FORWARDED_FOR, peer_ip);
-    append_list(&mut parts.headers, X_FORWARDED_PROTO, &PROTO_HTTP);
+    append_list(&mut parts.headers, X_FORWARDED_FOR, &client.peer_ip);
+    append_list(&mut parts.headers, X_FORWARDED_PROTO, &client.scheme);
     if let Some(h) = &host {
         append_list(&mut parts.headers, X_FORWARDED_HOST, h);
     }
@@ -404,15 +397,15 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
 async fn forward(
     pool: &Rc<UpstreamPool>,
     req: Request<Incoming>,
-    peer_ip: &HeaderValue,
+    client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
 ) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
-    let key = hash_key(&pool.cfg.balance, &req, peer_ip);
+    let key = hash_key(&pool.cfg.balance, &req, &client.peer_ip);
     let pick = pool
         .pick_endpoint(key)
         .ok_or(ProxyError::NoHealthyEndpoint)?;
-    let result = exchange(pool, pick.ep, req, peer_ip, timeout, upgrade).await;
+    let result = exchange(pool, pick.ep, req, client, timeout, upgrade).await;
     pool.balancer.done(pick);
     let failed = match &result {
         Ok((resp, _)) => resp.status().is_server_error(),
@@ -427,12 +420,12 @@ async fn exchange(
     pool: &Rc<UpstreamPool>,
     ep: usize,
     req: Request<Incoming>,
-    peer_ip: &HeaderValue,
+    client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
 ) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, peer_ip, pool.cfg.protocol);
+    prepare(&mut parts, client, pool.cfg.protocol);
     if pool.cfg.protocol == UpstreamProtocol::Http1 {
         restore_upgrade(&mut parts.headers, upgrade);
     }

@@ -1,0 +1,251 @@
+//! TLS termination through real sockets with independent clients (curl, openssl s_client):
+//! HTTP/1.1 and h2 by ALPN, SNI picking the certificate, session resumption, old versions
+//! refused, and bad key files named in the error.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use fluxgate_conf::IoMode;
+use support::*;
+
+fn certs(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let out = dir.join(name);
+    let status = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
+        .arg(&out)
+        .args(names)
+        .stdout(Stdio::null())
+        .status()
+        .expect("scripts/cert.sh runs (needs openssl)");
+    assert!(status.success());
+    (out.join("cert.pem"), out.join("key.pem"))
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxgate-tls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tls_gateway(dir: &Path, extra_tls: &str) -> fluxgate::Handle {
+    let (dc, dk) = certs(dir, "default", &["default.test"]);
+    let (ac, ak) = certs(dir, "a", &["a.example.com"]);
+    let (wc, wk) = certs(dir, "wild", &["*.b.example.com"]);
+    start(
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200, body = \"secret\" }}\n\
+             [listener.tls]\n{extra_tls}\ncertificates = [\
+               {{ cert = \"{}\", key = \"{}\" }},\
+               {{ cert = \"{}\", key = \"{}\", names = [\"a.example.com\"] }},\
+               {{ cert = \"{}\", key = \"{}\", names = [\"*.b.example.com\"] }}]\n",
+            dc.display(),
+            dk.display(),
+            ac.display(),
+            ak.display(),
+            wc.display(),
+            wk.display()
+        ),
+        IoMode::Epoll,
+    )
+}
+
+fn curl(addr: std::net::SocketAddr, flags: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "5", "-w", " %{http_version}"])
+        .args(flags)
+        .arg(format!("https://{addr}/"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `openssl s_client` with `args`, sending one request; returns its stdout and stderr.
+fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A request, so the server talks after the handshake (TLS 1.3 tickets come then).
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    });
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn subject_cn(out: &str) -> Option<String> {
+    out.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("subject=CN = ")
+                .or_else(|| l.trim().strip_prefix("subject=CN="))
+        })
+        .map(str::to_owned)
+}
+
+#[test]
+fn http1_and_h2_by_alpn_sni_and_versions() {
+    let dir = scratch("main");
+    let fg = tls_gateway(&dir, "");
+    let addr = fg.local_addrs()[0];
+    assert_eq!(curl(addr, &["--http1.1"]), "secret 1.1");
+    assert_eq!(curl(addr, &["--http2"]), "secret 2");
+    assert_eq!(
+        curl(addr, &["--tlsv1.2", "--tls-max", "1.2", "--http1.1"]),
+        "secret 1.1"
+    );
+
+    let sni = |name: &str| subject_cn(&s_client(addr, &["-servername", name]));
+    assert_eq!(sni("a.example.com").as_deref(), Some("a.example.com"));
+    assert_eq!(sni("x.b.example.com").as_deref(), Some("*.b.example.com"));
+    assert_eq!(
+        sni("deep.x.b.example.com").as_deref(),
+        Some("default.test"),
+        "one label only"
+    );
+    assert_eq!(sni("unknown.test").as_deref(), Some("default.test"));
+
+    let old = s_client(addr, &["-tls1_1"]);
+    assert!(
+        !old.contains("Protocol  : TLSv1.1") || old.contains("alert"),
+        "{old}"
+    );
+    assert!(subject_cn(&old).is_none(), "TLS 1.1 handshake refused");
+    fg.shutdown();
+}
+
+#[test]
+fn tls13_only_refuses_tls12() {
+    let dir = scratch("13");
+    let fg = tls_gateway(&dir, "min_version = \"1.3\"");
+    let addr = fg.local_addrs()[0];
+    assert_eq!(curl(addr, &["--http1.1"]), "secret 1.1");
+    assert_eq!(
+        curl(addr, &["--tlsv1.2", "--tls-max", "1.2"]),
+        " 0",
+        "no TLS 1.2 handshake"
+    );
+    fg.shutdown();
+}
+
+#[test]
+fn sessions_resume_with_tickets_and_with_the_cache() {
+    for settings in [
+        "session_tickets = true",
+        "session_tickets = false\nsession_cache = 64",
+    ] {
+        let dir = scratch(if settings.contains("true") {
+            "tickets"
+        } else {
+            "cache"
+        });
+        let fg = tls_gateway(&dir, settings);
+        let addr = fg.local_addrs()[0];
+        let sess = dir.join("sess.pem");
+        let sess = sess.to_str().unwrap();
+        let first = s_client(addr, &["-sess_out", sess]);
+        assert!(first.contains("New, TLSv1.3"), "{first}");
+        let second = s_client(addr, &["-sess_in", sess]);
+        assert!(second.contains("Reused, TLSv1.3"), "{settings}: {second}");
+        fg.shutdown();
+    }
+}
+
+#[test]
+fn bad_key_files_are_named() {
+    let dir = scratch("bad");
+    let (cert, _) = certs(&dir, "one", &["one.test"]);
+    let (_, other_key) = certs(&dir, "two", &["two.test"]);
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a key").unwrap();
+    for (key, expect) in [
+        (dir.join("missing.pem"), "missing.pem"),
+        (garbage.clone(), "garbage.pem"),
+        (other_key.clone(), "does not belong"),
+    ] {
+        let path = dir.join("cfg.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200 }}\n\
+                 [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_fluxgate"))
+            .args(["check", "-c", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expect) && err.contains("listener[0].tls"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn quick_mode_speaks_tls() {
+    let dir = scratch("quick");
+    let (cert, key) = certs(&dir, "q", &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fluxgate"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &up.addr.to_string(),
+            "--workers",
+            "1",
+        ])
+        .args([
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+            assert!(rest.contains("TLS"), "{rest}");
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "5",
+            "-D",
+            "-",
+            &format!("https://{addr}/quick"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.contains("x-up-path: /quick"), "{text}");
+    assert!(text.contains("x-up-xfp: https\r\n"), "{text}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
