@@ -93,11 +93,28 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
             None => Some(ClientStream::Plain(stream)),
             // A handshake gets as long as a request head would.
             Some(acceptor) => {
-                tokio::time::timeout(server.header_timeout(), acceptor.accept(stream))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|s| ClientStream::Tls(Box::new(s)))
+                let shaken =
+                    tokio::time::timeout(server.header_timeout(), acceptor.accept(stream)).await;
+                let stats = &ctx.tls_stats;
+                match shaken {
+                    Ok(Ok(s)) => {
+                        let c = s.get_ref().1;
+                        stats.handshake(
+                            c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+                            c.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3),
+                            c.alpn_protocol(),
+                        );
+                        Some(ClientStream::Tls(Box::new(s)))
+                    }
+                    Ok(Err(e)) => {
+                        stats.error(handshake_error(&e));
+                        None
+                    }
+                    Err(_) => {
+                        stats.error(0);
+                        None
+                    }
+                }
             }
         };
         if let Some(stream) = stream {
@@ -106,6 +123,21 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
         ctx.active.set(ctx.active.get() - 1);
         metrics::dec(&ctx.active_gauge);
     });
+}
+
+/// Which `metrics::TLS_ERRORS` entry a failed handshake counts as.
+fn handshake_error(e: &io::Error) -> usize {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::AlertReceived(_)) => 2,
+        Some(rustls::Error::PeerIncompatible(_)) => 3,
+        Some(rustls::Error::PeerMisbehaved(_) | rustls::Error::InvalidMessage(_)) => 4,
+        Some(_) => 5,
+        None if e.kind() == io::ErrorKind::UnexpectedEof => 1,
+        None => 5,
+    }
 }
 
 /// Out of descriptors or memory: back off instead of spinning on a listener that stays ready.

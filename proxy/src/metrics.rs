@@ -64,6 +64,8 @@ pub(crate) struct UpstreamStats {
 pub struct Metrics {
     /// [listener][worker]: client connections open.
     pub(crate) active: Vec<Vec<Arc<AtomicI64>>>,
+    /// [listener]: TLS handshakes (shared by the workers; kept across reloads).
+    pub(crate) tls: Vec<Arc<TlsStats>>,
     /// [listener][worker]
     pub(crate) routes: Vec<Vec<Arc<RouteSet>>>,
     /// [upstream][worker]
@@ -75,6 +77,49 @@ pub struct Metrics {
 /// The previous registry, and for each listener / upstream of the new config the index of
 /// the old one it continues.
 pub(crate) type Continuing<'a> = (&'a Metrics, &'a [Option<usize>], &'a [Option<usize>]);
+
+/// Why a TLS handshake failed, as counted.
+pub(crate) const TLS_ERRORS: [&str; 6] = [
+    "timeout",
+    "closed",
+    "alert_received",
+    "incompatible",
+    "misbehaved",
+    "other",
+];
+
+/// TLS handshakes of one listener. Index = kind * 6 + version * 3 + alpn.
+#[derive(Debug, Default)]
+pub(crate) struct TlsStats {
+    handshakes: [AtomicU64; 12],
+    errors: [AtomicU64; TLS_ERRORS.len()],
+}
+
+impl TlsStats {
+    /// Counts a finished handshake: `resumed`, TLS 1.3 (else 1.2), the negotiated ALPN.
+    pub(crate) fn handshake(&self, resumed: bool, tls13: bool, alpn: Option<&[u8]>) {
+        let a = match alpn {
+            Some(b"h2") => 0,
+            Some(b"http/1.1") => 1,
+            _ => 2,
+        };
+        let i = usize::from(resumed) * 6 + usize::from(tls13) * 3 + a;
+        self.handshakes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed handshake; `reason` indexes `TLS_ERRORS`.
+    pub(crate) fn error(&self, reason: usize) {
+        self.errors[reason.min(TLS_ERRORS.len() - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn labels(i: usize) -> (&'static str, &'static str, &'static str) {
+        (
+            ["full", "resumed"][i / 6],
+            ["1.2", "1.3"][i / 3 % 2],
+            ["h2", "http/1.1", "none"][i % 3],
+        )
+    }
+}
 
 pub(crate) fn inc(a: &AtomicI64) {
     a.fetch_add(1, Ordering::Relaxed);
@@ -101,6 +146,14 @@ impl Metrics {
             .map(|i| match previous {
                 Some((p, keep, _)) => keep[i].map_or_else(fresh_i64, |j| p.active[j].clone()),
                 None => fresh_i64(),
+            })
+            .collect();
+        let tls = (0..config.listeners.len())
+            .map(|i| match previous {
+                Some((p, keep, _)) => {
+                    keep[i].map_or_else(Default::default, |j| Arc::clone(&p.tls[j]))
+                }
+                None => Default::default(),
             })
             .collect();
         let routes = config
@@ -134,6 +187,7 @@ impl Metrics {
         };
         Arc::new(Metrics {
             active,
+            tls,
             routes,
             upstreams,
             reloads_ok,
@@ -274,6 +328,38 @@ impl Metrics {
                     e.addr,
                     u8::from(h.is_healthy(i))
                 );
+            }
+        }
+
+        o.push_str("# HELP fluxgate_tls_handshakes_total Completed TLS handshakes, by kind, version and ALPN.\n");
+        o.push_str("# TYPE fluxgate_tls_handshakes_total counter\n");
+        for (li, t) in self.tls.iter().enumerate() {
+            for (i, n) in t.handshakes.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let (kind, version, alpn) = TlsStats::labels(i);
+                    let _ = writeln!(
+                        o,
+                        "fluxgate_tls_handshakes_total{{listener=\"{}\",kind=\"{kind}\",version=\"{version}\",alpn=\"{alpn}\"}} {n}",
+                        addrs[li]
+                    );
+                }
+            }
+        }
+        o.push_str(
+            "# HELP fluxgate_tls_handshake_errors_total Failed TLS handshakes, by reason.\n",
+        );
+        o.push_str("# TYPE fluxgate_tls_handshake_errors_total counter\n");
+        for (li, t) in self.tls.iter().enumerate() {
+            for (reason, n) in TLS_ERRORS.iter().zip(&t.errors) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "fluxgate_tls_handshake_errors_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
+                        addrs[li]
+                    );
+                }
             }
         }
 

@@ -41,6 +41,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) max_connections: Cell<usize>,
     /// This worker's share of `fluxgate_active_connections`; survives reloads.
     pub(crate) active_gauge: Arc<AtomicI64>,
+    /// This listener's TLS handshake counters.
+    pub(crate) tls_stats: Arc<crate::metrics::TlsStats>,
     /// TLS termination for new connections, when the listener has `[listener.tls]`.
     pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     /// Stops this listener's acceptor.
@@ -134,6 +136,7 @@ impl Worker {
                         max_connections: Cell::new(l.max_connections),
                         active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
                         tls: RefCell::new(tls),
+                        tls_stats: Arc::clone(&g.metrics.tls[i]),
                         stop,
                     });
                     crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);

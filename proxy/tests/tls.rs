@@ -35,7 +35,8 @@ fn tls_gateway(dir: &Path, extra_tls: &str) -> fluxgate::Handle {
     let (wc, wk) = certs(dir, "wild", &["*.b.example.com"]);
     start(
         &format!(
-            "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200, body = \"secret\" }}\n\
+            "[admin]\naddress = \"127.0.0.1:0\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200, body = \"secret\" }}\n\
              [listener.tls]\n{extra_tls}\ncertificates = [\
                {{ cert = \"{}\", key = \"{}\" }},\
                {{ cert = \"{}\", key = \"{}\", names = [\"a.example.com\"] }},\
@@ -160,6 +161,8 @@ fn sessions_resume_with_tickets_and_with_the_cache() {
         assert!(first.contains("New, TLSv1.3"), "{first}");
         let second = s_client(addr, &["-sess_in", sess]);
         assert!(second.contains("Reused, TLSv1.3"), "{settings}: {second}");
+        let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+        assert!(m.contains("kind=\"resumed\",version=\"1.3\""), "{m}");
         fg.shutdown();
     }
 }
