@@ -178,6 +178,17 @@ pub struct Tls {
     pub session_cache: usize,
 }
 
+/// TLS to an upstream's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Server name sent and verified. Default: the endpoint's IP address.
+    pub sni: Option<String>,
+    /// PEM roots to verify the upstream against. Default: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate chain and key, for upstreams that require mutual TLS.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
 /// Upstream application protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -196,8 +207,11 @@ pub struct Upstream {
     /// Default none (endpoints are healthy until passive checks say otherwise).
     pub health_check: Option<HealthCheck>,
     pub passive: Passive,
-    /// Default http1.
+    /// Default http1. `h2c` (or `h2`) is HTTP/2: cleartext with prior knowledge, or by ALPN
+    /// over TLS.
     pub protocol: UpstreamProtocol,
+    /// `tls = { .. }`: speak TLS to the endpoints. Default: cleartext.
+    pub tls: Option<UpstreamTls>,
     /// Connect failure or timeout answers 502. Default 1 s.
     pub connect_timeout: Duration,
     /// No response head within this answers 504. Default 30 s.
@@ -307,6 +321,16 @@ struct RawUpstream {
     idle_timeout: Option<Spanned<String>>,
     prewarm: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
+    tls: Option<Spanned<RawUpstreamTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    sni: Option<String>,
+    ca: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -571,17 +595,47 @@ impl Config {
                 None => UpstreamProtocol::Http1,
                 Some(p) => match p.get_ref().as_str() {
                     "http1" => UpstreamProtocol::Http1,
-                    "h2c" => UpstreamProtocol::H2c,
+                    "h2c" | "h2" => UpstreamProtocol::H2c,
                     other => {
                         return Err(src.invalid(
                             key("protocol"),
                             p,
-                            format!("unknown protocol {other:?} (http1, h2c)"),
+                            format!("unknown protocol {other:?} (http1, h2c or h2)"),
                         ))
                     }
                 },
             };
+            let tls = match &u.tls {
+                None => None,
+                Some(t) => {
+                    let r = t.get_ref();
+                    let client = match (&r.client_cert, &r.client_key) {
+                        (Some(c), Some(k)) => Some((c.into(), k.into())),
+                        (None, None) => None,
+                        _ => {
+                            return Err(src.invalid(
+                                key("tls"),
+                                t,
+                                "client_cert and client_key go together",
+                            ))
+                        }
+                    };
+                    if u.health_check.is_some() {
+                        return Err(src.invalid(
+                            key("health_check"),
+                            t,
+                            "active health checks speak cleartext HTTP: not available with `tls` yet",
+                        ));
+                    }
+                    Some(UpstreamTls {
+                        sni: r.sni.clone(),
+                        ca: r.ca.as_ref().map(Into::into),
+                        client,
+                    })
+                }
+            };
             upstreams.push(Upstream {
+                tls,
                 name,
                 endpoints,
                 balance,

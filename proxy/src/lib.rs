@@ -21,6 +21,7 @@ mod pool;
 mod proxy;
 pub mod route;
 mod server;
+mod stream;
 pub mod tls;
 mod worker;
 

@@ -17,9 +17,11 @@ use std::sync::Arc;
 
 use crate::balance::{Balancer, Health, Pick};
 use crate::metrics::UpstreamStats;
+use crate::stream::UpstreamStream;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
+use rustls::pki_types::ServerName;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -72,6 +74,8 @@ pub(crate) struct UpstreamPool {
     next_id: Cell<i32>,
     /// This worker's counters for the upstream; they follow the pool across reloads.
     stats: Arc<UpstreamStats>,
+    /// TLS to the endpoints, with the configured server name (else each endpoint's IP).
+    tls: Option<(tokio_rustls::TlsConnector, Option<ServerName<'static>>)>,
 }
 
 /// A connection lent to one request. Dropping it closes the connection; `release` returns it
@@ -115,8 +119,17 @@ impl UpstreamPool {
         cfg: Upstream,
         health: Arc<Health>,
         stats: Arc<UpstreamStats>,
+        tls: Option<Arc<rustls::ClientConfig>>,
         seed: u64,
     ) -> Rc<UpstreamPool> {
+        let tls = tls.map(|c| {
+            let name = cfg
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.clone())
+                .and_then(|n| ServerName::try_from(n).ok());
+            (tokio_rustls::TlsConnector::from(c), name)
+        });
         // Room for burst surplus beyond `max_idle_per_host` (see `checkin`).
         let lru_size = (cfg.max_idle_per_host * SURPLUS_FACTOR).max(1024) * cfg.endpoints.len();
         let endpoints = cfg
@@ -137,6 +150,7 @@ impl UpstreamPool {
             health,
             next_id: Cell::new(0),
             stats,
+            tls,
             cfg,
         })
     }
@@ -253,21 +267,30 @@ impl UpstreamPool {
         endpoint.freed.notify_one();
     }
 
-    async fn dial(&self, ep: usize) -> Result<TcpStream, ProxyError> {
+    /// A connection to endpoint `ep`: TCP, then TLS when the upstream has `tls`, all within
+    /// `connect_timeout`. Any failure is a connect failure (502).
+    async fn dial(&self, ep: usize) -> Result<UpstreamStream, ProxyError> {
         let addr = self.endpoints[ep].addr;
-        let stream =
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
-                Err(_) => {
-                    return Err(ProxyError::Connect {
-                        addr,
-                        source: std::io::ErrorKind::TimedOut.into(),
-                    })
+        let connect = async {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok(UpstreamStream::Plain(stream)),
+                Some((connector, name)) => {
+                    let name = name.clone().unwrap_or_else(|| addr.ip().into());
+                    let tls = connector.connect(name, stream).await?;
+                    Ok(UpstreamStream::Tls(Box::new(tls)))
                 }
-            };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+            }
+        };
+        match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
+            Err(_) => Err(ProxyError::Connect {
+                addr,
+                source: std::io::ErrorKind::TimedOut.into(),
+            }),
+        }
     }
 
     async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {

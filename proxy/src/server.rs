@@ -51,6 +51,8 @@ pub(crate) struct Generation {
     pub(crate) metrics: Arc<Metrics>,
     /// TLS settings per listener (certificates read when the generation was built).
     pub(crate) tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// TLS client settings per upstream.
+    pub(crate) upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// Applies new configs to running workers; shared by the `Handle` and the admin listener.
@@ -122,6 +124,7 @@ impl Reloader {
         // Read certificates and bind every new listener before touching anything, so a
         // failure changes nothing.
         let tls = crate::tls::listener_configs(&config).map_err(io::Error::other)?;
+        let upstream_tls = crate::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
         let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
             (0..workers).map(|_| Vec::new()).collect();
@@ -161,6 +164,7 @@ impl Reloader {
             health,
             metrics,
             tls,
+            upstream_tls,
         });
         let (applied, acks) = std::sync::mpsc::channel();
         for (tx, sockets) in self.workers.iter().zip(sockets) {
@@ -297,6 +301,7 @@ impl Server {
     pub fn start_from(config: Config, source: Option<PathBuf>) -> io::Result<Handle> {
         let io = resolve_io(config.runtime.io)?;
         let tls = crate::tls::listener_configs(&config).map_err(io::Error::other)?;
+        let upstream_tls = crate::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let workers = config.runtime.workers.max(1);
         // Worker 0's sockets first: that resolves port 0 for the others.
         let mut addrs = Vec::with_capacity(config.listeners.len());
@@ -320,6 +325,7 @@ impl Server {
             config: Arc::new(config),
             addrs,
             tls,
+            upstream_tls,
         });
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let (exited_tx, exited) = std::sync::mpsc::channel();

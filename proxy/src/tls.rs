@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use fluxgate_conf::{Config, Tls, TlsVersion};
+use fluxgate_conf::{Config, Tls, TlsVersion, UpstreamTls};
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -109,6 +109,93 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
     Ok(Arc::new(cfg))
 }
 
+/// PEM certificates from a file.
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The system's trust store: `SSL_CERT_FILE`, else the first bundle found at the usual places.
+fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+    let bundles = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ];
+    let path = from_env
+        .into_iter()
+        .chain(bundles.iter().map(Into::into))
+        .find(|p| p.exists())
+        .ok_or("no system CA bundle found (set `ca` or SSL_CERT_FILE)")?;
+    certs(&path)
+}
+
+/// The rustls client config for one upstream's `tls`: roots (given or the system's), an
+/// optional client certificate, ALPN for the upstream protocol, session resumption (rustls'
+/// in-memory cache, on by default).
+pub(crate) fn upstream_config(
+    t: &UpstreamTls,
+    h2: bool,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let anchors = match &t.ca {
+        Some(ca) => certs(ca)?,
+        None => system_roots()?,
+    };
+    let (added, _) = roots.add_parsable_certificates(anchors);
+    if added == 0 {
+        return Err(match &t.ca {
+            Some(ca) => format!("{}: no usable CA certificate", ca.display()),
+            None => "no usable system CA certificate".into(),
+        });
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut cfg = match &t.client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let der =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, der)
+                .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?
+        }
+    };
+    cfg.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    Ok(Arc::new(cfg))
+}
+
+/// TLS client settings of every upstream of `config` (None for cleartext ones).
+pub(crate) fn upstream_configs(
+    config: &Config,
+) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, String> {
+    config
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            u.tls
+                .as_ref()
+                .map(|t| {
+                    upstream_config(t, u.protocol == fluxgate_conf::UpstreamProtocol::H2c)
+                        .map_err(|e| format!("upstream[{i}].tls: {e}"))
+                })
+                .transpose()
+        })
+        .collect()
+}
+
 /// TLS settings of every listener of `config` (None for cleartext ones).
 pub(crate) fn listener_configs(
     config: &Config,
@@ -128,5 +215,6 @@ pub(crate) fn listener_configs(
 
 /// Loads every certificate and key `config` names, as `fluxgate check` and reloads do.
 pub fn validate(config: &Config) -> Result<(), String> {
-    listener_configs(config).map(|_| ())
+    listener_configs(config)?;
+    upstream_configs(config).map(|_| ())
 }

@@ -82,6 +82,7 @@ impl Worker {
                         u.clone(),
                         Arc::clone(&g.health[i]),
                         Arc::clone(&g.metrics.upstreams[i][self.id]),
+                        g.upstream_tls[i].clone(),
                         (self.id * 1000 + i) as u64,
                     );
                     tokio::task::spawn_local(Rc::clone(&p).prewarm());
