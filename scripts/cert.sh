@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes a throwaway test CA and a certificate it signs (PEM, EC P-256; good for server and
-# client auth) for fluxgate's TLS
-# listeners. Usage: scripts/cert.sh OUT_DIR [NAME ...]   (names default to localhost; the
+# client auth) for fluxgate's TLS listeners and upstreams.
+# Usage: scripts/cert.sh OUT_DIR [NAME ...]   (names default to localhost; the
 # first is the CN)  ->  OUT_DIR/cert.pem (leaf), OUT_DIR/key.pem, OUT_DIR/ca.pem (to trust)
 # Then: fluxgate run --listen 127.0.0.1:18443 --upstream 127.0.0.1:18081 \
 #         --tls-cert OUT_DIR/cert.pem --tls-key OUT_DIR/key.pem
