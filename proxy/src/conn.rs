@@ -1,7 +1,6 @@
 //! One client connection: the socket wrapper that enforces the header-read and keep-alive
 //! timeouts, and the hyper server (HTTP/1.1 and h2c prior knowledge on the same port).
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -214,6 +213,8 @@ struct ClientIo {
     state: Arc<ConnState>,
     // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The timer is set to look again soon (a request is in flight): no need to move it.
+    recheck_armed: bool,
     scan: HeadScan,
 }
 
@@ -234,16 +235,20 @@ impl ClientIo {
         let st = &self.state;
         if st.in_flight.get() > 0 || st.upgraded.get() {
             if let Some(timer) = &mut self.timer {
-                // Nothing to enforce now: the armed timer brings us back to look again, and
-                // the common path reads no clock.
+                // Nothing to enforce now, but hyper may not read again when the request
+                // ends: keep the timer within a re-check period, moving it once per request.
+                let recheck = || Instant::now() + PARK_AFTER.min(st.idle_timeout);
+                if !self.recheck_armed {
+                    timer.as_mut().reset(recheck());
+                    self.recheck_armed = true;
+                }
                 while timer.as_mut().poll(cx).is_ready() {
-                    timer
-                        .as_mut()
-                        .reset(Instant::now() + PARK_AFTER.min(st.idle_timeout));
+                    timer.as_mut().reset(recheck());
                 }
                 return Poll::Pending;
             }
         }
+        self.recheck_armed = false;
         let deadline = self.state.deadline();
         let timer = self
             .timer
@@ -368,8 +373,8 @@ pub(crate) struct ConnServer {
     builder: auto::Builder<LocalExec>,
     /// Turns true when the worker drains: finish in-flight requests, then close.
     draining: watch::Receiver<bool>,
-    /// Connections parked so far on this worker (see `worker_housekeeping`).
-    parks: Rc<Cell<u64>>,
+    /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
+    parks: Arc<AtomicU64>,
     header_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -377,7 +382,7 @@ pub(crate) struct ConnServer {
 impl ConnServer {
     pub(crate) fn new(
         limits: &fluxgate_conf::HttpLimits,
-        parks: Rc<Cell<u64>>,
+        parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
         let mut builder = auto::Builder::new(LocalExec);
@@ -438,6 +443,7 @@ impl ConnServer {
                 eof: false,
                 state: Arc::clone(&state),
                 timer: None,
+                recheck_armed: false,
                 scan: HeadScan::default(),
             };
             let svc_state = Arc::clone(&state);
@@ -473,7 +479,7 @@ impl ConnServer {
                 // Boxed: the linger buffer must not grow every connection's future.
                 other => return Box::pin(linger(other)).await,
             };
-            self.parks.set(self.parks.get() + 1);
+            self.parks.fetch_add(1, Ordering::Relaxed);
             // Parked: wait for the next request's first bytes, or close at the idle deadline
             // or when the worker drains.
             tokio::select! {
@@ -523,14 +529,14 @@ impl InFlight {
 
 /// Once a second, if connections were parked since the last look, hands the memory they freed
 /// back to the kernel (see `fluxgate_sys::release_free_memory`).
-pub(crate) async fn worker_housekeeping(parks: Rc<Cell<u64>>) {
-    let mut seen = parks.get();
+pub(crate) async fn worker_housekeeping(parks: Arc<AtomicU64>) {
+    let mut seen = parks.load(Ordering::Relaxed);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if parks.get() != seen {
-            seen = parks.get();
+        if parks.load(Ordering::Relaxed) != seen {
+            seen = parks.load(Ordering::Relaxed);
             fluxgate_sys::release_free_memory();
         }
     }

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub(crate) upstreams: Vec<Vec<Arc<UpstreamStats>>>,
     pub(crate) reloads_ok: Arc<AtomicU64>,
     pub(crate) reloads_failed: Arc<AtomicU64>,
+    /// [worker]: idle connections parked (their HTTP state freed), for the process's life.
+    pub(crate) parked: Vec<Arc<AtomicU64>>,
 }
 
 /// The previous registry, and for each listener / upstream of the new config the index of
@@ -181,9 +183,17 @@ impl Metrics {
                 None => fresh_up(),
             })
             .collect();
-        let (reloads_ok, reloads_failed) = match previous {
-            Some((p, _, _)) => (Arc::clone(&p.reloads_ok), Arc::clone(&p.reloads_failed)),
-            None => Default::default(),
+        let (reloads_ok, reloads_failed, parked) = match previous {
+            Some((p, _, _)) => (
+                Arc::clone(&p.reloads_ok),
+                Arc::clone(&p.reloads_failed),
+                p.parked.clone(),
+            ),
+            None => (
+                Default::default(),
+                Default::default(),
+                (0..workers).map(|_| Default::default()).collect(),
+            ),
         };
         Arc::new(Metrics {
             active,
@@ -192,6 +202,7 @@ impl Metrics {
             upstreams,
             reloads_ok,
             reloads_failed,
+            parked,
         })
     }
 
@@ -362,6 +373,11 @@ impl Metrics {
                 }
             }
         }
+
+        o.push_str("# HELP fluxgate_connections_parked_total Idle HTTP/1.1 connections whose HTTP state was freed.\n");
+        o.push_str("# TYPE fluxgate_connections_parked_total counter\n");
+        let parked: u64 = self.parked.iter().map(|p| p.load(Ordering::Relaxed)).sum();
+        let _ = writeln!(o, "fluxgate_connections_parked_total {parked}");
 
         o.push_str("# HELP fluxgate_config_reloads_total Config reloads, by result.\n");
         o.push_str("# TYPE fluxgate_config_reloads_total counter\n");

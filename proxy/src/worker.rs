@@ -56,7 +56,7 @@ struct Worker {
     listeners: RefCell<Vec<Rc<ListenerCtx>>>,
     /// Active health checkers (worker 0 only), by the upstream settings they probe.
     checkers: RefCell<Vec<(Upstream, tokio::task::AbortHandle)>>,
-    parks: Rc<Cell<u64>>,
+    parks: Arc<std::sync::atomic::AtomicU64>,
     draining: watch::Receiver<bool>,
     /// This worker's access log writer and the settings it was opened with.
     access_log: RefCell<Option<(fluxgate_conf::AccessLog, Rc<AccessLog>)>>,
@@ -123,7 +123,7 @@ impl Worker {
             });
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
-                Rc::clone(&self.parks),
+                Arc::clone(&self.parks),
                 self.draining.clone(),
             ));
             let tls = g.tls[i].clone().map(tokio_rustls::TlsAcceptor::from);
@@ -213,8 +213,8 @@ pub(crate) fn run(
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let parks = Rc::new(Cell::new(0));
-        tokio::task::spawn_local(worker_housekeeping(Rc::clone(&parks)));
+        let parks = Arc::clone(&first.generation.metrics.parked[id]);
+        tokio::task::spawn_local(worker_housekeeping(Arc::clone(&parks)));
         let (drain_tx, draining) = watch::channel(false);
         let worker = Worker {
             id,

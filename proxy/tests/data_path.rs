@@ -392,12 +392,30 @@ fn connections_over_the_worker_cap_are_closed(io: IoMode) {
 
 fn idle_connection_is_parked_and_serves_the_next_request(io: IoMode) {
     let up = upstream(Behavior::Echo);
-    let fg = proxy_to(up.addr, "", "", io);
+    let fg = start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+        io,
+    );
+    let parked = || {
+        let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("fluxgate_connections_parked_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
     let mut c = RawClient::connect(fg.local_addrs()[0]);
     c.send(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(c.read_response().unwrap().status, 200);
+    assert_eq!(parked(), 0);
     // Idle past the park delay (1 s): hyper's state is dropped, the socket kept.
-    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        eventually(Duration::from_secs(3), || parked() == 1),
+        "parked"
+    );
     c.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n");
     let r = c.read_response().expect("served after parking");
     assert_eq!(r.header("x-up-path"), Some("/after"));
