@@ -93,8 +93,13 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
             None => Some(ClientStream::Plain(stream)),
             // A handshake gets as long as a request head would.
             Some(acceptor) => {
-                let shaken =
-                    tokio::time::timeout(server.header_timeout(), acceptor.accept(stream)).await;
+                // Boxed: a handshake's state is large, and an inline one would grow every
+                // connection's task, TLS or not, for its whole life.
+                let shaken = tokio::time::timeout(
+                    server.header_timeout(),
+                    Box::pin(acceptor.accept(stream)),
+                )
+                .await;
                 let stats = &ctx.tls_stats;
                 match shaken {
                     Ok(Ok(s)) => {
