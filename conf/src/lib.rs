@@ -174,6 +174,10 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// TLS 1.3 stateless session tickets with rotating keys. Default true.
     pub session_tickets: bool,
+    /// Ticket keys from a file (one 64-hex-digit key per line; the first encrypts, all
+    /// decrypt), so instances sharing the file resume each other's sessions. Default: random
+    /// keys rotated in memory.
+    pub ticket_keys: Option<std::path::PathBuf>,
     /// Stateful session cache entries; 0 turns it off. Default 1024.
     pub session_cache: usize,
 }
@@ -293,6 +297,7 @@ struct RawTls {
     certificates: Vec<RawTlsCertificate>,
     min_version: Option<String>,
     session_tickets: Option<bool>,
+    ticket_keys: Option<String>,
     session_cache: Option<i64>,
 }
 
@@ -470,6 +475,7 @@ fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls,
             .collect(),
         min_version,
         session_tickets: r.session_tickets.unwrap_or(true),
+        ticket_keys: r.ticket_keys.as_ref().map(Into::into),
         session_cache,
     })
 }

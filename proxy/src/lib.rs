@@ -22,6 +22,7 @@ mod proxy;
 pub mod route;
 mod server;
 mod stream;
+mod tickets;
 pub mod tls;
 mod worker;
 

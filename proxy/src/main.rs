@@ -119,6 +119,7 @@ fn run(args: Args) -> Result<()> {
                     }],
                     min_version: TlsVersion::Tls12,
                     session_tickets: true,
+                    ticket_keys: None,
                     session_cache: 1024,
                 }),
                 (None, None) => None,

@@ -103,7 +103,9 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
     } else {
         Arc::new(NoServerSessionStorage {})
     };
-    if t.session_tickets {
+    if let Some(path) = &t.ticket_keys {
+        cfg.ticketer = Arc::new(crate::tickets::FileTicketer::load(path)?);
+    } else if t.session_tickets {
         cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
     }
     Ok(Arc::new(cfg))

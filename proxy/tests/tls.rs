@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use fluxgate_conf::IoMode;
+use fluxgate_conf::{Config, IoMode};
 use support::*;
 
 fn certs(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
@@ -251,4 +251,45 @@ fn quick_mode_speaks_tls() {
     assert!(text.contains("x-up-xfp: https\r\n"), "{text}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn instances_sharing_ticket_keys_resume_each_others_sessions() {
+    let dir = scratch("shared");
+    let (cert, key) = certs(&dir, "c", &["localhost"]);
+    let keys = dir.join("ticket.keys");
+    std::fs::write(&keys, format!("# newest first\n{}\n", "ab".repeat(32))).unwrap();
+    let instance = || {
+        start(
+            &format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200 }}\n\
+                 [listener.tls]\nsession_cache = 0\nticket_keys = \"{}\"\n\
+                 certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+                keys.display(),
+                cert.display(),
+                key.display()
+            ),
+            IoMode::Epoll,
+        )
+    };
+    let (a, b) = (instance(), instance());
+    let sess = dir.join("sess.pem");
+    let sess = sess.to_str().unwrap();
+    assert!(s_client(a.local_addrs()[0], &["-sess_out", sess]).contains("New, TLSv1.3"));
+    let on_b = s_client(b.local_addrs()[0], &["-sess_in", sess]);
+    assert!(on_b.contains("Reused, TLSv1.3"), "{on_b}");
+    a.shutdown();
+    b.shutdown();
+    // A bad key file is a config error naming the file and line.
+    std::fs::write(&keys, "not hex\n").unwrap();
+    let cfg = Config::from_toml(&format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200 }}\n\
+         [listener.tls]\nticket_keys = \"{}\"\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        keys.display(),
+        cert.display(),
+        key.display()
+    ))
+    .unwrap();
+    let err = fluxgate::tls::validate(&cfg).unwrap_err();
+    assert!(err.contains("ticket.keys line 1"), "{err}");
 }
