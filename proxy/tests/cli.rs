@@ -221,3 +221,53 @@ fn bad_arguments_fail_with_usage() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 }
+
+#[test]
+fn quick_mode_speaks_tls() {
+    let dir = std::env::temp_dir().join(format!("fluxgate-cli-tls-{}", std::process::id()));
+    let ok = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "scripts/cert.sh (needs openssl)");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let up = upstream(Behavior::Echo);
+    let mut r = spawn(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &up.addr.to_string(),
+        "--workers",
+        "1",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(r
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("(TLS: h2 and HTTP/1.1 by ALPN)")));
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "--max-time",
+            "5",
+            "-D",
+            "-",
+            &format!("https://{}/quick", r.addr),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(text.contains("x-up-path: /quick"), "{text}");
+    assert!(text.contains("x-up-xfp: https\r\n"), "{text}");
+    signal(&r.child, "-TERM");
+    assert!(r.child.wait().unwrap().success());
+}

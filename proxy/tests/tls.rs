@@ -203,57 +203,6 @@ fn bad_key_files_are_named() {
 }
 
 #[test]
-fn quick_mode_speaks_tls() {
-    let dir = scratch("quick");
-    let (cert, key) = certs(&dir, "q", &["localhost"]);
-    let up = upstream(Behavior::Echo);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fluxgate"))
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &up.addr.to_string(),
-            "--workers",
-            "1",
-        ])
-        .args([
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
-            assert!(rest.contains("TLS"), "{rest}");
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    let out = Command::new("curl")
-        .args([
-            "-sk",
-            "--max-time",
-            "5",
-            "-D",
-            "-",
-            &format!("https://{addr}/quick"),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
-    assert!(text.contains("x-up-path: /quick"), "{text}");
-    assert!(text.contains("x-up-xfp: https\r\n"), "{text}");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-#[test]
 fn instances_sharing_ticket_keys_resume_each_others_sessions() {
     let dir = scratch("shared");
     let (cert, key) = certs(&dir, "c", &["localhost"]);
