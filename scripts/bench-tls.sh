@@ -2,7 +2,8 @@
 # TLS benchmark, in one run on this machine (each server pinned to CPU 1; clients and the
 # upstream on CPU 0):
 #  1. full vs resumed TLS 1.3 handshakes per second (and server CPU per handshake) on one
-#     worker, fluxgate beside nginx with the same certificate (ssl_session_tickets on);
+#     worker, fluxgate beside nginx with the same certificate (ssl_session_tickets on), with
+#     an RSA-2048 certificate (KEY=ec for EC P-256), each connection one direct-answer GET;
 #  2. h2load over TLS (-c 50 -m 10) through fluxgate, nginx and HAProxy: req/s and server CPU
 #     microseconds per request.
 # Usage: scripts/bench-tls.sh [DURATION_S]   (default 6)
@@ -14,7 +15,7 @@ cargo build --release -q -p fluxgate -p fluxgate-benches --bin fluxgate --bin tl
 FG=$PWD/target/release/fluxgate
 HS=$PWD/target/release/tls-handshakes
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
-scripts/cert.sh "$W/c" localhost >/dev/null
+KEY=${KEY:-rsa} scripts/cert.sh "$W/c" localhost >/dev/null
 cat "$W/c/cert.pem" "$W/c/key.pem" >"$W/c/haproxy.pem"
 
 cat > "$W/up.conf" <<NG
@@ -31,8 +32,21 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:18444 ssl http2 backlog=4096;
     ssl_certificate $W/c/cert.pem; ssl_certificate_key $W/c/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_tickets on; ssl_session_cache shared:S:10m;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:18454 ssl backlog=4096;
+    ssl_certificate $W/c/cert.pem; ssl_certificate_key $W/c/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_tickets on; ssl_session_cache shared:S:10m;
+    location / { return 200 "direct\n"; } } }
 NG
+cat > "$W/hs.toml" <<TOML
+[runtime]
+workers = 1
+[[listener]]
+address = "127.0.0.1:18453"
+respond = { status = 200, body = "direct\n" }
+[listener.tls]
+certificates = [{ cert = "$W/c/cert.pem", key = "$W/c/key.pem" }]
+TOML
 cat > "$W/ha.cfg" <<HA
 global
   nbthread 1
@@ -53,6 +67,7 @@ HA
 taskset -c 0 nginx -c "$W/up.conf" &
 taskset -c 1 "$FG" run --listen 127.0.0.1:18443 --upstream 127.0.0.1:18081 --workers 1 \
   --tls-cert "$W/c/cert.pem" --tls-key "$W/c/key.pem" 2>"$W/fg.log" & FPID=$!
+taskset -c 1 "$FG" run -c "$W/hs.toml" 2>"$W/fg-hs.log" & FHS=$!
 taskset -c 1 nginx -c "$W/ng.conf" &
 taskset -c 1 haproxy -f "$W/ha.cfg" & HPID=$!
 sleep 1
@@ -62,7 +77,7 @@ TCK=$(getconf CLK_TCK)
 
 echo "== 1. TLS 1.3 handshakes per second, one worker (client: rustls, 8 in parallel)"
 printf "%-8s %-8s %10s %14s %s\n" server mode hs_per_s cpu_us_per_hs detail
-for srv in fluxgate:18443:$FPID nginx:18444:$NPID; do
+for srv in fluxgate:18453:$FHS nginx:18454:$NPID; do
   IFS=: read -r name port pid <<<"$srv"
   for mode in full resumed; do
     c0=$(ticks "$pid")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes a throwaway test CA and a certificate it signs (PEM, EC P-256; good for server and
-# client auth) for fluxgate's TLS listeners and upstreams.
+# Makes a throwaway test CA and a certificate it signs (PEM, EC P-256, or RSA-2048 with
+# KEY=rsa; good for server and client auth) for fluxgate's TLS listeners and upstreams.
 # Usage: scripts/cert.sh OUT_DIR [NAME ...]   (names default to localhost; the
 # first is the CN)  ->  OUT_DIR/cert.pem (leaf), OUT_DIR/key.pem, OUT_DIR/ca.pem (to trust)
 # Then: fluxgate run --listen 127.0.0.1:18443 --upstream 127.0.0.1:18081 \
@@ -11,7 +11,11 @@ shift || true
 names=("${@:-localhost}")
 san=$(printf 'DNS:%s,' "${names[@]}"); san="${san%,}"
 mkdir -p "$out"
-ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+if [ "${KEY:-ec}" = rsa ]; then
+  ec=(-newkey rsa:2048 -nodes)
+else
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+fi
 openssl req -x509 "${ec[@]}" -days 30 -subj "/CN=fluxgate test CA" \
   -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
   -keyout "$out/ca.key" -out "$out/ca.pem" 2>/dev/null
