@@ -180,6 +180,10 @@ pub struct Tls {
     pub ticket_keys: Option<std::path::PathBuf>,
     /// Stateful session cache entries; 0 turns it off. Default 1024.
     pub session_cache: usize,
+    /// Most TLS 1.3 early (0-RTT) bytes accepted from a resuming client; 0 turns 0-RTT off.
+    /// Needs the session cache and no tickets (rustls offers 0-RTT only on stateful
+    /// resumption). Default 0.
+    pub early_data: usize,
 }
 
 /// TLS to an upstream's endpoints.
@@ -298,6 +302,7 @@ struct RawTls {
     min_version: Option<String>,
     session_tickets: Option<bool>,
     ticket_keys: Option<String>,
+    early_data: Option<RawSize>,
     session_cache: Option<i64>,
 }
 
@@ -463,7 +468,25 @@ fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls,
             return Err(src.invalid(format!("{key}.session_cache"), t, "must be 0..=1048576"))
         }
     };
+    let early_data = match &r.early_data {
+        None => Some(0),
+        Some(RawSize::Bytes(n)) => usize::try_from(*n).ok().filter(|n| *n <= 1 << 20),
+        Some(RawSize::Text(t)) => parse_size(t).filter(|n| *n <= 1 << 20),
+    }
+    .map_or_else(
+        || Err(src.invalid(format!("{key}.early_data"), t, "a size up to 1MiB")),
+        Ok,
+    )?;
+    let session_tickets = r.session_tickets.unwrap_or(early_data == 0);
+    if early_data > 0 && (session_cache == 0 || session_tickets || r.ticket_keys.is_some()) {
+        return Err(src.invalid(
+            format!("{key}.early_data"),
+            t,
+            "0-RTT needs the session cache and no session tickets (rustls offers it only on stateful resumption)",
+        ));
+    }
     Ok(Tls {
+        early_data,
         certificates: r
             .certificates
             .iter()
@@ -474,7 +497,7 @@ fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls,
             })
             .collect(),
         min_version,
-        session_tickets: r.session_tickets.unwrap_or(true),
+        session_tickets,
         ticket_keys: r.ticket_keys.as_ref().map(Into::into),
         session_cache,
     })

@@ -90,7 +90,7 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
         // looked up per request.
         let server = ctx.server.borrow().clone();
         let stream = match tls {
-            None => Some(ClientStream::Plain(stream)),
+            None => Some((ClientStream::Plain(stream), None)),
             // A handshake gets as long as a request head would.
             Some(acceptor) => {
                 // Boxed: a handshake's state is large, and an inline one would grow every
@@ -102,14 +102,25 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
                 .await;
                 let stats = &ctx.tls_stats;
                 match shaken {
-                    Ok(Ok(s)) => {
+                    Ok(Ok(mut s)) => {
+                        // Early data rustls accepted, to be read before the rest.
+                        let early = s.get_mut().1.early_data().and_then(|mut r| {
+                            let mut v = Vec::new();
+                            let _ = std::io::Read::read_to_end(&mut r, &mut v);
+                            (!v.is_empty()).then(|| bytes::Bytes::from(v))
+                        });
+                        if early.is_some() {
+                            stats
+                                .early_data
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         let c = s.get_ref().1;
                         stats.handshake(
                             c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
                             c.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3),
                             c.alpn_protocol(),
                         );
-                        Some(ClientStream::Tls(Box::new(s)))
+                        Some((ClientStream::Tls(Box::new(s)), early))
                     }
                     Ok(Err(e)) => {
                         stats.error(handshake_error(&e));
@@ -122,8 +133,10 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
                 }
             }
         };
-        if let Some(stream) = stream {
-            server.serve(stream, peer, Rc::clone(&ctx.handler)).await;
+        if let Some((stream, early)) = stream {
+            server
+                .serve(stream, early, peer, Rc::clone(&ctx.handler))
+                .await;
         }
         ctx.active.set(ctx.active.get() - 1);
         metrics::dec(&ctx.active_gauge);

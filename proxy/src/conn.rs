@@ -215,6 +215,8 @@ struct ClientIo {
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer is set to look again soon (a request is in flight): no need to move it.
     recheck_armed: bool,
+    /// Bytes to read before the stream's (TLS 0-RTT data).
+    prefix: Option<bytes::Bytes>,
     scan: HeadScan,
 }
 
@@ -275,7 +277,18 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match this.stream().poll_read(cx, buf) {
+        let polled = match &mut this.prefix {
+            Some(p) => {
+                let n = p.len().min(buf.remaining());
+                buf.put_slice(&p.split_to(n));
+                if p.is_empty() {
+                    this.prefix = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            None => this.stream().poll_read(cx, buf),
+        };
+        match polled {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
                 if got.is_empty() {
@@ -412,7 +425,15 @@ impl ConnServer {
 
     /// Serves one accepted connection to its end; each request takes the listener's handler
     /// current when it arrives.
-    pub(crate) async fn serve(&self, stream: ClientStream, peer: SocketAddr, handler: HandlerSlot) {
+    /// `early`: bytes that arrived as TLS 0-RTT data, read before the stream's own.
+    pub(crate) async fn serve(
+        &self,
+        stream: ClientStream,
+        early: Option<bytes::Bytes>,
+        peer: SocketAddr,
+        handler: HandlerSlot,
+    ) {
+        let mut early = early;
         let now = Instant::now();
         let state = Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
@@ -444,6 +465,7 @@ impl ConnServer {
                 state: Arc::clone(&state),
                 timer: None,
                 recheck_armed: false,
+                prefix: early.take(),
                 scan: HeadScan::default(),
             };
             let svc_state = Arc::clone(&state);

@@ -121,6 +121,7 @@ fn run(args: Args) -> Result<()> {
                     session_tickets: true,
                     ticket_keys: None,
                     session_cache: 1024,
+                    early_data: 0,
                 }),
                 (None, None) => None,
                 _ => bail!("--tls-cert and --tls-key go together"),

@@ -95,6 +95,8 @@ pub(crate) const TLS_ERRORS: [&str; 6] = [
 pub(crate) struct TlsStats {
     handshakes: [AtomicU64; 12],
     errors: [AtomicU64; TLS_ERRORS.len()],
+    /// Resumed handshakes that carried accepted 0-RTT data.
+    pub(crate) early_data: AtomicU64,
 }
 
 impl TlsStats {
@@ -355,6 +357,20 @@ impl Metrics {
                         addrs[li]
                     );
                 }
+            }
+        }
+        o.push_str(
+            "# HELP fluxgate_tls_early_data_total Handshakes whose 0-RTT data was accepted.\n",
+        );
+        o.push_str("# TYPE fluxgate_tls_early_data_total counter\n");
+        for (li, t) in self.tls.iter().enumerate() {
+            let n = t.early_data.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    o,
+                    "fluxgate_tls_early_data_total{{listener=\"{}\"}} {n}",
+                    addrs[li]
+                );
             }
         }
         o.push_str(

@@ -103,6 +103,10 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
     } else {
         Arc::new(NoServerSessionStorage {})
     };
+    // 0-RTT: rustls takes early data only on stateful resumption (the config guarantees
+    // tickets are off then). The data is handed to HTTP only once the handshake completes,
+    // so a replayed first flight, which cannot complete it, is never acted on (RFC 8470 3).
+    cfg.max_early_data_size = t.early_data as u32;
     if let Some(path) = &t.ticket_keys {
         cfg.ticketer = Arc::new(crate::tickets::FileTicketer::load(path)?);
     } else if t.session_tickets {

@@ -64,6 +64,15 @@ fn curl(addr: std::net::SocketAddr, flags: &[&str]) -> String {
 
 /// Runs `openssl s_client` with `args`, sending one request; returns its stdout and stderr.
 fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    s_client_sending(
+        addr,
+        args,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// `s_client` writing `input` after the handshake (nothing: just wait for the answer).
+fn s_client_sending(addr: std::net::SocketAddr, args: &[&str], input: &'static [u8]) -> String {
     let mut child = Command::new("openssl")
         .args(["s_client", "-connect", &addr.to_string()])
         .args(args)
@@ -76,7 +85,7 @@ fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
     let mut stdin = child.stdin.take().unwrap();
     std::thread::spawn(move || {
         use std::io::Write;
-        let _ = stdin.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = stdin.write_all(input);
         std::thread::sleep(std::time::Duration::from_millis(500));
     });
     let out = child.wait_with_output().unwrap();
@@ -241,4 +250,47 @@ fn instances_sharing_ticket_keys_resume_each_others_sessions() {
     .unwrap();
     let err = fluxgate::tls::validate(&cfg).unwrap_err();
     assert!(err.contains("ticket.keys line 1"), "{err}");
+}
+
+#[test]
+fn zero_rtt_requests_are_answered_after_the_handshake() {
+    let dir = scratch("0rtt");
+    let fg = tls_gateway(&dir, "session_cache = 64\nearly_data = \"16KiB\"");
+    let addr = fg.local_addrs()[0];
+    let sess = dir.join("sess.pem");
+    let sess = sess.to_str().unwrap();
+    let first = s_client(addr, &["-sess_out", sess]);
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    let req = dir.join("early.txt");
+    std::fs::write(
+        &req,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let second = s_client_sending(
+        addr,
+        &["-sess_in", sess, "-early_data", req.to_str().unwrap()],
+        b"",
+    );
+    assert!(second.contains("Early data was accepted"), "{second}");
+    assert!(
+        second.contains("HTTP/1.1 200") && second.contains("secret"),
+        "answered: {second}"
+    );
+    let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    assert!(
+        m.contains(&format!(
+            "fluxgate_tls_early_data_total{{listener=\"{addr}\"}} 1"
+        )),
+        "{m}"
+    );
+    fg.shutdown();
+
+    // 0-RTT needs stateful resumption: with tickets it is refused at config load.
+    let bad = Config::from_toml(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = { status = 200 }\n\
+         [listener.tls]\nearly_data = 1024\nsession_tickets = true\ncertificates = [{ cert = \"c\", key = \"k\" }]\n",
+    );
+    let err = bad.unwrap_err().to_string();
+    assert!(err.contains("listener[0].tls.early_data"), "{err}");
 }
