@@ -93,6 +93,19 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
             None => Some((ClientStream::Plain(stream), None)),
             // A handshake gets as long as a request head would.
             Some(acceptor) => {
+                // Whether the client offers 0-RTT, to count rejections: rustls only reports
+                // acceptance. Looked at only where 0-RTT is on (one extra peek).
+                let offered = if acceptor.config().max_early_data_size > 0 {
+                    let mut head = [0u8; 1024];
+                    let n = tokio::time::timeout(server.header_timeout(), stream.peek(&mut head))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or(0);
+                    crate::tls::offers_early_data(&head[..n])
+                } else {
+                    false
+                };
                 // Boxed: a handshake's state is large, and an inline one would grow every
                 // connection's task, TLS or not, for its whole life.
                 let shaken = tokio::time::timeout(
@@ -109,10 +122,10 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
                             let _ = std::io::Read::read_to_end(&mut r, &mut v);
                             (!v.is_empty()).then(|| bytes::Bytes::from(v))
                         });
-                        if early.is_some() {
-                            stats
-                                .early_data
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match (early.is_some(), offered) {
+                            (true, _) => stats.early(true),
+                            (false, true) => stats.early(false),
+                            _ => {}
                         }
                         let c = s.get_ref().1;
                         stats.handshake(

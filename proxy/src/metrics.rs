@@ -95,8 +95,9 @@ pub(crate) const TLS_ERRORS: [&str; 6] = [
 pub(crate) struct TlsStats {
     handshakes: [AtomicU64; 12],
     errors: [AtomicU64; TLS_ERRORS.len()],
-    /// Resumed handshakes that carried accepted 0-RTT data.
-    pub(crate) early_data: AtomicU64,
+    /// Handshakes whose 0-RTT data was accepted, and those that offered it in vain.
+    early_accepted: AtomicU64,
+    early_rejected: AtomicU64,
 }
 
 impl TlsStats {
@@ -109,6 +110,16 @@ impl TlsStats {
         };
         let i = usize::from(resumed) * 6 + usize::from(tls13) * 3 + a;
         self.handshakes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a handshake that offered 0-RTT data: accepted or rejected.
+    pub(crate) fn early(&self, accepted: bool) {
+        let c = if accepted {
+            &self.early_accepted
+        } else {
+            &self.early_rejected
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failed handshake; `reason` indexes `TLS_ERRORS`.
@@ -360,17 +371,22 @@ impl Metrics {
             }
         }
         o.push_str(
-            "# HELP fluxgate_tls_early_data_total Handshakes whose 0-RTT data was accepted.\n",
+            "# HELP fluxgate_tls_early_data_total Handshakes that offered 0-RTT data, by result.\n",
         );
         o.push_str("# TYPE fluxgate_tls_early_data_total counter\n");
         for (li, t) in self.tls.iter().enumerate() {
-            let n = t.early_data.load(Ordering::Relaxed);
-            if n > 0 {
-                let _ = writeln!(
-                    o,
-                    "fluxgate_tls_early_data_total{{listener=\"{}\"}} {n}",
-                    addrs[li]
-                );
+            for (result, c) in [
+                ("accepted", &t.early_accepted),
+                ("rejected", &t.early_rejected),
+            ] {
+                let n = c.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "fluxgate_tls_early_data_total{{listener=\"{}\",result=\"{result}\"}} {n}",
+                        addrs[li]
+                    );
+                }
             }
         }
         o.push_str(

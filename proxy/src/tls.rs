@@ -202,6 +202,32 @@ pub(crate) fn upstream_configs(
         .collect()
 }
 
+/// Whether the first bytes of a connection hold a TLS ClientHello with the early_data
+/// extension (type 42). Anything short or malformed reads as "no".
+pub(crate) fn offers_early_data(b: &[u8]) -> bool {
+    fn find(b: &[u8]) -> Option<bool> {
+        // Record header (5), handshake header (4), version (2), random (32).
+        if *b.first()? != 0x16 || *b.get(5)? != 0x01 {
+            return None;
+        }
+        let mut i = 5 + 4 + 2 + 32;
+        i += 1 + usize::from(*b.get(i)?); // session id
+        i += 2 + usize::from(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])); // suites
+        i += 1 + usize::from(*b.get(i)?); // compression
+        let end = i + 2 + usize::from(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]));
+        i += 2;
+        while i + 4 <= end.min(b.len()) {
+            let kind = u16::from_be_bytes([b[i], b[i + 1]]);
+            if kind == 42 {
+                return Some(true);
+            }
+            i += 4 + usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        }
+        Some(false)
+    }
+    find(b).unwrap_or(false)
+}
+
 /// TLS settings of every listener of `config` (None for cleartext ones).
 pub(crate) fn listener_configs(
     config: &Config,

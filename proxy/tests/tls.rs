@@ -277,13 +277,39 @@ fn zero_rtt_requests_are_answered_after_the_handshake() {
         second.contains("HTTP/1.1 200") && second.contains("secret"),
         "answered: {second}"
     );
-    let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    // A POST in early data is not acted on early either: it waits for the handshake.
+    let first = s_client(addr, &["-sess_out", sess]);
+    assert!(first.contains("TLSv1.3"), "{first}");
+    std::fs::write(
+        &req,
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    )
+    .unwrap();
+    let early = ["-sess_in", sess, "-early_data", req.to_str().unwrap()];
+    let post = s_client_sending(addr, &early, b"");
     assert!(
-        m.contains(&format!(
-            "fluxgate_tls_early_data_total{{listener=\"{addr}\"}} 1"
-        )),
-        "{m}"
+        post.contains("Early data was accepted") && post.contains("HTTP/1.1 200"),
+        "{post}"
     );
+    // Offered to an instance that cannot resume the session: rejected, full handshake.
+    let other = tls_gateway(
+        &scratch("0rtt-other"),
+        "session_cache = 64\nearly_data = \"16KiB\"",
+    );
+    let refused = s_client_sending(other.local_addrs()[0], &early, b"");
+    assert!(refused.contains("Early data was rejected"), "{refused}");
+    let metric = |h: &fluxgate::Handle, result: &str| {
+        let m = String::from_utf8(get(h.admin_addr().unwrap(), "/metrics").body).unwrap();
+        let series = format!(
+            "fluxgate_tls_early_data_total{{listener=\"{}\",result=\"{result}\"}} ",
+            h.local_addrs()[0]
+        );
+        m.lines()
+            .find_map(|x| x.strip_prefix(&series).map(str::to_owned))
+    };
+    assert_eq!(metric(&fg, "accepted").as_deref(), Some("2"));
+    assert_eq!(metric(&other, "rejected").as_deref(), Some("1"));
+    other.shutdown();
     fg.shutdown();
 
     // 0-RTT needs stateful resumption: with tickets it is refused at config load.
