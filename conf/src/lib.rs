@@ -172,7 +172,8 @@ pub struct Tls {
     pub certificates: Vec<TlsCertificate>,
     /// Default 1.2.
     pub min_version: TlsVersion,
-    /// TLS 1.3 stateless session tickets with rotating keys. Default true.
+    /// TLS 1.3 stateless session tickets with rotating keys. Default true (false when
+    /// `early_data` is set).
     pub session_tickets: bool,
     /// Ticket keys from a file (one 64-hex-digit key per line; the first encrypts, all
     /// decrypt), so instances sharing the file resume each other's sessions. Default: random

@@ -11,8 +11,7 @@ use support::*;
 #[test]
 fn one_json_line_per_request() {
     let up = upstream(Behavior::Echo);
-    let dir = std::env::temp_dir().join(format!("fluxgate-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("log");
     let path = dir.join("access.log");
     let _ = std::fs::remove_file(&path);
     let fg = start(

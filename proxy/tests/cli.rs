@@ -43,8 +43,7 @@ fn check_accepts_every_example() {
 
 #[test]
 fn check_names_key_and_line_of_a_bad_value() {
-    let dir = std::env::temp_dir().join(format!("fluxgate-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("cli");
     let path = dir.join("bad.toml");
     std::fs::write(
         &path,
@@ -105,20 +104,22 @@ fn spawn(args: &[&str]) -> Running {
     Running { child, addr, log }
 }
 
-/// Starts the binary in quick mode in front of `up`.
-fn quick_mode(up: &Upstream) -> (std::process::Child, SocketAddr) {
-    let r = spawn(&[
+/// Starts the binary in quick mode in front of `up`, with `extra` flags.
+fn quick_mode(up: &Upstream, extra: &[&str]) -> Running {
+    let upstream = up.addr.to_string();
+    let mut args = vec![
         "run",
         "--listen",
         "127.0.0.1:0",
         "--upstream",
-        &up.addr.to_string(),
+        &upstream,
         "--workers",
         "1",
         "--io",
         "auto",
-    ]);
-    (r.child, r.addr)
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
 }
 
 fn signal(child: &std::process::Child, sig: &str) {
@@ -131,8 +132,7 @@ fn signal(child: &std::process::Child, sig: &str) {
 
 #[test]
 fn sighup_reloads_the_file_and_refuses_a_bad_one() {
-    let dir = std::env::temp_dir().join(format!("fluxgate-hup-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("hup");
     let path = dir.join("f.toml");
     let cfg = |body: &str| {
         format!("[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = {{ status = 200, body = \"{body}\" }}\n")
@@ -171,7 +171,9 @@ fn sigterm(child: &std::process::Child) {
 #[test]
 fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
     let up = upstream(Behavior::Echo);
-    let (mut child, addr) = quick_mode(&up);
+    let Running {
+        mut child, addr, ..
+    } = quick_mode(&up, &[]);
     let r = get(addr, "/quick");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-up-path"), Some("/quick"));
@@ -189,7 +191,9 @@ fn quick_mode_serves_http1_and_h2c_and_stops_on_sigterm() {
 #[test]
 fn sigterm_lets_the_request_in_flight_finish_and_refuses_new_connections() {
     let up = upstream(Behavior::Slow(Duration::from_millis(1000)));
-    let (mut child, addr) = quick_mode(&up);
+    let Running {
+        mut child, addr, ..
+    } = quick_mode(&up, &[]);
     let slow = std::thread::spawn(move || get(addr, "/slow").status);
     assert!(eventually(Duration::from_secs(3), || up.requests() == 1));
     let t = Instant::now();
@@ -224,30 +228,18 @@ fn bad_arguments_fail_with_usage() {
 
 #[test]
 fn quick_mode_speaks_tls() {
-    let dir = std::env::temp_dir().join(format!("fluxgate-cli-tls-{}", std::process::id()));
-    let ok = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "scripts/cert.sh (needs openssl)");
+    let dir = test_certs(&scratch("cli-tls"), &[]);
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let up = upstream(Behavior::Echo);
-    let mut r = spawn(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &up.addr.to_string(),
-        "--workers",
-        "1",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let mut r = quick_mode(
+        &up,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
     assert!(r
         .log
         .lock()

@@ -30,8 +30,7 @@ fn config_text(up: std::net::SocketAddr, version: usize, extra_listener: bool) -
 #[test]
 fn twenty_reloads_under_load_lose_nothing() {
     let up = upstream(Behavior::Echo);
-    let dir = std::env::temp_dir().join(format!("fluxgate-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("reload");
     let path = dir.join("fluxgate.toml");
     std::fs::write(&path, config_text(up.addr, 0, false)).unwrap();
     let fg = Server::start_from(Config::from_file(&path).unwrap(), Some(path.clone())).unwrap();

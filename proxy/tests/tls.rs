@@ -11,22 +11,8 @@ use fluxgate_conf::{Config, IoMode};
 use support::*;
 
 fn certs(dir: &Path, name: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-    let out = dir.join(name);
-    let status = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
-        .arg(&out)
-        .args(names)
-        .stdout(Stdio::null())
-        .status()
-        .expect("scripts/cert.sh runs (needs openssl)");
-    assert!(status.success());
+    let out = test_certs(&dir.join(name), names);
     (out.join("cert.pem"), out.join("key.pem"))
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxgate-tls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn tls_gateway(dir: &Path, extra_tls: &str) -> fluxgate::Handle {
@@ -108,7 +94,7 @@ fn subject_cn(out: &str) -> Option<String> {
 
 #[test]
 fn http1_and_h2_by_alpn_sni_and_versions() {
-    let dir = scratch("main");
+    let dir = scratch("tls-main");
     let fg = tls_gateway(&dir, "");
     let addr = fg.local_addrs()[0];
     assert_eq!(curl(addr, &["--http1.1"]), "secret 1.1");
@@ -139,7 +125,7 @@ fn http1_and_h2_by_alpn_sni_and_versions() {
 
 #[test]
 fn tls13_only_refuses_tls12() {
-    let dir = scratch("13");
+    let dir = scratch("tls-13");
     let fg = tls_gateway(&dir, "min_version = \"1.3\"");
     let addr = fg.local_addrs()[0];
     assert_eq!(curl(addr, &["--http1.1"]), "secret 1.1");
@@ -158,9 +144,9 @@ fn sessions_resume_with_tickets_and_with_the_cache() {
         "session_tickets = false\nsession_cache = 64",
     ] {
         let dir = scratch(if settings.contains("true") {
-            "tickets"
+            "tls-tickets"
         } else {
-            "cache"
+            "tls-cache"
         });
         let fg = tls_gateway(&dir, settings);
         let addr = fg.local_addrs()[0];
@@ -178,7 +164,7 @@ fn sessions_resume_with_tickets_and_with_the_cache() {
 
 #[test]
 fn bad_key_files_are_named() {
-    let dir = scratch("bad");
+    let dir = scratch("tls-bad");
     let (cert, _) = certs(&dir, "one", &["one.test"]);
     let (_, other_key) = certs(&dir, "two", &["two.test"]);
     let garbage = dir.join("garbage.pem");
@@ -213,7 +199,7 @@ fn bad_key_files_are_named() {
 
 #[test]
 fn instances_sharing_ticket_keys_resume_each_others_sessions() {
-    let dir = scratch("shared");
+    let dir = scratch("tls-shared");
     let (cert, key) = certs(&dir, "c", &["localhost"]);
     let keys = dir.join("ticket.keys");
     std::fs::write(&keys, format!("# newest first\n{}\n", "ab".repeat(32))).unwrap();
@@ -254,7 +240,7 @@ fn instances_sharing_ticket_keys_resume_each_others_sessions() {
 
 #[test]
 fn zero_rtt_requests_are_answered_after_the_handshake() {
-    let dir = scratch("0rtt");
+    let dir = scratch("tls-0rtt");
     let fg = tls_gateway(&dir, "session_cache = 64\nearly_data = \"16KiB\"");
     let addr = fg.local_addrs()[0];
     let sess = dir.join("sess.pem");
@@ -293,7 +279,7 @@ fn zero_rtt_requests_are_answered_after_the_handshake() {
     );
     // Offered to an instance that cannot resume the session: rejected, full handshake.
     let other = tls_gateway(
-        &scratch("0rtt-other"),
+        &scratch("tls-0rtt-other"),
         "session_cache = 64\nearly_data = \"16KiB\"",
     );
     let refused = s_client_sending(other.local_addrs()[0], &early, b"");

@@ -4,7 +4,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,23 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use support::*;
 
 fn certs(dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let ok = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
-        .arg(&out)
-        .arg("localhost")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    out
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fluxgate-uptls-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    test_certs(&dir.join(name), &["localhost"])
 }
 
 /// A fluxgate terminating TLS with `c`'s certificate, answering "from tls upstream".
@@ -59,7 +42,7 @@ fn gateway_to(origin: std::net::SocketAddr, tls: &str, extra: &str) -> fluxgate:
 
 #[test]
 fn verified_tls_upstream_h1_h2_and_resumption() {
-    let dir = scratch("ok");
+    let dir = scratch("uptls-ok");
     let c = certs(&dir, "origin");
     let origin = tls_origin(&c);
     let oaddr = origin.local_addrs()[0];
@@ -127,46 +110,32 @@ fn mtls_origin(server: &Path, client_ca: &Path) -> std::net::SocketAddr {
         .with_single_cert(chain, key)
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.set_nonblocking(true).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(l).unwrap();
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let Ok(mut tls) = acceptor.accept(s).await else {
-                        return;
-                    };
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if tls.read(&mut b).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(b[0]);
-                    }
-                    let _ = tls
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmtls")
-                        .await;
-                    let _ = tls.flush().await;
-                });
+    serve_in_background(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if tls.read(&mut b).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(b[0]);
             }
-        });
-    });
-    addr
+            let _ = tls
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmtls")
+                .await;
+            let _ = tls.flush().await;
+        }
+    })
 }
 
 #[test]
 fn mutual_tls_presents_the_client_certificate() {
-    let dir = scratch("mtls");
+    let dir = scratch("uptls-mtls");
     let server = certs(&dir, "server");
     let client = certs(&dir, "client");
     let origin = mtls_origin(&server, &client);

@@ -95,56 +95,42 @@ pub fn h2c_upstream() -> Upstream {
 }
 
 fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let (acc, op) = (accepted.clone(), open.clone());
     let (reqs, hl) = (requests.clone(), healthy.clone());
-    let port = addr.port();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                acc.fetch_add(1, Ordering::SeqCst);
-                op.fetch_add(1, Ordering::SeqCst);
-                let op = op.clone();
-                let (reqs, hl) = (reqs.clone(), hl.clone());
-                tokio::spawn(async move {
-                    let served = Arc::new(AtomicUsize::new(0));
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let probe = req.uri().path() == "/healthz";
-                        let up = hl.load(Ordering::SeqCst);
-                        if !probe {
-                            reqs.fetch_add(1, Ordering::SeqCst);
-                        }
-                        let n = served.fetch_add(1, Ordering::SeqCst);
-                        respond(behavior, req, n, port, probe.then_some(up))
-                    });
-                    let io = TokioIo::new(stream);
-                    if h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        )
+    let addr = serve_in_background(move |stream| {
+        acc.fetch_add(1, Ordering::SeqCst);
+        op.fetch_add(1, Ordering::SeqCst);
+        let op = op.clone();
+        let (reqs, hl) = (reqs.clone(), hl.clone());
+        let port = stream.local_addr().map_or(0, |a| a.port());
+        async move {
+            let served = Arc::new(AtomicUsize::new(0));
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let probe = req.uri().path() == "/healthz";
+                let up = hl.load(Ordering::SeqCst);
+                if !probe {
+                    reqs.fetch_add(1, Ordering::SeqCst);
+                }
+                let n = served.fetch_add(1, Ordering::SeqCst);
+                respond(behavior, req, n, port, probe.then_some(up))
+            });
+            let io = TokioIo::new(stream);
+            if h2 {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(io, svc)
                         .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
-                    }
-                    op.fetch_sub(1, Ordering::SeqCst);
-                });
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
             }
-        });
+            op.fetch_sub(1, Ordering::SeqCst);
+        }
     });
     Upstream {
         addr,
@@ -365,6 +351,54 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     cond()
+}
+
+/// A fresh directory for one test's files.
+pub fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("fluxgate-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A throwaway CA and a certificate for `names` (scripts/cert.sh, needs openssl) in `out`:
+/// `out/cert.pem`, `out/key.pem`, `out/ca.pem`.
+pub fn test_certs(out: &std::path::Path, names: &[&str]) -> std::path::PathBuf {
+    let ok = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cert.sh"))
+        .arg(out)
+        .args(names)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("scripts/cert.sh runs")
+        .success();
+    assert!(ok, "scripts/cert.sh (needs openssl)");
+    out.to_path_buf()
+}
+
+/// Binds 127.0.0.1 port 0 and, on a thread of its own, hands every accepted connection to
+/// `conn` as a task. Returns the bound address.
+pub fn serve_in_background<F, Fut>(conn: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            loop {
+                let (stream, _) = l.accept().await.unwrap();
+                tokio::spawn(conn(stream));
+            }
+        });
+    });
+    addr
 }
 
 /// An address nothing listens on.
