@@ -1,6 +1,6 @@
 //! Body types at both edges of the proxy. Bodies are streamed frame by frame, never
-//! collected; the upstream connection goes back to its pool only once the response body has
-//! been read to the end.
+//! collected; an HTTP/1.1 upstream connection goes back to its pool only once the response
+//! body has been read to the end (see `h1client`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,7 +11,8 @@ use hyper::body::Incoming;
 
 use crate::accesslog::Pending;
 use crate::conn::InFlight;
-use crate::pool::Checkout;
+use crate::error::BoxError;
+use crate::h1client::H1Body;
 
 /// The body sent upstream: the client's own stream, or nothing (on a retry of a bodiless
 /// request, whose original body was consumed by the failed attempt).
@@ -58,12 +59,21 @@ pub struct ProxyBody {
     log: Option<Box<Pending>>,
 }
 
+// H1 is the common case; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
-    Upstream {
-        body: Incoming,
-        conn: Option<Checkout>,
-    },
+    H1(H1Body),
+    H2(Incoming),
     Full(Option<Bytes>),
+}
+
+/// A response body as an upstream sends it.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum UpstreamBody {
+    /// Read by fluxgate's HTTP/1.1 client, which returns the connection to its pool.
+    H1(H1Body),
+    /// A stream of a shared HTTP/2 connection.
+    H2(Incoming),
 }
 
 impl ProxyBody {
@@ -75,17 +85,13 @@ impl ProxyBody {
         }
     }
 
-    /// Streams an upstream response; `conn` returns to its pool when the body ends.
-    pub(crate) fn upstream(body: Incoming, conn: Option<Checkout>, inflight: InFlight) -> Self {
-        let mut conn = conn;
-        if body.is_end_stream() {
-            // HEAD, 204, 304 and empty bodies: hyper may never poll us, so release now.
-            if let Some(c) = conn.take() {
-                c.release();
-            }
-        }
+    /// Streams an upstream response.
+    pub(crate) fn upstream(body: UpstreamBody, inflight: InFlight) -> Self {
         ProxyBody {
-            inner: Inner::Upstream { body, conn },
+            inner: match body {
+                UpstreamBody::H1(b) => Inner::H1(b),
+                UpstreamBody::H2(b) => Inner::H2(b),
+            },
             _inflight: inflight,
             log: None,
         }
@@ -107,12 +113,12 @@ impl Drop for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = this.poll_inner(cx);
         if let (Some(log), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled) {
@@ -124,44 +130,28 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
-            Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
         }
     }
 }
 
 impl ProxyBody {
-    fn poll_inner(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Upstream { body, conn } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
-                        if let Some(c) = conn.take() {
-                            c.release();
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        if let Some(c) = conn.take() {
-                            c.release();
-                        }
-                    }
-                    // An upstream body error drops the connection with the Checkout.
-                    Poll::Ready(Some(Err(_))) => drop(conn.take()),
-                    _ => {}
-                }
-                polled
-            }
+            Inner::H1(b) => Pin::new(b).poll_frame(cx),
+            Inner::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
         }
     }
 }

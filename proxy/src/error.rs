@@ -2,6 +2,9 @@
 
 use http::StatusCode;
 
+/// Any error, as hyper takes it from a body.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why a proxied request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -16,10 +19,10 @@ pub enum ProxyError {
     ResponseTimeout,
     /// The upstream broke the exchange: reset, closed early, malformed response.
     #[error("upstream failed: {0}")]
-    Upstream(hyper::Error),
+    Upstream(BoxError),
     /// The client's request body was malformed (bad chunk framing) or cut short.
     #[error("client request body failed: {0}")]
-    ClientBody(hyper::Error),
+    ClientBody(BoxError),
     /// Every endpoint of the upstream is unhealthy (failed checks or ejected).
     #[error("no healthy upstream endpoint")]
     NoHealthyEndpoint,
@@ -47,13 +50,13 @@ impl ProxyError {
         matches!(self, ProxyError::ClientBody(_))
     }
 
-    /// Classifies a hyper client error: a failure of the body we were streaming from the
+    /// Classifies a hyper (HTTP/2) client error: a failure of the body we were streaming from the
     /// client is the client's fault, anything else the upstream's.
     pub(crate) fn from_upstream(err: hyper::Error) -> ProxyError {
         if err.is_user() {
-            ProxyError::ClientBody(err)
+            ProxyError::ClientBody(Box::new(err))
         } else {
-            ProxyError::Upstream(err)
+            ProxyError::Upstream(Box::new(err))
         }
     }
 }

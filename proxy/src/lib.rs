@@ -13,6 +13,7 @@ mod body;
 mod conn;
 mod error;
 mod framing;
+mod h1client;
 mod headers;
 mod health;
 mod json;

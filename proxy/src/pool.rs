@@ -2,14 +2,17 @@
 //!
 //! HTTP/1.1 idle connections sit in a pingora-pool `ConnectionPool` keyed by endpoint; this
 //! module adds what it lacks: a per-endpoint idle cap, an open-connection cap, pre-warming and
-//! counters. Idle expiry is done by the task that already drives each connection (it looks
-//! at the connection's idle time on a coarse timer and takes it out of the pool), rather than
-//! by pingora's per-release watcher task: no spawn, channel or timer per request. HTTP/2 connections are multiplexed and shared, so they are kept apart, one per
-//! endpoint. Everything here belongs to one worker thread (`Rc`, `Cell`): no locks on the path.
+//! counters. An idle HTTP/1.1 connection has no task of its own (fluxgate's client runs in the
+//! request's task): a connection the upstream closed is noticed when it is next picked (a
+//! readiness check, no system call while nothing arrived) and by one sweeper task per pool,
+//! which also expires idle connections, rather than by pingora's per-release watcher task: no
+//! spawn, channel or timer per request. HTTP/2 connections are multiplexed and shared, so they
+//! are kept apart, one per endpoint. Everything here belongs to one worker thread (`Rc`,
+//! `Cell`): no locks on the path.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::Duration;
 
 use fluxgate_conf::{Upstream, UpstreamProtocol};
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use crate::balance::{Balancer, Health, Pick};
 use crate::metrics::UpstreamStats;
 use crate::stream::UpstreamStream;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
 use rustls::pki_types::ServerName;
@@ -29,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::body::UpBody;
 use crate::error::ProxyError;
+use crate::h1client::H1Io;
 use crate::server::LocalExec;
 
 /// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve
@@ -39,27 +43,51 @@ const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How many times `max_idle_per_host` the idle set may reach during a burst.
 const SURPLUS_FACTOR: usize = 4;
 
-/// An idle-able HTTP/1.1 upstream connection.
+/// An HTTP/1.1 upstream connection. It counts as open until dropped.
 pub(crate) struct H1Conn {
-    pub(crate) sender: http1::SendRequest<UpBody>,
+    pub(crate) io: H1Io,
     meta: ConnectionMeta,
-    idle: Rc<IdleMark>,
+    /// When it last went into the pool, and how long it may stay there.
+    idle_since: Option<(Instant, Duration)>,
+    live: Rc<Live>,
 }
 
-/// Shared between a pooled connection and the task driving it.
-struct IdleMark {
-    /// When it last went into the pool, and how long it may stay there; None while lent out.
-    since: Cell<Option<(Instant, Duration)>>,
+impl Drop for H1Conn {
+    fn drop(&mut self) {
+        self.live.open_add(-1);
+        self.live.freed.notify_one();
+    }
 }
 
-struct Endpoint {
-    addr: SocketAddr,
-    /// Connections open now (idle, busy or being evicted).
+/// The connection counts of one endpoint on this worker.
+struct Live {
+    /// Connections open now (idle, busy, being dialled, or carrying a tunnel).
     open: Cell<usize>,
     /// Connections checked out to requests now.
     busy: Cell<usize>,
     /// Signalled when a connection closes or returns, for requests waiting on the cap.
     freed: Notify,
+    /// This worker's counters for the upstream (shared by its endpoints).
+    stats: Arc<UpstreamStats>,
+}
+
+impl Live {
+    fn busy_add(&self, d: i64) {
+        self.busy
+            .set(self.busy.get().saturating_add_signed(d as isize));
+        self.stats.busy.fetch_add(d, Ordering::Relaxed);
+    }
+
+    fn open_add(&self, d: i64) {
+        self.open
+            .set(self.open.get().saturating_add_signed(d as isize));
+        self.stats.open.fetch_add(d, Ordering::Relaxed);
+    }
+}
+
+struct Endpoint {
+    addr: SocketAddr,
+    live: Rc<Live>,
     h2: RefCell<Option<http2::SendRequest<UpBody>>>,
 }
 
@@ -74,6 +102,8 @@ pub(crate) struct UpstreamPool {
     next_id: Cell<i32>,
     /// This worker's counters for the upstream; they follow the pool across reloads.
     stats: Arc<UpstreamStats>,
+    /// Whether the sweeper task is running (it stops when the pool has no idle connection).
+    sweeping: Cell<bool>,
     /// TLS to the endpoints, with the configured server name (else each endpoint's IP).
     tls: Option<(tokio_rustls::TlsConnector, Option<ServerName<'static>>)>,
 }
@@ -89,27 +119,30 @@ pub(crate) struct Checkout {
 }
 
 impl Checkout {
-    pub(crate) fn sender(&mut self) -> &mut http1::SendRequest<UpBody> {
-        &mut self
-            .conn
-            .as_mut()
-            .expect("checkout holds a connection")
-            .sender
+    pub(crate) fn io_mut(&mut self) -> &mut H1Io {
+        &mut self.conn.as_mut().expect("checkout holds a connection").io
     }
 
-    /// Returns the connection to the idle pool, or closes it when the pool is full or the
-    /// connection is no longer usable.
+    /// Returns the connection to the idle pool, or closes it when the pool is full.
     pub(crate) fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(self.endpoint, conn);
         }
+    }
+
+    /// The connection leaves the pool's accounting of busy connections for a tunnel; it still
+    /// counts as open until the tunnel drops it.
+    pub(crate) fn into_tunnel(mut self) -> H1Conn {
+        let conn = self.conn.take().expect("checkout holds a connection");
+        self.pool.endpoints[self.endpoint].live.busy_add(-1);
+        conn
     }
 }
 
 impl Drop for Checkout {
     fn drop(&mut self) {
         if self.conn.take().is_some() {
-            self.pool.busy_add(self.endpoint, -1);
+            self.pool.endpoints[self.endpoint].live.busy_add(-1);
         }
     }
 }
@@ -137,9 +170,12 @@ impl UpstreamPool {
             .iter()
             .map(|e| Endpoint {
                 addr: e.addr,
-                open: Cell::new(0),
-                busy: Cell::new(0),
-                freed: Notify::new(),
+                live: Rc::new(Live {
+                    open: Cell::new(0),
+                    busy: Cell::new(0),
+                    freed: Notify::new(),
+                    stats: Arc::clone(&stats),
+                }),
                 h2: RefCell::new(None),
             })
             .collect();
@@ -150,23 +186,10 @@ impl UpstreamPool {
             health,
             next_id: Cell::new(0),
             stats,
+            sweeping: Cell::new(false),
             tls,
             cfg,
         })
-    }
-
-    /// Connections of `ep` lent out: this worker's count and the metric.
-    fn busy_add(&self, ep: usize, d: i64) {
-        let b = &self.endpoints[ep].busy;
-        b.set(b.get().saturating_add_signed(d as isize));
-        self.stats.busy.fetch_add(d, Ordering::Relaxed);
-    }
-
-    /// Connections of `ep` open: this worker's count and the metric.
-    fn open_add(&self, ep: usize, d: i64) {
-        let o = &self.endpoints[ep].open;
-        o.set(o.get().saturating_add_signed(d as isize));
-        self.stats.open.fetch_add(d, Ordering::Relaxed);
     }
 
     /// The endpoint for the next request, among the healthy ones (None: none is healthy).
@@ -186,7 +209,7 @@ impl UpstreamPool {
             for _ in 0..self.cfg.prewarm {
                 match self.connect_h1(ep).await {
                     Ok(conn) => {
-                        self.busy_add(ep, 1);
+                        self.endpoints[ep].live.busy_add(1);
                         self.checkin(ep, conn);
                     }
                     Err(e) => {
@@ -205,15 +228,15 @@ impl UpstreamPool {
         ep: usize,
         fresh: bool,
     ) -> Result<Checkout, ProxyError> {
-        let endpoint = &self.endpoints[ep];
+        let live = &self.endpoints[ep].live;
         let deadline = tokio::time::Instant::now() + self.cfg.connect_timeout;
         loop {
-            while let Some(conn) = (!fresh).then(|| self.idle.get(&(ep as u64))).flatten() {
-                if conn.sender.is_closed() {
+            while let Some(mut conn) = (!fresh).then(|| self.idle.get(&(ep as u64))).flatten() {
+                if conn.io.looks_closed() {
                     continue;
                 }
-                conn.idle.since.set(None);
-                self.busy_add(ep, 1);
+                conn.idle_since = None;
+                live.busy_add(1);
                 self.stats.pool_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Checkout {
                     pool: Rc::clone(self),
@@ -223,18 +246,20 @@ impl UpstreamPool {
                 });
             }
             let cap = self.cfg.max_connections;
-            if cap == 0 || endpoint.open.get() < cap {
+            if cap == 0 || live.open.get() < cap {
                 break;
             }
-            if tokio::time::timeout_at(deadline, endpoint.freed.notified())
+            if tokio::time::timeout_at(deadline, live.freed.notified())
                 .await
                 .is_err()
             {
                 return Err(ProxyError::Overloaded);
             }
         }
-        let conn = self.connect_h1(ep).await?;
-        self.busy_add(ep, 1);
+        // Boxed: dialing (TCP, maybe TLS) is rare next to reuse and its state is large; it must
+        // not grow every request's future.
+        let conn = Box::pin(self.connect_h1(ep)).await?;
+        live.busy_add(1);
         self.stats.pool_misses.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout {
             pool: Rc::clone(self),
@@ -244,14 +269,13 @@ impl UpstreamPool {
         })
     }
 
-    fn checkin(self: &Rc<Self>, ep: usize, conn: H1Conn) {
-        let endpoint = &self.endpoints[ep];
-        self.busy_add(ep, -1);
+    fn checkin(self: &Rc<Self>, ep: usize, mut conn: H1Conn) {
+        let live = &self.endpoints[ep].live;
+        live.busy_add(-1);
         // Idle connections of this endpoint besides this one.
-        let idle_now = (endpoint.open.get() - endpoint.busy.get()).saturating_sub(1);
+        let idle_now = (live.open.get() - live.busy.get()).saturating_sub(1);
         let cap = self.cfg.max_idle_per_host;
-        if conn.sender.is_closed() || idle_now >= cap * SURPLUS_FACTOR {
-            drop(conn);
+        if idle_now >= cap * SURPLUS_FACTOR {
             return;
         }
         let limit = if idle_now >= cap {
@@ -259,12 +283,42 @@ impl UpstreamPool {
         } else {
             self.cfg.idle_timeout
         };
-        conn.idle.since.set(Some((Instant::now(), limit)));
+        conn.idle_since = Some((Instant::now(), limit));
         let meta = conn.meta.clone();
         // pingora hands back an eviction notifier and a pick-up channel for a watcher task;
-        // the connection's own driver watches instead (see `connect_h1`).
+        // the sweeper watches instead.
         drop(self.idle.put(&meta, conn));
-        endpoint.freed.notify_one();
+        live.freed.notify_one();
+        if !self.sweeping.replace(true) {
+            tokio::task::spawn_local(sweep(Rc::downgrade(self)));
+        }
+    }
+
+    /// Closes the idle connections of every endpoint that expired or that the upstream
+    /// closed; returns how many stay idle.
+    fn sweep_once(&self) -> usize {
+        let now = Instant::now();
+        let mut kept = 0;
+        for ep in 0..self.endpoints.len() {
+            let key = ep as u64;
+            // Hottest first; put back coldest first so the order stays.
+            let mut all = Vec::new();
+            while let Some(conn) = self.idle.get(&key) {
+                all.push(conn);
+            }
+            for conn in all.into_iter().rev() {
+                let expired = conn
+                    .idle_since
+                    .is_none_or(|(since, limit)| now >= since + limit);
+                if expired || conn.io.looks_closed() {
+                    continue;
+                }
+                kept += 1;
+                let meta = conn.meta.clone();
+                drop(self.idle.put(&meta, conn));
+            }
+        }
+        kept
     }
 
     /// A connection to endpoint `ep`: TCP, then TLS when the upstream has `tls`, all within
@@ -294,63 +348,25 @@ impl UpstreamPool {
     }
 
     async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {
-        let endpoint = &self.endpoints[ep];
+        let live = &self.endpoints[ep].live;
         // Counted from the start of the dial, so concurrent requests see the slot taken.
-        self.open_add(ep, 1);
-        let handshake = async {
-            let stream = self.dial(ep).await?;
-            http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(ProxyError::Upstream)
-        };
-        let (sender, connection) = match handshake.await {
-            Ok(pair) => pair,
+        live.open_add(1);
+        let stream = match self.dial(ep).await {
+            Ok(s) => s,
             Err(e) => {
-                self.open_add(ep, -1);
-                endpoint.freed.notify_one();
+                live.open_add(-1);
+                live.freed.notify_one();
                 return Err(e);
             }
         };
         let id = self.next_id.get();
         self.next_id.set(id.wrapping_add(1));
-        let meta = ConnectionMeta::new(ep as u64, id);
-        let idle = Rc::new(IdleMark {
-            since: Cell::new(None),
-        });
-        let pool = Rc::clone(self);
-        let (driver_meta, mark) = (meta.clone(), Rc::clone(&idle));
-        tokio::task::spawn_local(async move {
-            // Look at the idle time this often: expiry lands within one period of its limit.
-            let period = idle_check_period(pool.cfg.idle_timeout);
-            // With upgrades: a 101 hands the socket over to the tunnel instead of closing.
-            let mut connection = std::pin::pin!(connection.with_upgrades());
-            let check = tokio::time::sleep(period);
-            let mut check = std::pin::pin!(check);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut connection => break,
-                    _ = &mut check => {
-                        let now = Instant::now();
-                        if let Some((since, limit)) = mark.since.get() {
-                            if now >= since + limit {
-                                // Dropping the sender pingora returns lets hyper close the
-                                // connection, which ends `connection` above.
-                                pool.idle.pop_closed(&driver_meta);
-                                mark.since.set(None);
-                            }
-                        }
-                        check.as_mut().reset(now + period);
-                    }
-                }
-            }
-            // Gone while idle (the upstream closed it): out of the pool at once.
-            pool.idle.pop_closed(&driver_meta);
-            pool.open_add(ep, -1);
-            pool.endpoints[ep].freed.notify_one();
-        });
-        Ok(H1Conn { sender, meta, idle })
+        Ok(H1Conn {
+            io: H1Io::new(stream),
+            meta: ConnectionMeta::new(ep as u64, id),
+            idle_since: None,
+            live: Rc::clone(live),
+        })
     }
 
     /// The shared HTTP/2 connection to `ep`, opened on first use or after it closed.
@@ -364,16 +380,16 @@ impl UpstreamPool {
                 return Ok(s.clone());
             }
         }
-        let stream = self.dial(ep).await?;
+        let stream = Box::pin(self.dial(ep)).await?;
         let (sender, connection) = http2::Builder::new(LocalExec)
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(ProxyError::Upstream)?;
-        self.open_add(ep, 1);
-        let pool = Rc::clone(self);
+            .map_err(|e| ProxyError::Upstream(Box::new(e)))?;
+        let live = Rc::clone(&endpoint.live);
+        live.open_add(1);
         tokio::task::spawn_local(async move {
             let _ = connection.await;
-            pool.open_add(ep, -1);
+            live.open_add(-1);
         });
         *endpoint.h2.borrow_mut() = Some(sender.clone());
         Ok(sender)
@@ -388,7 +404,21 @@ impl UpstreamPool {
     }
 }
 
-/// How often a connection driver looks at its idle time.
-fn idle_check_period(idle_timeout: Duration) -> Duration {
-    idle_timeout.min(SURPLUS_IDLE_TIMEOUT)
+/// The pool's sweeper: every period, closes idle connections that expired or were closed by
+/// the upstream. It ends when the pool is gone or holds no idle connection.
+async fn sweep(pool: Weak<UpstreamPool>) {
+    let period = match pool.upgrade() {
+        Some(p) => p.cfg.idle_timeout.min(SURPLUS_IDLE_TIMEOUT),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        if pool.sweep_once() == 0 {
+            pool.sweeping.set(false);
+            return;
+        }
+    }
 }

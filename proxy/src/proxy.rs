@@ -17,12 +17,14 @@ use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::hash64;
-use crate::body::{ProxyBody, UpBody};
+use crate::body::{ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
+use crate::h1client::{encode_head, Exchange, Failed, H1Body};
 use crate::headers::{append_list, strip_hop_by_hop};
 use crate::metrics::RouteSet;
-use crate::pool::{Checkout, UpstreamPool};
+use crate::pool::H1Conn;
+use crate::pool::UpstreamPool;
 use crate::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -42,7 +44,7 @@ pub(crate) struct Handler {
     pub(crate) access_log: Option<Rc<AccessLog>>,
 }
 
-/// A failed attempt, with the request back when hyper never sent it.
+/// A failed HTTP/2 attempt, with the request back when hyper never sent it.
 struct Attempt {
     error: ProxyError,
     unsent: Option<Request<UpBody>>,
@@ -146,27 +148,27 @@ impl Handler {
                     forward(pool, req, inflight.state(), timeout, upgrade.clone()).await;
                 upstream_time = asked.map(|t| t.elapsed());
                 match forwarded {
-                    Ok((mut resp, conn)) => {
-                        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                        let tunnel = match (client_side, switching) {
-                            (Some(client_side), true) => {
-                                let upstream_side = hyper::upgrade::on(&mut resp);
-                                inflight.state().mark_upgraded();
-                                tokio::task::spawn_local(tunnel(client_side, upstream_side));
-                                true
-                            }
-                            _ => false,
-                        };
+                    Ok(resp) => {
                         let (mut parts, body) = resp.into_parts();
+                        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+                        let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
                         strip_hop_by_hop(&mut parts.headers);
-                        if tunnel {
-                            // The upgraded connection is the tunnel's now, never pooled.
-                            drop(conn);
-                            let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
-                            restore_upgrade(&mut parts.headers, proto);
-                            Response::from_parts(parts, ProxyBody::full(Bytes::new(), inflight))
-                        } else {
-                            Response::from_parts(parts, ProxyBody::upstream(body, conn, inflight))
+                        match (client_side, switching, body) {
+                            (Some(client_side), true, UpstreamBody::H1(b)) => {
+                                match b.into_upgraded() {
+                                    Some(up) => {
+                                        inflight.state().mark_upgraded();
+                                        tokio::task::spawn_local(tunnel(client_side, up));
+                                        restore_upgrade(&mut parts.headers, proto);
+                                        let done = ProxyBody::full(Bytes::new(), inflight);
+                                        Response::from_parts(parts, done)
+                                    }
+                                    None => answer(StatusCode::BAD_GATEWAY, false, inflight),
+                                }
+                            }
+                            (_, _, body) => {
+                                Response::from_parts(parts, ProxyBody::upstream(body, inflight))
+                            }
                         }
                     }
                     Err(e) => answer(e.status(), e.closes_client(), inflight),
@@ -200,14 +202,19 @@ fn restore_upgrade(h: &mut http::HeaderMap, proto: Option<HeaderValue>) {
     }
 }
 
-/// Copies bytes both ways between the client and the upstream once both sides switched.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) else {
+/// Copies bytes both ways between the client and the upstream once both sides switched,
+/// starting with whatever the upstream sent right after its 101.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, mut upstream: H1Conn) {
+    use tokio::io::AsyncWriteExt;
+    let Ok(client) = client.await else {
         return;
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let early = upstream.io.rbuf.split();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream.io.stream).await;
 }
 
 /// The request's host for routing: Host, or the HTTP/2 authority, without the port.
@@ -358,8 +365,8 @@ fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
     }
 }
 
-/// A copy of a bodiless request head, kept so a request that reached a stale connection can
-/// be sent again.
+/// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
+/// connection can be sent again.
 fn replay_copy(parts: &Parts) -> Request<UpBody> {
     let mut r = Request::new(UpBody::Empty);
     *r.method_mut() = parts.method.clone();
@@ -400,7 +407,7 @@ async fn forward(
     client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
-) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let key = hash_key(&pool.cfg.balance, &req, &client.peer_ip);
     let pick = pool
         .pick_endpoint(key)
@@ -408,7 +415,7 @@ async fn forward(
     let result = exchange(pool, pick.ep, req, client, timeout, upgrade).await;
     pool.balancer.done(pick);
     let failed = match &result {
-        Ok((resp, _)) => resp.status().is_server_error(),
+        Ok(resp) => resp.status().is_server_error(),
         Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
     };
     pool.health.record(pick.ep, failed);
@@ -423,44 +430,39 @@ async fn exchange(
     client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
-) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, client, pool.cfg.protocol);
-    if pool.cfg.protocol == UpstreamProtocol::Http1 {
-        restore_upgrade(&mut parts.headers, upgrade);
-    }
     let idempotent = is_idempotent(&parts.method);
     let bodyless = body.is_end_stream();
     match pool.cfg.protocol {
         UpstreamProtocol::Http1 => {
-            let mut conn = pool.checkout(ep, false).await?;
-            let replay = (conn.reused && idempotent && bodyless).then(|| replay_copy(&parts));
-            let req = Request::from_parts(parts, UpBody::Client(body));
-            let failed = match send_h1(&mut conn, req, timeout).await {
-                Ok(resp) => return Ok((resp, Some(conn))),
-                Err(a) => a,
+            restore_upgrade(&mut parts.headers, upgrade);
+            let body = UpBody::Client(body);
+            let (head, chunked) = encode_head(&parts, &body);
+            let conn = pool.checkout(ep, false).await?;
+            let first = Exchange::new(conn, head.clone(), chunked, body, &parts.method);
+            let failed = match with_timeout(timeout, first.response()).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                Err(failed) => failed,
             };
             // Retry once on a new connection, only where the first one was a pooled one that
             // went stale, and only what is safe to send twice or was never sent.
-            let retry = match (&failed.error, conn.reused) {
-                (ProxyError::Upstream(_), true) => failed.unsent.or(replay),
-                _ => None,
-            };
-            let Some(req) = retry else {
+            if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
                 return Err(failed.error);
-            };
-            drop(conn);
-            let mut fresh = pool.checkout(ep, true).await?;
-            match send_h1(&mut fresh, req, timeout).await {
-                Ok(resp) => Ok((resp, Some(fresh))),
-                Err(a) => Err(a.error),
+            }
+            let conn = pool.checkout(ep, true).await?;
+            let again = Exchange::new(conn, head, false, UpBody::Empty, &parts.method);
+            match with_timeout(timeout, again.response()).await {
+                Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+                Err(failed) => Err(failed.error),
             }
         }
         UpstreamProtocol::H2c => {
             let replay = idempotent.then(|| replay_copy(&parts));
             let req = Request::from_parts(parts, UpBody::Client(body));
             let failed = match send_h2(pool, ep, req, timeout).await {
-                Ok(resp) => return Ok((resp, None)),
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
                 Err(a) => a,
             };
             let retry = match &failed.error {
@@ -473,25 +475,26 @@ async fn exchange(
             pool.forget_h2(ep);
             send_h2(pool, ep, req, timeout)
                 .await
-                .map(|r| (r, None))
+                .map(|r| r.map(UpstreamBody::H2))
                 .map_err(|a| a.error)
         }
     }
 }
 
-async fn send_h1(
-    conn: &mut Checkout,
-    req: Request<UpBody>,
-    timeout: Duration,
-) -> Result<Response<Incoming>, Attempt> {
-    let sender = conn.sender();
-    if let Err(e) = sender.ready().await {
-        return Err(Attempt {
-            error: ProxyError::Upstream(e),
-            unsent: Some(req),
-        });
+/// Waits for an HTTP/1.1 response head within `limit`.
+async fn with_timeout(
+    limit: Duration,
+    response: impl Future<Output = Result<Response<H1Body>, Failed>>,
+) -> Result<Response<H1Body>, Failed> {
+    match tokio::time::timeout(limit, response).await {
+        Err(_) => Err(Failed {
+            error: ProxyError::ResponseTimeout,
+            stale: false,
+            unsent: false,
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(failed)) => Err(failed),
     }
-    await_response(timeout, sender.try_send_request(req)).await
 }
 
 async fn send_h2(
@@ -511,7 +514,7 @@ async fn send_h2(
     };
     if let Err(e) = sender.ready().await {
         return Err(Attempt {
-            error: ProxyError::Upstream(e),
+            error: ProxyError::Upstream(Box::new(e)),
             unsent: Some(req),
         });
     }

@@ -1,0 +1,842 @@
+//! fluxgate's own HTTP/1.1 client for upstream connections.
+//!
+//! hyper's client runs each connection as a separate task and talks to it through channels: a
+//! request goes in over one, the response head comes back over a oneshot and every body chunk
+//! over another, each hop a task wake-up. Here the request's own task writes the request and
+//! reads the response straight off the socket, and the response body reads the socket when the
+//! client side polls it, so a proxied request costs no extra task, channel or wake-up.
+//!
+//! The request body is pumped while the response is read (an upstream may answer, or echo,
+//! before the request ends); both directions stream, neither is buffered whole. Framing is
+//! strict: a response with conflicting lengths, a bad chunk or an oversized head is an
+//! upstream failure (502), and a connection is reused only when both messages ended cleanly.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWrite};
+
+use crate::body::UpBody;
+use crate::pool::{Checkout, H1Conn};
+use crate::stream::MaybeTls;
+
+/// The largest response head accepted, and the most header fields in it.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// The longest chunk-size line, and the most trailer bytes, accepted.
+const MAX_CHUNK_LINE: usize = 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// How much room a read asks for.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The socket of an upstream connection and what was read from it past the last response.
+pub(crate) struct H1Io {
+    pub(crate) stream: crate::stream::UpstreamStream,
+    pub(crate) rbuf: BytesMut,
+}
+
+impl H1Io {
+    pub(crate) fn new(stream: crate::stream::UpstreamStream) -> H1Io {
+        H1Io {
+            stream,
+            rbuf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection has been closed by the upstream (or sent something it
+    /// should not have). Never blocks and, while nothing arrived, makes no system call.
+    pub(crate) fn looks_closed(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let tcp = match &self.stream {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Tls(t) => t.get_ref().0,
+        };
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tcp.poll_peek(&mut cx, &mut buf) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
+            // Plain HTTP/1.1 sends nothing unasked; over TLS it may be a session ticket.
+            Poll::Ready(Ok(_)) => matches!(self.stream, MaybeTls::Plain(_)),
+        }
+    }
+
+    /// Reads more bytes into `rbuf`; Ok(0) at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 4 {
+            self.rbuf.reserve(READ_SIZE);
+        }
+        let read = self.stream.read_buf(&mut self.rbuf);
+        std::pin::pin!(read).poll(cx)
+    }
+}
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    #[error("upstream closed the connection before the response ended")]
+    Closed,
+    #[error("upstream I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed upstream response: {0}")]
+    Malformed(&'static str),
+}
+
+impl H1Error {
+    /// A failure that a connection which went stale in the pool would show.
+    fn is_closed(&self) -> bool {
+        match self {
+            H1Error::Closed => true,
+            H1Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            H1Error::Malformed(_) => false,
+        }
+    }
+}
+
+/// A failed exchange, with what the caller needs to decide on a retry.
+pub(crate) struct Failed {
+    pub(crate) error: crate::error::ProxyError,
+    /// The connection came from the pool and closed before any byte of a response: it was
+    /// stale when we picked it.
+    pub(crate) stale: bool,
+    /// Not one byte of the request reached the socket.
+    pub(crate) unsent: bool,
+}
+
+/// How the request body is framed on the wire.
+#[derive(Clone, Copy, PartialEq)]
+enum ReqFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Serializes the request head (hop-by-hop headers already removed by the caller) with the
+/// framing its body needs. The head is kept by the caller for a retry.
+pub(crate) fn encode_head(parts: &Parts, body: &UpBody) -> (Bytes, bool) {
+    let framing = if body.is_end_stream() {
+        let has_len = parts.headers.contains_key(header::CONTENT_LENGTH);
+        if has_len || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+            ReqFraming::Length(0)
+        } else {
+            ReqFraming::None
+        }
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => ReqFraming::Length(n),
+            None => ReqFraming::Chunked,
+        }
+    };
+    let target = parts.uri.path_and_query().map_or(
+        if parts.method == Method::OPTIONS {
+            "*"
+        } else {
+            "/"
+        },
+        |p| p.as_str(),
+    );
+    let mut out = BytesMut::with_capacity(
+        64 + target.len()
+            + parts
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>(),
+    );
+    out.put_slice(parts.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length(n) => {
+            out.put_slice(b"content-length: ");
+            out.put_slice(n.to_string().as_bytes());
+            out.put_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.put_slice(b"\r\n");
+    (out.freeze(), framing == ReqFraming::Chunked)
+}
+
+/// One request on one connection: the bytes still to write and the body still to read.
+pub(crate) struct Exchange {
+    conn: Checkout,
+    out: VecDeque<Bytes>,
+    body: Option<UpBody>,
+    chunked: bool,
+    /// Some bytes of the request reached the socket.
+    wrote: bool,
+    /// The whole request has been written (and flushed).
+    sent: bool,
+    /// Writing failed (the upstream stopped reading); the response may still come.
+    send_failed: bool,
+    head_request: bool,
+}
+
+impl Exchange {
+    pub(crate) fn new(
+        conn: Checkout,
+        head: Bytes,
+        chunked: bool,
+        body: UpBody,
+        method: &Method,
+    ) -> Self {
+        let body = (!body.is_end_stream()).then_some(body);
+        Exchange {
+            conn,
+            out: VecDeque::from([head]),
+            body,
+            chunked,
+            wrote: false,
+            sent: false,
+            send_failed: false,
+            head_request: *method == Method::HEAD,
+        }
+    }
+
+    /// Writes what is queued and pumps the request body until it would block or is done.
+    /// A client body failure is returned; an upstream write failure stops sending only.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), crate::error::ProxyError>> {
+        if self.sent || self.send_failed {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !self.out.is_empty() {
+                match self.poll_write_queue(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => {
+                        self.send_failed = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let Some(body) = self.body.as_mut() else {
+                let io = &mut self.conn.io_mut().stream;
+                return match Pin::new(io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.sent = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.send_failed = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    self.body = None;
+                    self.send_failed = true;
+                    return Poll::Ready(Err(crate::error::ProxyError::ClientBody(Box::new(e))));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if data.is_empty() => {}
+                    Ok(data) if self.chunked => {
+                        self.out
+                            .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                        self.out.push_back(data);
+                        self.out.push_back(Bytes::from_static(b"\r\n"));
+                    }
+                    Ok(data) => self.out.push_back(data),
+                    Err(frame) => {
+                        if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
+                            let mut t = BytesMut::from(&b"0\r\n"[..]);
+                            for (k, v) in &trailers {
+                                t.put_slice(k.as_str().as_bytes());
+                                t.put_slice(b": ");
+                                t.put_slice(v.as_bytes());
+                                t.put_slice(b"\r\n");
+                            }
+                            t.put_slice(b"\r\n");
+                            self.out.push_back(t.freeze());
+                            self.chunked = false;
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    self.body = None;
+                    if self.chunked {
+                        self.out.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn poll_write_queue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let mut n = 0;
+            for (slot, b) in slices.iter_mut().zip(self.out.iter()) {
+                *slot = IoSlice::new(b);
+                n += 1;
+            }
+            let io = &mut self.conn.io_mut().stream;
+            let written = match Pin::new(io).poll_write_vectored(cx, &slices[..n]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.wrote = true;
+            let mut left = written;
+            while left > 0 {
+                let front = self.out.front_mut().expect("wrote at most what was queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends the request and reads the response head; 1xx interim answers are skipped. On
+    /// failure the connection closes.
+    pub(crate) async fn response(mut self) -> Result<Response<H1Body>, Failed> {
+        let head = std::future::poll_fn(|cx| self.poll_head(cx)).await;
+        match head {
+            Ok((parts, framing, reusable)) => {
+                let body = H1Body {
+                    ex: Some(self),
+                    framing,
+                    reusable,
+                };
+                Ok(Response::from_parts(parts, body.released_if_done()))
+            }
+            Err(error) => {
+                let stale = self.conn.reused
+                    && self.conn.io_mut().rbuf.is_empty()
+                    && matches!(&error, Upstream::H1(e) if e.is_closed());
+                let failed = Failed {
+                    error: error.into(),
+                    stale,
+                    unsent: !self.wrote,
+                };
+                Err(failed)
+            }
+        }
+    }
+
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(http::response::Parts, Framing, bool), Upstream>> {
+        if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+            return Poll::Ready(Err(Upstream::Proxy(e)));
+        }
+        loop {
+            match parse_head(&mut self.conn.io_mut().rbuf, self.head_request) {
+                Err(e) => return Poll::Ready(Err(Upstream::H1(e))),
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+            }
+            match self.conn.io_mut().poll_fill(cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Upstream::H1(H1Error::Closed))),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Upstream::H1(e.into()))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The error of an attempt before it is classified.
+enum Upstream {
+    H1(H1Error),
+    Proxy(crate::error::ProxyError),
+}
+
+impl From<Upstream> for crate::error::ProxyError {
+    fn from(u: Upstream) -> Self {
+        match u {
+            Upstream::H1(e) => crate::error::ProxyError::Upstream(Box::new(e)),
+            Upstream::Proxy(e) => e,
+        }
+    }
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Framing {
+    /// No body (HEAD, 204, 304), or the body has been read to the end.
+    Done,
+    /// This many bytes remain.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    Close,
+    /// 101: the connection now carries another protocol.
+    Upgrade,
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+}
+
+/// Parses one response head out of `buf`, skipping 1xx interim answers other than 101.
+/// Ok(None): more bytes are needed.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
+    loop {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(H1Error::Malformed("response head too large"))
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(H1Error::Malformed("too many header fields"))
+            }
+            Err(_) => return Err(H1Error::Malformed("bad response head")),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("bad status code"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            continue;
+        }
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Header values point into the head's bytes, which the response then owns.
+        let base = buf.as_ptr() as usize;
+        let spans: Vec<(HeaderName, usize, usize)> = resp
+            .headers
+            .iter()
+            .map(|h| {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| H1Error::Malformed("bad header name"))?;
+                let start = h.value.as_ptr() as usize - base;
+                Ok((name, start, start + h.value.len()))
+            })
+            .collect::<Result<_, H1Error>>()?;
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for (name, start, end) in spans {
+            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                .map_err(|_| H1Error::Malformed("bad header value"))?;
+            headers.append(name, value);
+        }
+        let (framing, delimited) = framing_of(status, &headers, head_request)?;
+        let reusable = delimited && keeps_alive(version, &headers);
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some((parts, framing, reusable)));
+    }
+}
+
+/// The body framing of a response (RFC 9112 6.3), and whether its end is known without the
+/// connection closing.
+fn framing_of(
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_request: bool,
+) -> Result<(Framing, bool), H1Error> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((Framing::Upgrade, false));
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Done, true));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            // Either could be the truth: refuse rather than pass on a body of unknown length.
+            return Err(H1Error::Malformed("content-length with transfer-encoding"));
+        }
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+        return Ok(if chunked_last {
+            (Framing::Chunked(Chunk::Size), true)
+        } else {
+            (Framing::Close, false)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v
+            .to_str()
+            .map_err(|_| H1Error::Malformed("bad content-length"))?
+            .split(',')
+        {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(H1Error::Malformed("bad content-length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| H1Error::Malformed("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Done, true),
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+/// Whether the upstream lets the connection be reused after this response.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let token = |t: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|c| c.trim().eq_ignore_ascii_case(t))
+    };
+    if version == Version::HTTP_10 {
+        token("keep-alive")
+    } else {
+        !token("close")
+    }
+}
+
+/// A response body read straight off the upstream connection. The connection goes back to
+/// its pool when the body ends, if both messages ended cleanly; dropped early, it closes.
+pub(crate) struct H1Body {
+    ex: Option<Exchange>,
+    framing: Framing,
+    reusable: bool,
+}
+
+impl H1Body {
+    /// Releases the connection at once when there is no body to read (HEAD, 204, 304,
+    /// length 0): the client side may never poll it.
+    fn released_if_done(mut self) -> Self {
+        if self.framing == Framing::Done {
+            self.finish();
+        }
+        self
+    }
+
+    /// The body ended: the connection goes back to the pool, or closes.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(mut ex) = self.ex.take() {
+            if self.reusable && !ex.send_failed && ex.body.is_none() && ex.out.is_empty() {
+                // The request is fully queued; a last flush is all that may remain.
+                let flushed = {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    matches!(ex.poll_send(&mut cx), Poll::Ready(Ok(()))) && ex.sent
+                };
+                if flushed {
+                    ex.conn.release();
+                }
+            }
+        }
+    }
+
+    /// For a 101 answer: the connection, with any bytes the upstream sent past the head,
+    /// for the tunnel.
+    pub(crate) fn into_upgraded(mut self) -> Option<H1Conn> {
+        if self.framing != Framing::Upgrade {
+            return None;
+        }
+        self.ex.take().map(|ex| ex.conn.into_tunnel())
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, crate::error::BoxError>>> {
+        self.framing = Framing::Done;
+        self.ex = None;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = crate::error::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(ex) = this.ex.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // Keep the request body flowing: the upstream may be echoing it.
+        if let Poll::Ready(Err(e)) = ex.poll_send(cx) {
+            this.framing = Framing::Done;
+            this.ex = None;
+            return Poll::Ready(Some(Err(Box::new(e))));
+        }
+        loop {
+            let io = ex.conn.io_mut();
+            match &mut this.framing {
+                Framing::Done | Framing::Upgrade => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !io.rbuf.is_empty() {
+                        let n = (*left).min(io.rbuf.len() as u64) as usize;
+                        *left -= n as u64;
+                        let data = io.rbuf.split_to(n).freeze();
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Close => {
+                    if !io.rbuf.is_empty() {
+                        let data = io.rbuf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
+                    Err(e) => return this.fail(e),
+                    Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(None) if *state == Chunk::Trailers(usize::MAX) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => {}
+                },
+            }
+            match io.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    if this.framing == Framing::Close {
+                        this.framing = Framing::Done;
+                        this.ex = None;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(H1Error::Closed);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done | Framing::Upgrade => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Advances the chunked decoder over `buf`: Some(data) for body bytes, None when more bytes
+/// are needed or, with the state at `Trailers(usize::MAX)`, when the body has ended.
+fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, H1Error> {
+    loop {
+        match *state {
+            Chunk::Size => {
+                let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                    return Ok(None);
+                };
+                let line = &buf[..end];
+                let digits = line
+                    .iter()
+                    .position(|b| !b.is_ascii_hexdigit())
+                    .unwrap_or(line.len());
+                let rest = &line[digits..];
+                let ext_ok =
+                    rest.is_empty() || rest[0] == b';' || rest[0] == b' ' || rest[0] == b'\t';
+                if digits == 0 || digits > 15 || !ext_ok {
+                    return Err(H1Error::Malformed("bad chunk size"));
+                }
+                let size = line[..digits].iter().fold(0u64, |n, &d| {
+                    n * 16 + (d as char).to_digit(16).unwrap_or(0) as u64
+                });
+                buf.advance(end + 2);
+                *state = if size == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = left.min(buf.len() as u64) as usize;
+                *state = if n as u64 == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n as u64)
+                };
+                return Ok(Some(buf.split_to(n).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(H1Error::Malformed("chunk not followed by CRLF"));
+                }
+                buf.advance(2);
+                *state = Chunk::Size;
+            }
+            Chunk::Trailers(usize::MAX) => return Ok(None),
+            Chunk::Trailers(seen) => {
+                let Some(end) = find_crlf(buf, MAX_TRAILERS - seen)? else {
+                    return Ok(None);
+                };
+                buf.advance(end + 2);
+                // Trailer fields are dropped: they describe the upstream's message.
+                *state = Chunk::Trailers(if end == 0 { usize::MAX } else { seen + end + 2 });
+            }
+        }
+    }
+}
+
+/// The position of the first CRLF in `buf`, looking at no more than `limit` bytes.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, H1Error> {
+    match buf.windows(2).take(limit).position(|w| w == b"\r\n") {
+        Some(i) => Ok(Some(i)),
+        None if buf.len() > limit => Err(H1Error::Malformed("chunk line too long")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(wire: &[u8], split: usize) -> Result<(Vec<u8>, bool), H1Error> {
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(split) {
+            buf.extend_from_slice(piece);
+            while let Some(d) = decode_chunk(&mut state, &mut buf)? {
+                out.extend_from_slice(&d);
+            }
+        }
+        Ok((out, state == Chunk::Trailers(usize::MAX)))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-t: 1\r\n\r\n";
+        for split in 1..wire.len() {
+            let (out, done) = decode_all(wire, split).unwrap();
+            assert_eq!(out, b"hello, world");
+            assert!(done, "split {split}");
+        }
+    }
+
+    #[test]
+    fn bad_chunks_are_refused() {
+        for wire in [
+            &b"zz\r\nhi\r\n0\r\n\r\n"[..],
+            b"2\r\nhiXX0\r\n\r\n",
+            b"-1\r\n",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            assert!(decode_all(wire, wire.len()).is_err(), "{wire:?}");
+        }
+        assert!(
+            decode_all(&[b'1'; 2000], 2000).is_err(),
+            "endless size line"
+        );
+    }
+
+    #[test]
+    fn response_framing() {
+        let head = |raw: &[u8], head_req: bool| {
+            let mut b = BytesMut::from(raw);
+            parse_head(&mut b, head_req).map(|h| h.map(|(p, f, r)| (p.status.as_u16(), f, r)))
+        };
+        let ok = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).unwrap();
+        assert_eq!(ok, Some((200, Framing::Length(5), true)));
+        let cont = head(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(cont, Some((204, Framing::Done, true)));
+        let chunked = head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(
+            chunked.unwrap(),
+            Some((200, Framing::Chunked(Chunk::Size), true))
+        );
+        let close = head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap();
+        assert_eq!(close, Some((200, Framing::Close, false)));
+        let old = head(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
+        assert_eq!(old, Some((200, Framing::Length(1), false)));
+        let head_req = head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap();
+        assert_eq!(head_req, Some((200, Framing::Done, true)));
+        assert_eq!(head(b"HTTP/1.1 200 OK\r\nContent-Le", false).unwrap(), None);
+        assert!(head(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false
+        )
+        .is_err());
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", false).is_err());
+        assert!(head(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
+        assert!(head(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+    }
+}
