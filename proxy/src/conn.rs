@@ -473,7 +473,11 @@ impl ConnServer {
             let service = service_fn(move |req| {
                 let handler = Rc::clone(&svc_handler.borrow());
                 let inflight = svc_state.begin_request();
-                async move { Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await) }
+                // Boxed: hyper moves the request future several times (an HTTP/2 stream is
+                // spawned as a task); a pointer moves cheaper than the whole state.
+                Box::pin(async move {
+                    Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await)
+                })
             });
             // Boxed so a parked connection keeps none of hyper's state. Errors here are the
             // client's (reset, timeout, malformed head already answered by hyper).

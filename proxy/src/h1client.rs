@@ -12,10 +12,10 @@
 //! upstream failure (502), and a connection is reused only when both messages ended cleanly.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -78,7 +78,7 @@ impl H1Io {
             self.rbuf.reserve(READ_SIZE);
         }
         let read = self.stream.read_buf(&mut self.rbuf);
-        std::pin::pin!(read).poll(cx)
+        std::future::Future::poll(std::pin::pin!(read), cx)
     }
 }
 
@@ -325,31 +325,30 @@ impl Exchange {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends the request and reads the response head; 1xx interim answers are skipped. On
-    /// failure the connection closes.
-    pub(crate) async fn response(mut self) -> Result<Response<H1Body>, Failed> {
-        let head = std::future::poll_fn(|cx| self.poll_head(cx)).await;
-        match head {
-            Ok((parts, framing, reusable)) => {
+    /// Sends the request and reads the response head within `limit`; 1xx interim answers
+    /// are skipped. On failure the connection closes.
+    pub(crate) async fn response(mut self, limit: Duration) -> Result<Response<H1Body>, Failed> {
+        let head = std::future::poll_fn(|cx| self.poll_head(cx));
+        let error = match tokio::time::timeout(limit, head).await {
+            Ok(Ok((parts, framing, reusable))) => {
                 let body = H1Body {
                     ex: Some(self),
                     framing,
                     reusable,
                 };
-                Ok(Response::from_parts(parts, body.released_if_done()))
+                return Ok(Response::from_parts(parts, body.released_if_done()));
             }
-            Err(error) => {
-                let stale = self.conn.reused
-                    && self.conn.io_mut().rbuf.is_empty()
-                    && matches!(&error, Upstream::H1(e) if e.is_closed());
-                let failed = Failed {
-                    error: error.into(),
-                    stale,
-                    unsent: !self.wrote,
-                };
-                Err(failed)
-            }
-        }
+            Ok(Err(error)) => error,
+            Err(_) => Upstream::Proxy(crate::error::ProxyError::ResponseTimeout),
+        };
+        let stale = self.conn.reused
+            && self.conn.io_mut().rbuf.is_empty()
+            && matches!(&error, Upstream::H1(e) if e.is_closed());
+        Err(Failed {
+            error: error.into(),
+            stale,
+            unsent: !self.wrote,
+        })
     }
 
     fn poll_head(

@@ -20,7 +20,7 @@ use crate::balance::hash64;
 use crate::body::{ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
-use crate::h1client::{encode_head, Exchange, Failed, H1Body};
+use crate::h1client::{encode_head, Exchange};
 use crate::headers::{append_list, strip_hop_by_hop};
 use crate::metrics::RouteSet;
 use crate::pool::H1Conn;
@@ -440,61 +440,59 @@ async fn exchange(
             restore_upgrade(&mut parts.headers, upgrade);
             let body = UpBody::Client(body);
             let (head, chunked) = encode_head(&parts, &body);
+            let method = parts.method;
+            drop(parts.headers);
+            // Retry once on a new connection, only where the first one was a pooled one that
+            // went stale, and only what is safe to send twice or was never sent.
             let conn = pool.checkout(ep, false).await?;
-            let first = Exchange::new(conn, head.clone(), chunked, body, &parts.method);
-            let failed = match with_timeout(timeout, first.response()).await {
+            let first = Exchange::new(conn, head.clone(), chunked, body, &method);
+            let failed = match first.response(timeout).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
                 Err(failed) => failed,
             };
-            // Retry once on a new connection, only where the first one was a pooled one that
-            // went stale, and only what is safe to send twice or was never sent.
             if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
                 return Err(failed.error);
             }
             let conn = pool.checkout(ep, true).await?;
-            let again = Exchange::new(conn, head, false, UpBody::Empty, &parts.method);
-            match with_timeout(timeout, again.response()).await {
+            let again = Exchange::new(conn, head, false, UpBody::Empty, &method);
+            match again.response(timeout).await {
                 Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
                 Err(failed) => Err(failed.error),
             }
         }
-        UpstreamProtocol::H2c => {
-            let replay = idempotent.then(|| replay_copy(&parts));
-            let req = Request::from_parts(parts, UpBody::Client(body));
-            let failed = match send_h2(pool, ep, req, timeout).await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
-                Err(a) => a,
-            };
-            let retry = match &failed.error {
-                ProxyError::Upstream(_) => failed.unsent.or(if bodyless { replay } else { None }),
-                _ => None,
-            };
-            let Some(req) = retry else {
-                return Err(failed.error);
-            };
-            pool.forget_h2(ep);
-            send_h2(pool, ep, req, timeout)
-                .await
-                .map(|r| r.map(UpstreamBody::H2))
-                .map_err(|a| a.error)
-        }
+        // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
+        UpstreamProtocol::H2c => Box::pin(exchange_h2(pool, ep, parts, body, timeout)).await,
     }
 }
 
-/// Waits for an HTTP/1.1 response head within `limit`.
-async fn with_timeout(
-    limit: Duration,
-    response: impl Future<Output = Result<Response<H1Body>, Failed>>,
-) -> Result<Response<H1Body>, Failed> {
-    match tokio::time::timeout(limit, response).await {
-        Err(_) => Err(Failed {
-            error: ProxyError::ResponseTimeout,
-            stale: false,
-            unsent: false,
-        }),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(failed)) => Err(failed),
-    }
+/// One request to endpoint `ep` over the shared HTTP/2 connection, retried once on a new
+/// connection when the old one broke before taking it (or it is safe to send twice).
+async fn exchange_h2(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    parts: Parts,
+    body: Incoming,
+    timeout: Duration,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let bodyless = body.is_end_stream();
+    let replay = is_idempotent(&parts.method).then(|| replay_copy(&parts));
+    let req = Request::from_parts(parts, UpBody::Client(body));
+    let failed = match send_h2(pool, ep, req, timeout).await {
+        Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
+        Err(a) => a,
+    };
+    let retry = match &failed.error {
+        ProxyError::Upstream(_) => failed.unsent.or(if bodyless { replay } else { None }),
+        _ => None,
+    };
+    let Some(req) = retry else {
+        return Err(failed.error);
+    };
+    pool.forget_h2(ep);
+    send_h2(pool, ep, req, timeout)
+        .await
+        .map(|r| r.map(UpstreamBody::H2))
+        .map_err(|a| a.error)
 }
 
 async fn send_h2(
