@@ -12,6 +12,7 @@
 //! upstream failure (502), and a connection is reused only when both messages ended cleanly.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 
 use crate::body::UpBody;
+use crate::headers::connection_has;
 use crate::pool::{Checkout, H1Conn};
 use crate::stream::MaybeTls;
 
@@ -164,26 +166,34 @@ pub(crate) fn encode_head(parts: &Parts, body: &UpBody) -> (Bytes, bool) {
     out.put_u8(b' ');
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH {
-            continue;
-        }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
+    let fields = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != header::CONTENT_LENGTH);
+    put_fields(&mut out, fields);
     match framing {
         ReqFraming::None => {}
         ReqFraming::Length(n) => {
-            out.put_slice(b"content-length: ");
-            out.put_slice(n.to_string().as_bytes());
-            out.put_slice(b"\r\n");
+            // Into the head's own buffer: no allocation for the number.
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         ReqFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.put_slice(b"\r\n");
     (out.freeze(), framing == ReqFraming::Chunked)
+}
+
+/// Writes `name: value` lines, one per field.
+fn put_fields<'a>(
+    out: &mut BytesMut,
+    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    for (name, value) in fields {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
 }
 
 /// One request on one connection: the bytes still to write and the body still to read.
@@ -272,12 +282,7 @@ impl Exchange {
                     Err(frame) => {
                         if let (true, Ok(trailers)) = (self.chunked, frame.into_trailers()) {
                             let mut t = BytesMut::from(&b"0\r\n"[..]);
-                            for (k, v) in &trailers {
-                                t.put_slice(k.as_str().as_bytes());
-                                t.put_slice(b": ");
-                                t.put_slice(v.as_bytes());
-                                t.put_slice(b"\r\n");
-                            }
+                            put_fields(&mut t, &trailers);
                             t.put_slice(b"\r\n");
                             self.out.push_back(t.freeze());
                             self.chunked = false;
@@ -536,18 +541,10 @@ fn framing_of(
 
 /// Whether the upstream lets the connection be reused after this response.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let token = |t: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|c| c.trim().eq_ignore_ascii_case(t))
-    };
     if version == Version::HTTP_10 {
-        token("keep-alive")
+        connection_has(headers, "keep-alive")
     } else {
-        !token("close")
+        !connection_has(headers, "close")
     }
 }
 
@@ -595,10 +592,15 @@ impl H1Body {
         self.ex.take().map(|ex| ex.conn.into_tunnel())
     }
 
-    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, crate::error::BoxError>>> {
+    /// The body ended with the connection unusable (an error, or a close-delimited end): it
+    /// closes. `error` is what the client side sees, None for a clean end.
+    fn end_closing(
+        &mut self,
+        error: Option<crate::error::BoxError>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::error::BoxError>>> {
         self.framing = Framing::Done;
         self.ex = None;
-        Poll::Ready(Some(Err(Box::new(e))))
+        Poll::Ready(error.map(Err))
     }
 }
 
@@ -616,9 +618,7 @@ impl Body for H1Body {
         };
         // Keep the request body flowing: the upstream may be echoing it.
         if let Poll::Ready(Err(e)) = ex.poll_send(cx) {
-            this.framing = Framing::Done;
-            this.ex = None;
-            return Poll::Ready(Some(Err(Box::new(e))));
+            return this.end_closing(Some(Box::new(e)));
         }
         loop {
             let io = ex.conn.io_mut();
@@ -645,7 +645,7 @@ impl Body for H1Body {
                     }
                 }
                 Framing::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
-                    Err(e) => return this.fail(e),
+                    Err(e) => return this.end_closing(Some(Box::new(e))),
                     Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(None) if *state == Chunk::Trailers(usize::MAX) => {
                         this.finish();
@@ -656,15 +656,12 @@ impl Body for H1Body {
             }
             match io.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => {
-                    if this.framing == Framing::Close {
-                        this.framing = Framing::Done;
-                        this.ex = None;
-                        return Poll::Ready(None);
-                    }
-                    return this.fail(H1Error::Closed);
+                    let clean = this.framing == Framing::Close;
+                    let error = (!clean).then(|| Box::new(H1Error::Closed) as _);
+                    return this.end_closing(error);
                 }
                 Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return this.fail(e.into()),
+                Poll::Ready(Err(e)) => return this.end_closing(Some(Box::new(H1Error::from(e)))),
                 Poll::Pending => return Poll::Pending,
             }
         }

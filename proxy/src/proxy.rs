@@ -21,7 +21,7 @@ use crate::body::{ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::h1client::{encode_head, Exchange};
-use crate::headers::{append_list, strip_hop_by_hop};
+use crate::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::metrics::RouteSet;
 use crate::pool::H1Conn;
 use crate::pool::UpstreamPool;
@@ -182,14 +182,7 @@ impl Handler {
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).
 fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
-    let asks = req.version() == Version::HTTP_11
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let asks = req.version() == Version::HTTP_11 && connection_has(req.headers(), "upgrade");
     asks.then(|| req.headers().get(header::UPGRADE).cloned())
         .flatten()
 }
@@ -440,16 +433,16 @@ async fn exchange(
             restore_upgrade(&mut parts.headers, upgrade);
             let body = UpBody::Client(body);
             let (head, chunked) = encode_head(&parts, &body);
-            let method = parts.method;
-            drop(parts.headers);
-            // Retry once on a new connection, only where the first one was a pooled one that
-            // went stale, and only what is safe to send twice or was never sent.
+            // The head is encoded: keep only the method, not the parts across the awaits.
+            let Parts { method, .. } = parts;
             let conn = pool.checkout(ep, false).await?;
             let first = Exchange::new(conn, head.clone(), chunked, body, &method);
             let failed = match first.response(timeout).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
                 Err(failed) => failed,
             };
+            // Retry once on a new connection, only where the first one was a pooled one that
+            // went stale, and only what is safe to send twice or was never sent.
             if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
                 return Err(failed.error);
             }
