@@ -6,6 +6,7 @@
 # Layout as in ../shared/bench/peers.sh: upstream nginx and load on CPU 0, proxies on CPU 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 OLD=$1 NEW=$2 R=${3:-3} D=${4:-6}
 scripts/deps.sh bench
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -16,24 +17,7 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:18081 backlog=4096;
     location / { return 200 "hello from upstream, a small body of 64 bytes..................\n"; } } }
 NG
-cat > "$W/ha.cfg" <<HA
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend f
-  bind 127.0.0.1:18092
-  bind 127.0.0.1:18192 proto h2
-  default_backend b
-backend b
-  server s1 127.0.0.1:18081
-HA
+haproxy_cfg "127.0.0.1:18092" "127.0.0.1:18192 proto h2" > "$W/ha.cfg"
 taskset -c 0 nginx -c "$W/up.conf" &
 sleep 0.5
 declare -A PID H1 H2
@@ -43,8 +27,6 @@ taskset -c 1 "$NEW" run --listen 127.0.0.1:18093 --upstream 127.0.0.1:18081 --wo
 H1=([haproxy]=18092 [old]=18090 [new]=18093)
 H2=([haproxy]=18192 [old]=18090 [new]=18093)
 sleep 1
-TCK=$(getconf CLK_TCK)
-ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 declare -A SUM
 printf "%-8s %-4s %10s %11s\n" proxy prot req_s cpu_us_req
 for round in $(seq "$R"); do

@@ -9,6 +9,7 @@
 # Usage: scripts/bench-tls.sh [DURATION_S]   (default 6)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 D=${1:-6}
 scripts/deps.sh bench
 cargo build --release -q -p fluxgate -p fluxgate-benches --bin fluxgate --bin tls-handshakes
@@ -47,23 +48,7 @@ respond = { status = 200, body = "direct\n" }
 [listener.tls]
 certificates = [{ cert = "$W/c/cert.pem", key = "$W/c/key.pem" }]
 TOML
-cat > "$W/ha.cfg" <<HA
-global
-  nbthread 1
-  maxconn 9000
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend f
-  bind 127.0.0.1:18445 ssl crt $W/c/haproxy.pem alpn h2,http/1.1
-  default_backend b
-backend b
-  server s1 127.0.0.1:18081
-HA
+haproxy_cfg "127.0.0.1:18445 ssl crt $W/c/haproxy.pem alpn h2,http/1.1" > "$W/ha.cfg"
 taskset -c 0 nginx -c "$W/up.conf" &
 taskset -c 1 "$FG" run --listen 127.0.0.1:18443 --upstream 127.0.0.1:18081 --workers 1 \
   --tls-cert "$W/c/cert.pem" --tls-key "$W/c/key.pem" 2>"$W/fg.log" & FPID=$!
@@ -72,8 +57,6 @@ taskset -c 1 nginx -c "$W/ng.conf" &
 taskset -c 1 haproxy -f "$W/ha.cfg" & HPID=$!
 sleep 1
 NPID=$(pgrep -P "$(cat "$W/ng.pid")" | head -1)   # the nginx worker, not the master
-ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-TCK=$(getconf CLK_TCK)
 
 echo "== 1. TLS 1.3 handshakes per second, one worker (client: rustls, 8 in parallel)"
 printf "%-8s %-8s %10s %14s %s\n" server mode hs_per_s cpu_us_per_hs detail

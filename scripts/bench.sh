@@ -8,6 +8,7 @@
 # Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 D=${1:-8}
 scripts/deps.sh bench
 cargo build --release -q -p fluxgate
@@ -38,8 +39,6 @@ http { access_log off; keepalive_requests 1000000;
 NG
 taskset -c 0 nginx -c "$W/up.conf" & sleep 0.5
 
-ticks() { awk '{print $14+$15}' /proc/$1/stat; }
-TCK=$(getconf CLK_TCK)
 
 if part 2; then
 echo
