@@ -14,6 +14,7 @@ mod conn;
 mod error;
 mod framing;
 mod h1client;
+mod h2server;
 mod headers;
 mod health;
 mod json;

@@ -12,12 +12,11 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::hash64;
-use crate::body::{ProxyBody, UpBody, UpstreamBody};
+use crate::body::{ClientBody, ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::h1client::{encode_head, Exchange};
@@ -53,7 +52,7 @@ struct Attempt {
 impl Handler {
     pub(crate) async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         inflight: InFlight,
     ) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
@@ -92,7 +91,7 @@ impl Handler {
     /// how long the upstream took to answer (for forwarded requests).
     async fn route_and_answer(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         inflight: InFlight,
     ) -> (Option<usize>, Option<Duration>, Response<ProxyBody>) {
         if inflight.state().take_ambiguous() {
@@ -396,7 +395,7 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
 /// went (5xx answers and connect or protocol failures count against the endpoint).
 async fn forward(
     pool: &Rc<UpstreamPool>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
@@ -419,7 +418,7 @@ async fn forward(
 async fn exchange(
     pool: &Rc<UpstreamPool>,
     ep: usize,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
@@ -464,7 +463,7 @@ async fn exchange_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
     parts: Parts,
-    body: Incoming,
+    body: ClientBody,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let bodyless = body.is_end_stream();
@@ -493,7 +492,7 @@ async fn send_h2(
     ep: usize,
     req: Request<UpBody>,
     timeout: Duration,
-) -> Result<Response<Incoming>, Attempt> {
+) -> Result<Response<hyper::body::Incoming>, Attempt> {
     let mut sender = match pool.h2_sender(ep).await {
         Ok(s) => s,
         Err(error) => {
@@ -515,8 +514,8 @@ async fn send_h2(
 /// Waits for the response head within `limit`.
 async fn await_response(
     limit: Duration,
-    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>>,
-) -> Result<Response<Incoming>, Attempt> {
+    sent: impl Future<Output = Result<Response<hyper::body::Incoming>, TrySendError<Request<UpBody>>>>,
+) -> Result<Response<hyper::body::Incoming>, Attempt> {
     match tokio::time::timeout(limit, sent).await {
         Err(_) => Err(Attempt {
             error: ProxyError::ResponseTimeout,

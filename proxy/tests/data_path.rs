@@ -23,6 +23,9 @@ macro_rules! on_both_acceptors {
 on_both_acceptors!(
     http1_is_proxied_with_forwarding_headers,
     h2c_downstream_is_proxied,
+    h2c_ten_megabytes_stream_both_ways,
+    h2c_many_streams_share_one_connection,
+    h2c_reset_stream_leaves_the_connection_serving,
     h2c_upstream_is_used,
     pipelined_requests_are_answered_in_order,
     ten_megabytes_stream_both_ways,
@@ -124,6 +127,137 @@ fn h2c_downstream_is_proxied(io: IoMode) {
     assert_eq!(parts.headers["x-up-path"], "/h2?x=1");
     assert_eq!(parts.headers["x-up-host"], "app.example");
     assert_eq!(&body[..], b"over h2c");
+    fg.shutdown();
+}
+
+/// Runs `f` with an h2 client connection to `addr` (prior knowledge), on a current-thread
+/// runtime that also drives the connection.
+fn with_h2<F, Fut>(addr: std::net::SocketAddr, f: F)
+where
+    F: FnOnce(h2::client::SendRequest<bytes::Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let send = send.ready().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), f(send))
+            .await
+            .expect("h2 exchange finished in time");
+    })
+}
+
+/// Sends `data` on an h2 stream as the peer's window allows; `end` closes the stream after.
+async fn h2_send_all(tx: &mut h2::SendStream<bytes::Bytes>, mut data: bytes::Bytes, end: bool) {
+    while !data.is_empty() {
+        tx.reserve_capacity(data.len());
+        let cap = std::future::poll_fn(|cx| tx.poll_capacity(cx))
+            .await
+            .expect("stream open")
+            .expect("capacity");
+        let chunk = data.split_to(cap.min(data.len()));
+        tx.send_data(chunk, end && data.is_empty()).unwrap();
+    }
+}
+
+/// Reads h2 body chunks (returning flow-control credit) until at least `want` bytes are in
+/// `into`, or the body ends.
+async fn h2_read(body: &mut h2::RecvStream, into: &mut Vec<u8>, want: usize) {
+    while into.len() < want {
+        match body.data().await {
+            Some(chunk) => {
+                let chunk = chunk.expect("body chunk");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                into.extend_from_slice(&chunk);
+            }
+            None => break,
+        }
+    }
+}
+
+fn h2c_ten_megabytes_stream_both_ways(io: IoMode) {
+    const LEN: usize = 10 << 20;
+    const FIRST: usize = 1 << 20;
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let body: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    let body = bytes::Bytes::from(body);
+    let expect = body.clone();
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let req = http::Request::post("http://x/echo")
+            .header("content-length", LEN)
+            .body(())
+            .unwrap();
+        let (resp, mut tx) = send.send_request(req, false).unwrap();
+        h2_send_all(&mut tx, body.slice(..FIRST), false).await;
+        // The echo must start coming back while 9 MB are still unsent: neither direction
+        // is buffered whole.
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut rx = resp.into_body();
+        let mut echoed = Vec::new();
+        h2_read(&mut rx, &mut echoed, 100_000).await;
+        assert!(echoed.len() >= 100_000, "echo starts before the body ends");
+        let rest = body.slice(FIRST..);
+        let sender = tokio::spawn(async move { h2_send_all(&mut tx, rest, true).await });
+        h2_read(&mut rx, &mut echoed, LEN + 1).await;
+        sender.await.unwrap();
+        assert_eq!(echoed.len(), LEN);
+        assert!(echoed == expect, "echoed body differs");
+    });
+    fg.shutdown();
+}
+
+fn h2c_many_streams_share_one_connection(io: IoMode) {
+    const STREAMS: usize = 100;
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let mut pending = Vec::new();
+        for i in 0..STREAMS {
+            send = send.ready().await.unwrap();
+            let req = http::Request::post(format!("http://x/s/{i}"))
+                .body(())
+                .unwrap();
+            let (resp, mut tx) = send.send_request(req, false).unwrap();
+            tx.send_data(bytes::Bytes::from(format!("body {i}")), true)
+                .unwrap();
+            pending.push((i, resp));
+        }
+        // All in flight at once; answered each to its own stream.
+        for (i, resp) in pending {
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["x-up-path"], format!("/s/{i}").as_str());
+            let mut got = Vec::new();
+            h2_read(&mut resp.into_body(), &mut got, usize::MAX).await;
+            assert_eq!(got, format!("body {i}").as_bytes());
+        }
+    });
+    assert!(up.accepted() <= STREAMS, "upstream connections pooled");
+    fg.shutdown();
+}
+
+fn h2c_reset_stream_leaves_the_connection_serving(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_millis(300)));
+    let fg = proxy_to(up.addr, "", "", io);
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let req = || http::Request::get("http://x/slow").body(()).unwrap();
+        let (first, mut tx) = send.send_request(req(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send_reset(h2::Reason::CANCEL);
+        assert!(first.await.is_err(), "the reset stream gets no answer");
+        send = send.ready().await.unwrap();
+        let (second, _) = send.send_request(req(), true).unwrap();
+        assert_eq!(second.await.unwrap().status(), 200);
+    });
     fg.shutdown();
 }
 
