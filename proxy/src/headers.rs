@@ -4,42 +4,60 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never the message: removed in both directions.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+/// Connection first: the headers it names go too.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // By length first: most request headers fall out without a string comparison.
-    let s = name.as_str();
-    matches!(s.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) && HOP_BY_HOP.contains(&s)
+/// The index of `name` in `HOP_BY_HOP`.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    // By length first: most headers fall out without a comparison.
+    if !matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| h == name)
 }
 
 /// Removes the hop-by-hop headers and every header the Connection header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass to find out whether there is anything to do: the common request has none.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass to find which are present; the common request has none, the common response
+    // only Connection.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // keep-alive and close, the usual tokens, name nothing to remove but themselves.
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
