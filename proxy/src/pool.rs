@@ -2,10 +2,11 @@
 //!
 //! HTTP/1.1 idle connections sit in a pingora-pool `ConnectionPool` keyed by endpoint; this
 //! module adds what it lacks: a per-endpoint idle cap, an open-connection cap, pre-warming and
-//! counters. In front of it, each endpoint keeps its few most recently returned connections
-//! in a plain stack (`HOT`): under load a connection comes back and goes out again within
-//! microseconds, and pingora's locks, hash lookups and LRU bookkeeping on that round trip
-//! cost more than the rest of the pool together (perf, h2c load: 5.7% of all CPU). An idle HTTP/1.1 connection has no task of its own (fluxgate's client runs in the
+//! counters. In front of it, each endpoint keeps up to `max_idle_per_host` idle connections in
+//! a plain stack, most recent on top: under load a connection comes back and goes out again
+//! within microseconds, and pingora's locks, hash lookups and LRU bookkeeping on that round
+//! trip cost more than the rest of the pool together (perf, h2c load: 5.7% of all CPU).
+//! pingora's pool holds the burst surplus beyond that, on the short surplus timeout. An idle HTTP/1.1 connection has no task of its own (fluxgate's client runs in the
 //! request's task): a connection the upstream closed is noticed when it is next picked (a
 //! readiness check, no system call while nothing arrived) and by one sweeper task per pool,
 //! which also expires idle connections, rather than by pingora's per-release watcher task: no
@@ -45,9 +46,6 @@ const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How many times `max_idle_per_host` the idle set may reach during a burst.
 const SURPLUS_FACTOR: usize = 4;
-
-/// Idle connections per endpoint kept outside pingora's pool, most recent on top.
-const HOT: usize = 16;
 
 /// An HTTP/1.1 upstream connection. It counts as open until dropped.
 pub(crate) struct H1Conn {
@@ -95,7 +93,7 @@ struct Endpoint {
     addr: SocketAddr,
     live: Rc<Live>,
     h2: RefCell<Option<http2::SendRequest<UpBody>>>,
-    /// The most recently returned idle connections (at most `HOT`), taken before pingora's.
+    /// Idle connections up to `max_idle_per_host`, most recent on top, taken before pingora's.
     hot: RefCell<Vec<H1Conn>>,
 }
 
@@ -296,16 +294,14 @@ impl UpstreamPool {
             self.cfg.idle_timeout
         };
         conn.idle_since = Some((Instant::now(), limit));
-        let mut hot = self.endpoints[ep].hot.borrow_mut();
-        if hot.len() < HOT && limit == self.cfg.idle_timeout {
-            hot.push(conn);
+        if idle_now < cap {
+            self.endpoints[ep].hot.borrow_mut().push(conn);
         } else {
             let meta = conn.meta.clone();
             // pingora hands back an eviction notifier and a pick-up channel for a watcher
             // task; the sweeper watches instead.
             drop(self.idle.put(&meta, conn));
         }
-        drop(hot);
         live.freed.notify_one();
         if !self.sweeping.replace(true) {
             tokio::task::spawn_local(sweep(Rc::downgrade(self)));

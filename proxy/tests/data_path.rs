@@ -31,6 +31,7 @@ on_both_acceptors!(
     ten_megabytes_stream_both_ways,
     sequential_requests_reuse_pooled_connections,
     idle_pooled_connections_close_after_idle_timeout,
+    burst_surplus_is_reused_then_closed,
     prewarm_opens_connections_at_start,
     dead_upstream_gives_502_fast,
     slow_upstream_gives_504,
@@ -355,6 +356,44 @@ fn idle_pooled_connections_close_after_idle_timeout(io: IoMode) {
         eventually(Duration::from_secs(5), || up.open() == 0),
         "pooled connection still open"
     );
+    fg.shutdown();
+}
+
+fn burst_surplus_is_reused_then_closed(io: IoMode) {
+    const BURST: usize = 4;
+    let up = upstream(Behavior::Slow(Duration::from_millis(200)));
+    let fg = proxy_to(up.addr, "max_idle_per_host = 1", "", io);
+    let addr = fg.local_addrs()[0];
+    let burst = || {
+        let clients: Vec<_> = (0..BURST)
+            .map(|i| std::thread::spawn(move || get(addr, &format!("/b{i}")).status))
+            .collect();
+        for c in clients {
+            assert_eq!(c.join().unwrap(), 200);
+        }
+    };
+    burst();
+    assert_eq!(
+        up.accepted(),
+        BURST,
+        "the slow upstream made the burst concurrent"
+    );
+    // One connection is kept as the idle set, the rest as short-lived surplus: a burst right
+    // after reuses all of them.
+    burst();
+    assert_eq!(
+        up.accepted(),
+        BURST,
+        "the second burst reused the pooled connections"
+    );
+    // The surplus closes after about a second; the configured idle set stays.
+    assert!(
+        eventually(Duration::from_secs(5), || up.open() == 1),
+        "{} upstream connections open",
+        up.open()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(up.open(), 1);
     fg.shutdown();
 }
 
