@@ -96,25 +96,27 @@ async fn stream(
     mut respond: SendResponse<Bytes>,
     state: Arc<ConnState>,
 ) {
-    let (parts, recv) = req.into_parts();
-    let len = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    let req = Request::from_parts(parts, ClientBody::H2(H2Recv::new(recv, len)));
-    let inflight = state.begin_request();
-    let answer = handler.handle(req, inflight);
-    tokio::pin!(answer);
-    let resp = poll_fn(|cx| {
-        if let Poll::Ready(r) = answer.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await;
+    // Scoped: the handler's state is gone before the body is sent.
+    let resp = {
+        let (parts, recv) = req.into_parts();
+        let len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let req = Request::from_parts(parts, ClientBody::H2(H2Recv::new(recv, len)));
+        let inflight = state.begin_request();
+        let mut answer = std::pin::pin!(handler.handle(req, inflight));
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            match respond.poll_reset(cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    };
     if let Some(resp) = resp {
         send(respond, resp).await;
     }

@@ -69,7 +69,16 @@ impl Handler {
             upstream_time: None,
             bytes: 0,
         });
-        let (route, upstream_time, mut resp) = self.route_and_answer(req, inflight).await;
+        // Routing is synchronous; only forwarding awaits. One level of async state fewer:
+        // each level's future is copied whole when awaited.
+        let (route, upstream_time, mut resp) = match self.route(req, inflight) {
+            Routed::Answer(route, resp) => (route, None, resp),
+            Routed::Forward(f) => {
+                let index = f.index;
+                let (upstream_time, resp) = self.forward_and_answer(f).await;
+                (Some(index), upstream_time, resp)
+            }
+        };
         let status = resp.status().as_u16();
         let stats = route.map_or(&self.stats.unrouted, |i| &self.stats.routes[i]);
         stats.record(status, started.elapsed());
@@ -87,20 +96,16 @@ impl Handler {
         resp
     }
 
-    /// The answer, the index of the route that produced it (None: refused or unmatched) and
-    /// how long the upstream took to answer (for forwarded requests).
-    async fn route_and_answer(
-        &self,
-        req: Request<ClientBody>,
-        inflight: InFlight,
-    ) -> (Option<usize>, Option<Duration>, Response<ProxyBody>) {
+    /// Refuses, answers or prepares to forward a request; the route index comes along
+    /// (None: refused or unmatched).
+    fn route(&self, req: Request<ClientBody>, inflight: InFlight) -> Routed<'_> {
         if inflight.state().take_ambiguous() {
             // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
-            return (None, None, answer(StatusCode::BAD_REQUEST, true, inflight));
+            return Routed::Answer(None, answer(StatusCode::BAD_REQUEST, true, inflight));
         }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
-            return (None, None, answer(StatusCode::URI_TOO_LONG, true, inflight));
+            return Routed::Answer(None, answer(StatusCode::URI_TOO_LONG, true, inflight));
         }
         let head = RequestHead {
             method: req.method(),
@@ -110,9 +115,8 @@ impl Handler {
             headers: req.headers(),
         };
         let Some((index, route)) = self.routes.match_request(&head) else {
-            return (None, None, answer(StatusCode::NOT_FOUND, false, inflight));
+            return Routed::Answer(None, answer(StatusCode::NOT_FOUND, false, inflight));
         };
-        let mut upstream_time = None;
         let mut resp = match &route.action {
             RouteAction::Respond {
                 status,
@@ -131,52 +135,93 @@ impl Handler {
                 location,
                 keep_path,
             } => redirect(*status, location, *keep_path, req.uri(), inflight),
-            RouteAction::Forward(i) => {
-                let pool = &self.pools[*i];
+            RouteAction::Forward(pool) => {
                 let mut req = req;
                 edit_headers(req.headers_mut(), &route.request_headers);
                 if let Some(to) = &route.rewrite_prefix {
                     rewrite_prefix(&mut req, route, to);
                 }
-                let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
                 let upgrade = upgrade_protocol(&req);
                 let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-                // Timed only for the access log: no clock read per request otherwise.
-                let asked = self.access_log.is_some().then(std::time::Instant::now);
-                let forwarded =
-                    forward(pool, req, inflight.state(), timeout, upgrade.clone()).await;
-                upstream_time = asked.map(|t| t.elapsed());
-                match forwarded {
-                    Ok(resp) => {
-                        let (mut parts, body) = resp.into_parts();
-                        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-                        let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
-                        strip_hop_by_hop(&mut parts.headers);
-                        match (client_side, switching, body) {
-                            (Some(client_side), true, UpstreamBody::H1(b)) => {
-                                match b.into_upgraded() {
-                                    Some(up) => {
-                                        inflight.state().mark_upgraded();
-                                        tokio::task::spawn_local(tunnel(client_side, up));
-                                        restore_upgrade(&mut parts.headers, proto);
-                                        let done = ProxyBody::full(Bytes::new(), inflight);
-                                        Response::from_parts(parts, done)
-                                    }
-                                    None => answer(StatusCode::BAD_GATEWAY, false, inflight),
-                                }
-                            }
-                            (_, _, body) => {
-                                Response::from_parts(parts, ProxyBody::upstream(body, inflight))
-                            }
-                        }
-                    }
-                    Err(e) => answer(e.status(), e.closes_client(), inflight),
-                }
+                return Routed::Forward(Forward {
+                    index,
+                    route,
+                    pool: *pool,
+                    req,
+                    inflight,
+                    upgrade,
+                    client_side,
+                });
             }
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        (Some(index), upstream_time, resp)
+        Routed::Answer(Some(index), resp)
     }
+
+    /// Forwards a request and turns the upstream's answer (or failure) into the client's
+    /// response; with how long the upstream took (timed only for the access log).
+    async fn forward_and_answer(&self, f: Forward<'_>) -> (Option<Duration>, Response<ProxyBody>) {
+        let Forward {
+            route,
+            pool,
+            req,
+            inflight,
+            upgrade,
+            client_side,
+            ..
+        } = f;
+        let pool = &self.pools[pool];
+        let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
+        let asked = self.access_log.is_some().then(std::time::Instant::now);
+        let forwarded = forward(pool, req, inflight.state(), timeout, upgrade.clone()).await;
+        let upstream_time = asked.map(|t| t.elapsed());
+        let mut resp = match forwarded {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+                let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
+                strip_hop_by_hop(&mut parts.headers);
+                match (client_side, switching, body) {
+                    (Some(client_side), true, UpstreamBody::H1(b)) => match b.into_upgraded() {
+                        Some(up) => {
+                            inflight.state().mark_upgraded();
+                            tokio::task::spawn_local(tunnel(client_side, up));
+                            restore_upgrade(&mut parts.headers, proto);
+                            let done = ProxyBody::full(Bytes::new(), inflight);
+                            Response::from_parts(parts, done)
+                        }
+                        None => answer(StatusCode::BAD_GATEWAY, false, inflight),
+                    },
+                    (_, _, body) => {
+                        Response::from_parts(parts, ProxyBody::upstream(body, inflight))
+                    }
+                }
+            }
+            Err(e) => answer(e.status(), e.closes_client(), inflight),
+        };
+        edit_headers(resp.headers_mut(), &route.response_headers);
+        (upstream_time, resp)
+    }
+}
+
+/// What routing decided.
+enum Routed<'a> {
+    /// Answered here (refused, unmatched, a direct answer or a redirect).
+    Answer(Option<usize>, Response<ProxyBody>),
+    Forward(Forward<'a>),
+}
+
+/// A request on its way to an upstream.
+struct Forward<'a> {
+    index: usize,
+    route: &'a Route,
+    /// Index into the handler's pools.
+    pool: usize,
+    req: Request<ClientBody>,
+    inflight: InFlight,
+    /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
+    upgrade: Option<HeaderValue>,
+    client_side: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).
@@ -391,8 +436,9 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
     }
 }
 
-/// Picks an endpoint, runs the exchange, and tells the balancer and passive health how it
-/// went (5xx answers and connect or protocol failures count against the endpoint).
+/// Picks an endpoint, runs the exchange (with the stale-connection retry), and tells the
+/// balancer and passive health how it went (5xx answers and connect or protocol failures
+/// count against the endpoint).
 async fn forward(
     pool: &Rc<UpstreamPool>,
     req: Request<ClientBody>,
@@ -404,57 +450,52 @@ async fn forward(
     let pick = pool
         .pick_endpoint(key)
         .ok_or(ProxyError::NoHealthyEndpoint)?;
-    let result = exchange(pool, pick.ep, req, client, timeout, upgrade).await;
-    pool.balancer.done(pick);
-    let failed = match &result {
-        Ok(resp) => resp.status().is_server_error(),
-        Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
-    };
-    pool.health.record(pick.ep, failed);
-    result
-}
-
-/// One request to endpoint `ep`, with the stale-connection retry.
-async fn exchange(
-    pool: &Rc<UpstreamPool>,
-    ep: usize,
-    req: Request<ClientBody>,
-    client: &ConnState,
-    timeout: Duration,
-    upgrade: Option<HeaderValue>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+    let ep = pick.ep;
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, client, pool.cfg.protocol);
-    let idempotent = is_idempotent(&parts.method);
-    let bodyless = body.is_end_stream();
-    match pool.cfg.protocol {
+    let result = match pool.cfg.protocol {
         UpstreamProtocol::Http1 => {
+            let idempotent = is_idempotent(&parts.method);
+            let bodyless = body.is_end_stream();
             restore_upgrade(&mut parts.headers, upgrade);
             let body = UpBody::Client(body);
             let (head, chunked) = encode_head(&parts, &body);
             // The head is encoded: keep only the method, not the parts across the awaits.
             let Parts { method, .. } = parts;
-            let conn = pool.checkout(ep, false).await?;
-            let first = Exchange::new(conn, head.clone(), chunked, body, &method);
-            let failed = match first.response(timeout).await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
-                Err(failed) => failed,
-            };
-            // Retry once on a new connection, only where the first one was a pooled one that
-            // went stale, and only what is safe to send twice or was never sent.
-            if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
-                return Err(failed.error);
-            }
-            let conn = pool.checkout(ep, true).await?;
-            let again = Exchange::new(conn, head, false, UpBody::Empty, &method);
-            match again.response(timeout).await {
-                Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
-                Err(failed) => Err(failed.error),
+            match pool.checkout(ep, false).await {
+                Err(e) => Err(e),
+                Ok(conn) => match Exchange::new(conn, head.clone(), chunked, body, &method)
+                    .response(timeout)
+                    .await
+                {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+                    // Retry once on a new connection, only where the first one was a pooled
+                    // one that went stale, and only what is safe to send twice or was never
+                    // sent.
+                    Err(failed) if failed.stale && bodyless && (idempotent || failed.unsent) => {
+                        match pool.checkout(ep, true).await {
+                            Err(e) => Err(e),
+                            Ok(conn) => Exchange::new(conn, head, false, UpBody::Empty, &method)
+                                .response(timeout)
+                                .await
+                                .map(|resp| resp.map(UpstreamBody::H1))
+                                .map_err(|failed| failed.error),
+                        }
+                    }
+                    Err(failed) => Err(failed.error),
+                },
             }
         }
         // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
         UpstreamProtocol::H2c => Box::pin(exchange_h2(pool, ep, parts, body, timeout)).await,
-    }
+    };
+    pool.balancer.done(pick);
+    let failed = match &result {
+        Ok(resp) => resp.status().is_server_error(),
+        Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
+    };
+    pool.health.record(ep, failed);
+    result
 }
 
 /// One request to endpoint `ep` over the shared HTTP/2 connection, retried once on a new
