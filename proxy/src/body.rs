@@ -14,98 +14,21 @@ use crate::conn::InFlight;
 use crate::error::BoxError;
 use crate::h1client::H1Body;
 
-/// A request body as the client sends it: read by hyper's HTTP/1.1 server, or a stream of
-/// an HTTP/2 connection served by `h2server`.
-pub(crate) enum ClientBody {
-    H1(Incoming),
-    H2(H2Recv),
-}
-
-/// The body of one HTTP/2 request stream. Flow-control credit is handed back as each chunk
-/// is taken, so the client sends more only as fast as the upstream side reads.
-pub(crate) struct H2Recv {
-    stream: h2::RecvStream,
-    /// The request's Content-Length, when it declared one (h2 enforces it).
-    len: Option<u64>,
-    data_done: bool,
-}
-
-impl H2Recv {
-    pub(crate) fn new(stream: h2::RecvStream, len: Option<u64>) -> H2Recv {
-        H2Recv {
-            stream,
-            len,
-            data_done: false,
-        }
-    }
-
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match self.stream.poll_data(cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    let _ = self.stream.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => self.data_done = true,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match self.stream.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::H1(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-            ClientBody::H2(b) => b.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::H1(b) => b.is_end_stream(),
-            ClientBody::H2(b) => b.stream.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::H1(b) => b.size_hint(),
-            ClientBody::H2(b) => b.len.map_or_else(SizeHint::default, SizeHint::with_exact),
-        }
-    }
-}
-
 /// The body sent upstream: the client's own stream, or nothing (on a retry of a bodiless
 /// request, whose original body was consumed by the failed attempt).
 pub(crate) enum UpBody {
-    Client(ClientBody),
+    Client(Incoming),
     Empty,
 }
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             UpBody::Client(b) => Pin::new(b).poll_frame(cx),
             UpBody::Empty => Poll::Ready(None),

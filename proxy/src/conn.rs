@@ -1,6 +1,5 @@
 //! One client connection: the socket wrapper that enforces the header-read and keep-alive
-//! timeouts, then HTTP/1.1 (hyper's server) or HTTP/2 (`h2server`), told apart by the first
-//! bytes: h2c prior knowledge shares the port.
+//! timeouts, and the hyper server (HTTP/1.1 and h2c prior knowledge on the same port).
 
 use std::future::Future;
 use std::io;
@@ -12,20 +11,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::ClientBody;
 use crate::framing::HeadScan;
+use crate::server::LocalExec;
 pub(crate) use crate::stream::ClientStream;
 use crate::worker::HandlerSlot;
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 /// An HTTP/1.1 connection idle this long is parked: hyper's per-connection state and buffers
 /// (about 20 KiB) are freed and only the socket is watched, until the next request arrives
@@ -47,7 +45,7 @@ pub(crate) struct ConnState {
     head_started: Stamp,
     /// When the connection last became idle (no request in flight).
     idle_since: Stamp,
-    /// Told by the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
+    /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
     h2: Flag,
     /// hyper's read buffer is known to be empty when the connection is idle: the last head
     /// ended exactly at the end of a read and nothing was read while a request was in flight.
@@ -55,6 +53,7 @@ pub(crate) struct ConnState {
     clean: Flag,
     /// Set when the socket wrapper ended hyper's connection to park it.
     parked: Flag,
+    first_read: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
     /// The head being read carries both Content-Length and Transfer-Encoding.
@@ -79,6 +78,9 @@ pub(crate) struct ConnState {
 struct Flag(AtomicBool);
 
 impl Flag {
+    fn new(v: bool) -> Flag {
+        Flag(AtomicBool::new(v))
+    }
     fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -213,10 +215,8 @@ struct ClientIo {
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer is set to look again soon (a request is in flight): no need to move it.
     recheck_armed: bool,
-    /// Bytes already read (and scanned) while telling the protocol, to be read again first.
-    replay: Option<Bytes>,
     /// Bytes to read before the stream's (TLS 0-RTT data).
-    prefix: Option<Bytes>,
+    prefix: Option<bytes::Bytes>,
     scan: HeadScan,
 }
 
@@ -231,34 +231,6 @@ impl Drop for ClientIo {
 impl ClientIo {
     fn stream(&mut self) -> Pin<&mut ClientStream> {
         Pin::new(self.stream.as_mut().expect("stream present until drop"))
-    }
-
-    /// Reads until the first bytes tell HTTP/2's connection preface from anything else
-    /// (an HTTP/1.1 request); they are kept for the protocol chosen to read again. None: the
-    /// client closed, or the wait timed out, first.
-    async fn sniff_h2(&mut self) -> Option<bool> {
-        let mut buf = [0u8; H2_PREFACE.len()];
-        let mut n = 0;
-        let h2 = loop {
-            let mut rb = ReadBuf::new(&mut buf[n..]);
-            std::future::poll_fn(|cx| Pin::new(&mut *self).poll_read(cx, &mut rb))
-                .await
-                .ok()?;
-            let got = rb.filled().len();
-            if got == 0 {
-                return None;
-            }
-            n += got;
-            if buf[..n] != H2_PREFACE[..n] {
-                break false;
-            }
-            if n == H2_PREFACE.len() {
-                break true;
-            }
-        };
-        self.replay = Some(Bytes::copy_from_slice(&buf[..n]));
-        self.state.h2.set(h2);
-        Some(h2)
     }
 
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -304,14 +276,6 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(r) = &mut this.replay {
-            let n = r.len().min(buf.remaining());
-            buf.put_slice(&r.split_to(n));
-            if r.is_empty() {
-                this.replay = None;
-            }
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
         let polled = match &mut this.prefix {
             Some(p) => {
@@ -331,6 +295,9 @@ impl AsyncRead for ClientIo {
                     this.eof = buf.remaining() > 0;
                 } else {
                     let st = &this.state;
+                    if st.first_read.replace(false) {
+                        st.h2.set(got.starts_with(H2_PREFACE_START));
+                    }
                     if st.h2.get() {
                         st.idle_since.set(Instant::now());
                     } else if st.in_flight.get() == 0 {
@@ -414,10 +381,9 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// The server side of one listener on one worker: the protocol settings, configured once.
+/// The server side of one listener on one worker: hyper's protocol builder, configured once.
 pub(crate) struct ConnServer {
-    h1: http1::Builder,
-    h2: h2::server::Builder,
+    builder: auto::Builder<LocalExec>,
     /// Turns true when the worker drains: finish in-flight requests, then close.
     draining: watch::Receiver<bool>,
     /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
@@ -432,14 +398,19 @@ impl ConnServer {
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
-        let mut h1 = http1::Builder::new();
-        h1.header_read_timeout(None)
+        let mut builder = auto::Builder::new(LocalExec);
+        builder
+            .http1()
+            .header_read_timeout(None)
             .max_headers(limits.max_headers)
             // hyper answers 431 when a head does not fit its read buffer.
             .max_buf_size(limits.max_header_bytes);
+        builder
+            .http2()
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(256);
         ConnServer {
-            h1,
-            h2: crate::h2server::builder(limits),
+            builder,
             draining,
             parks,
             header_timeout: limits.header_read_timeout,
@@ -472,6 +443,7 @@ impl ConnServer {
             h2: Flag::default(),
             clean: Flag::default(),
             parked: Flag::default(),
+            first_read: Flag::new(true),
             ambiguous: Flag::default(),
             upgraded: Flag::default(),
             leftover: Slot::default(),
@@ -486,48 +458,45 @@ impl ConnServer {
         });
         let mut stream = stream;
         let mut draining = self.draining.clone();
-        // The protocol is told once; a parked connection comes back as HTTP/1.1.
-        let mut sniffed = false;
         loop {
-            let mut io = ClientIo {
+            let io = ClientIo {
                 stream: Some(stream),
                 eof: false,
                 state: Arc::clone(&state),
                 timer: None,
                 recheck_armed: false,
-                replay: None,
                 prefix: early.take(),
                 scan: HeadScan::default(),
             };
-            let h2 = if sniffed {
-                Some(false)
-            } else {
-                sniffed = true;
-                tokio::select! {
-                    biased;
-                    _ = draining.wait_for(|d| *d) => return,
-                    h2 = io.sniff_h2() => h2,
+            let svc_state = Arc::clone(&state);
+            let svc_handler = Rc::clone(&handler);
+            let service = service_fn(move |req| {
+                let handler = Rc::clone(&svc_handler.borrow());
+                let inflight = svc_state.begin_request();
+                // Boxed: hyper moves the request future several times (an HTTP/2 stream is
+                // spawned as a task); a pointer moves cheaper than the whole state.
+                Box::pin(async move {
+                    Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await)
+                })
+            });
+            // Boxed so a parked connection keeps none of hyper's state. Errors here are the
+            // client's (reset, timeout, malformed head already answered by hyper).
+            let mut conn = Box::pin(
+                self.builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service),
+            );
+            tokio::select! {
+                biased;
+                _ = conn.as_mut() => {}
+                _ = draining.wait_for(|d| *d) => {
+                    // HTTP/1.1: no more keep-alive (idle connections close now, busy ones
+                    // after their response); HTTP/2: GOAWAY, then the open streams finish.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.as_mut().await;
                 }
-            };
-            match h2 {
-                // Closed or timed out before a protocol could be told.
-                None => drop(io),
-                Some(true) => {
-                    let h2 = &self.h2;
-                    // Boxed: HTTP/2's state must not grow every connection's future.
-                    Box::pin(crate::h2server::serve(
-                        h2,
-                        io,
-                        &state,
-                        &handler,
-                        &mut draining,
-                    ))
-                    .await
-                }
-                Some(false) => self.serve_h1(io, &state, &handler, &mut draining).await,
             }
-            // Dropping the protocol's connection dropped `ClientIo`, which hands the socket
-            // back.
+            // Dropping hyper's connection drops `ClientIo`, which hands the socket back.
+            drop(conn);
             let Some(s) = state.leftover.take() else {
                 return;
             };
@@ -546,46 +515,6 @@ impl ConnServer {
                     Ok(Ok(())) => stream = ClientStream::Plain(s),
                     _ => return,
                 },
-            }
-        }
-    }
-}
-
-impl ConnServer {
-    /// Serves HTTP/1.1 until the connection ends, is parked, or the worker drains.
-    async fn serve_h1(
-        &self,
-        io: ClientIo,
-        state: &Arc<ConnState>,
-        handler: &HandlerSlot,
-        draining: &mut watch::Receiver<bool>,
-    ) {
-        let svc_state = Arc::clone(state);
-        let svc_handler = Rc::clone(handler);
-        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let handler = Rc::clone(&svc_handler.borrow());
-            let inflight = svc_state.begin_request();
-            let req = req.map(ClientBody::H1);
-            // Boxed: hyper moves the request future; a pointer moves cheaper than the state.
-            Box::pin(async move {
-                Ok::<_, std::convert::Infallible>(handler.handle(req, inflight).await)
-            })
-        });
-        // Boxed so a parked connection keeps none of hyper's state. Errors here are the
-        // client's (reset, timeout, malformed head already answered by hyper).
-        let mut conn = Box::pin(
-            self.h1
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades(),
-        );
-        tokio::select! {
-            biased;
-            _ = conn.as_mut() => {}
-            _ = draining.wait_for(|d| *d) => {
-                // No more keep-alive: idle connections close now, busy ones after their
-                // response.
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.as_mut().await;
             }
         }
     }

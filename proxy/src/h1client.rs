@@ -268,7 +268,7 @@ impl Exchange {
                 Poll::Ready(Some(Err(e))) => {
                     self.body = None;
                     self.send_failed = true;
-                    return Poll::Ready(Err(crate::error::ProxyError::ClientBody(e)));
+                    return Poll::Ready(Err(crate::error::ProxyError::ClientBody(Box::new(e))));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}

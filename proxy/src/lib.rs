@@ -14,7 +14,6 @@ mod conn;
 mod error;
 mod framing;
 mod h1client;
-mod h2server;
 mod headers;
 mod health;
 mod json;

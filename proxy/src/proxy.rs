@@ -12,11 +12,12 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
+use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::hash64;
-use crate::body::{ClientBody, ProxyBody, UpBody, UpstreamBody};
+use crate::body::{ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::h1client::{encode_head, Exchange};
@@ -52,7 +53,7 @@ struct Attempt {
 impl Handler {
     pub(crate) async fn handle(
         &self,
-        req: Request<ClientBody>,
+        req: Request<Incoming>,
         inflight: InFlight,
     ) -> Response<ProxyBody> {
         let started = std::time::Instant::now();
@@ -98,7 +99,7 @@ impl Handler {
 
     /// Refuses, answers or prepares to forward a request; the route index comes along
     /// (None: refused or unmatched).
-    fn route(&self, req: Request<ClientBody>, inflight: InFlight) -> Routed<'_> {
+    fn route(&self, req: Request<Incoming>, inflight: InFlight) -> Routed<'_> {
         if inflight.state().take_ambiguous() {
             // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
             return Routed::Answer(None, answer(StatusCode::BAD_REQUEST, true, inflight));
@@ -217,7 +218,7 @@ struct Forward<'a> {
     route: &'a Route,
     /// Index into the handler's pools.
     pool: usize,
-    req: Request<ClientBody>,
+    req: Request<Incoming>,
     inflight: InFlight,
     /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
     upgrade: Option<HeaderValue>,
@@ -441,7 +442,7 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
 /// count against the endpoint).
 async fn forward(
     pool: &Rc<UpstreamPool>,
-    req: Request<ClientBody>,
+    req: Request<Incoming>,
     client: &ConnState,
     timeout: Duration,
     upgrade: Option<HeaderValue>,
@@ -504,7 +505,7 @@ async fn exchange_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
     parts: Parts,
-    body: ClientBody,
+    body: Incoming,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let bodyless = body.is_end_stream();
@@ -533,7 +534,7 @@ async fn send_h2(
     ep: usize,
     req: Request<UpBody>,
     timeout: Duration,
-) -> Result<Response<hyper::body::Incoming>, Attempt> {
+) -> Result<Response<Incoming>, Attempt> {
     let mut sender = match pool.h2_sender(ep).await {
         Ok(s) => s,
         Err(error) => {
@@ -555,8 +556,8 @@ async fn send_h2(
 /// Waits for the response head within `limit`.
 async fn await_response(
     limit: Duration,
-    sent: impl Future<Output = Result<Response<hyper::body::Incoming>, TrySendError<Request<UpBody>>>>,
-) -> Result<Response<hyper::body::Incoming>, Attempt> {
+    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>>,
+) -> Result<Response<Incoming>, Attempt> {
     match tokio::time::timeout(limit, sent).await {
         Err(_) => Err(Attempt {
             error: ProxyError::ResponseTimeout,
