@@ -1,18 +1,18 @@
 //! Per-worker upstream connection pools.
 //!
-//! HTTP/1.1 idle connections sit in a pingora-pool `ConnectionPool` keyed by endpoint; this
-//! module adds what it lacks: a per-endpoint idle cap, an open-connection cap, pre-warming and
-//! counters. In front of it, each endpoint keeps up to `max_idle_per_host` idle connections in
-//! a plain stack, most recent on top: under load a connection comes back and goes out again
-//! within microseconds, and pingora's locks, hash lookups and LRU bookkeeping on that round
-//! trip cost more than the rest of the pool together (perf, h2c load: 5.7% of all CPU).
-//! pingora's pool holds the burst surplus beyond that, on the short surplus timeout. An idle HTTP/1.1 connection has no task of its own (fluxgate's client runs in the
-//! request's task): a connection the upstream closed is noticed when it is next picked (a
-//! readiness check, no system call while nothing arrived) and by one sweeper task per pool,
-//! which also expires idle connections, rather than by pingora's per-release watcher task: no
-//! spawn, channel or timer per request. HTTP/2 connections are multiplexed and shared, so they
-//! are kept apart, one per endpoint. Everything here belongs to one worker thread (`Rc`,
-//! `Cell`): no locks on the path.
+//! Each endpoint keeps up to `max_idle_per_host` idle HTTP/1.1 connections in a plain stack,
+//! most recent on top: under load a connection comes back and goes out again within
+//! microseconds, and a pingora-pool round trip (locks, hash lookups, LRU bookkeeping) cost more
+//! than the rest of the pool together (perf, h2c load: 4-6% of all CPU). A pingora-pool
+//! `ConnectionPool` keyed by endpoint holds the burst surplus beyond that, on the short surplus
+//! timeout. This module adds what pingora lacks: a per-endpoint idle cap, an open-connection
+//! cap, pre-warming and counters. An idle HTTP/1.1 connection has no task of its own
+//! (fluxgate's client runs in the request's task): a connection the upstream closed is noticed
+//! when it is next picked (a readiness check, no system call while nothing arrived) and by one
+//! sweeper task per pool, which also expires idle connections, rather than by pingora's
+//! per-release watcher task: no spawn, channel or timer per request. HTTP/2 connections are
+//! multiplexed and shared, so they are kept apart, one per endpoint. Everything here belongs to
+//! one worker thread (`Rc`, `Cell`): no locks on the path.
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;

@@ -70,8 +70,7 @@ impl Handler {
             upstream_time: None,
             bytes: 0,
         });
-        // Routing is synchronous; only forwarding awaits. One level of async state fewer:
-        // each level's future is copied whole when awaited.
+        // Routing is a plain function; only forwarding awaits.
         let (route, upstream_time, mut resp) = match self.route(req, inflight) {
             Routed::Answer(route, resp) => (route, None, resp),
             Routed::Forward(f) => {
@@ -437,9 +436,8 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
     }
 }
 
-/// Picks an endpoint, runs the exchange (with the stale-connection retry), and tells the
-/// balancer and passive health how it went (5xx answers and connect or protocol failures
-/// count against the endpoint).
+/// Picks an endpoint, runs the exchange, and tells the balancer and passive health how it
+/// went (5xx answers and connect or protocol failures count against the endpoint).
 async fn forward(
     pool: &Rc<UpstreamPool>,
     req: Request<Incoming>,
@@ -451,52 +449,57 @@ async fn forward(
     let pick = pool
         .pick_endpoint(key)
         .ok_or(ProxyError::NoHealthyEndpoint)?;
-    let ep = pick.ep;
-    let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, client, pool.cfg.protocol);
-    let result = match pool.cfg.protocol {
-        UpstreamProtocol::Http1 => {
-            let idempotent = is_idempotent(&parts.method);
-            let bodyless = body.is_end_stream();
-            restore_upgrade(&mut parts.headers, upgrade);
-            let body = UpBody::Client(body);
-            let (head, chunked) = encode_head(&parts, &body);
-            // The head is encoded: keep only the method, not the parts across the awaits.
-            let Parts { method, .. } = parts;
-            match pool.checkout(ep, false).await {
-                Err(e) => Err(e),
-                Ok(conn) => match Exchange::new(conn, head.clone(), chunked, body, &method)
-                    .response(timeout)
-                    .await
-                {
-                    Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
-                    // Retry once on a new connection, only where the first one was a pooled
-                    // one that went stale, and only what is safe to send twice or was never
-                    // sent.
-                    Err(failed) if failed.stale && bodyless && (idempotent || failed.unsent) => {
-                        match pool.checkout(ep, true).await {
-                            Err(e) => Err(e),
-                            Ok(conn) => Exchange::new(conn, head, false, UpBody::Empty, &method)
-                                .response(timeout)
-                                .await
-                                .map(|resp| resp.map(UpstreamBody::H1))
-                                .map_err(|failed| failed.error),
-                        }
-                    }
-                    Err(failed) => Err(failed.error),
-                },
-            }
-        }
-        // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
-        UpstreamProtocol::H2c => Box::pin(exchange_h2(pool, ep, parts, body, timeout)).await,
-    };
+    let result = exchange(pool, pick.ep, req, client, timeout, upgrade).await;
     pool.balancer.done(pick);
     let failed = match &result {
         Ok(resp) => resp.status().is_server_error(),
         Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
     };
-    pool.health.record(ep, failed);
+    pool.health.record(pick.ep, failed);
     result
+}
+
+/// One request to endpoint `ep`, with the stale-connection retry.
+async fn exchange(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    req: Request<Incoming>,
+    client: &ConnState,
+    timeout: Duration,
+    upgrade: Option<HeaderValue>,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    prepare(&mut parts, client, pool.cfg.protocol);
+    let idempotent = is_idempotent(&parts.method);
+    let bodyless = body.is_end_stream();
+    match pool.cfg.protocol {
+        UpstreamProtocol::Http1 => {
+            restore_upgrade(&mut parts.headers, upgrade);
+            let body = UpBody::Client(body);
+            let (head, chunked) = encode_head(&parts, &body);
+            // The head is encoded: keep only the method, not the parts across the awaits.
+            let Parts { method, .. } = parts;
+            let conn = pool.checkout(ep, false).await?;
+            let first = Exchange::new(conn, head.clone(), chunked, body, &method);
+            let failed = match first.response(timeout).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+                Err(failed) => failed,
+            };
+            // Retry once on a new connection, only where the first one was a pooled one that
+            // went stale, and only what is safe to send twice or was never sent.
+            if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
+                return Err(failed.error);
+            }
+            let conn = pool.checkout(ep, true).await?;
+            let again = Exchange::new(conn, head, false, UpBody::Empty, &method);
+            match again.response(timeout).await {
+                Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+                Err(failed) => Err(failed.error),
+            }
+        }
+        // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
+        UpstreamProtocol::H2c => Box::pin(exchange_h2(pool, ep, parts, body, timeout)).await,
+    }
 }
 
 /// One request to endpoint `ep` over the shared HTTP/2 connection, retried once on a new

@@ -90,44 +90,25 @@ fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
     fg.shutdown();
 }
 
-fn h2c_client_request(
-    addr: std::net::SocketAddr,
-    req: hyper::Request<http_body_util::Full<bytes::Bytes>>,
-) -> (hyper::http::response::Parts, bytes::Bytes) {
-    use http_body_util::BodyExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let resp = send.send_request(req).await.unwrap();
-        let (parts, body) = resp.into_parts();
-        (parts, body.collect().await.unwrap().to_bytes())
-    })
-}
-
 fn h2c_downstream_is_proxied(io: IoMode) {
     let up = upstream(Behavior::Echo);
     let fg = proxy_to(up.addr, "", "", io);
-    let req = hyper::Request::post("http://app.example/h2?x=1")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"over h2c",
-        )))
-        .unwrap();
-    let (parts, body) = h2c_client_request(fg.local_addrs()[0], req);
-    assert_eq!(parts.status, 200);
-    assert_eq!(parts.version, hyper::Version::HTTP_2);
-    assert_eq!(parts.headers["x-up-version"], "HTTP/1.1");
-    assert_eq!(parts.headers["x-up-path"], "/h2?x=1");
-    assert_eq!(parts.headers["x-up-host"], "app.example");
-    assert_eq!(&body[..], b"over h2c");
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let req = http::Request::post("http://app.example/h2?x=1")
+            .body(())
+            .unwrap();
+        let (resp, mut tx) = send.send_request(req, false).unwrap();
+        h2_send_all(&mut tx, bytes::Bytes::from_static(b"over h2c"), true).await;
+        let (parts, mut rx) = resp.await.unwrap().into_parts();
+        let mut body = Vec::new();
+        h2_read(&mut rx, &mut body, usize::MAX).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.version, http::Version::HTTP_2);
+        assert_eq!(parts.headers["x-up-version"], "HTTP/1.1");
+        assert_eq!(parts.headers["x-up-path"], "/h2?x=1");
+        assert_eq!(parts.headers["x-up-host"], "app.example");
+        assert_eq!(&body[..], b"over h2c");
+    });
     fg.shutdown();
 }
 
