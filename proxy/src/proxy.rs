@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
-use crate::balance::hash64;
+use crate::balance::{hash64, Pick};
 use crate::body::{ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
@@ -51,32 +51,39 @@ struct Attempt {
 }
 
 impl Handler {
+    /// Answers one request. Every step is a plain function except sending upstream, so the
+    /// future hyper stores per request holds one small awaiting state (future sizes cost a
+    /// copy each time one is built or moved).
     pub(crate) async fn handle(
-        &self,
+        self: Rc<Self>,
         req: Request<Incoming>,
         inflight: InFlight,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
         let started = std::time::Instant::now();
-        let logged = self.access_log.as_ref().map(|log| Pending {
-            log: Rc::clone(log),
-            time: std::time::SystemTime::now(),
-            started,
-            client: inflight.state().peer_ip.clone(),
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            route: String::new(),
-            upstream: String::new(),
-            status: 0,
-            upstream_time: None,
-            bytes: 0,
+        let logged = self.access_log.as_ref().map(|log| {
+            Box::new(Pending {
+                log: Rc::clone(log),
+                time: std::time::SystemTime::now(),
+                started,
+                client: inflight.state().peer_ip.clone(),
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                route: String::new(),
+                upstream: String::new(),
+                status: 0,
+                upstream_time: None,
+                bytes: 0,
+            })
         });
-        // Routing is a plain function; only forwarding awaits.
         let (route, upstream_time, mut resp) = match self.route(req, inflight) {
             Routed::Answer(route, resp) => (route, None, resp),
             Routed::Forward(f) => {
                 let index = f.index;
-                let (upstream_time, resp) = self.forward_and_answer(f).await;
-                (Some(index), upstream_time, resp)
+                let (out, request) = self.outgoing(f);
+                let asked = self.access_log.is_some().then(std::time::Instant::now);
+                let result = out.send(request).await;
+                let upstream_time = asked.map(|t| t.elapsed());
+                (Some(index), upstream_time, out.answer(result))
             }
         };
         let status = resp.status().as_u16();
@@ -91,9 +98,9 @@ impl Handler {
             }
             p.status = status;
             p.upstream_time = upstream_time;
-            resp.body_mut().attach_log(Box::new(p));
+            resp.body_mut().attach_log(p);
         }
-        resp
+        Ok(resp)
     }
 
     /// Refuses, answers or prepares to forward a request; the route index comes along
@@ -158,9 +165,9 @@ impl Handler {
         Routed::Answer(Some(index), resp)
     }
 
-    /// Forwards a request and turns the upstream's answer (or failure) into the client's
-    /// response; with how long the upstream took (timed only for the access log).
-    async fn forward_and_answer(&self, f: Forward<'_>) -> (Option<Duration>, Response<ProxyBody>) {
+    /// Prepares a routed request for its upstream: picks the endpoint and rewrites the head
+    /// (for HTTP/1.1, encodes it), all before anything awaits.
+    fn outgoing<'a>(&'a self, f: Forward<'a>) -> (Outgoing<'a>, UpRequest) {
         let Forward {
             route,
             pool,
@@ -171,11 +178,128 @@ impl Handler {
             ..
         } = f;
         let pool = &self.pools[pool];
-        let timeout = route.timeout.unwrap_or(pool.cfg.response_timeout);
-        let asked = self.access_log.is_some().then(std::time::Instant::now);
-        let forwarded = forward(pool, req, inflight.state(), timeout, upgrade.clone()).await;
-        let upstream_time = asked.map(|t| t.elapsed());
-        let mut resp = match forwarded {
+        let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
+        let pick = pool.pick_endpoint(key);
+        let (mut parts, body) = req.into_parts();
+        prepare(&mut parts, inflight.state(), pool.cfg.protocol);
+        let request = match pool.cfg.protocol {
+            UpstreamProtocol::Http1 => {
+                restore_upgrade(&mut parts.headers, upgrade.clone());
+                let body = UpBody::Client(body);
+                let (head, chunked) = encode_head(&parts, &body);
+                UpRequest::H1 {
+                    retry_safe: body.is_end_stream() && is_idempotent(&parts.method),
+                    head_request: parts.method == Method::HEAD,
+                    head,
+                    chunked,
+                    body,
+                }
+            }
+            UpstreamProtocol::H2c => UpRequest::H2(Box::new(Request::from_parts(parts, body))),
+        };
+        let out = Outgoing {
+            route,
+            pool,
+            pick,
+            inflight,
+            upgrade,
+            client_side,
+            timeout: route.timeout.unwrap_or(pool.cfg.response_timeout),
+        };
+        (out, request)
+    }
+}
+
+/// A request prepared for its upstream, with what its answer needs.
+struct Outgoing<'a> {
+    route: &'a Route,
+    pool: &'a Rc<UpstreamPool>,
+    /// None: no endpoint is healthy.
+    pick: Option<Pick>,
+    inflight: InFlight,
+    /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
+    upgrade: Option<HeaderValue>,
+    client_side: Option<hyper::upgrade::OnUpgrade>,
+    timeout: Duration,
+}
+
+/// The request in the form its upstream protocol takes.
+enum UpRequest {
+    /// The encoded head and the body still to stream.
+    H1 {
+        head: Bytes,
+        chunked: bool,
+        body: UpBody,
+        /// Bodiless and idempotent: may go again on a fresh connection whatever happened.
+        retry_safe: bool,
+        head_request: bool,
+    },
+    /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
+    H2(Box<Request<Incoming>>),
+}
+
+impl Outgoing<'_> {
+    /// Sends the request, with the stale-connection retry, and waits for the response head.
+    /// This is the only await of a proxied request.
+    async fn send(&self, request: UpRequest) -> Result<Response<UpstreamBody>, ProxyError> {
+        let pool = self.pool;
+        let ep = self.pick.as_ref().ok_or(ProxyError::NoHealthyEndpoint)?.ep;
+        let (head, chunked, body, retry_safe, head_request) = match request {
+            UpRequest::H1 {
+                head,
+                chunked,
+                body,
+                retry_safe,
+                head_request,
+            } => (head, chunked, body, retry_safe, head_request),
+            UpRequest::H2(req) => {
+                // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
+                return Box::pin(exchange_h2(pool, ep, *req, self.timeout)).await;
+            }
+        };
+        let bodyless = body.is_end_stream();
+        let conn = pool.checkout(ep, false).await?;
+        let first = Exchange::new(conn, head.clone(), chunked, body, head_request);
+        let failed = match first.response(self.timeout).await {
+            Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+            Err(failed) => failed,
+        };
+        // Retry once on a new connection, only where the first one was a pooled one that went
+        // stale, and only what is safe to send twice or was never sent.
+        if !(failed.stale && bodyless && (retry_safe || failed.unsent)) {
+            return Err(failed.error);
+        }
+        let conn = pool.checkout(ep, true).await?;
+        let again = Exchange::new(conn, head, false, UpBody::Empty, head_request);
+        match again.response(self.timeout).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+            Err(failed) => Err(failed.error),
+        }
+    }
+
+    /// Tells the balancer and passive health how the exchange went (5xx answers and connect
+    /// or protocol failures count against the endpoint) and turns the upstream's answer, or
+    /// the failure, into the client's response.
+    fn answer(self, result: Result<Response<UpstreamBody>, ProxyError>) -> Response<ProxyBody> {
+        let Outgoing {
+            route,
+            pool,
+            pick,
+            inflight,
+            upgrade,
+            client_side,
+            ..
+        } = self;
+        if let Some(pick) = pick {
+            let ep = pick.ep;
+            pool.balancer.done(pick);
+            let failed = match &result {
+                Ok(resp) => resp.status().is_server_error(),
+                Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
+            };
+            pool.health.record(ep, failed);
+        }
+        let mut resp = match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
@@ -200,7 +324,7 @@ impl Handler {
             Err(e) => answer(e.status(), e.closes_client(), inflight),
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        (upstream_time, resp)
+        resp
     }
 }
 
@@ -436,81 +560,15 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
     }
 }
 
-/// Picks an endpoint, runs the exchange, and tells the balancer and passive health how it
-/// went (5xx answers and connect or protocol failures count against the endpoint).
-async fn forward(
-    pool: &Rc<UpstreamPool>,
-    req: Request<Incoming>,
-    client: &ConnState,
-    timeout: Duration,
-    upgrade: Option<HeaderValue>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let key = hash_key(&pool.cfg.balance, &req, &client.peer_ip);
-    let pick = pool
-        .pick_endpoint(key)
-        .ok_or(ProxyError::NoHealthyEndpoint)?;
-    let result = exchange(pool, pick.ep, req, client, timeout, upgrade).await;
-    pool.balancer.done(pick);
-    let failed = match &result {
-        Ok(resp) => resp.status().is_server_error(),
-        Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
-    };
-    pool.health.record(pick.ep, failed);
-    result
-}
-
-/// One request to endpoint `ep`, with the stale-connection retry.
-async fn exchange(
-    pool: &Rc<UpstreamPool>,
-    ep: usize,
-    req: Request<Incoming>,
-    client: &ConnState,
-    timeout: Duration,
-    upgrade: Option<HeaderValue>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
-    prepare(&mut parts, client, pool.cfg.protocol);
-    let idempotent = is_idempotent(&parts.method);
-    let bodyless = body.is_end_stream();
-    match pool.cfg.protocol {
-        UpstreamProtocol::Http1 => {
-            restore_upgrade(&mut parts.headers, upgrade);
-            let body = UpBody::Client(body);
-            let (head, chunked) = encode_head(&parts, &body);
-            // The head is encoded: keep only the method, not the parts across the awaits.
-            let Parts { method, .. } = parts;
-            let conn = pool.checkout(ep, false).await?;
-            let first = Exchange::new(conn, head.clone(), chunked, body, &method);
-            let failed = match first.response(timeout).await {
-                Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
-                Err(failed) => failed,
-            };
-            // Retry once on a new connection, only where the first one was a pooled one that
-            // went stale, and only what is safe to send twice or was never sent.
-            if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
-                return Err(failed.error);
-            }
-            let conn = pool.checkout(ep, true).await?;
-            let again = Exchange::new(conn, head, false, UpBody::Empty, &method);
-            match again.response(timeout).await {
-                Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
-                Err(failed) => Err(failed.error),
-            }
-        }
-        // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
-        UpstreamProtocol::H2c => Box::pin(exchange_h2(pool, ep, parts, body, timeout)).await,
-    }
-}
-
 /// One request to endpoint `ep` over the shared HTTP/2 connection, retried once on a new
 /// connection when the old one broke before taking it (or it is safe to send twice).
 async fn exchange_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
-    parts: Parts,
-    body: Incoming,
+    req: Request<Incoming>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
+    let (parts, body) = req.into_parts();
     let bodyless = body.is_end_stream();
     let replay = is_idempotent(&parts.method).then(|| replay_copy(&parts));
     let req = Request::from_parts(parts, UpBody::Client(body));
