@@ -473,9 +473,7 @@ impl ConnServer {
             let service = service_fn(move |req| {
                 let handler = Rc::clone(&svc_handler.borrow());
                 let inflight = svc_state.begin_request();
-                // Boxed: hyper moves the request future several times (an HTTP/2 stream is
-                // spawned as a task); a pointer moves cheaper than the whole state.
-                Box::pin(handler.handle(req, inflight))
+                handler.handle(req, inflight)
             });
             // Boxed so a parked connection keeps none of hyper's state. Errors here are the
             // client's (reset, timeout, malformed head already answered by hyper).

@@ -2,8 +2,10 @@
 //! and redirects, header edits, and forwarding to an upstream with the stale-connection retry.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,14 +53,10 @@ struct Attempt {
 }
 
 impl Handler {
-    /// Answers one request. Every step is a plain function except sending upstream, so the
-    /// future hyper stores per request holds one small awaiting state (future sizes cost a
-    /// copy each time one is built or moved).
-    pub(crate) async fn handle(
-        self: Rc<Self>,
-        req: Request<Incoming>,
-        inflight: InFlight,
-    ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    /// Answers one request. Everything but the exchange with the upstream is a plain
+    /// function: a request answered here needs no future at all, and a forwarded one awaits in
+    /// one small state (each nested async level copies its whole state when it is built).
+    pub(crate) fn handle(self: &Rc<Self>, req: Request<Incoming>, inflight: InFlight) -> Handled {
         let started = std::time::Instant::now();
         let logged = self.access_log.as_ref().map(|log| {
             Box::new(Pending {
@@ -75,17 +73,27 @@ impl Handler {
                 bytes: 0,
             })
         });
-        let (route, upstream_time, mut resp) = match self.route(req, inflight) {
-            Routed::Answer(route, resp) => (route, None, resp),
-            Routed::Forward(f) => {
-                let index = f.index;
-                let (out, request) = self.outgoing(f);
-                let asked = self.access_log.is_some().then(std::time::Instant::now);
-                let result = out.send(request).await;
-                let upstream_time = asked.map(|t| t.elapsed());
-                (Some(index), upstream_time, out.answer(result))
+        match self.route(req, inflight) {
+            Routed::Answer(route, resp) => {
+                let resp = self.finish(started, logged, route, None, resp);
+                Handled::Ready(Some(Box::new(resp)))
             }
-        };
+            Routed::Forward(f) => {
+                let (out, request) = self.outgoing(f, started, logged);
+                Handled::Forwarding(Box::pin(out.run(request)))
+            }
+        }
+    }
+
+    /// Counts the answer and hands it its access log line.
+    fn finish(
+        &self,
+        started: std::time::Instant,
+        logged: Option<Box<Pending>>,
+        route: Option<usize>,
+        upstream_time: Option<Duration>,
+        mut resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
         let stats = route.map_or(&self.stats.unrouted, |i| &self.stats.routes[i]);
         stats.record(status, started.elapsed());
@@ -100,7 +108,7 @@ impl Handler {
             p.upstream_time = upstream_time;
             resp.body_mut().attach_log(p);
         }
-        Ok(resp)
+        resp
     }
 
     /// Refuses, answers or prepares to forward a request; the route index comes along
@@ -167,17 +175,22 @@ impl Handler {
 
     /// Prepares a routed request for its upstream: picks the endpoint and rewrites the head
     /// (for HTTP/1.1, encodes it), all before anything awaits.
-    fn outgoing<'a>(&'a self, f: Forward<'a>) -> (Outgoing<'a>, UpRequest) {
+    fn outgoing(
+        self: &Rc<Self>,
+        f: Forward<'_>,
+        started: std::time::Instant,
+        logged: Option<Box<Pending>>,
+    ) -> (Outgoing, UpRequest) {
         let Forward {
+            index,
             route,
-            pool,
+            pool: pool_index,
             req,
             inflight,
             upgrade,
             client_side,
-            ..
         } = f;
-        let pool = &self.pools[pool];
+        let pool = &self.pools[pool_index];
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
         let pick = pool.pick_endpoint(key);
         let (mut parts, body) = req.into_parts();
@@ -198,22 +211,50 @@ impl Handler {
             UpstreamProtocol::H2c => UpRequest::H2(Box::new(Request::from_parts(parts, body))),
         };
         let out = Outgoing {
-            route,
-            pool,
+            handler: Rc::clone(self),
+            index,
+            pool: pool_index,
             pick,
             inflight,
             upgrade,
             client_side,
             timeout: route.timeout.unwrap_or(pool.cfg.response_timeout),
+            started,
+            logged,
         };
         (out, request)
     }
 }
 
+/// What hyper awaits for one request: an answer made here, or the upstream's.
+pub(crate) enum Handled {
+    /// Boxed so that the common case, forwarding, does not carry a response's size.
+    Ready(Option<Box<Response<ProxyBody>>>),
+    Forwarding(Pin<Box<dyn Future<Output = Response<ProxyBody>>>>),
+}
+
+impl Future for Handled {
+    type Output = Result<Response<ProxyBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Handled::Ready(resp) => match resp.take() {
+                Some(resp) => Poll::Ready(Ok(*resp)),
+                // Polled again after completing: hyper never does.
+                None => Poll::Pending,
+            },
+            Handled::Forwarding(f) => f.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
 /// A request prepared for its upstream, with what its answer needs.
-struct Outgoing<'a> {
-    route: &'a Route,
-    pool: &'a Rc<UpstreamPool>,
+struct Outgoing {
+    handler: Rc<Handler>,
+    /// The route's index in the table.
+    index: usize,
+    /// Index into the handler's pools.
+    pool: usize,
     /// None: no endpoint is healthy.
     pick: Option<Pick>,
     inflight: InFlight,
@@ -221,6 +262,8 @@ struct Outgoing<'a> {
     upgrade: Option<HeaderValue>,
     client_side: Option<hyper::upgrade::OnUpgrade>,
     timeout: Duration,
+    started: std::time::Instant,
+    logged: Option<Box<Pending>>,
 }
 
 /// The request in the form its upstream protocol takes.
@@ -238,11 +281,19 @@ enum UpRequest {
     H2(Box<Request<Incoming>>),
 }
 
-impl Outgoing<'_> {
+impl Outgoing {
+    /// Forwards the request and answers the client.
+    async fn run(self, request: UpRequest) -> Response<ProxyBody> {
+        let asked = self.logged.is_some().then(std::time::Instant::now);
+        let result = self.send(request).await;
+        let upstream_time = asked.map(|t| t.elapsed());
+        self.answer(result, upstream_time)
+    }
+
     /// Sends the request, with the stale-connection retry, and waits for the response head.
     /// This is the only await of a proxied request.
     async fn send(&self, request: UpRequest) -> Result<Response<UpstreamBody>, ProxyError> {
-        let pool = self.pool;
+        let pool = &self.handler.pools[self.pool];
         let ep = self.pick.as_ref().ok_or(ProxyError::NoHealthyEndpoint)?.ep;
         let (head, chunked, body, retry_safe, head_request) = match request {
             UpRequest::H1 {
@@ -280,16 +331,25 @@ impl Outgoing<'_> {
     /// Tells the balancer and passive health how the exchange went (5xx answers and connect
     /// or protocol failures count against the endpoint) and turns the upstream's answer, or
     /// the failure, into the client's response.
-    fn answer(self, result: Result<Response<UpstreamBody>, ProxyError>) -> Response<ProxyBody> {
+    fn answer(
+        self,
+        result: Result<Response<UpstreamBody>, ProxyError>,
+        upstream_time: Option<Duration>,
+    ) -> Response<ProxyBody> {
         let Outgoing {
-            route,
+            handler,
+            index,
             pool,
             pick,
             inflight,
             upgrade,
             client_side,
+            started,
+            logged,
             ..
         } = self;
+        let route = &handler.routes.routes()[index];
+        let pool = &handler.pools[pool];
         if let Some(pick) = pick {
             let ep = pick.ep;
             pool.balancer.done(pick);
@@ -324,7 +384,7 @@ impl Outgoing<'_> {
             Err(e) => answer(e.status(), e.closes_client(), inflight),
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        resp
+        handler.finish(started, logged, Some(index), upstream_time, resp)
     }
 }
 
