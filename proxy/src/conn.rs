@@ -241,7 +241,12 @@ impl ClientIo {
                 // ends: keep the timer within a re-check period, moving it once per request.
                 let recheck = || Instant::now() + PARK_AFTER.min(st.idle_timeout);
                 if !self.recheck_armed {
-                    timer.as_mut().reset(recheck());
+                    // Moved only when set later than that: firing early just re-arms, and a
+                    // timer moved per request costs the wheel two updates each time.
+                    let at = recheck();
+                    if timer.deadline() > at {
+                        timer.as_mut().reset(at);
+                    }
                     self.recheck_armed = true;
                 }
                 while timer.as_mut().poll(cx).is_ready() {
@@ -299,7 +304,11 @@ impl AsyncRead for ClientIo {
                         st.h2.set(got.starts_with(H2_PREFACE_START));
                     }
                     if st.h2.get() {
-                        st.idle_since.set(Instant::now());
+                        // Frames with no stream open (pings, settings) keep it alive; while
+                        // streams are open, the last one to end stamps the idle start.
+                        if st.in_flight.get() == 0 {
+                            st.idle_since.set(Instant::now());
+                        }
                     } else if st.in_flight.get() == 0 {
                         if !st.partial.get() {
                             st.partial.set(true);
