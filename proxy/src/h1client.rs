@@ -136,20 +136,22 @@ enum ReqFraming {
 }
 
 /// Serializes the request head (hop-by-hop headers already removed by the caller) with the
-/// framing its body needs. The head is kept by the caller for a retry.
-pub(crate) fn encode_head(parts: &Parts, body: &UpBody) -> (Bytes, bool) {
-    let framing = if body.is_end_stream() {
-        let has_len = parts.headers.contains_key(header::CONTENT_LENGTH);
-        if has_len || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-            ReqFraming::Length(0)
-        } else {
-            ReqFraming::None
+/// framing its body needs (None: the request has no body). The head is kept by the caller
+/// for a retry.
+pub(crate) fn encode_head(parts: &Parts, body: Option<&UpBody>) -> (Bytes, bool) {
+    let framing = match body {
+        None => {
+            let has_len = parts.headers.contains_key(header::CONTENT_LENGTH);
+            if has_len || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                ReqFraming::Length(0)
+            } else {
+                ReqFraming::None
+            }
         }
-    } else {
-        match body.size_hint().exact() {
+        Some(body) => match body.size_hint().exact() {
             Some(n) => ReqFraming::Length(n),
             None => ReqFraming::Chunked,
-        }
+        },
     };
     let target = parts.uri.path_and_query().map_or(
         if parts.method == Method::OPTIONS {
@@ -221,10 +223,9 @@ impl Exchange {
         conn: Checkout,
         head: Bytes,
         chunked: bool,
-        body: UpBody,
+        body: Option<UpBody>,
         head_request: bool,
     ) -> Self {
-        let body = (!body.is_end_stream()).then_some(body);
         Exchange {
             conn,
             out: VecDeque::from([head]),

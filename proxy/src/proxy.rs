@@ -198,10 +198,11 @@ impl Handler {
         let request = match pool.cfg.protocol {
             UpstreamProtocol::Http1 => {
                 restore_upgrade(&mut parts.headers, upgrade.clone());
-                let body = UpBody::Client(body);
-                let (head, chunked) = encode_head(&parts, &body);
+                // Asked once: on an HTTP/2 stream each answer takes a lock.
+                let body = (!body.is_end_stream()).then_some(UpBody::Client(body));
+                let (head, chunked) = encode_head(&parts, body.as_ref());
                 UpRequest::H1 {
-                    retry_safe: body.is_end_stream() && is_idempotent(&parts.method),
+                    idempotent: is_idempotent(&parts.method),
                     head_request: parts.method == Method::HEAD,
                     head,
                     chunked,
@@ -268,13 +269,12 @@ struct Outgoing {
 
 /// The request in the form its upstream protocol takes.
 enum UpRequest {
-    /// The encoded head and the body still to stream.
+    /// The encoded head and the body still to stream (None: no body).
     H1 {
         head: Bytes,
         chunked: bool,
-        body: UpBody,
-        /// Bodiless and idempotent: may go again on a fresh connection whatever happened.
-        retry_safe: bool,
+        body: Option<UpBody>,
+        idempotent: bool,
         head_request: bool,
     },
     /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
@@ -295,20 +295,20 @@ impl Outgoing {
     async fn send(&self, request: UpRequest) -> Result<Response<UpstreamBody>, ProxyError> {
         let pool = &self.handler.pools[self.pool];
         let ep = self.pick.as_ref().ok_or(ProxyError::NoHealthyEndpoint)?.ep;
-        let (head, chunked, body, retry_safe, head_request) = match request {
+        let (head, chunked, body, idempotent, head_request) = match request {
             UpRequest::H1 {
                 head,
                 chunked,
                 body,
-                retry_safe,
+                idempotent,
                 head_request,
-            } => (head, chunked, body, retry_safe, head_request),
+            } => (head, chunked, body, idempotent, head_request),
             UpRequest::H2(req) => {
                 // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
                 return Box::pin(exchange_h2(pool, ep, *req, self.timeout)).await;
             }
         };
-        let bodyless = body.is_end_stream();
+        let bodyless = body.is_none();
         let conn = pool.checkout(ep, false).await?;
         let first = Exchange::new(conn, head.clone(), chunked, body, head_request);
         let failed = match first.response(self.timeout).await {
@@ -317,11 +317,11 @@ impl Outgoing {
         };
         // Retry once on a new connection, only where the first one was a pooled one that went
         // stale, and only what is safe to send twice or was never sent.
-        if !(failed.stale && bodyless && (retry_safe || failed.unsent)) {
+        if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
             return Err(failed.error);
         }
         let conn = pool.checkout(ep, true).await?;
-        let again = Exchange::new(conn, head, false, UpBody::Empty, head_request);
+        let again = Exchange::new(conn, head, false, None, head_request);
         match again.response(self.timeout).await {
             Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
             Err(failed) => Err(failed.error),
