@@ -238,7 +238,7 @@ impl ClientIo {
         if st.in_flight.get() > 0 || st.upgraded.get() {
             if let Some(timer) = &mut self.timer {
                 // Nothing to enforce now, but hyper may not read again when the request
-                // ends: keep the timer within a re-check period, moving it once per request.
+                // ends: keep the timer within a re-check period.
                 let recheck = || Instant::now() + PARK_AFTER.min(st.idle_timeout);
                 if !self.recheck_armed {
                     // Moved only when set later than that: firing early just re-arms, and a
