@@ -229,8 +229,12 @@ impl Metrics {
     ) -> String {
         let mut o = String::with_capacity(8 << 10);
 
-        o.push_str("# HELP fluxgate_requests_total Requests answered, by listener, route, upstream and status class.\n");
-        o.push_str("# TYPE fluxgate_requests_total counter\n");
+        family(
+            &mut o,
+            "fluxgate_requests_total",
+            "counter",
+            "Requests answered, by listener, route, upstream and status class.",
+        );
         let upstream_of = |l: usize, r: usize| match &config.listeners[l].routes[r].action {
             fluxgate_conf::RouteAction::Forward(u) => config.upstreams[*u].name.as_str(),
             _ => "",
@@ -256,8 +260,12 @@ impl Metrics {
             }
         }
 
-        o.push_str("# HELP fluxgate_request_duration_seconds Time to the response head, by listener and route.\n");
-        o.push_str("# TYPE fluxgate_request_duration_seconds histogram\n");
+        family(
+            &mut o,
+            "fluxgate_request_duration_seconds",
+            "histogram",
+            "Time to the response head, by listener and route.",
+        );
         for (li, l) in config.listeners.iter().enumerate() {
             let routes = l
                 .routes
@@ -296,8 +304,12 @@ impl Metrics {
             }
         }
 
-        o.push_str("# HELP fluxgate_active_connections Client connections open now.\n");
-        o.push_str("# TYPE fluxgate_active_connections gauge\n");
+        family(
+            &mut o,
+            "fluxgate_active_connections",
+            "gauge",
+            "Client connections open now.",
+        );
         for (li, addr) in addrs.iter().enumerate() {
             let n: i64 = self.active[li]
                 .iter()
@@ -334,15 +346,19 @@ impl Metrics {
             ),
         ];
         for (metric, kind, help, f) in pool {
-            let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+            family(&mut o, metric, kind, help);
             for (ui, u) in config.upstreams.iter().enumerate() {
                 let n: i64 = self.upstreams[ui].iter().map(|u| f(u)).sum();
                 let _ = writeln!(o, "{metric}{{upstream=\"{}\"}} {n}", u.name);
             }
         }
 
-        o.push_str("# HELP fluxgate_endpoint_healthy Whether an endpoint gets traffic (1) or is out (0).\n");
-        o.push_str("# TYPE fluxgate_endpoint_healthy gauge\n");
+        family(
+            &mut o,
+            "fluxgate_endpoint_healthy",
+            "gauge",
+            "Whether an endpoint gets traffic (1) or is out (0).",
+        );
         for (u, h) in config.upstreams.iter().zip(health) {
             for (i, e) in u.endpoints.iter().enumerate() {
                 let _ = writeln!(
@@ -355,8 +371,12 @@ impl Metrics {
             }
         }
 
-        o.push_str("# HELP fluxgate_tls_handshakes_total Completed TLS handshakes, by kind, version and ALPN.\n");
-        o.push_str("# TYPE fluxgate_tls_handshakes_total counter\n");
+        family(
+            &mut o,
+            "fluxgate_tls_handshakes_total",
+            "counter",
+            "Completed TLS handshakes, by kind, version and ALPN.",
+        );
         for (li, t) in self.tls.iter().enumerate() {
             for (i, n) in t.handshakes.iter().enumerate() {
                 let n = n.load(Ordering::Relaxed);
@@ -370,10 +390,12 @@ impl Metrics {
                 }
             }
         }
-        o.push_str(
-            "# HELP fluxgate_tls_early_data_total Handshakes that offered 0-RTT data, by result.\n",
+        family(
+            &mut o,
+            "fluxgate_tls_early_data_total",
+            "counter",
+            "Handshakes that offered 0-RTT data, by result.",
         );
-        o.push_str("# TYPE fluxgate_tls_early_data_total counter\n");
         for (li, t) in self.tls.iter().enumerate() {
             for (result, c) in [
                 ("accepted", &t.early_accepted),
@@ -389,10 +411,12 @@ impl Metrics {
                 }
             }
         }
-        o.push_str(
-            "# HELP fluxgate_tls_handshake_errors_total Failed TLS handshakes, by reason.\n",
+        family(
+            &mut o,
+            "fluxgate_tls_handshake_errors_total",
+            "counter",
+            "Failed TLS handshakes, by reason.",
         );
-        o.push_str("# TYPE fluxgate_tls_handshake_errors_total counter\n");
         for (li, t) in self.tls.iter().enumerate() {
             for (reason, n) in TLS_ERRORS.iter().zip(&t.errors) {
                 let n = n.load(Ordering::Relaxed);
@@ -406,13 +430,21 @@ impl Metrics {
             }
         }
 
-        o.push_str("# HELP fluxgate_connections_parked_total Idle HTTP/1.1 connections whose HTTP state was freed.\n");
-        o.push_str("# TYPE fluxgate_connections_parked_total counter\n");
+        family(
+            &mut o,
+            "fluxgate_connections_parked_total",
+            "counter",
+            "Idle HTTP/1.1 connections whose HTTP state was freed.",
+        );
         let parked: u64 = self.parked.iter().map(|p| p.load(Ordering::Relaxed)).sum();
         let _ = writeln!(o, "fluxgate_connections_parked_total {parked}");
 
-        o.push_str("# HELP fluxgate_config_reloads_total Config reloads, by result.\n");
-        o.push_str("# TYPE fluxgate_config_reloads_total counter\n");
+        family(
+            &mut o,
+            "fluxgate_config_reloads_total",
+            "counter",
+            "Config reloads, by result.",
+        );
         let _ = writeln!(
             o,
             "fluxgate_config_reloads_total{{result=\"ok\"}} {}",
@@ -425,6 +457,11 @@ impl Metrics {
         );
         o
     }
+}
+
+/// Writes a metric family's HELP and TYPE lines.
+fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 
 impl Metrics {
