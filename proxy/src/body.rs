@@ -13,22 +13,63 @@ use crate::accesslog::Pending;
 use crate::conn::InFlight;
 use crate::error::BoxError;
 use crate::h1client::H1Body;
+use crate::h2server::RecvBody;
+
+/// A request body as the client sends it: read by hyper (HTTP/1.1) or by our HTTP/2 server.
+pub(crate) enum ClientBody {
+    H1(Incoming),
+    H2(RecvBody),
+    /// The HTTP/2 request ended with its head.
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
 
 /// The body sent upstream: the client's own stream, or nothing (on a retry of a bodiless
 /// request, whose original body was consumed by the failed attempt).
 pub(crate) enum UpBody {
-    Client(Incoming),
+    Client(ClientBody),
     Empty,
 }
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpBody::Client(b) => Pin::new(b).poll_frame(cx),
             UpBody::Empty => Poll::Ready(None),

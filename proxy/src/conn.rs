@@ -1,5 +1,6 @@
-//! One client connection: the socket wrapper that enforces the header-read and keep-alive
-//! timeouts, and the hyper server (HTTP/1.1 and h2c prior knowledge on the same port).
+//! One client connection: the protocol told by its first bytes (the HTTP/2 preface or not),
+//! the socket wrapper that enforces the header-read and keep-alive timeouts, and the server:
+//! hyper's for HTTP/1.1, ours (`h2server`) for HTTP/2.
 
 use std::future::Future;
 use std::io;
@@ -11,19 +12,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::body::ClientBody;
 use crate::framing::HeadScan;
-use crate::server::LocalExec;
+use crate::h2server::PREFACE;
 pub(crate) use crate::stream::ClientStream;
 use crate::worker::HandlerSlot;
-
-const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 /// An HTTP/1.1 connection idle this long is parked: hyper's per-connection state and buffers
 /// (about 20 KiB) are freed and only the socket is watched, until the next request arrives
@@ -45,7 +45,7 @@ pub(crate) struct ConnState {
     head_started: Stamp,
     /// When the connection last became idle (no request in flight).
     idle_since: Stamp,
-    /// Sniffed from the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
+    /// Told by the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
     h2: Flag,
     /// hyper's read buffer is known to be empty when the connection is idle: the last head
     /// ended exactly at the end of a read and nothing was read while a request was in flight.
@@ -53,7 +53,6 @@ pub(crate) struct ConnState {
     clean: Flag,
     /// Set when the socket wrapper ended hyper's connection to park it.
     parked: Flag,
-    first_read: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
     /// The head being read carries both Content-Length and Transfer-Encoding.
@@ -203,10 +202,10 @@ impl Drop for InFlight {
     }
 }
 
-/// The client socket as hyper sees it. When hyper waits for bytes and the connection's
+/// The client socket as the server sees it. When hyper waits for bytes and the connection's
 /// deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
 /// head had started), which ends the connection.
-struct ClientIo {
+pub(crate) struct ClientIo {
     // Always Some until dropped.
     stream: Option<ClientStream>,
     eof: bool,
@@ -300,9 +299,6 @@ impl AsyncRead for ClientIo {
                     this.eof = buf.remaining() > 0;
                 } else {
                     let st = &this.state;
-                    if st.first_read.replace(false) {
-                        st.h2.set(got.starts_with(H2_PREFACE_START));
-                    }
                     if st.h2.get() {
                         // Frames with no stream open (pings, settings) keep it alive; while
                         // streams are open, the last one to end stamps the idle start.
@@ -390,15 +386,18 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// The server side of one listener on one worker: hyper's protocol builder, configured once.
+/// The server side of one listener on one worker: hyper's HTTP/1.1 builder and the limits,
+/// configured once.
 pub(crate) struct ConnServer {
-    builder: auto::Builder<LocalExec>,
+    http1: http1::Builder,
     /// Turns true when the worker drains: finish in-flight requests, then close.
     draining: watch::Receiver<bool>,
     /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
     parks: Arc<AtomicU64>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
+    max_header_list: usize,
 }
 
 impl ConnServer {
@@ -407,27 +406,22 @@ impl ConnServer {
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
-        let mut builder = auto::Builder::new(LocalExec);
-        builder
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .header_read_timeout(None)
             .max_headers(limits.max_headers)
             // hyper answers 431 when a head does not fit its read buffer.
             .max_buf_size(limits.max_header_bytes);
-        builder
-            .http2()
-            .max_header_list_size(limits.max_header_bytes as u32)
-            .max_concurrent_streams(256);
         ConnServer {
-            builder,
+            http1,
             draining,
             parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
+            max_header_list: limits.max_header_bytes,
         }
     }
 
-    /// Serves one accepted connection to its end.
     pub(crate) fn header_timeout(&self) -> Duration {
         self.header_timeout
     }
@@ -442,17 +436,19 @@ impl ConnServer {
         peer: SocketAddr,
         handler: HandlerSlot,
     ) {
-        let mut early = early;
+        let mut stream = stream;
+        let Some((h2, first)) = self.sniff(&mut stream, early).await else {
+            return;
+        };
         let now = Instant::now();
         let state = Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
             partial: Flag::default(),
             head_started: Stamp::new(now),
             idle_since: Stamp::new(now),
-            h2: Flag::default(),
+            h2: Flag::new(h2),
             clean: Flag::default(),
             parked: Flag::default(),
-            first_read: Flag::new(true),
             ambiguous: Flag::default(),
             upgraded: Flag::default(),
             leftover: Slot::default(),
@@ -465,7 +461,7 @@ impl ConnServer {
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         });
-        let mut stream = stream;
+        let mut first = Some(first);
         let mut draining = self.draining.clone();
         loop {
             let io = ClientIo {
@@ -474,28 +470,43 @@ impl ConnServer {
                 state: Arc::clone(&state),
                 timer: None,
                 recheck_armed: false,
-                prefix: early.take(),
+                prefix: first.take().filter(|b| !b.is_empty()),
                 scan: HeadScan::default(),
             };
+            if h2 {
+                crate::h2server::serve(
+                    io,
+                    Arc::clone(&state),
+                    handler,
+                    draining,
+                    self.max_header_list,
+                )
+                .await;
+                if let Some(s) = state.leftover.take() {
+                    Box::pin(linger(s)).await;
+                }
+                return;
+            }
             let svc_state = Arc::clone(&state);
             let svc_handler = Rc::clone(&handler);
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let handler = Rc::clone(&svc_handler.borrow());
                 let inflight = svc_state.begin_request();
-                handler.handle(req, inflight)
+                handler.handle(req.map(ClientBody::H1), inflight)
             });
             // Boxed so a parked connection keeps none of hyper's state. Errors here are the
             // client's (reset, timeout, malformed head already answered by hyper).
             let mut conn = Box::pin(
-                self.builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service),
+                self.http1
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
             );
             tokio::select! {
                 biased;
                 _ = conn.as_mut() => {}
                 _ = draining.wait_for(|d| *d) => {
-                    // HTTP/1.1: no more keep-alive (idle connections close now, busy ones
-                    // after their response); HTTP/2: GOAWAY, then the open streams finish.
+                    // No more keep-alive: idle connections close now, busy ones after their
+                    // response.
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.as_mut().await;
                 }
@@ -520,6 +531,45 @@ impl ConnServer {
                     Ok(Ok(())) => stream = ClientStream::Plain(s),
                     _ => return,
                 },
+            }
+        }
+    }
+
+    /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).
+    /// Returns the bytes read, which the server reads first; None if the client left or sent
+    /// nothing in time.
+    async fn sniff(
+        &self,
+        stream: &mut ClientStream,
+        early: Option<bytes::Bytes>,
+    ) -> Option<(bool, bytes::Bytes)> {
+        use tokio::io::AsyncReadExt;
+        let mut got = bytes::BytesMut::from(early.unwrap_or_default());
+        loop {
+            let n = got.len().min(PREFACE.len());
+            if got[..n] != PREFACE[..n] {
+                return Some((false, got.freeze()));
+            }
+            if n == PREFACE.len() {
+                return Some((true, got.freeze()));
+            }
+            // Nothing yet: an idle connection; a start of the preface: a head being read.
+            let limit = if got.is_empty() {
+                self.idle_timeout
+            } else {
+                self.header_timeout
+            };
+            got.reserve(4096);
+            match tokio::time::timeout(limit, stream.read_buf(&mut got)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    // A head (as far as it went) that did not arrive in time.
+                    if let (false, ClientStream::Plain(s)) = (got.is_empty(), &*stream) {
+                        let _ = s.try_write(TIMEOUT_408);
+                    }
+                    return None;
+                }
             }
         }
     }

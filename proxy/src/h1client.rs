@@ -23,7 +23,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 
 use crate::body::UpBody;
 use crate::headers::connection_has;
@@ -76,16 +76,7 @@ impl H1Io {
 
     /// Reads more bytes into `rbuf`; Ok(0) at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.is_empty() {
-            // Back to the front of the buffer when nothing else holds it any more: each read
-            // then lands in the same cache-hot memory instead of walking on through it.
-            let _ = self.rbuf.try_reclaim(READ_SIZE);
-        }
-        if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 4 {
-            self.rbuf.reserve(READ_SIZE);
-        }
-        let read = self.stream.read_buf(&mut self.rbuf);
-        std::future::Future::poll(std::pin::pin!(read), cx)
+        crate::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
     }
 }
 
@@ -274,7 +265,7 @@ impl Exchange {
                 Poll::Ready(Some(Err(e))) => {
                     self.body = None;
                     self.send_failed = true;
-                    return Poll::Ready(Err(crate::error::ProxyError::ClientBody(Box::new(e))));
+                    return Poll::Ready(Err(crate::error::ProxyError::ClientBody(e)));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}

@@ -19,7 +19,7 @@ use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::{hash64, Pick};
-use crate::body::{ProxyBody, UpBody, UpstreamBody};
+use crate::body::{ClientBody, ProxyBody, UpBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::h1client::{encode_head, Exchange};
@@ -56,7 +56,7 @@ impl Handler {
     /// Answers one request. Everything but the exchange with the upstream is a plain
     /// function: a request answered here needs no future at all, and a forwarded one awaits in
     /// one small state (each nested async level copies its whole state when it is built).
-    pub(crate) fn handle(self: &Rc<Self>, req: Request<Incoming>, inflight: InFlight) -> Handled {
+    pub(crate) fn handle(self: &Rc<Self>, req: Request<ClientBody>, inflight: InFlight) -> Handled {
         let started = std::time::Instant::now();
         let logged = self.access_log.as_ref().map(|log| {
             Box::new(Pending {
@@ -113,7 +113,7 @@ impl Handler {
 
     /// Refuses, answers or prepares to forward a request; the route index comes along
     /// (None: refused or unmatched).
-    fn route(&self, req: Request<Incoming>, inflight: InFlight) -> Routed<'_> {
+    fn route(&self, req: Request<ClientBody>, inflight: InFlight) -> Routed<'_> {
         if inflight.state().take_ambiguous() {
             // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
             return Routed::Answer(None, answer(StatusCode::BAD_REQUEST, true, inflight));
@@ -278,7 +278,7 @@ enum UpRequest {
         head_request: bool,
     },
     /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
-    H2(Box<Request<Incoming>>),
+    H2(Box<Request<ClientBody>>),
 }
 
 impl Outgoing {
@@ -401,7 +401,7 @@ struct Forward<'a> {
     route: &'a Route,
     /// Index into the handler's pools.
     pool: usize,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     inflight: InFlight,
     /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
     upgrade: Option<HeaderValue>,
@@ -516,7 +516,7 @@ fn redirect(
 }
 
 /// A short gateway-made answer; `close` ends the client connection after it.
-fn answer(status: StatusCode, close: bool, inflight: InFlight) -> Response<ProxyBody> {
+pub(crate) fn answer(status: StatusCode, close: bool, inflight: InFlight) -> Response<ProxyBody> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),
@@ -625,7 +625,7 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
 async fn exchange_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let (parts, body) = req.into_parts();

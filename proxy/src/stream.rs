@@ -4,7 +4,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A connection: a plain socket, or a TLS session over one (`T`: the server or client side).
@@ -71,4 +72,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// Reads what is there into `buf`, with room for at least a quarter of `size`.
+pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    size: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.is_empty() {
+        // Back to the front of the buffer when nothing else holds it any more: each read
+        // then lands in the same cache-hot memory instead of walking on through it.
+        let _ = buf.try_reclaim(size);
+    }
+    if buf.capacity() - buf.len() < size / 4 {
+        buf.reserve(size);
+    }
+    let read = stream.read_buf(buf);
+    std::future::Future::poll(std::pin::pin!(read), cx)
 }
