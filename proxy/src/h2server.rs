@@ -76,6 +76,8 @@ const WRITE_HIGH: usize = 64 * 1024;
 /// Resets of running streams a client may send beyond the streams it lets finish (a client
 /// that opens and cancels streams in a loop makes us start work it never takes).
 const RESET_ALLOWANCE: i64 = 200;
+/// How many of the streams we reset are remembered (see `Conn::refuse`).
+const RECENT_RESETS: usize = 64;
 
 /// A connection error: GOAWAY with this code; the text goes in its debug data.
 #[derive(Debug)]
@@ -308,6 +310,8 @@ struct Conn {
     /// The client sent GOAWAY: close once its open streams end.
     client_gone: bool,
     resets: i64,
+    /// Streams recently reset by us (see `refuse`).
+    reset_ids: VecDeque<u32>,
     state: Arc<ConnState>,
     handler: HandlerSlot,
     max_header_list: usize,
@@ -356,6 +360,7 @@ impl Conn {
             closing: None,
             client_gone: false,
             resets: RESET_ALLOWANCE,
+            reset_ids: VecDeque::new(),
             state,
             handler,
             max_header_list,
@@ -726,16 +731,20 @@ impl Conn {
             return Ok(());
         }
         if id <= self.last_id {
-            // Trailers racing our reset of the stream: nothing to do.
-            return Ok(());
+            // Trailers racing our reset of the stream are dropped; any other head on an old
+            // stream id is the client's error (RFC 9113 5.1.1).
+            if self.reset_ids.contains(&id) {
+                return Ok(());
+            }
+            return Err(ConnError(PROTOCOL_ERROR, "HEADERS on a closed stream"));
         }
         self.last_id = id;
         if self.closing.is_some() || self.client_gone || self.streams.len() >= MAX_STREAMS {
-            write_reset(&mut self.wbuf, id, REFUSED_STREAM);
+            self.refuse(id, REFUSED_STREAM);
             return Ok(());
         }
         if head.malformed {
-            write_reset(&mut self.wbuf, id, PROTOCOL_ERROR);
+            self.refuse(id, PROTOCOL_ERROR);
             return Ok(());
         }
         self.open(id, head, end_stream);
@@ -798,7 +807,7 @@ impl Conn {
                 }
                 None => {
                     drop(inflight);
-                    write_reset(&mut self.wbuf, id, PROTOCOL_ERROR);
+                    self.refuse(id, PROTOCOL_ERROR);
                     return;
                 }
             }
@@ -918,9 +927,20 @@ impl Conn {
         }
     }
 
+    /// Sends RST_STREAM, remembering the id for a while: frames the client sent before it
+    /// saw the reset may still come.
+    fn refuse(&mut self, id: u32, code: u32) {
+        frame_head(&mut self.wbuf, 4, RST_STREAM, 0, id);
+        self.wbuf.extend_from_slice(&code.to_be_bytes());
+        if self.reset_ids.len() == RECENT_RESETS {
+            self.reset_ids.pop_front();
+        }
+        self.reset_ids.push_back(id);
+    }
+
     /// Ends a stream with RST_STREAM.
     fn reset(&mut self, id: u32, code: u32) {
-        write_reset(&mut self.wbuf, id, code);
+        self.refuse(id, code);
         if let Some(s) = self.streams.remove(&id) {
             self.close_recv(&s, "stream reset");
         }
@@ -1182,11 +1202,6 @@ fn frame_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, id: u32) {
     let l = (len as u32).to_be_bytes();
     out.extend_from_slice(&[l[1], l[2], l[3], kind, flags]);
     out.extend_from_slice(&id.to_be_bytes());
-}
-
-fn write_reset(out: &mut Vec<u8>, id: u32, code: u32) {
-    frame_head(out, 4, RST_STREAM, 0, id);
-    out.extend_from_slice(&code.to_be_bytes());
 }
 
 /// A header block as HEADERS and, if it does not fit one frame, CONTINUATION frames.

@@ -1,0 +1,434 @@
+//! fluxgate's HTTP/2 server against a client that writes frames by hand: protocol errors get
+//! the GOAWAY or RST_STREAM code RFC 9113 names, a bad stream leaves the others serving,
+//! limits answer 431, floods and idle connections are closed, and draining lets open streams
+//! finish. (Well-behaved clients are covered with the h2 crate in `data_path.rs`.)
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use fluxgate_conf::IoMode;
+use support::*;
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 1;
+const END_HEADERS: u8 = 4;
+
+const PROTOCOL_ERROR: u32 = 1;
+const FRAME_SIZE_ERROR: u32 = 6;
+const COMPRESSION_ERROR: u32 = 9;
+const ENHANCE_YOUR_CALM: u32 = 11;
+
+struct Frame {
+    kind: u8,
+    flags: u8,
+    id: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// The error code of RST_STREAM or GOAWAY.
+    fn code(&self) -> u32 {
+        let at = if self.kind == GOAWAY { 4 } else { 0 };
+        u32::from_be_bytes(self.payload[at..at + 4].try_into().unwrap())
+    }
+
+    /// `:status` of a response head as fluxgate encodes it: an indexed static entry, or a
+    /// literal with the static name `:status` and a plain value.
+    fn status(&self) -> u16 {
+        let p = &self.payload;
+        match p[0] {
+            b if b & 0x80 != 0 => [200, 204, 206, 304, 400, 404, 500][(b & 0x7f) as usize - 8],
+            0x08 => std::str::from_utf8(&p[2..2 + p[1] as usize])
+                .unwrap()
+                .parse()
+                .unwrap(),
+            other => panic!("unexpected first field byte {other:#x}"),
+        }
+    }
+}
+
+/// A client speaking HTTP/2 frames over a plain socket, with a short read timeout.
+struct H2Raw {
+    s: TcpStream,
+}
+
+impl H2Raw {
+    /// Connects, sends the preface and an empty SETTINGS.
+    fn connect(addr: SocketAddr) -> H2Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c = H2Raw { s };
+        c.raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        c.send(SETTINGS, 0, 0, &[]);
+        c
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    fn send(&mut self, kind: u8, flags: u8, id: u32, payload: &[u8]) {
+        let len = (payload.len() as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(payload);
+        // The server may have closed already; what it sent is what the test reads.
+        let _ = self.s.write_all(&f);
+    }
+
+    /// A request head: every field a literal without indexing, plain strings.
+    fn request(&mut self, id: u32, fields: &[(&str, &str)], end_stream: bool) {
+        let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+        self.send(HEADERS, flags, id, &block(fields));
+    }
+
+    fn get(&mut self, id: u32, path: &str) {
+        self.request(
+            id,
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":authority", "x"),
+                (":path", path),
+            ],
+            true,
+        );
+    }
+
+    /// The next frame, or None at end of stream.
+    fn read(&mut self) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        match self.s.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return None,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("reading a frame: {e}"),
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        self.s.read_exact(&mut payload).unwrap();
+        Some(Frame {
+            kind: head[3],
+            flags: head[4],
+            id: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+            payload,
+        })
+    }
+
+    /// Reads until a frame of `kind` on stream `id` (other frames are skipped; a PING is
+    /// answered by the server, never sent by it).
+    fn expect(&mut self, kind: u8, id: u32) -> Frame {
+        loop {
+            let f = self
+                .read()
+                .unwrap_or_else(|| panic!("connection closed before frame type {kind}"));
+            if f.kind == kind && f.id == id {
+                return f;
+            }
+            assert!(
+                f.kind != GOAWAY,
+                "GOAWAY code {} while waiting for frame type {kind}",
+                f.code()
+            );
+        }
+    }
+
+    /// Reads until GOAWAY, then expects the close; returns the GOAWAY.
+    fn expect_goaway(&mut self) -> Frame {
+        let f = loop {
+            let f = self.read().expect("GOAWAY before the close");
+            if f.kind == GOAWAY {
+                break f;
+            }
+        };
+        while self.read().is_some() {}
+        f
+    }
+}
+
+fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        b.push(0);
+        for s in [name, value] {
+            assert!(s.len() < 127, "one-byte lengths only");
+            b.push(s.len() as u8);
+            b.extend_from_slice(s.as_bytes());
+        }
+    }
+    b
+}
+
+macro_rules! on_both_acceptors {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Uring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Epoll) } )*
+        }
+    };
+}
+
+on_both_acceptors!(
+    settings_are_acknowledged_and_pings_answered,
+    malformed_heads_reset_only_their_stream,
+    oversized_header_list_in_continuations_gets_431,
+    body_shorter_than_content_length_resets_the_stream,
+    trailers_on_a_request_are_accepted,
+    protocol_errors_close_with_goaway,
+    reset_flood_gets_enhance_your_calm,
+    idle_connection_gets_goaway_then_close,
+    drain_lets_open_streams_finish,
+);
+
+fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let ack = c.expect(SETTINGS, 0);
+    let ack = if ack.flags & 1 == 0 {
+        c.expect(SETTINGS, 0)
+    } else {
+        ack
+    };
+    assert_eq!((ack.flags, ack.payload.len()), (1, 0), "SETTINGS ACK");
+    c.send(PING, 0, 0, b"12345678");
+    let pong = c.expect(PING, 0);
+    assert_eq!((pong.flags, pong.payload.as_slice()), (1, &b"12345678"[..]));
+    c.get(1, "/after-ping");
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    fg.shutdown();
+}
+
+fn malformed_heads_reset_only_their_stream(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let base = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/"),
+    ];
+    let bad: [&[(&str, &str)]; 5] = [
+        // Upper case in a field name.
+        &[base[0], base[1], base[2], base[3], ("X-Upper", "1")],
+        // A connection-specific field.
+        &[
+            base[0],
+            base[1],
+            base[2],
+            base[3],
+            ("connection", "keep-alive"),
+        ],
+        // No :path.
+        &[base[0], base[1], base[2]],
+        // A pseudo-header after a regular field.
+        &[base[0], base[1], base[2], ("x-a", "1"), base[3]],
+        // An unknown pseudo-header.
+        &[base[0], base[1], base[2], base[3], (":bogus", "1")],
+    ];
+    let mut id = 1;
+    for fields in bad {
+        c.request(id, fields, true);
+        let rst = c.expect(RST_STREAM, id);
+        assert_eq!(rst.code(), PROTOCOL_ERROR, "stream {id}");
+        id += 2;
+    }
+    c.get(id, "/still-serving");
+    assert_eq!(c.expect(HEADERS, id).status(), 200);
+    fg.shutdown();
+}
+
+fn oversized_header_list_in_continuations_gets_431(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_header_bytes = \"8KiB\"", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let mut b = block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/"),
+    ]);
+    // 120 fields of 100 bytes: 12 KB, sent as HEADERS and two CONTINUATION frames.
+    let value = "v".repeat(100);
+    for i in 0..120 {
+        b.extend(block(&[(&format!("x-f{i}"), &value)]));
+    }
+    let third = b.len() / 3;
+    c.send(HEADERS, END_STREAM, 1, &b[..third]);
+    c.send(CONTINUATION, 0, 1, &b[third..2 * third]);
+    c.send(CONTINUATION, END_HEADERS, 1, &b[2 * third..]);
+    assert_eq!(c.expect(HEADERS, 1).status(), 431);
+    // The connection's decoder kept step: the next request is served.
+    c.get(3, "/next");
+    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    assert_eq!(up.requests(), 1, "the 431 never reached the upstream");
+    fg.shutdown();
+}
+
+fn body_shorter_than_content_length_resets_the_stream(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.request(
+        1,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/echo"),
+            ("content-length", "10"),
+        ],
+        false,
+    );
+    c.send(DATA, END_STREAM, 1, b"short");
+    assert_eq!(c.expect(RST_STREAM, 1).code(), PROTOCOL_ERROR);
+    c.get(3, "/next");
+    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    fg.shutdown();
+}
+
+fn trailers_on_a_request_are_accepted(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.request(
+        1,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/echo"),
+        ],
+        false,
+    );
+    c.send(DATA, 0, 1, b"hello");
+    c.send(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &block(&[("x-checksum", "1")]),
+    );
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    let mut body = Vec::new();
+    loop {
+        let f = c.expect(DATA, 1);
+        body.extend_from_slice(&f.payload);
+        if f.flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    assert_eq!(body, b"hello");
+    fg.shutdown();
+}
+
+fn protocol_errors_close_with_goaway(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let addr = fg.local_addrs()[0];
+    // The first frame is not SETTINGS.
+    let mut c = H2Raw::connect_without_settings(addr);
+    c.send(PING, 0, 0, b"12345678");
+    assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
+    // A frame above SETTINGS_MAX_FRAME_SIZE.
+    let mut c = H2Raw::connect(addr);
+    c.send(DATA, 0, 1, &vec![0; 16_385]);
+    assert_eq!(c.expect_goaway().code(), FRAME_SIZE_ERROR);
+    // DATA on a stream never opened.
+    let mut c = H2Raw::connect(addr);
+    c.send(DATA, 0, 5, b"x");
+    assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
+    // A header block that does not decode (index 70 is beyond both tables).
+    let mut c = H2Raw::connect(addr);
+    c.send(HEADERS, END_HEADERS | END_STREAM, 1, &[0xbf, 0x07]);
+    let g = c.expect_goaway();
+    assert_eq!(g.code(), COMPRESSION_ERROR);
+    assert!(!g.payload[8..].is_empty(), "GOAWAY says why");
+    // A stream id going backwards.
+    let mut c = H2Raw::connect(addr);
+    c.get(5, "/");
+    c.expect(HEADERS, 5);
+    c.get(3, "/");
+    assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
+    fg.shutdown();
+}
+
+impl H2Raw {
+    fn connect_without_settings(addr: SocketAddr) -> H2Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c = H2Raw { s };
+        c.raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        c
+    }
+}
+
+fn reset_flood_gets_enhance_your_calm(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_secs(2)));
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let mut frames = Vec::new();
+    for i in 0..400u32 {
+        let id = 2 * i + 1;
+        let b = block(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/"),
+        ]);
+        for (kind, flags, payload) in [
+            (HEADERS, END_HEADERS | END_STREAM, b),
+            (RST_STREAM, 0, 8u32.to_be_bytes().to_vec()),
+        ] {
+            let len = (payload.len() as u32).to_be_bytes();
+            frames.extend_from_slice(&[len[1], len[2], len[3], kind, flags]);
+            frames.extend_from_slice(&id.to_be_bytes());
+            frames.extend_from_slice(&payload);
+        }
+    }
+    let _ = c.s.write_all(&frames);
+    assert_eq!(c.expect_goaway().code(), ENHANCE_YOUR_CALM);
+    fg.shutdown();
+}
+
+fn idle_connection_gets_goaway_then_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "keepalive_timeout = \"300ms\"", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.get(1, "/");
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    let started = Instant::now();
+    let g = c.expect_goaway();
+    assert_eq!((g.code(), &g.payload[..4]), (0, &1u32.to_be_bytes()[..]));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    fg.shutdown();
+}
+
+fn drain_lets_open_streams_finish(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_millis(500)));
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.get(1, "/slow");
+    // Let the request reach the upstream before the drain starts.
+    assert!(eventually(Duration::from_secs(2), || up.requests() == 1));
+    let drain = std::thread::spawn(move || fg.drain(Duration::from_secs(5)));
+    let g = c.expect(GOAWAY, 0);
+    assert_eq!((g.code(), &g.payload[..4]), (0, &1u32.to_be_bytes()[..]));
+    // A stream opened after the GOAWAY is refused; the open one is answered.
+    c.get(3, "/late");
+    assert_eq!(c.expect(RST_STREAM, 3).code(), 7, "REFUSED_STREAM");
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    while c.read().is_some() {}
+    assert!(drain.join().unwrap(), "drained within the grace time");
+}
