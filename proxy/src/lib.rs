@@ -1,5 +1,6 @@
 //! fluxgate, the gateway: worker threads with their own listeners, the io_uring or epoll
-//! acceptor, HTTP/1.1 and h2c serving through hyper, and per-worker upstream pools.
+//! acceptor, HTTP/1.1 served through hyper and HTTP/2 through our own server (`h2server`),
+//! and per-worker upstream pools.
 //!
 //! Nothing here blocks a worker thread, and nothing here is shared between workers but the
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
