@@ -409,6 +409,9 @@ impl ConnServer {
         let mut http1 = http1::Builder::new();
         http1
             .header_read_timeout(None)
+            // One buffer, one send(2) per response: the head and a small body are copied
+            // together rather than handed to sendmsg(2) as a vector.
+            .writev(false)
             .max_headers(limits.max_headers)
             // hyper answers 431 when a head does not fit its read buffer.
             .max_buf_size(limits.max_header_bytes);

@@ -74,9 +74,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
     }
 }
 
-/// Writes `bufs` with sendmsg(2). tokio's own vectored write is writev(2), which goes through
-/// the file layer first (position lock, change notification): measurable at one write per
-/// request.
+/// Writes `bufs` with send(2) or sendmsg(2). tokio's own vectored write is writev(2), which
+/// goes through the file layer first (position lock, change notification): measurable at one
+/// write per request.
 fn poll_send_vectored(
     s: &TcpStream,
     cx: &mut Context<'_>,
@@ -85,7 +85,12 @@ fn poll_send_vectored(
     loop {
         std::task::ready!(s.poll_write_ready(cx))?;
         let sent = s.try_io(tokio::io::Interest::WRITABLE, || {
-            socket2::SockRef::from(s).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+            let sock = socket2::SockRef::from(s);
+            match bufs {
+                // send(2) takes the buffer as it is; sendmsg(2) copies a header and a vector in.
+                [one] => sock.send_with_flags(one, libc::MSG_NOSIGNAL),
+                _ => sock.send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL),
+            }
         });
         match sent {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
