@@ -76,6 +76,8 @@ const WRITE_HIGH: usize = 64 * 1024;
 /// Resets of running streams a client may send beyond the streams it lets finish (a client
 /// that opens and cancels streams in a loop makes us start work it never takes).
 const RESET_ALLOWANCE: i64 = 200;
+/// Frames one header block may span (HEADERS and CONTINUATION).
+const MAX_BLOCK_FRAMES: usize = 64;
 /// How many of the streams we reset are remembered (see `Conn::refuse`).
 const RECENT_RESETS: usize = 64;
 
@@ -289,6 +291,8 @@ struct Conn {
     block: Vec<u8>,
     /// The header block being received (HEADERS then CONTINUATION) and for which stream.
     partial: Option<(u32, bool)>,
+    /// Frames the block being received came in so far.
+    block_frames: usize,
     decoder: hpack::Decoder,
     streams: HashMap<u32, Stream>,
     shared: Arc<Shared>,
@@ -344,6 +348,7 @@ impl Conn {
             written: 0,
             block: Vec::new(),
             partial: None,
+            block_frames: 0,
             decoder: hpack::Decoder::default(),
             streams: HashMap::new(),
             shared: Arc::default(),
@@ -677,6 +682,7 @@ impl Conn {
                 .ok_or(ConnError(FRAME_SIZE_ERROR, "HEADERS priority"))?;
         }
         self.block.clear();
+        self.block_frames = 0;
         self.add_block(p)?;
         let end_stream = flags & END_STREAM != 0;
         if flags & END_HEADERS != 0 {
@@ -689,8 +695,12 @@ impl Conn {
 
     fn add_block(&mut self, p: &[u8]) -> Result<(), ConnError> {
         // Compressed, a block is seldom larger than the list it decodes to; twice the list
-        // limit leaves room and still bounds what a client can make us hold.
-        if self.block.len() + p.len() > 2 * self.max_header_list + MAX_FRAME {
+        // limit leaves room and still bounds what a client can make us hold. Empty
+        // CONTINUATION frames are counted too: a block may not go on for ever.
+        self.block_frames += 1;
+        if self.block.len() + p.len() > 2 * self.max_header_list + MAX_FRAME
+            || self.block_frames > MAX_BLOCK_FRAMES
+        {
             return Err(ConnError(ENHANCE_YOUR_CALM, "header block too large"));
         }
         self.block.extend_from_slice(p);

@@ -27,6 +27,7 @@ on_both_acceptors!(
     h2c_many_streams_share_one_connection,
     h2c_reset_stream_leaves_the_connection_serving,
     h2c_upstream_is_used,
+    h2c_trailers_pass_both_ways_over_an_h2c_upstream,
     pipelined_requests_are_answered_in_order,
     ten_megabytes_stream_both_ways,
     sequential_requests_reuse_pooled_connections,
@@ -256,6 +257,39 @@ fn h2c_upstream_is_used(io: IoMode) {
         );
     }
     assert_eq!(up.accepted(), 1, "one multiplexed upstream connection");
+    fg.shutdown();
+}
+
+/// gRPC's shape: a request body with trailers, echoed by an h2c upstream with its trailers;
+/// both reach the other side through fluxgate's HTTP/2 server and client.
+fn h2c_trailers_pass_both_ways_over_an_h2c_upstream(io: IoMode) {
+    let up = h2c_upstream();
+    let fg = proxy_to(up.addr, "protocol = \"h2c\"", "", io);
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let req = http::Request::post("http://x/svc.Echo/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut tx) = send.send_request(req, false).unwrap();
+        h2_send_all(
+            &mut tx,
+            bytes::Bytes::from_static(b"\0\0\0\0\x05hello"),
+            false,
+        )
+        .await;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        tx.send_trailers(trailers).unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut rx = resp.into_body();
+        let mut body = Vec::new();
+        h2_read(&mut rx, &mut body, usize::MAX).await;
+        assert_eq!(body, b"\0\0\0\0\x05hello");
+        let got = rx.trailers().await.unwrap().expect("response trailers");
+        assert_eq!(got["grpc-status"], "0");
+    });
     fg.shutdown();
 }
 

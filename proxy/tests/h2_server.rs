@@ -355,6 +355,13 @@ fn protocol_errors_close_with_goaway(io: IoMode) {
     let g = c.expect_goaway();
     assert_eq!(g.code(), COMPRESSION_ERROR);
     assert!(!g.payload[8..].is_empty(), "GOAWAY says why");
+    // A header block that never ends: empty CONTINUATION frames, one after another.
+    let mut c = H2Raw::connect(addr);
+    c.send(HEADERS, END_STREAM, 1, &[0x82]);
+    for _ in 0..100 {
+        c.send(CONTINUATION, 0, 1, &[]);
+    }
+    assert_eq!(c.expect_goaway().code(), ENHANCE_YOUR_CALM);
     // A stream id going backwards.
     let mut c = H2Raw::connect(addr);
     c.get(5, "/");
