@@ -13,7 +13,7 @@ use crate::accesslog::Pending;
 use crate::conn::InFlight;
 use crate::error::BoxError;
 use crate::h1client::H1Body;
-use crate::h2server::RecvBody;
+use crate::h2::RecvBody;
 
 /// A request body as the client sends it: read by hyper (HTTP/1.1) or by our HTTP/2 server.
 pub(crate) enum ClientBody {

@@ -1,6 +1,6 @@
 //! One client connection: the protocol told by its first bytes (the HTTP/2 preface or not),
 //! the socket wrapper that enforces the header-read and keep-alive timeouts, and the server:
-//! hyper's for HTTP/1.1, ours (`h2server`) for HTTP/2.
+//! hyper's for HTTP/1.1, ours (`h2`) for HTTP/2.
 
 use std::future::Future;
 use std::io;
@@ -21,7 +21,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::ClientBody;
 use crate::framing::HeadScan;
-use crate::h2server::PREFACE;
+use crate::h2::PREFACE;
 pub(crate) use crate::stream::ClientStream;
 use crate::worker::HandlerSlot;
 
@@ -477,7 +477,7 @@ impl ConnServer {
                 scan: HeadScan::default(),
             };
             if h2 {
-                crate::h2server::serve(
+                crate::h2::serve(
                     io,
                     Arc::clone(&state),
                     handler,

@@ -1,5 +1,5 @@
 //! fluxgate, the gateway: worker threads with their own listeners, the io_uring or epoll
-//! acceptor, HTTP/1.1 served through hyper and HTTP/2 through our own server (`h2server`),
+//! acceptor, HTTP/1.1 served through hyper and HTTP/2 through our own server (`h2`),
 //! and per-worker upstream pools.
 //!
 //! Nothing here blocks a worker thread, and nothing here is shared between workers but the
@@ -15,10 +15,9 @@ mod conn;
 mod error;
 mod framing;
 mod h1client;
-mod h2server;
+mod h2;
 mod headers;
 mod health;
-mod hpack;
 mod json;
 mod metrics;
 mod pool;

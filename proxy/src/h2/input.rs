@@ -1,0 +1,522 @@
+//! The connection's input side: frames read from the client, checked and applied, and the
+//! streams they open. Every error here is either a stream's (RST_STREAM, the connection
+//! goes on) or the connection's (`ConnError`, GOAWAY).
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+
+use super::frame::*;
+use super::request::{Head, Recv, RecvBody};
+use super::*;
+use crate::body::ClientBody;
+use crate::proxy::Handled;
+
+impl Conn {
+    /// Handles every complete frame in `buf`.
+    pub(super) fn frames(&mut self, buf: &mut BytesMut) -> Result<(), ConnError> {
+        if !self.preface {
+            let n = buf.len().min(PREFACE.len());
+            if buf[..n] != PREFACE[..n] {
+                return Err(ConnError(PROTOCOL_ERROR, "bad connection preface"));
+            }
+            if n < PREFACE.len() {
+                return Ok(());
+            }
+            buf.advance(n);
+            self.preface = true;
+        }
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if len > MAX_FRAME {
+                return Err(ConnError(
+                    FRAME_SIZE_ERROR,
+                    "frame above SETTINGS_MAX_FRAME_SIZE",
+                ));
+            }
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if !self.settings && kind != SETTINGS {
+                return Err(ConnError(PROTOCOL_ERROR, "first frame is not SETTINGS"));
+            }
+            if self
+                .partial
+                .is_some_and(|(p, _)| kind != CONTINUATION || p != id)
+            {
+                return Err(ConnError(PROTOCOL_ERROR, "header block interrupted"));
+            }
+            if kind == DATA {
+                buf.advance(9);
+                let payload = buf.split_to(len).freeze();
+                self.on_data(id, flags, payload)?;
+            } else {
+                let r = self.on_frame(kind, flags, id, &buf[9..9 + len]);
+                buf.advance(9 + len);
+                r?;
+            }
+            if self.closing.is_some_and(|c| c != NO_ERROR) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, kind: u8, flags: u8, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        match kind {
+            HEADERS => self.on_headers(id, flags, p),
+            CONTINUATION => {
+                let Some((_, end_stream)) = self.partial else {
+                    return Err(ConnError(PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+                };
+                self.add_block(p)?;
+                if flags & END_HEADERS != 0 {
+                    self.partial = None;
+                    self.end_headers(id, end_stream)?;
+                }
+                Ok(())
+            }
+            PRIORITY if p.len() != 5 => Err(ConnError(FRAME_SIZE_ERROR, "PRIORITY length")),
+            RST_STREAM => self.on_reset(id, p),
+            SETTINGS => self.on_settings(id, flags, p),
+            PUSH_PROMISE => Err(ConnError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            PING => {
+                if id != 0 {
+                    return Err(ConnError(PROTOCOL_ERROR, "PING on a stream"));
+                }
+                if p.len() != 8 {
+                    return Err(ConnError(FRAME_SIZE_ERROR, "PING length"));
+                }
+                if flags & ACK == 0 {
+                    frame_head(&mut self.wbuf, 8, PING, ACK, 0);
+                    self.wbuf.extend_from_slice(p);
+                }
+                Ok(())
+            }
+            GOAWAY => {
+                if id != 0 {
+                    return Err(ConnError(PROTOCOL_ERROR, "GOAWAY on a stream"));
+                }
+                if p.len() < 8 {
+                    return Err(ConnError(FRAME_SIZE_ERROR, "GOAWAY length"));
+                }
+                self.client_gone = true;
+                Ok(())
+            }
+            WINDOW_UPDATE => self.on_window_update(id, p),
+            // PRIORITY is advisory; unknown frame types are ignored (RFC 9113 5.5).
+            _ => Ok(()),
+        }
+    }
+
+    fn on_settings(&mut self, id: u32, flags: u8, p: &[u8]) -> Result<(), ConnError> {
+        if id != 0 {
+            return Err(ConnError(PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if flags & ACK != 0 {
+            return match p.is_empty() {
+                true => Ok(()),
+                false => Err(ConnError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")),
+            };
+        }
+        if p.len() % 6 != 0 {
+            return Err(ConnError(FRAME_SIZE_ERROR, "SETTINGS length"));
+        }
+        for s in p.chunks_exact(6) {
+            let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match u16::from_be_bytes([s[0], s[1]]) {
+                0x2 if value > 1 => {
+                    return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH above 1"))
+                }
+                0x4 => {
+                    let value = value as i64;
+                    if value > MAX_WINDOW {
+                        return Err(ConnError(FLOW_CONTROL_ERROR, "initial window too large"));
+                    }
+                    let delta = value - self.peer_window;
+                    self.peer_window = value;
+                    for s in self.streams.values_mut() {
+                        s.send_window += delta;
+                        if delta > 0 {
+                            s.wake.queue(false);
+                        }
+                    }
+                }
+                0x5 => {
+                    if !(MAX_FRAME as u32..=0xff_ffff).contains(&value) {
+                        return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE range"));
+                    }
+                    self.peer_max_frame = value as usize;
+                }
+                // The header table size needs nothing (the encoder adds no entries);
+                // concurrency and header list limits are for pushes and requests we never make.
+                _ => {}
+            }
+        }
+        self.settings = true;
+        frame_head(&mut self.wbuf, 0, SETTINGS, ACK, 0);
+        Ok(())
+    }
+
+    fn on_window_update(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if p.len() != 4 {
+            return Err(ConnError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length"));
+        }
+        let inc = (u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff) as i64;
+        if id == 0 {
+            if inc == 0 {
+                return Err(ConnError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.conn_send += inc;
+            if self.conn_send > MAX_WINDOW {
+                return Err(ConnError(FLOW_CONTROL_ERROR, "connection window overflow"));
+            }
+            for s in self.streams.values() {
+                s.wake.queue(false);
+            }
+            return Ok(());
+        }
+        match self.streams.get_mut(&id) {
+            Some(s) if inc == 0 => {
+                let _ = s;
+                self.reset(id, PROTOCOL_ERROR);
+            }
+            Some(s) => {
+                s.send_window += inc;
+                if s.send_window > MAX_WINDOW {
+                    self.reset(id, FLOW_CONTROL_ERROR);
+                } else {
+                    s.wake.queue(false);
+                }
+            }
+            None if id > self.last_id => {
+                return Err(ConnError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"))
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_reset(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if p.len() != 4 {
+            return Err(ConnError(FRAME_SIZE_ERROR, "RST_STREAM length"));
+        }
+        if id == 0 || id > self.last_id {
+            return Err(ConnError(PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+        }
+        if let Some(s) = self.streams.remove(&id) {
+            if matches!(s.out, Out::Waiting(_)) {
+                self.resets -= 1;
+                if self.resets < 0 {
+                    return Err(ConnError(ENHANCE_YOUR_CALM, "too many streams reset"));
+                }
+            }
+            self.close_recv(&s, "client reset the stream");
+        }
+        Ok(())
+    }
+
+    fn on_headers(&mut self, id: u32, flags: u8, mut p: &[u8]) -> Result<(), ConnError> {
+        if id == 0 || id % 2 == 0 {
+            return Err(ConnError(
+                PROTOCOL_ERROR,
+                "HEADERS on a stream a client cannot open",
+            ));
+        }
+        if flags & PADDED != 0 {
+            let (&pad, rest) = p
+                .split_first()
+                .ok_or(ConnError(FRAME_SIZE_ERROR, "HEADERS padding"))?;
+            if pad as usize > rest.len() {
+                return Err(ConnError(PROTOCOL_ERROR, "padding longer than the frame"));
+            }
+            p = &rest[..rest.len() - pad as usize];
+        }
+        if flags & PRIORITY_FLAG != 0 {
+            p = p
+                .get(5..)
+                .ok_or(ConnError(FRAME_SIZE_ERROR, "HEADERS priority"))?;
+        }
+        self.block.clear();
+        self.block_frames = 0;
+        self.add_block(p)?;
+        let end_stream = flags & END_STREAM != 0;
+        if flags & END_HEADERS != 0 {
+            self.end_headers(id, end_stream)
+        } else {
+            self.partial = Some((id, end_stream));
+            Ok(())
+        }
+    }
+
+    fn add_block(&mut self, p: &[u8]) -> Result<(), ConnError> {
+        // Compressed, a block is seldom larger than the list it decodes to; twice the list
+        // limit leaves room and still bounds what a client can make us hold. Empty
+        // CONTINUATION frames are counted too: a block may not go on for ever.
+        self.block_frames += 1;
+        if self.block.len() + p.len() > 2 * self.max_header_list + MAX_FRAME
+            || self.block_frames > MAX_BLOCK_FRAMES
+        {
+            return Err(ConnError(ENHANCE_YOUR_CALM, "header block too large"));
+        }
+        self.block.extend_from_slice(p);
+        Ok(())
+    }
+
+    /// A complete header block: a new request, or a request's trailers.
+    fn end_headers(&mut self, id: u32, end_stream: bool) -> Result<(), ConnError> {
+        let mut head = Head::new(self.max_header_list);
+        let block = std::mem::take(&mut self.block);
+        // Decoded whatever becomes of the stream: the table must stay in step with the client.
+        let decoded = self.decoder.decode(&block, |f| head.add(f));
+        self.block = block;
+        decoded.map_err(|_| ConnError(COMPRESSION_ERROR, "header block does not decode"))?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            let Some(recv) = s.recv.take() else {
+                self.reset(id, STREAM_CLOSED);
+                return Ok(());
+            };
+            let mut r = recv.lock().expect("recv lock");
+            if !end_stream || head.malformed || head.has_pseudo() {
+                r.fail("malformed trailers");
+                drop(r);
+                self.reset(id, PROTOCOL_ERROR);
+                return Ok(());
+            }
+            if r.declared.is_some_and(|n| n != r.received) {
+                r.fail("body shorter than its Content-Length");
+                drop(r);
+                self.reset(id, PROTOCOL_ERROR);
+                return Ok(());
+            }
+            r.trailers = Some(head.headers);
+            r.end = true;
+            if let Some(w) = r.reader.take() {
+                w.wake();
+            }
+            return Ok(());
+        }
+        if id <= self.last_id {
+            // Trailers racing our reset of the stream are dropped; any other head on an old
+            // stream id is the client's error (RFC 9113 5.1.1).
+            if self.reset_ids.contains(&id) {
+                return Ok(());
+            }
+            return Err(ConnError(PROTOCOL_ERROR, "HEADERS on a closed stream"));
+        }
+        self.last_id = id;
+        if self.closing.is_some() || self.client_gone || self.streams.len() >= MAX_STREAMS {
+            self.refuse(id, REFUSED_STREAM);
+            return Ok(());
+        }
+        if head.malformed {
+            self.refuse(id, PROTOCOL_ERROR);
+            return Ok(());
+        }
+        self.open(id, head, end_stream);
+        Ok(())
+    }
+
+    /// Starts a stream's request.
+    fn open(&mut self, id: u32, head: Head, end_stream: bool) {
+        let wake = Arc::new(StreamWake {
+            id,
+            queued: AtomicBool::new(false),
+            shared: Arc::clone(&self.shared),
+        });
+        let waker = Waker::from(Arc::clone(&wake));
+        let inflight = self.state.begin_request();
+        let too_large = head.size > self.max_header_list;
+        let declared = head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let recv = (!end_stream).then(|| {
+            Arc::new(Mutex::new(Recv {
+                queue: VecDeque::new(),
+                queued: 0,
+                trailers: None,
+                end: false,
+                failed: None,
+                reader: None,
+                dropped: false,
+                consumed: 0,
+                declared,
+                received: 0,
+            }))
+        });
+        let body = match &recv {
+            Some(r) => ClientBody::H2(RecvBody {
+                recv: Arc::clone(r),
+                shared: Arc::clone(&self.shared),
+                stream: waker.clone(),
+            }),
+            None => ClientBody::Empty,
+        };
+        let out = if too_large {
+            Out::Waiting(Box::pin(std::future::ready(crate::proxy::answer(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                false,
+                inflight,
+            ))))
+        } else {
+            match head.into_request(body) {
+                Some(req) => {
+                    let handler = Rc::clone(&self.handler.borrow());
+                    match handler.handle(req, inflight) {
+                        Handled::Ready(resp) => match resp {
+                            Some(resp) => Out::Waiting(Box::pin(std::future::ready(*resp))),
+                            None => Out::Done,
+                        },
+                        Handled::Forwarding(f) => Out::Waiting(f),
+                    }
+                }
+                None => {
+                    drop(inflight);
+                    self.refuse(id, PROTOCOL_ERROR);
+                    return;
+                }
+            }
+        };
+        self.streams.insert(
+            id,
+            Stream {
+                out,
+                recv,
+                recv_window: STREAM_WINDOW as i64,
+                send_window: self.peer_window,
+                wake,
+                waker,
+            },
+        );
+        // Started at once: the request is on its way upstream before the next frame.
+        self.poll_stream(id);
+    }
+
+    fn on_data(&mut self, id: u32, flags: u8, mut p: Bytes) -> Result<(), ConnError> {
+        if id == 0 {
+            return Err(ConnError(PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let len = p.len();
+        self.conn_recv -= len as i64;
+        if self.conn_recv < 0 {
+            return Err(ConnError(FLOW_CONTROL_ERROR, "connection window exceeded"));
+        }
+        if flags & PADDED != 0 {
+            let pad = *p
+                .first()
+                .ok_or(ConnError(FRAME_SIZE_ERROR, "DATA padding"))? as usize;
+            if pad >= len {
+                return Err(ConnError(PROTOCOL_ERROR, "padding longer than the frame"));
+            }
+            p = p.slice(1..len - pad);
+        }
+        // Padding is never read by anyone: credited now.
+        let mut credit = len - p.len();
+        let Some(s) = self.streams.get_mut(&id) else {
+            if id > self.last_id {
+                return Err(ConnError(PROTOCOL_ERROR, "DATA on an idle stream"));
+            }
+            // A stream already reset or answered in full: dropped, credited.
+            self.credit(len);
+            return Ok(());
+        };
+        let Some(recv) = &s.recv else {
+            self.credit(len);
+            self.reset(id, STREAM_CLOSED);
+            return Ok(());
+        };
+        s.recv_window -= len as i64;
+        let mut r = recv.lock().expect("recv lock");
+        r.consumed += credit;
+        if s.recv_window < 0 {
+            r.fail("stream window exceeded");
+            drop(r);
+            self.credit(len);
+            self.reset(id, FLOW_CONTROL_ERROR);
+            return Ok(());
+        }
+        r.received += p.len() as u64;
+        let end = flags & END_STREAM != 0;
+        let bad_length = r
+            .declared
+            .is_some_and(|n| r.received > n || (end && r.received != n));
+        if bad_length {
+            r.fail("body length differs from its Content-Length");
+            drop(r);
+            self.credit(len);
+            self.reset(id, PROTOCOL_ERROR);
+            return Ok(());
+        }
+        if r.dropped {
+            credit += p.len();
+        } else if !p.is_empty() {
+            r.queued += p.len();
+            r.queue.push_back(p);
+        }
+        if end {
+            r.end = true;
+        }
+        if let Some(w) = r.reader.take() {
+            w.wake();
+        }
+        drop(r);
+        if end {
+            s.recv = None;
+        }
+        self.credit(credit);
+        Ok(())
+    }
+
+    /// Gathers connection window credit; announces it once a quarter of the window is back.
+    pub(super) fn credit(&mut self, n: usize) {
+        self.conn_unacked += n;
+        if self.conn_unacked >= CONN_WINDOW as usize / 4 {
+            self.conn_recv += self.conn_unacked as i64;
+            frame_head(&mut self.wbuf, 4, WINDOW_UPDATE, 0, 0);
+            self.wbuf
+                .extend_from_slice(&(self.conn_unacked as u32).to_be_bytes());
+            self.conn_unacked = 0;
+        }
+    }
+
+    /// The stream's request body ends here: the reader fails unless it had it all, and what
+    /// it never read is credited back.
+    fn close_recv(&mut self, s: &Stream, why: &'static str) {
+        if let Some(recv) = &s.recv {
+            let mut r = recv.lock().expect("recv lock");
+            r.fail(why);
+            r.dropped = true;
+            let unread = std::mem::take(&mut r.queued);
+            r.queue.clear();
+            drop(r);
+            self.credit(unread);
+        }
+    }
+
+    /// Sends RST_STREAM, remembering the id for a while: frames the client sent before it
+    /// saw the reset may still come.
+    fn refuse(&mut self, id: u32, code: u32) {
+        frame_head(&mut self.wbuf, 4, RST_STREAM, 0, id);
+        self.wbuf.extend_from_slice(&code.to_be_bytes());
+        if self.reset_ids.len() == RECENT_RESETS {
+            self.reset_ids.pop_front();
+        }
+        self.reset_ids.push_back(id);
+    }
+
+    /// Ends a stream with RST_STREAM.
+    pub(super) fn reset(&mut self, id: u32, code: u32) {
+        self.refuse(id, code);
+        if let Some(s) = self.streams.remove(&id) {
+            self.close_recv(&s, "stream reset");
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! The HTTP/2 server side (RFC 9113), for cleartext prior knowledge and TLS with ALPN h2.
+//!
+//! One connection is one future: it reads frames, starts each request's handler future inside
+//! itself (no task per stream), polls only the streams whose waker fired, and writes every
+//! frame the pass produced with one write. The request body is a queue the DATA frames fill
+//! and the upstream side drains; flow-control credit goes back as the upstream side reads.
+//! It never pushes, never uses priorities, and never adds to the client's HPACK table.
+
+mod frame;
+mod hpack;
+mod input;
+mod request;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderValue, Response};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+use tokio::sync::watch;
+
+use crate::body::ProxyBody;
+use crate::conn::{ClientIo, ConnState};
+use crate::worker::HandlerSlot;
+pub(crate) use frame::PREFACE;
+use frame::*;
+use request::Recv;
+pub(crate) use request::RecvBody;
+
+/// SETTINGS_MAX_FRAME_SIZE as we announce it (the protocol default).
+const MAX_FRAME: usize = 16_384;
+/// SETTINGS_MAX_CONCURRENT_STREAMS as we announce it.
+const MAX_STREAMS: usize = 256;
+/// The receive window of each request body: what one stream may buffer here. As large as
+/// the connection's, so one upload may run ahead of a slow upstream as far as it allows.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// The connection's receive window: what all of its request bodies together may buffer
+/// (credit returns as the upstream side reads, not as frames arrive).
+const CONN_WINDOW: u32 = 1024 * 1024;
+/// The protocol's initial window, before SETTINGS and WINDOW_UPDATE change it.
+const DEFAULT_WINDOW: i64 = 65_535;
+const MAX_WINDOW: i64 = (1 << 31) - 1;
+/// Above this much unwritten output, no more frames are read and no more body is pulled.
+const WRITE_HIGH: usize = 64 * 1024;
+/// Resets of running streams a client may send beyond the streams it lets finish (a client
+/// that opens and cancels streams in a loop makes us start work it never takes).
+const RESET_ALLOWANCE: i64 = 200;
+/// Frames one header block may span (HEADERS and CONTINUATION).
+const MAX_BLOCK_FRAMES: usize = 64;
+/// How many of the streams we reset are remembered (see `Conn::refuse`).
+const RECENT_RESETS: usize = 64;
+
+/// A connection error: GOAWAY with this code; the text goes in its debug data.
+#[derive(Debug)]
+struct ConnError(u32, &'static str);
+
+/// What the connection and its stream wakers share.
+#[derive(Default)]
+struct Shared {
+    ready: Mutex<Ready>,
+    /// Request body bytes the upstream side has read and the client may send again.
+    released: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Ready {
+    /// Streams whose waker fired since the connection last looked.
+    ids: Vec<u32>,
+    /// The connection's task.
+    waker: Option<Waker>,
+}
+
+impl Shared {
+    fn wake_conn(&self) {
+        if let Some(w) = &self.ready.lock().expect("ready lock").waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Returns request body credit; wakes the connection once enough gathered to announce.
+    fn release(&self, n: usize) {
+        let before = self.released.fetch_add(n, Ordering::Relaxed);
+        if before < CONN_WINDOW as usize / 4 && before + n >= CONN_WINDOW as usize / 4 {
+            self.wake_conn();
+        }
+    }
+}
+
+/// One stream's waker: queues the stream for the connection to poll.
+struct StreamWake {
+    id: u32,
+    queued: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl StreamWake {
+    /// Queues the stream; wakes the connection if `wake` and nothing was queued before (the
+    /// connection takes the whole queue each time it looks, so one wake covers the rest).
+    fn queue(&self, wake: bool) {
+        if self.queued.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut r = self.shared.ready.lock().expect("ready lock");
+        r.ids.push(self.id);
+        if wake && r.ids.len() == 1 {
+            if let Some(w) = &r.waker {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+impl Wake for StreamWake {
+    fn wake(self: Arc<Self>) {
+        self.queue(true)
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.queue(true)
+    }
+}
+
+/// Where a stream's response is.
+// Every stream reaches `Body`; boxing it would cost an allocation per stream.
+#[allow(clippy::large_enum_variant)]
+enum Out {
+    /// The handler is working on it.
+    Waiting(Pin<Box<dyn Future<Output = Response<ProxyBody>>>>),
+    /// The head is sent; `data` is body not yet sent (flow control), `end` once it is the last.
+    Body {
+        body: ProxyBody,
+        data: Bytes,
+        end: bool,
+    },
+    Done,
+}
+
+struct Stream {
+    out: Out,
+    /// The request body's state while the client may still send on it.
+    recv: Option<Arc<Mutex<Recv>>>,
+    /// What the client may still send before we widen the window.
+    recv_window: i64,
+    send_window: i64,
+    wake: Arc<StreamWake>,
+    waker: Waker,
+}
+
+/// Serves one HTTP/2 connection whose preface `io` starts with, until it ends.
+pub(crate) async fn serve(
+    io: ClientIo,
+    state: Arc<ConnState>,
+    handler: HandlerSlot,
+    mut draining: watch::Receiver<bool>,
+    max_header_list: usize,
+) {
+    let mut conn = Conn::new(io, state, handler, max_header_list);
+    let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
+    std::future::poll_fn(|cx| {
+        if conn.closing.is_none() && drain.as_mut().poll(cx).is_ready() {
+            // Streams open now finish; new ones are refused; then the connection closes.
+            conn.go_away(ConnError(NO_ERROR, "shutting down"));
+        }
+        conn.poll(cx)
+    })
+    .await;
+    let _ = std::future::poll_fn(|cx| Pin::new(&mut conn.io).poll_flush(cx)).await;
+}
+
+struct Conn {
+    io: ClientIo,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    /// How much of `wbuf` is written.
+    written: usize,
+    /// Scratch for encoding a header block before it is cut into frames.
+    block: Vec<u8>,
+    /// The header block being received (HEADERS then CONTINUATION) and for which stream.
+    partial: Option<(u32, bool)>,
+    /// Frames the block being received came in so far.
+    block_frames: usize,
+    decoder: hpack::Decoder,
+    streams: HashMap<u32, Stream>,
+    shared: Arc<Shared>,
+    /// Streams taken from `shared.ready`, kept to reuse the allocation.
+    batch: Vec<u32>,
+    /// Streams that stopped for the write buffer or the connection window.
+    deferred: Vec<u32>,
+    last_id: u32,
+    preface: bool,
+    settings: bool,
+    conn_send: i64,
+    conn_recv: i64,
+    /// Credit gathered for the connection window, not yet announced.
+    conn_unacked: usize,
+    peer_window: i64,
+    peer_max_frame: usize,
+    /// The GOAWAY code sent, once one is.
+    closing: Option<u32>,
+    /// The client sent GOAWAY: close once its open streams end.
+    client_gone: bool,
+    resets: i64,
+    /// Streams recently reset by us (see `refuse`).
+    reset_ids: VecDeque<u32>,
+    state: Arc<ConnState>,
+    handler: HandlerSlot,
+    max_header_list: usize,
+}
+
+impl Conn {
+    fn new(
+        io: ClientIo,
+        state: Arc<ConnState>,
+        handler: HandlerSlot,
+        max_header_list: usize,
+    ) -> Conn {
+        let mut wbuf = Vec::with_capacity(MAX_FRAME);
+        let settings: [(u16, u32); 3] = [
+            (0x3, MAX_STREAMS as u32),
+            (0x4, STREAM_WINDOW),
+            (0x6, max_header_list as u32),
+        ];
+        frame_head(&mut wbuf, settings.len() * 6, SETTINGS, 0, 0);
+        for (k, v) in settings {
+            wbuf.extend_from_slice(&k.to_be_bytes());
+            wbuf.extend_from_slice(&v.to_be_bytes());
+        }
+        frame_head(&mut wbuf, 4, WINDOW_UPDATE, 0, 0);
+        wbuf.extend_from_slice(&(CONN_WINDOW - DEFAULT_WINDOW as u32).to_be_bytes());
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf,
+            written: 0,
+            block: Vec::new(),
+            partial: None,
+            block_frames: 0,
+            decoder: hpack::Decoder::default(),
+            streams: HashMap::new(),
+            shared: Arc::default(),
+            batch: Vec::new(),
+            deferred: Vec::new(),
+            last_id: 0,
+            preface: false,
+            settings: false,
+            conn_send: DEFAULT_WINDOW,
+            conn_recv: CONN_WINDOW as i64,
+            conn_unacked: 0,
+            peer_window: DEFAULT_WINDOW,
+            peer_max_frame: MAX_FRAME,
+            closing: None,
+            client_gone: false,
+            resets: RESET_ALLOWANCE,
+            reset_ids: VecDeque::new(),
+            state,
+            handler,
+            max_header_list,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        {
+            let mut r = self.shared.ready.lock().expect("ready lock");
+            if !r.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                r.waker = Some(cx.waker().clone());
+            }
+        }
+        loop {
+            let mut progress = false;
+            if self.closing.is_none_or(|c| c == NO_ERROR) && self.unwritten() < WRITE_HIGH {
+                match crate::stream::poll_fill(&mut self.io, &mut self.rbuf, MAX_FRAME, cx) {
+                    // The client closed: whatever is open is cancelled.
+                    Poll::Ready(Ok(0)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(_)) => {
+                        progress = true;
+                        let mut buf = std::mem::take(&mut self.rbuf);
+                        let r = self.frames(&mut buf);
+                        self.rbuf = buf;
+                        if let Err(e) = r {
+                            self.go_away(e);
+                        }
+                    }
+                    // Idle past the keep-alive timeout (see `ClientIo`): say so, then close.
+                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                        self.go_away(ConnError(NO_ERROR, "idle timeout"));
+                        self.client_gone = true;
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+            }
+            let released = self.shared.released.swap(0, Ordering::Relaxed);
+            self.credit(released);
+            progress |= self.run_ready();
+            match self.poll_write(cx) {
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) if !self.deferred.is_empty() => {
+                    for id in self.deferred.drain(..) {
+                        if let Some(s) = self.streams.get(&id) {
+                            s.wake.queue(false);
+                        }
+                    }
+                    progress = true;
+                }
+                _ => {}
+            }
+            if self.unwritten() == 0 {
+                let graceful = self.closing == Some(NO_ERROR) || self.client_gone;
+                if self.closing.is_some_and(|c| c != NO_ERROR)
+                    || (graceful && self.streams.is_empty())
+                {
+                    return Poll::Ready(());
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn unwritten(&self) -> usize {
+        self.wbuf.len() - self.written
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.wbuf.len() {
+            let n = std::task::ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.written = 0;
+        self.wbuf.clear();
+        // A large body may have grown the buffer; an idle connection keeps a small one.
+        if self.wbuf.capacity() > 4 * WRITE_HIGH {
+            self.wbuf = Vec::with_capacity(MAX_FRAME);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends GOAWAY: NO_ERROR lets the open streams finish, any other code ends the
+    /// connection once it is written.
+    fn go_away(&mut self, e: ConnError) {
+        if self.closing.is_some_and(|c| c != NO_ERROR) {
+            return;
+        }
+        if self.closing == Some(NO_ERROR) && e.0 == NO_ERROR {
+            return;
+        }
+        self.closing = Some(e.0);
+        frame_head(&mut self.wbuf, 8 + e.1.len(), GOAWAY, 0, 0);
+        self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
+        self.wbuf.extend_from_slice(&e.0.to_be_bytes());
+        self.wbuf.extend_from_slice(e.1.as_bytes());
+    }
+
+    /// Polls the streams whose wakers fired; true if any was polled.
+    fn run_ready(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            std::mem::swap(
+                &mut self.batch,
+                &mut self.shared.ready.lock().expect("ready lock").ids,
+            );
+            if self.batch.is_empty() {
+                return any;
+            }
+            any = true;
+            let batch = std::mem::take(&mut self.batch);
+            for &id in &batch {
+                self.poll_stream(id);
+            }
+            self.batch = batch;
+            self.batch.clear();
+        }
+    }
+
+    fn poll_stream(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.wake.queued.store(false, Ordering::Relaxed);
+        // Widen the stream's window for what its reader took.
+        if let Some(recv) = &s.recv {
+            let mut r = recv.lock().expect("recv lock");
+            if r.consumed >= STREAM_WINDOW as usize / 2 {
+                let n = std::mem::take(&mut r.consumed);
+                s.recv_window += n as i64;
+                frame_head(&mut self.wbuf, 4, WINDOW_UPDATE, 0, id);
+                self.wbuf.extend_from_slice(&(n as u32).to_be_bytes());
+            }
+        }
+        let mut cx = Context::from_waker(&s.waker);
+        loop {
+            match &mut s.out {
+                Out::Waiting(f) => match f.as_mut().poll(&mut cx) {
+                    Poll::Pending => return,
+                    Poll::Ready(resp) => {
+                        let (parts, body) = resp.into_parts();
+                        let end = body.is_end_stream();
+                        let mut headers = parts.headers;
+                        if !headers.contains_key(http::header::DATE) {
+                            headers.insert(http::header::DATE, http_date());
+                        }
+                        self.block.clear();
+                        hpack::encode_response(parts.status, &headers, &mut self.block);
+                        write_block(&mut self.wbuf, &self.block, id, end, self.peer_max_frame);
+                        s.out = if end {
+                            Out::Done
+                        } else {
+                            Out::Body {
+                                body,
+                                data: Bytes::new(),
+                                end: false,
+                            }
+                        };
+                    }
+                },
+                Out::Body { body, data, end } => {
+                    if !data.is_empty() || *end {
+                        let room = self.conn_send.min(s.send_window).max(0) as usize;
+                        let n = data.len().min(room).min(self.peer_max_frame);
+                        if n == 0 && !data.is_empty() {
+                            // Blocked on a window: WINDOW_UPDATE queues the stream again.
+                            return;
+                        }
+                        let last = *end && n == data.len();
+                        frame_head(
+                            &mut self.wbuf,
+                            n,
+                            DATA,
+                            if last { END_STREAM } else { 0 },
+                            id,
+                        );
+                        self.wbuf.extend_from_slice(&data[..n]);
+                        data.advance(n);
+                        self.conn_send -= n as i64;
+                        s.send_window -= n as i64;
+                        if last {
+                            s.out = Out::Done;
+                        }
+                        continue;
+                    }
+                    if self.wbuf.len() - self.written >= WRITE_HIGH {
+                        self.deferred.push(id);
+                        return;
+                    }
+                    match Pin::new(&mut *body).poll_frame(&mut cx) {
+                        Poll::Pending => return,
+                        Poll::Ready(None) => *end = true,
+                        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(d) => {
+                                *data = d;
+                                *end = body.is_end_stream();
+                            }
+                            Err(frame) => {
+                                let trailers = frame.into_trailers().unwrap_or_default();
+                                self.block.clear();
+                                hpack::encode_fields(&trailers, &mut self.block);
+                                write_block(
+                                    &mut self.wbuf,
+                                    &self.block,
+                                    id,
+                                    true,
+                                    self.peer_max_frame,
+                                );
+                                s.out = Out::Done;
+                            }
+                        },
+                        Poll::Ready(Some(Err(_))) => {
+                            // The upstream broke off mid-body: the client must not take
+                            // what it got for the whole.
+                            self.reset(id, INTERNAL_ERROR);
+                            return;
+                        }
+                    }
+                }
+                Out::Done => {
+                    if s.recv.is_some() {
+                        // Answered before the client finished sending: it may stop now.
+                        self.reset(id, NO_ERROR);
+                    } else {
+                        self.streams.remove(&id);
+                        self.resets = (self.resets + 1).min(RESET_ALLOWANCE);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The Date header value, formatted once a second per thread.
+fn http_date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_none() {
+            let text = httpdate::fmt_http_date(now);
+            *c = (secs, HeaderValue::from_str(&text).ok());
+        }
+        c.1.clone().unwrap_or(HeaderValue::from_static(""))
+    })
+}
