@@ -18,11 +18,13 @@ const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
 const CONTINUATION: u8 = 9;
 const END_STREAM: u8 = 1;
 const END_HEADERS: u8 = 4;
 
 const PROTOCOL_ERROR: u32 = 1;
+const FLOW_CONTROL_ERROR: u32 = 3;
 const FRAME_SIZE_ERROR: u32 = 6;
 const COMPRESSION_ERROR: u32 = 9;
 const ENHANCE_YOUR_CALM: u32 = 11;
@@ -189,6 +191,8 @@ on_both_acceptors!(
     reset_flood_gets_enhance_your_calm,
     idle_connection_gets_goaway_then_close,
     drain_lets_open_streams_finish,
+    response_data_waits_for_the_clients_window,
+    window_overflow_resets_the_stream,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -438,4 +442,58 @@ fn drain_lets_open_streams_finish(io: IoMode) {
     assert_eq!(c.expect(HEADERS, 1).status(), 200);
     while c.read().is_some() {}
     assert!(drain.join().unwrap(), "drained within the grace time");
+}
+
+fn response_data_waits_for_the_clients_window(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect_without_settings(fg.local_addrs()[0]);
+    // SETTINGS_INITIAL_WINDOW_SIZE = 100: each stream may get 100 bytes until widened.
+    c.send(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 100]);
+    c.request(
+        1,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/echo"),
+            ("content-length", "300"),
+        ],
+        false,
+    );
+    c.send(DATA, END_STREAM, 1, &[7; 300]);
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    let first = c.expect(DATA, 1);
+    assert_eq!((first.payload.len(), first.flags & END_STREAM), (100, 0));
+    // Nothing more until the window grows: the next frame is our PING's answer.
+    c.send(PING, 0, 0, b"waiting!");
+    let next = c.read().unwrap();
+    assert_eq!(
+        (next.kind, next.payload.as_slice()),
+        (PING, &b"waiting!"[..])
+    );
+    c.send(WINDOW_UPDATE, 0, 1, &200u32.to_be_bytes());
+    let mut got = first.payload.len();
+    loop {
+        let f = c.expect(DATA, 1);
+        got += f.payload.len();
+        if f.flags & END_STREAM != 0 {
+            break;
+        }
+    }
+    assert_eq!(got, 300);
+    fg.shutdown();
+}
+
+fn window_overflow_resets_the_stream(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_millis(300)));
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.get(1, "/slow");
+    // 65,535 + 2^31 - 1 is past the largest window allowed.
+    c.send(WINDOW_UPDATE, 0, 1, &0x7fff_ffffu32.to_be_bytes());
+    assert_eq!(c.expect(RST_STREAM, 1).code(), FLOW_CONTROL_ERROR);
+    c.get(3, "/next");
+    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    fg.shutdown();
 }
