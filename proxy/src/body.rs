@@ -15,11 +15,13 @@ use crate::error::BoxError;
 use crate::h1client::H1Body;
 use crate::h2::RecvBody;
 
-/// A request body as the client sends it: read by hyper (HTTP/1.1) or by our HTTP/2 server.
+/// A request body as the client sends it, read by hyper (HTTP/1.1) or by our HTTP/2 server;
+/// also what goes upstream.
 pub(crate) enum ClientBody {
     H1(Incoming),
     H2(RecvBody),
-    /// The HTTP/2 request ended with its head.
+    /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
+    /// (whose original body the failed attempt consumed).
     Empty,
 }
 
@@ -51,42 +53,6 @@ impl Body for ClientBody {
             ClientBody::H1(b) => b.size_hint(),
             ClientBody::H2(b) => b.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
-
-/// The body sent upstream: the client's own stream, or nothing (on a retry of a bodiless
-/// request, whose original body was consumed by the failed attempt).
-pub(crate) enum UpBody {
-    Client(ClientBody),
-    Empty,
-}
-
-impl Body for UpBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpBody::Client(b) => Pin::new(b).poll_frame(cx),
-            UpBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Client(b) => b.is_end_stream(),
-            UpBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Client(b) => b.size_hint(),
-            UpBody::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -202,8 +202,8 @@ impl Drop for InFlight {
     }
 }
 
-/// The client socket as the server sees it. When hyper waits for bytes and the connection's
-/// deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
+/// The client socket as the server (hyper's or ours) sees it. When the server waits for bytes
+/// and the connection's deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
 /// head had started), which ends the connection.
 pub(crate) struct ClientIo {
     // Always Some until dropped.

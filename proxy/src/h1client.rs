@@ -25,7 +25,7 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use crate::body::UpBody;
+use crate::body::ClientBody;
 use crate::headers::connection_has;
 use crate::pool::{Checkout, H1Conn};
 use crate::stream::MaybeTls;
@@ -129,7 +129,7 @@ enum ReqFraming {
 /// Serializes the request head (hop-by-hop headers already removed by the caller) with the
 /// framing its body needs (None: the request has no body). The head is kept by the caller
 /// for a retry.
-pub(crate) fn encode_head(parts: &Parts, body: Option<&UpBody>) -> (Bytes, bool) {
+pub(crate) fn encode_head(parts: &Parts, body: Option<&ClientBody>) -> (Bytes, bool) {
     let framing = match body {
         None => {
             let has_len = parts.headers.contains_key(header::CONTENT_LENGTH);
@@ -198,7 +198,7 @@ fn put_fields<'a>(
 pub(crate) struct Exchange {
     conn: Checkout,
     out: VecDeque<Bytes>,
-    body: Option<UpBody>,
+    body: Option<ClientBody>,
     chunked: bool,
     /// Some bytes of the request reached the socket.
     wrote: bool,
@@ -214,7 +214,7 @@ impl Exchange {
         conn: Checkout,
         head: Bytes,
         chunked: bool,
-        body: Option<UpBody>,
+        body: Option<ClientBody>,
         head_request: bool,
     ) -> Self {
         Exchange {

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::body::UpBody;
+use crate::body::ClientBody;
 use crate::error::ProxyError;
 use crate::h1client::H1Io;
 use crate::server::LocalExec;
@@ -92,7 +92,7 @@ impl Live {
 struct Endpoint {
     addr: SocketAddr,
     live: Rc<Live>,
-    h2: RefCell<Option<http2::SendRequest<UpBody>>>,
+    h2: RefCell<Option<http2::SendRequest<ClientBody>>>,
     /// Idle connections up to `max_idle_per_host`, most recent on top, taken before pingora's.
     hot: RefCell<Vec<H1Conn>>,
 }
@@ -399,7 +399,7 @@ impl UpstreamPool {
     pub(crate) async fn h2_sender(
         self: &Rc<Self>,
         ep: usize,
-    ) -> Result<http2::SendRequest<UpBody>, ProxyError> {
+    ) -> Result<http2::SendRequest<ClientBody>, ProxyError> {
         let endpoint = &self.endpoints[ep];
         if let Some(s) = endpoint.h2.borrow().as_ref() {
             if !s.is_closed() {

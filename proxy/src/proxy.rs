@@ -19,7 +19,7 @@ use hyper::client::conn::TrySendError;
 
 use crate::accesslog::{AccessLog, Pending};
 use crate::balance::{hash64, Pick};
-use crate::body::{ClientBody, ProxyBody, UpBody, UpstreamBody};
+use crate::body::{ClientBody, ProxyBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
 use crate::h1client::{encode_head, Exchange};
@@ -49,7 +49,7 @@ pub(crate) struct Handler {
 /// A failed HTTP/2 attempt, with the request back when hyper never sent it.
 struct Attempt {
     error: ProxyError,
-    unsent: Option<Request<UpBody>>,
+    unsent: Option<Request<ClientBody>>,
 }
 
 impl Handler {
@@ -199,7 +199,7 @@ impl Handler {
             UpstreamProtocol::Http1 => {
                 restore_upgrade(&mut parts.headers, upgrade.clone());
                 // Asked once: on an HTTP/2 stream each answer takes a lock.
-                let body = (!body.is_end_stream()).then_some(UpBody::Client(body));
+                let body = (!body.is_end_stream()).then_some(body);
                 let (head, chunked) = encode_head(&parts, body.as_ref());
                 UpRequest::H1 {
                     idempotent: is_idempotent(&parts.method),
@@ -273,7 +273,7 @@ enum UpRequest {
     H1 {
         head: Bytes,
         chunked: bool,
-        body: Option<UpBody>,
+        body: Option<ClientBody>,
         idempotent: bool,
         head_request: bool,
     },
@@ -588,12 +588,12 @@ fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
 
 /// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
 /// connection can be sent again.
-fn replay_copy(parts: &Parts) -> Request<UpBody> {
-    let mut r = Request::new(UpBody::Empty);
-    *r.method_mut() = parts.method.clone();
-    *r.uri_mut() = parts.uri.clone();
-    *r.version_mut() = parts.version;
-    *r.headers_mut() = parts.headers.clone();
+fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
+    let mut r = Request::new(ClientBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
     r
 }
 
@@ -628,10 +628,8 @@ async fn exchange_h2(
     req: Request<ClientBody>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let (parts, body) = req.into_parts();
-    let bodyless = body.is_end_stream();
-    let replay = is_idempotent(&parts.method).then(|| replay_copy(&parts));
-    let req = Request::from_parts(parts, UpBody::Client(body));
+    let bodyless = req.body().is_end_stream();
+    let replay = is_idempotent(req.method()).then(|| replay_copy(&req));
     let failed = match send_h2(pool, ep, req, timeout).await {
         Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
         Err(a) => a,
@@ -653,7 +651,7 @@ async fn exchange_h2(
 async fn send_h2(
     pool: &Rc<UpstreamPool>,
     ep: usize,
-    req: Request<UpBody>,
+    req: Request<ClientBody>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, Attempt> {
     let mut sender = match pool.h2_sender(ep).await {
@@ -677,7 +675,7 @@ async fn send_h2(
 /// Waits for the response head within `limit`.
 async fn await_response(
     limit: Duration,
-    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpBody>>>>,
+    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ClientBody>>>>,
 ) -> Result<Response<Incoming>, Attempt> {
     match tokio::time::timeout(limit, sent).await {
         Err(_) => Err(Attempt {
