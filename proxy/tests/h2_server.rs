@@ -193,6 +193,7 @@ on_both_acceptors!(
     drain_lets_open_streams_finish,
     response_data_waits_for_the_clients_window,
     window_overflow_resets_the_stream,
+    early_answer_lets_the_upload_finish_without_reset,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -495,5 +496,44 @@ fn window_overflow_resets_the_stream(io: IoMode) {
     assert_eq!(c.expect(RST_STREAM, 1).code(), FLOW_CONTROL_ERROR);
     c.get(3, "/next");
     assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    fg.shutdown();
+}
+
+/// The upstream answers before the upload ends: the rest of the upload is read and dropped
+/// (no RST_STREAM), so clients that discard a response followed by a reset see it.
+fn early_answer_lets_the_upload_finish_without_reset(io: IoMode) {
+    let up = upstream(Behavior::Fail500);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.request(
+        1,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/upload"),
+            ("content-length", "20000"),
+        ],
+        false,
+    );
+    c.send(DATA, 0, 1, &[1; 10_000]);
+    let head = c.expect(HEADERS, 1);
+    assert_eq!(head.status(), 500);
+    let mut ended = head.flags & END_STREAM != 0;
+    while !ended {
+        ended = c.expect(DATA, 1).flags & END_STREAM != 0;
+    }
+    c.send(DATA, END_STREAM, 1, &[2; 10_000]);
+    c.send(PING, 0, 0, b"after-up");
+    loop {
+        let f = c.read().expect("PING answered");
+        assert!(f.kind != RST_STREAM, "stream reset, code {}", f.code());
+        if f.kind == PING {
+            assert_eq!(f.payload, b"after-up");
+            break;
+        }
+    }
+    c.get(3, "/next");
+    assert_eq!(c.expect(HEADERS, 3).status(), 500);
     fg.shutdown();
 }

@@ -471,7 +471,15 @@ impl Conn {
         if end {
             s.recv = None;
         }
+        let answered = matches!(s.out, Out::Done);
+        let window_spent = s.recv_window <= 0;
         self.credit(credit);
+        if answered && end {
+            self.finished(id);
+        } else if answered && window_spent {
+            // A window's worth dropped after the answer: the client may stop now.
+            self.reset(id, NO_ERROR);
+        }
         Ok(())
     }
 

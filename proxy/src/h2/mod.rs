@@ -311,9 +311,9 @@ impl Conn {
             }
             if self.unwritten() == 0 {
                 let graceful = self.closing == Some(NO_ERROR) || self.client_gone;
-                if self.closing.is_some_and(|c| c != NO_ERROR)
-                    || (graceful && self.streams.is_empty())
-                {
+                // Streams only dropping what is left of an upload do not hold the close up.
+                let answered = || self.streams.values().all(|s| matches!(s.out, Out::Done));
+                if self.closing.is_some_and(|c| c != NO_ERROR) || (graceful && answered()) {
                     return Poll::Ready(());
                 }
             }
@@ -344,6 +344,12 @@ impl Conn {
             self.wbuf = Vec::with_capacity(MAX_FRAME);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// A stream done both ways leaves; each one that does earns back a reset allowance.
+    fn finished(&mut self, id: u32) {
+        self.streams.remove(&id);
+        self.resets = (self.resets + 1).min(RESET_ALLOWANCE);
     }
 
     /// Sends GOAWAY: NO_ERROR lets the open streams finish, any other code ends the
@@ -484,12 +490,12 @@ impl Conn {
                     }
                 }
                 Out::Done => {
-                    if s.recv.is_some() {
-                        // Answered before the client finished sending: it may stop now.
-                        self.reset(id, NO_ERROR);
-                    } else {
-                        self.streams.remove(&id);
-                        self.resets = (self.resets + 1).min(RESET_ALLOWANCE);
+                    // Answered before the client finished sending: what it still sends is
+                    // read and dropped until its END_STREAM, at most a window's worth (see
+                    // `on_data`), rather than reset at once. Some clients (curl 7) throw a
+                    // complete response away when RST_STREAM follows it mid-upload.
+                    if s.recv.is_none() {
+                        self.finished(id);
                     }
                     return;
                 }
