@@ -51,8 +51,11 @@ pub(crate) struct ConnState {
     /// ended exactly at the end of a read and nothing was read while a request was in flight.
     /// Only then may the connection be parked without losing bytes hyper holds.
     clean: Flag,
-    /// Set when the socket wrapper ended hyper's connection to park it.
+    /// Set when the socket wrapper ended hyper's connection to park it, or told our HTTP/2
+    /// server to free its buffers.
     parked: Flag,
+    /// An HTTP/2 connection freed its buffers in this idle period.
+    slim: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
     /// The head being read carries both Content-Length and Transfer-Encoding.
@@ -163,9 +166,22 @@ impl ConnState {
     fn parkable(&self) -> bool {
         self.in_flight.get() == 0
             && !self.partial.get()
-            && !self.h2.get()
-            && self.clean.get()
             && !self.upgraded.get()
+            // HTTP/1.1: only with hyper's buffer known empty; HTTP/2: once per idle period.
+            && if self.h2.get() {
+                !self.slim.get()
+            } else {
+                self.clean.get()
+            }
+    }
+
+    /// Whether the socket wrapper asked the HTTP/2 server to free its buffers (once).
+    pub(crate) fn take_park(&self) -> bool {
+        let parked = self.parked.replace(false);
+        if parked {
+            self.slim.set(true);
+        }
+        parked
     }
 
     /// When the keep-alive idle period ends.
@@ -305,6 +321,7 @@ impl AsyncRead for ClientIo {
                         if st.in_flight.get() == 0 {
                             st.idle_since.set(Instant::now());
                         }
+                        st.slim.set(false);
                     } else if st.in_flight.get() == 0 {
                         if !st.partial.get() {
                             st.partial.set(true);
@@ -339,7 +356,8 @@ impl AsyncRead for ClientIo {
                         }
                     } else if st.parkable() && Instant::now() < st.idle_deadline() {
                         // Looks like a clean end of stream to hyper, which then drops us and
-                        // hands the socket back (see `ConnServer::serve`).
+                        // hands the socket back (see `ConnServer::serve`); our HTTP/2 server
+                        // frees its buffers and reads on (see `h2::Conn::slim`).
                         st.parked.set(true);
                         return Poll::Ready(Ok(()));
                     }
@@ -452,6 +470,7 @@ impl ConnServer {
             h2: Flag::new(h2),
             clean: Flag::default(),
             parked: Flag::default(),
+            slim: Flag::default(),
             ambiguous: Flag::default(),
             upgraded: Flag::default(),
             leftover: Slot::default(),
@@ -483,6 +502,7 @@ impl ConnServer {
                     handler,
                     draining,
                     self.max_header_list,
+                    Arc::clone(&self.parks),
                 )
                 .await;
                 if let Some(s) = state.leftover.take() {

@@ -194,6 +194,7 @@ on_both_acceptors!(
     response_data_waits_for_the_clients_window,
     window_overflow_resets_the_stream,
     early_answer_lets_the_upload_finish_without_reset,
+    idle_connection_frees_its_buffers_and_serves_on,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -535,5 +536,43 @@ fn early_answer_lets_the_upload_finish_without_reset(io: IoMode) {
     }
     c.get(3, "/next");
     assert_eq!(c.expect(HEADERS, 3).status(), 500);
+    fg.shutdown();
+}
+
+/// Idle past the park delay (1 s), the connection frees its buffers (counted with parked
+/// HTTP/1.1 connections); its HPACK table stays, so the next request still decodes.
+fn idle_connection_frees_its_buffers_and_serves_on(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             upstream = \"u\"\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+        io,
+    );
+    let parked = || {
+        let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("fluxgate_connections_parked_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    // A field the decoder's table keeps (literal with incremental indexing), then used again
+    // by index after the buffers are gone.
+    let mut head = block(&[(":method", "GET"), (":scheme", "http"), (":authority", "x")]);
+    head.extend_from_slice(&[0x44, 7]);
+    head.extend_from_slice(b"/before");
+    c.send(HEADERS, END_HEADERS | END_STREAM, 1, &head);
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    assert!(
+        eventually(Duration::from_secs(3), || parked() == 1),
+        "slimmed"
+    );
+    let mut head = block(&[(":method", "GET"), (":scheme", "http"), (":authority", "x")]);
+    head.push(0x80 | 62);
+    c.send(HEADERS, END_HEADERS | END_STREAM, 3, &head);
+    assert_eq!(c.expect(HEADERS, 3).status(), 200);
     fg.shutdown();
 }

@@ -15,14 +15,14 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Response};
 use http_body::Body;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
@@ -158,8 +158,9 @@ pub(crate) async fn serve(
     handler: HandlerSlot,
     mut draining: watch::Receiver<bool>,
     max_header_list: usize,
+    parks: Arc<AtomicU64>,
 ) {
-    let mut conn = Conn::new(io, state, handler, max_header_list);
+    let mut conn = Conn::new(io, state, handler, max_header_list, parks);
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
     std::future::poll_fn(|cx| {
         if conn.closing.is_none() && drain.as_mut().poll(cx).is_ready() {
@@ -210,6 +211,8 @@ struct Conn {
     state: Arc<ConnState>,
     handler: HandlerSlot,
     max_header_list: usize,
+    /// The worker's count of parked connections (see `slim`).
+    parks: Arc<AtomicU64>,
 }
 
 impl Conn {
@@ -218,6 +221,7 @@ impl Conn {
         state: Arc<ConnState>,
         handler: HandlerSlot,
         max_header_list: usize,
+        parks: Arc<AtomicU64>,
     ) -> Conn {
         let mut wbuf = Vec::with_capacity(MAX_FRAME);
         let settings: [(u16, u32); 3] = [
@@ -260,6 +264,7 @@ impl Conn {
             state,
             handler,
             max_header_list,
+            parks,
         }
     }
 
@@ -273,7 +278,12 @@ impl Conn {
         loop {
             let mut progress = false;
             if self.closing.is_none_or(|c| c == NO_ERROR) && self.unwritten() < WRITE_HIGH {
-                match crate::stream::poll_fill(&mut self.io, &mut self.rbuf, MAX_FRAME, cx) {
+                match self.poll_input(cx) {
+                    // Idle a while (see `ClientIo`): keep the socket, not the buffers.
+                    Poll::Ready(Ok(0)) if self.state.take_park() => {
+                        self.slim();
+                        progress = true;
+                    }
                     // The client closed: whatever is open is cancelled.
                     Poll::Ready(Ok(0)) => return Poll::Ready(()),
                     Poll::Ready(Ok(_)) => {
@@ -321,6 +331,37 @@ impl Conn {
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Reads what the client sent. A slim connection reads a little first, so that it only
+    /// takes a buffer again when bytes come.
+    fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() > 0 {
+            return crate::stream::poll_fill(&mut self.io, &mut self.rbuf, MAX_FRAME, cx);
+        }
+        let mut small = [0u8; 64];
+        let mut buf = tokio::io::ReadBuf::new(&mut small);
+        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+        self.rbuf.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    /// Frees the buffers of a connection idle a while, as a parked HTTP/1.1 connection
+    /// frees hyper's; the HPACK table and settings stay.
+    fn slim(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        if self.unwritten() == 0 {
+            self.wbuf = Vec::new();
+            self.written = 0;
+        }
+        self.block = Vec::new();
+        self.batch = Vec::new();
+        self.deferred = Vec::new();
+        self.streams.shrink_to_fit();
+        self.shared.ready.lock().expect("ready lock").ids = Vec::new();
+        self.parks.fetch_add(1, Ordering::Relaxed);
     }
 
     fn unwritten(&self) -> usize {
