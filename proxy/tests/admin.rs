@@ -8,13 +8,6 @@ use std::time::Duration;
 use fluxgate_conf::IoMode;
 use support::*;
 
-fn metric(text: &str, line_start: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn metrics_health_readiness_and_config() {
     let up = upstream(Behavior::Echo);

@@ -1,6 +1,7 @@
 //! The core data path through real sockets: every test runs once with the io_uring acceptor
 //! and once with epoll.
 
+#[macro_use]
 mod support;
 
 use std::io::Write;
@@ -8,17 +9,6 @@ use std::time::{Duration, Instant};
 
 use fluxgate_conf::IoMode;
 use support::*;
-
-macro_rules! on_both_acceptors {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Uring) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Epoll) } )*
-        }
-    };
-}
 
 on_both_acceptors!(
     http1_is_proxied_with_forwarding_headers,
@@ -580,21 +570,8 @@ fn connections_over_the_worker_cap_are_closed(io: IoMode) {
 
 fn idle_connection_is_parked_and_serves_the_next_request(io: IoMode) {
     let up = upstream(Behavior::Echo);
-    let fg = start(
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            up.addr
-        ),
-        io,
-    );
-    let parked = || {
-        let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
-        m.lines()
-            .find_map(|l| l.strip_prefix("fluxgate_connections_parked_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
-    };
+    let fg = proxy_with_admin(up.addr, io);
+    let parked = || parked_connections(&fg);
     let mut c = RawClient::connect(fg.local_addrs()[0]);
     c.send(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(c.read_response().unwrap().status, 200);

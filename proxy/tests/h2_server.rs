@@ -3,6 +3,7 @@
 //! limits answer 431, floods and idle connections are closed, and draining lets open streams
 //! finish. (Well-behaved clients are covered with the h2 crate in `data_path.rs`.)
 
+#[macro_use]
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
@@ -106,6 +107,24 @@ impl H2Raw {
         );
     }
 
+    /// A POST head, the body to follow; `content_length` if it declares one.
+    fn post(&mut self, id: u32, path: &str, content_length: Option<&str>) {
+        let mut fields = vec![
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", path),
+        ];
+        fields.extend(content_length.map(|n| ("content-length", n)));
+        self.request(id, &fields, false);
+    }
+
+    /// A GET on stream `id` is answered 200: the connection still serves.
+    fn assert_serves(&mut self, id: u32) {
+        self.get(id, "/next");
+        assert_eq!(self.expect(HEADERS, id).status(), 200);
+    }
+
     /// The next frame, or None at end of stream.
     fn read(&mut self) -> Option<Frame> {
         let mut head = [0u8; 9];
@@ -168,17 +187,6 @@ fn block(fields: &[(&str, &str)]) -> Vec<u8> {
         }
     }
     b
-}
-
-macro_rules! on_both_acceptors {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Uring) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Epoll) } )*
-        }
-    };
 }
 
 on_both_acceptors!(
@@ -277,8 +285,7 @@ fn oversized_header_list_in_continuations_gets_431(io: IoMode) {
     c.send(CONTINUATION, END_HEADERS, 1, &b[2 * third..]);
     assert_eq!(c.expect(HEADERS, 1).status(), 431);
     // The connection's decoder kept step: the next request is served.
-    c.get(3, "/next");
-    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    c.assert_serves(3);
     assert_eq!(up.requests(), 1, "the 431 never reached the upstream");
     fg.shutdown();
 }
@@ -287,21 +294,10 @@ fn body_shorter_than_content_length_resets_the_stream(io: IoMode) {
     let up = upstream(Behavior::Echo);
     let fg = proxy_to(up.addr, "", "", io);
     let mut c = H2Raw::connect(fg.local_addrs()[0]);
-    c.request(
-        1,
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", "/echo"),
-            ("content-length", "10"),
-        ],
-        false,
-    );
+    c.post(1, "/echo", Some("10"));
     c.send(DATA, END_STREAM, 1, b"short");
     assert_eq!(c.expect(RST_STREAM, 1).code(), PROTOCOL_ERROR);
-    c.get(3, "/next");
-    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    c.assert_serves(3);
     fg.shutdown();
 }
 
@@ -309,16 +305,7 @@ fn trailers_on_a_request_are_accepted(io: IoMode) {
     let up = upstream(Behavior::Echo);
     let fg = proxy_to(up.addr, "", "", io);
     let mut c = H2Raw::connect(fg.local_addrs()[0]);
-    c.request(
-        1,
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", "/echo"),
-        ],
-        false,
-    );
+    c.post(1, "/echo", None);
     c.send(DATA, 0, 1, b"hello");
     c.send(
         HEADERS,
@@ -452,17 +439,7 @@ fn response_data_waits_for_the_clients_window(io: IoMode) {
     let mut c = H2Raw::connect_without_settings(fg.local_addrs()[0]);
     // SETTINGS_INITIAL_WINDOW_SIZE = 100: each stream may get 100 bytes until widened.
     c.send(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 100]);
-    c.request(
-        1,
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", "/echo"),
-            ("content-length", "300"),
-        ],
-        false,
-    );
+    c.post(1, "/echo", Some("300"));
     c.send(DATA, END_STREAM, 1, &[7; 300]);
     assert_eq!(c.expect(HEADERS, 1).status(), 200);
     let first = c.expect(DATA, 1);
@@ -495,8 +472,7 @@ fn window_overflow_resets_the_stream(io: IoMode) {
     // 65,535 + 2^31 - 1 is past the largest window allowed.
     c.send(WINDOW_UPDATE, 0, 1, &0x7fff_ffffu32.to_be_bytes());
     assert_eq!(c.expect(RST_STREAM, 1).code(), FLOW_CONTROL_ERROR);
-    c.get(3, "/next");
-    assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    c.assert_serves(3);
     fg.shutdown();
 }
 
@@ -506,17 +482,7 @@ fn early_answer_lets_the_upload_finish_without_reset(io: IoMode) {
     let up = upstream(Behavior::Fail500);
     let fg = proxy_to(up.addr, "", "", io);
     let mut c = H2Raw::connect(fg.local_addrs()[0]);
-    c.request(
-        1,
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":authority", "x"),
-            (":path", "/upload"),
-            ("content-length", "20000"),
-        ],
-        false,
-    );
+    c.post(1, "/upload", Some("20000"));
     c.send(DATA, 0, 1, &[1; 10_000]);
     let head = c.expect(HEADERS, 1);
     assert_eq!(head.status(), 500);
@@ -543,21 +509,8 @@ fn early_answer_lets_the_upload_finish_without_reset(io: IoMode) {
 /// HTTP/1.1 connections); its HPACK table stays, so the next request still decodes.
 fn idle_connection_frees_its_buffers_and_serves_on(io: IoMode) {
     let up = upstream(Behavior::Echo);
-    let fg = start(
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
-             upstream = \"u\"\n[[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            up.addr
-        ),
-        io,
-    );
-    let parked = || {
-        let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
-        m.lines()
-            .find_map(|l| l.strip_prefix("fluxgate_connections_parked_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap()
-    };
+    let fg = proxy_with_admin(up.addr, io);
+    let parked = || parked_connections(&fg);
     let mut c = H2Raw::connect(fg.local_addrs()[0]);
     // A field the decoder's table keeps (literal with incremental indexing), then used again
     // by index after the buffers are gone.

@@ -20,6 +20,13 @@ pub(super) const END_HEADERS: u8 = 0x4;
 pub(super) const PADDED: u8 = 0x8;
 pub(super) const PRIORITY_FLAG: u8 = 0x20;
 
+/// SETTINGS identifiers (RFC 9113 section 6.5.2) that fluxgate sends or reads.
+pub(super) const SETTINGS_ENABLE_PUSH: u16 = 0x2;
+pub(super) const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+pub(super) const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+pub(super) const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+pub(super) const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
 /// Error codes (RFC 9113 section 7).
 pub(super) const NO_ERROR: u32 = 0;
 pub(super) const PROTOCOL_ERROR: u32 = 1;

@@ -129,13 +129,10 @@ fn static_field(index: usize) -> Field {
     }
 }
 
-/// The static table as decoded fields, built once per thread.
+/// The static table as decoded fields, built once.
 fn static_fields() -> &'static [Field] {
-    thread_local! {
-        static FIELDS: &'static [Field] =
-            Box::leak((1..=STATIC.len()).map(static_field).collect::<Vec<_>>().into_boxed_slice());
-    }
-    FIELDS.with(|f| *f)
+    static FIELDS: std::sync::OnceLock<Vec<Field>> = std::sync::OnceLock::new();
+    FIELDS.get_or_init(|| (1..=STATIC.len()).map(static_field).collect())
 }
 
 /// The decoder of one connection's request heads.

@@ -2,7 +2,6 @@
 //! streams they open. Every error here is either a stream's (RST_STREAM, the connection
 //! goes on) or the connection's (`ConnError`, GOAWAY).
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -132,10 +131,10 @@ impl Conn {
         for s in p.chunks_exact(6) {
             let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
             match u16::from_be_bytes([s[0], s[1]]) {
-                0x2 if value > 1 => {
+                SETTINGS_ENABLE_PUSH if value > 1 => {
                     return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH above 1"))
                 }
-                0x4 => {
+                SETTINGS_INITIAL_WINDOW_SIZE => {
                     let value = value as i64;
                     if value > MAX_WINDOW {
                         return Err(ConnError(FLOW_CONTROL_ERROR, "initial window too large"));
@@ -149,7 +148,7 @@ impl Conn {
                         }
                     }
                 }
-                0x5 => {
+                SETTINGS_MAX_FRAME_SIZE => {
                     if !(MAX_FRAME as u32..=0xff_ffff).contains(&value) {
                         return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE range"));
                     }
@@ -184,14 +183,11 @@ impl Conn {
             return Ok(());
         }
         match self.streams.get_mut(&id) {
-            Some(s) if inc == 0 => {
-                let _ = s;
-                self.reset(id, PROTOCOL_ERROR);
-            }
+            Some(_) if inc == 0 => self.reset(id, PROTOCOL_ERROR, "WINDOW_UPDATE of 0"),
             Some(s) => {
                 s.send_window += inc;
                 if s.send_window > MAX_WINDOW {
-                    self.reset(id, FLOW_CONTROL_ERROR);
+                    self.reset(id, FLOW_CONTROL_ERROR, "stream window overflow");
                 } else {
                     s.wake.queue(false);
                 }
@@ -278,28 +274,24 @@ impl Conn {
         let decoded = self.decoder.decode(&block, |f| head.add(f));
         self.block = block;
         decoded.map_err(|_| ConnError(COMPRESSION_ERROR, "header block does not decode"))?;
-        if let Some(s) = self.streams.get_mut(&id) {
-            let Some(recv) = s.recv.take() else {
-                self.reset(id, STREAM_CLOSED);
+        if let Some(s) = self.streams.get(&id) {
+            let Some(recv) = &s.recv else {
+                self.reset(id, STREAM_CLOSED, "HEADERS after the end of the stream");
                 return Ok(());
             };
             let mut r = recv.lock().expect("recv lock");
             if !end_stream || head.malformed || head.has_pseudo() {
-                r.fail("malformed trailers");
                 drop(r);
-                self.reset(id, PROTOCOL_ERROR);
-                return Ok(());
-            }
-            if r.declared.is_some_and(|n| n != r.received) {
-                r.fail("body shorter than its Content-Length");
+                self.reset(id, PROTOCOL_ERROR, "malformed trailers");
+            } else if r.declared.is_some_and(|n| n != r.received) {
                 drop(r);
-                self.reset(id, PROTOCOL_ERROR);
-                return Ok(());
-            }
-            r.trailers = Some(head.headers);
-            r.end = true;
-            if let Some(w) = r.reader.take() {
-                w.wake();
+                self.reset(id, PROTOCOL_ERROR, "body shorter than its Content-Length");
+            } else {
+                r.trailers = Some(head.headers);
+                r.end = true;
+                r.wake();
+                drop(r);
+                self.recv_ended(id);
             }
             return Ok(());
         }
@@ -338,20 +330,7 @@ impl Conn {
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let recv = (!end_stream).then(|| {
-            Arc::new(Mutex::new(Recv {
-                queue: VecDeque::new(),
-                queued: 0,
-                trailers: None,
-                end: false,
-                failed: None,
-                reader: None,
-                dropped: false,
-                consumed: 0,
-                declared,
-                received: 0,
-            }))
-        });
+        let recv = (!end_stream).then(|| Arc::new(Mutex::new(Recv::new(declared))));
         let body = match &recv {
             Some(r) => ClientBody::H2(RecvBody {
                 recv: Arc::clone(r),
@@ -361,7 +340,7 @@ impl Conn {
             None => ClientBody::Empty,
         };
         let out = if too_large {
-            Out::Waiting(Box::pin(std::future::ready(crate::proxy::answer(
+            Out::Ready(Some(Box::new(crate::proxy::answer(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 false,
                 inflight,
@@ -371,10 +350,7 @@ impl Conn {
                 Some(req) => {
                     let handler = Rc::clone(&self.handler.borrow());
                     match handler.handle(req, inflight) {
-                        Handled::Ready(resp) => match resp {
-                            Some(resp) => Out::Waiting(Box::pin(std::future::ready(*resp))),
-                            None => Out::Done,
-                        },
+                        Handled::Ready(resp) => Out::Ready(resp),
                         Handled::Forwarding(f) => Out::Waiting(f),
                     }
                 }
@@ -430,57 +406,63 @@ impl Conn {
         };
         let Some(recv) = &s.recv else {
             self.credit(len);
-            self.reset(id, STREAM_CLOSED);
+            self.reset(id, STREAM_CLOSED, "DATA after the end of the stream");
             return Ok(());
         };
         s.recv_window -= len as i64;
-        let mut r = recv.lock().expect("recv lock");
-        r.consumed += credit;
-        if s.recv_window < 0 {
-            r.fail("stream window exceeded");
-            drop(r);
-            self.credit(len);
-            self.reset(id, FLOW_CONTROL_ERROR);
-            return Ok(());
-        }
-        r.received += p.len() as u64;
         let end = flags & END_STREAM != 0;
+        let mut r = recv.lock().expect("recv lock");
+        r.received += p.len() as u64;
         let bad_length = r
             .declared
             .is_some_and(|n| r.received > n || (end && r.received != n));
-        if bad_length {
-            r.fail("body length differs from its Content-Length");
+        let failure = if s.recv_window < 0 {
+            Some((FLOW_CONTROL_ERROR, "stream window exceeded"))
+        } else if bad_length {
+            Some((
+                PROTOCOL_ERROR,
+                "body length differs from its Content-Length",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, why)) = failure {
             drop(r);
             self.credit(len);
-            self.reset(id, PROTOCOL_ERROR);
+            self.reset(id, code, why);
             return Ok(());
         }
+        r.consumed += credit;
         if r.dropped {
             credit += p.len();
         } else if !p.is_empty() {
             r.queued += p.len();
             r.queue.push_back(p);
         }
-        if end {
-            r.end = true;
-        }
-        if let Some(w) = r.reader.take() {
-            w.wake();
-        }
+        r.end |= end;
+        r.wake();
         drop(r);
-        if end {
-            s.recv = None;
-        }
         let answered = matches!(s.out, Out::Done);
         let window_spent = s.recv_window <= 0;
         self.credit(credit);
-        if answered && end {
-            self.finished(id);
+        if end {
+            self.recv_ended(id);
         } else if answered && window_spent {
             // A window's worth dropped after the answer: the client may stop now.
-            self.reset(id, NO_ERROR);
+            self.reset(id, NO_ERROR, "stream reset after its answer");
         }
         Ok(())
+    }
+
+    /// The client ended its side of the stream (END_STREAM on DATA or trailers). A stream
+    /// already answered in full is done with.
+    fn recv_ended(&mut self, id: u32) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.recv = None;
+            if matches!(s.out, Out::Done) {
+                self.finished(id);
+            }
+        }
     }
 
     /// Gathers connection window credit; announces it once a quarter of the window is back.
@@ -520,11 +502,11 @@ impl Conn {
         self.reset_ids.push_back(id);
     }
 
-    /// Ends a stream with RST_STREAM.
-    pub(super) fn reset(&mut self, id: u32, code: u32) {
+    /// Ends a stream with RST_STREAM; a reader of its body still open gets `why`.
+    pub(super) fn reset(&mut self, id: u32, code: u32, why: &'static str) {
         self.refuse(id, code);
         if let Some(s) = self.streams.remove(&id) {
-            self.close_recv(&s, "stream reset");
+            self.close_recv(&s, why);
         }
     }
 }

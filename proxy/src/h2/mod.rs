@@ -129,6 +129,8 @@ impl Wake for StreamWake {
 // Every stream reaches `Body`; boxing it would cost an allocation per stream.
 #[allow(clippy::large_enum_variant)]
 enum Out {
+    /// Answered here, the head not written yet (None once it is).
+    Ready(Option<Box<Response<ProxyBody>>>),
     /// The handler is working on it.
     Waiting(Pin<Box<dyn Future<Output = Response<ProxyBody>>>>),
     /// The head is sent; `data` is body not yet sent (flow control), `end` once it is the last.
@@ -225,9 +227,9 @@ impl Conn {
     ) -> Conn {
         let mut wbuf = Vec::with_capacity(MAX_FRAME);
         let settings: [(u16, u32); 3] = [
-            (0x3, MAX_STREAMS as u32),
-            (0x4, STREAM_WINDOW),
-            (0x6, max_header_list as u32),
+            (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
+            (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list as u32),
         ];
         frame_head(&mut wbuf, settings.len() * 6, SETTINGS, 0, 0);
         for (k, v) in settings {
@@ -448,27 +450,28 @@ impl Conn {
         let mut cx = Context::from_waker(&s.waker);
         loop {
             match &mut s.out {
+                Out::Ready(resp) => {
+                    s.out = match resp.take() {
+                        Some(resp) => write_head(
+                            &mut self.wbuf,
+                            &mut self.block,
+                            id,
+                            *resp,
+                            self.peer_max_frame,
+                        ),
+                        None => Out::Done,
+                    }
+                }
                 Out::Waiting(f) => match f.as_mut().poll(&mut cx) {
                     Poll::Pending => return,
                     Poll::Ready(resp) => {
-                        let (parts, body) = resp.into_parts();
-                        let end = body.is_end_stream();
-                        let mut headers = parts.headers;
-                        if !headers.contains_key(http::header::DATE) {
-                            headers.insert(http::header::DATE, http_date());
-                        }
-                        self.block.clear();
-                        hpack::encode_response(parts.status, &headers, &mut self.block);
-                        write_block(&mut self.wbuf, &self.block, id, end, self.peer_max_frame);
-                        s.out = if end {
-                            Out::Done
-                        } else {
-                            Out::Body {
-                                body,
-                                data: Bytes::new(),
-                                end: false,
-                            }
-                        };
+                        s.out = write_head(
+                            &mut self.wbuf,
+                            &mut self.block,
+                            id,
+                            resp,
+                            self.peer_max_frame,
+                        )
                     }
                 },
                 Out::Body { body, data, end } => {
@@ -525,7 +528,7 @@ impl Conn {
                         Poll::Ready(Some(Err(_))) => {
                             // The upstream broke off mid-body: the client must not take
                             // what it got for the whole.
-                            self.reset(id, INTERNAL_ERROR);
+                            self.reset(id, INTERNAL_ERROR, "upstream body failed");
                             return;
                         }
                     }
@@ -545,21 +548,54 @@ impl Conn {
     }
 }
 
+/// Writes a response head (adding Date if the response has none); returns where the stream
+/// goes next: its body, or nothing more when the head ends it.
+fn write_head(
+    wbuf: &mut Vec<u8>,
+    block: &mut Vec<u8>,
+    id: u32,
+    resp: Response<ProxyBody>,
+    max_frame: usize,
+) -> Out {
+    let (parts, body) = resp.into_parts();
+    let end = body.is_end_stream();
+    let mut headers = parts.headers;
+    if !headers.contains_key(http::header::DATE) {
+        headers.insert(http::header::DATE, http_date());
+    }
+    block.clear();
+    hpack::encode_response(parts.status, &headers, block);
+    write_block(wbuf, block, id, end, max_frame);
+    if end {
+        Out::Done
+    } else {
+        Out::Body {
+            body,
+            data: Bytes::new(),
+            end: false,
+        }
+    }
+}
+
 /// The Date header value, formatted once a second per thread.
 fn http_date() -> HeaderValue {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {
-        static CACHE: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+        static CACHE: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
     }
     let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.0 != secs || c.1.is_none() {
-            let text = httpdate::fmt_http_date(now);
-            *c = (secs, HeaderValue::from_str(&text).ok());
+        match &*c {
+            Some((at, value)) if *at == secs => value.clone(),
+            _ => {
+                let value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                    .expect("an HTTP date is a valid header value");
+                *c = Some((secs, value.clone()));
+                value
+            }
         }
-        c.1.clone().unwrap_or(HeaderValue::from_static(""))
     })
 }

@@ -34,11 +34,32 @@ pub(super) struct Recv {
 }
 
 impl Recv {
-    pub(super) fn fail(&mut self, why: &'static str) {
-        self.failed = Some(why);
+    /// A body the client is about to send, `declared` its Content-Length if any.
+    pub(super) fn new(declared: Option<u64>) -> Recv {
+        Recv {
+            queue: VecDeque::new(),
+            queued: 0,
+            trailers: None,
+            end: false,
+            failed: None,
+            reader: None,
+            dropped: false,
+            consumed: 0,
+            declared,
+            received: 0,
+        }
+    }
+
+    /// Something changed for the reader: more data, the end, or a failure.
+    pub(super) fn wake(&mut self) {
         if let Some(w) = self.reader.take() {
             w.wake();
         }
+    }
+
+    pub(super) fn fail(&mut self, why: &'static str) {
+        self.failed = Some(why);
+        self.wake();
     }
 }
 

@@ -17,6 +17,20 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+/// Defines, for each named `fn(IoMode)`, one test with the io_uring acceptor (in `uring::`)
+/// and one with epoll (in `epoll::`).
+#[allow(unused_macros)]
+macro_rules! on_both_acceptors {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Uring) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { super::$name(fluxgate_conf::IoMode::Epoll) } )*
+        }
+    };
+}
+
 /// Starts fluxgate from TOML text with the given acceptor and one worker (so connection
 /// counts at the upstream are per worker and deterministic).
 pub fn start(toml: &str, io: IoMode) -> Handle {
@@ -42,6 +56,31 @@ pub fn proxy_to(
         ),
         io,
     )
+}
+
+/// One listener to `upstream`, plus the admin listener (for tests that read metrics).
+pub fn proxy_with_admin(upstream: SocketAddr, io: IoMode) -> Handle {
+    start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             upstream = \"u\"\n[[upstream]]\nname = \"u\"\nendpoints = [\"{upstream}\"]\n"
+        ),
+        io,
+    )
+}
+
+/// The value of the first metric line in `text` that starts with `line_start`.
+pub fn metric(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `fluxgate_connections_parked_total`, read from the admin listener.
+pub fn parked_connections(fg: &Handle) -> u64 {
+    let text = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    metric(&text, "fluxgate_connections_parked_total ").expect("parked metric") as u64
 }
 
 /// How a test upstream behaves.
