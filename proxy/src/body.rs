@@ -1,6 +1,6 @@
 //! Body types at both edges of the proxy. Bodies are streamed frame by frame, never
 //! collected; an HTTP/1.1 upstream connection goes back to its pool only once the response
-//! body has been read to the end (see `h1client`).
+//! body has been read to the end (see `h1::client`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,14 +12,14 @@ use hyper::body::Incoming;
 use crate::accesslog::Pending;
 use crate::conn::InFlight;
 use crate::error::BoxError;
-use crate::h1client::H1Body;
-use crate::h2::RecvBody;
+use crate::h1::client::H1Body;
+use crate::pool::H1Conn;
+use crate::recv::RecvBody;
 
-/// A request body as the client sends it, read by hyper (HTTP/1.1) or by our HTTP/2 server;
-/// also what goes upstream.
+/// A request body as the client sends it, read by our HTTP/1.1 or HTTP/2 server; also what
+/// goes upstream.
 pub(crate) enum ClientBody {
-    H1(Incoming),
-    H2(RecvBody),
+    Stream(RecvBody),
     /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
     /// (whose original body the failed attempt consumed).
     Empty,
@@ -34,24 +34,21 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ClientBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            ClientBody::H2(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ClientBody::H1(b) => b.is_end_stream(),
-            ClientBody::H2(b) => b.is_end_stream(),
+            ClientBody::Stream(b) => b.is_end_stream(),
             ClientBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ClientBody::H1(b) => b.size_hint(),
-            ClientBody::H2(b) => b.size_hint(),
+            ClientBody::Stream(b) => b.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -72,6 +69,8 @@ enum Inner {
     H1(H1Body),
     H2(Incoming),
     Full(Option<Bytes>),
+    /// The empty body of a 101 answer, carrying the upstream connection the client's joins.
+    Tunnel(Option<H1Conn>),
 }
 
 /// A response body as an upstream sends it.
@@ -101,6 +100,23 @@ impl ProxyBody {
             },
             _inflight: inflight,
             log: None,
+        }
+    }
+
+    /// The body of a 101 answer: none, but the upstream connection for the tunnel.
+    pub(crate) fn tunnel(up: H1Conn, inflight: InFlight) -> Self {
+        ProxyBody {
+            inner: Inner::Tunnel(Some(up)),
+            _inflight: inflight,
+            log: None,
+        }
+    }
+
+    /// The upstream connection of a 101 answer (see `tunnel`).
+    pub(crate) fn take_tunnel(&mut self) -> Option<H1Conn> {
+        match &mut self.inner {
+            Inner::Tunnel(up) => up.take(),
+            _ => None,
         }
     }
 
@@ -137,6 +153,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
+            Inner::Tunnel(_) => true,
             Inner::H1(b) => b.is_end_stream(),
             Inner::H2(b) => b.is_end_stream(),
         }
@@ -145,6 +162,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Tunnel(_) => SizeHint::with_exact(0),
             Inner::H1(b) => b.size_hint(),
             Inner::H2(b) => b.size_hint(),
         }
@@ -155,6 +173,7 @@ impl ProxyBody {
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Tunnel(_) => Poll::Ready(None),
             Inner::H1(b) => Pin::new(b).poll_frame(cx),
             Inner::H2(b) => Pin::new(b)
                 .poll_frame(cx)

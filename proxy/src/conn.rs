@@ -1,37 +1,32 @@
 //! One client connection: the protocol told by its first bytes (the HTTP/2 preface or not),
-//! the socket wrapper that enforces the header-read and keep-alive timeouts, and the server:
-//! hyper's for HTTP/1.1, ours (`h2`) for HTTP/2.
+//! the socket wrapper that enforces the header-read and keep-alive timeouts and parks idle
+//! connections, and the server: `h1::server` for HTTP/1.1, `h2` for HTTP/2.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::ClientBody;
-use crate::framing::HeadScan;
+use crate::h1::server::Limits;
 use crate::h2::PREFACE;
 pub(crate) use crate::stream::ClientStream;
 use crate::worker::HandlerSlot;
 
-/// An HTTP/1.1 connection idle this long is parked: hyper's per-connection state and buffers
-/// (about 20 KiB) are freed and only the socket is watched, until the next request arrives
-/// and a fresh hyper connection takes over. Busy connections never pay for the restart.
+/// A connection idle this long is parked: its server frees its read and write buffers and
+/// keeps the socket, taking buffers again when the next request comes. Busy connections never
+/// pay for the restart.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Written by the socket wrapper itself when a started request head times out; hyper then
-/// closes the connection.
+/// Written when the start of the HTTP/2 preface (or a head too short to tell) stops coming.
 const TIMEOUT_408: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
@@ -45,35 +40,23 @@ pub(crate) struct ConnState {
     head_started: Stamp,
     /// When the connection last became idle (no request in flight).
     idle_since: Stamp,
-    /// Told by the first bytes; an HTTP/2 connection never gets a raw 408 nor is parked.
+    /// Told by the first bytes; an HTTP/2 connection has no request heads to time.
     h2: Flag,
-    /// hyper's read buffer is known to be empty when the connection is idle: the last head
-    /// ended exactly at the end of a read and nothing was read while a request was in flight.
-    /// Only then may the connection be parked without losing bytes hyper holds.
-    clean: Flag,
-    /// Set when the socket wrapper ended hyper's connection to park it, or told our HTTP/2
-    /// server to free its buffers.
+    /// Set when the socket wrapper told the server to free its buffers.
     parked: Flag,
-    /// An HTTP/2 connection freed its buffers in this idle period.
+    /// The server freed its buffers in this idle period.
     slim: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
-    /// The head being read carries both Content-Length and Transfer-Encoding.
-    ambiguous: Flag,
-    /// The socket, handed back by `ClientIo` when hyper drops it, unless the client already
-    /// closed its side.
-    leftover: Slot,
-    /// The connection was upgraded (WebSocket and the like): the tunnel has no timeouts
-    /// here and is never parked.
-    upgraded: Flag,
     /// The client's IP address, ready for X-Forwarded-For.
     pub(crate) peer_ip: http::HeaderValue,
     /// "http" or "https", for X-Forwarded-Proto.
     pub(crate) scheme: http::HeaderValue,
 }
 
-// The fields of `ConnState` are touched by one thread only, but hyper's upgrade machinery
-// wants the socket wrapper to be Send, so they are relaxed atomics rather than Cells.
+// The fields of `ConnState` are touched by one thread only, but the response body holds them
+// (through `InFlight`) and hyper's HTTP/2 client wants bodies to be Send, so they are relaxed
+// atomics rather than Cells.
 
 /// A `Cell<bool>` that is Sync.
 #[derive(Default)]
@@ -129,19 +112,6 @@ impl Stamp {
     }
 }
 
-/// The socket handed back by `ClientIo`.
-#[derive(Default)]
-struct Slot(std::sync::Mutex<Option<ClientStream>>);
-
-impl Slot {
-    fn set(&self, s: Option<ClientStream>) {
-        *self.0.lock().expect("slot lock") = s;
-    }
-    fn take(&self) -> Option<ClientStream> {
-        self.0.lock().expect("slot lock").take()
-    }
-}
-
 /// Held by a response body: the connection counts as busy until it is dropped.
 pub(crate) struct InFlight(Arc<ConnState>);
 
@@ -153,29 +123,20 @@ impl ConnState {
         InFlight(Arc::clone(self))
     }
 
-    /// The connection becomes a tunnel: no more request timeouts or parking.
-    pub(crate) fn mark_upgraded(&self) {
-        self.upgraded.set(true);
+    /// Bytes of a request head are here: the header-read timeout runs from now (unless it
+    /// already runs).
+    pub(crate) fn begin_head(&self) {
+        if !self.partial.replace(true) {
+            self.head_started.set(Instant::now());
+        }
     }
 
-    /// Whether the request just received had ambiguous framing (and must be refused).
-    pub(crate) fn take_ambiguous(&self) -> bool {
-        self.ambiguous.replace(false)
-    }
-
+    /// Idle, with no head begun, and not yet parked in this idle period.
     fn parkable(&self) -> bool {
-        self.in_flight.get() == 0
-            && !self.partial.get()
-            && !self.upgraded.get()
-            // HTTP/1.1: only with hyper's buffer known empty; HTTP/2: once per idle period.
-            && if self.h2.get() {
-                !self.slim.get()
-            } else {
-                self.clean.get()
-            }
+        self.in_flight.get() == 0 && !self.partial.get() && !self.slim.get()
     }
 
-    /// Whether the socket wrapper asked the HTTP/2 server to free its buffers (once).
+    /// Whether the socket wrapper asked the server to free its buffers (once).
     pub(crate) fn take_park(&self) -> bool {
         let parked = self.parked.replace(false);
         if parked {
@@ -191,9 +152,9 @@ impl ConnState {
 
     /// The next moment the socket wrapper must look again: 408, idle close or park.
     fn deadline(&self) -> Instant {
-        if self.in_flight.get() > 0 || self.upgraded.get() {
-            // Nothing to enforce while a request is served, but hyper may not read again when
-            // it ends, so keep a timer armed to look again later.
+        if self.in_flight.get() > 0 {
+            // Nothing to enforce while a request is served, but the server may not read
+            // again when it ends, so keep a timer armed to look again later.
             return Instant::now() + PARK_AFTER.min(self.idle_timeout);
         }
         if self.partial.get() && !self.h2.get() {
@@ -218,41 +179,76 @@ impl Drop for InFlight {
     }
 }
 
-/// The client socket as the server (hyper's or ours) sees it. When the server waits for bytes
-/// and the connection's deadline has passed, the read fails with `TimedOut` (after writing a 408 when a request
-/// head had started), which ends the connection.
+/// The client socket as the server sees it. When the server waits for bytes and the
+/// connection's deadline has passed, the read fails with `TimedOut` (the HTTP/1.1 server then
+/// answers 408 if a head had begun), which ends the connection; when it is time to park, the
+/// read returns no bytes and `ConnState::take_park` says why.
 pub(crate) struct ClientIo {
-    // Always Some until dropped.
-    stream: Option<ClientStream>,
+    stream: ClientStream,
     eof: bool,
     state: Arc<ConnState>,
     // Armed lazily, and only moved when the deadline moves earlier; firing early just re-arms.
     timer: Option<Pin<Box<Sleep>>>,
     /// The timer is set to look again soon (a request is in flight): no need to move it.
     recheck_armed: bool,
-    /// Bytes to read before the stream's (TLS 0-RTT data).
+    /// Bytes to read before the stream's (read while sniffing, or TLS 0-RTT data).
     prefix: Option<bytes::Bytes>,
-    scan: HeadScan,
-}
-
-impl Drop for ClientIo {
-    fn drop(&mut self) {
-        if !self.eof {
-            self.state.leftover.set(self.stream.take());
-        }
-    }
 }
 
 impl ClientIo {
-    fn stream(&mut self) -> Pin<&mut ClientStream> {
-        Pin::new(self.stream.as_mut().expect("stream present until drop"))
+    /// The socket, unless the client closed its side.
+    pub(crate) fn into_stream(self) -> Option<ClientStream> {
+        (!self.eof).then_some(self.stream)
+    }
+
+    /// Reads what the client sent into `rbuf` (room for `size`). A server that freed its
+    /// buffers (`rbuf` without capacity) reads a little first, so that it only takes a buffer
+    /// again when bytes come.
+    pub(crate) fn poll_input(
+        &mut self,
+        rbuf: &mut BytesMut,
+        size: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if rbuf.capacity() > 0 {
+            return crate::stream::poll_fill(self, rbuf, size, cx);
+        }
+        let mut small = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut small);
+        std::task::ready!(Pin::new(&mut *self).poll_read(cx, &mut buf))?;
+        rbuf.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    /// Writes `wbuf` from `written` on, then empties it; a buffer a large body grew past
+    /// `keep` is given back.
+    pub(crate) fn poll_write_buf(
+        &mut self,
+        wbuf: &mut Vec<u8>,
+        written: &mut usize,
+        keep: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while *written < wbuf.len() {
+            let n = std::task::ready!(Pin::new(&mut *self).poll_write(cx, &wbuf[*written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += n;
+        }
+        *written = 0;
+        wbuf.clear();
+        if wbuf.capacity() > 4 * keep {
+            *wbuf = Vec::new();
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let st = &self.state;
-        if st.in_flight.get() > 0 || st.upgraded.get() {
+        if st.in_flight.get() > 0 {
             if let Some(timer) = &mut self.timer {
-                // Nothing to enforce now, but hyper may not read again when the request
+                // Nothing to enforce now, but the server may not read again when the request
                 // ends: keep the timer within a re-check period.
                 let recheck = || Instant::now() + PARK_AFTER.min(st.idle_timeout);
                 if !self.recheck_armed {
@@ -306,42 +302,23 @@ impl AsyncRead for ClientIo {
                 }
                 Poll::Ready(Ok(()))
             }
-            None => this.stream().poll_read(cx, buf),
+            None => Pin::new(&mut this.stream).poll_read(cx, buf),
         };
         match polled {
             Poll::Ready(Ok(())) => {
-                let got = &buf.filled()[before..];
-                if got.is_empty() {
+                let st = &this.state;
+                if buf.filled().len() == before {
                     this.eof = buf.remaining() > 0;
                 } else {
-                    let st = &this.state;
+                    st.slim.set(false);
                     if st.h2.get() {
                         // Frames with no stream open (pings, settings) keep it alive; while
                         // streams are open, the last one to end stamps the idle start.
                         if st.in_flight.get() == 0 {
                             st.idle_since.set(Instant::now());
                         }
-                        st.slim.set(false);
                     } else if st.in_flight.get() == 0 {
-                        if !st.partial.get() {
-                            st.partial.set(true);
-                            st.head_started.set(Instant::now());
-                            this.scan = HeadScan::default();
-                        }
-                        let was_done = this.scan.done();
-                        if !was_done && this.scan.feed(got) {
-                            st.ambiguous.set(true);
-                        }
-                        // A TLS session's state cannot be parked: only plain sockets are.
-                        let plain = matches!(this.stream, Some(ClientStream::Plain(_)));
-                        st.clean.set(
-                            plain
-                                && !was_done
-                                && this.scan.done()
-                                && this.scan.ended_at_chunk_end(),
-                        );
-                    } else {
-                        st.clean.set(false);
+                        st.begin_head();
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -349,15 +326,9 @@ impl AsyncRead for ClientIo {
             Poll::Pending => {
                 if this.poll_deadline(cx).is_ready() {
                     let st = &this.state;
-                    if st.partial.get() && !st.h2.get() {
-                        // Written raw on plain sockets; a TLS client just sees the close.
-                        if let Some(ClientStream::Plain(s)) = &this.stream {
-                            let _ = s.try_write(TIMEOUT_408);
-                        }
-                    } else if st.parkable() && Instant::now() < st.idle_deadline() {
-                        // Looks like a clean end of stream to hyper, which then drops us and
-                        // hands the socket back (see `ConnServer::serve`); our HTTP/2 server
-                        // frees its buffers and reads on (see `h2::Conn::slim`).
+                    if st.parkable() && Instant::now() < st.idle_deadline() {
+                        // Looks like the end of the stream; the server sees `take_park` and
+                        // frees its buffers instead of closing.
                         st.parked.set(true);
                         return Poll::Ready(Ok(()));
                     }
@@ -376,7 +347,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -384,7 +355,7 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream().poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -392,30 +363,24 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream().poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.state.parked.get() {
-            // Parking, not closing: the socket stays open for the next request.
-            return Poll::Ready(Ok(()));
-        }
-        self.get_mut().stream().poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
-/// The server side of one listener on one worker: hyper's HTTP/1.1 builder and the limits,
-/// configured once.
+/// The server side of one listener on one worker: the limits, configured once.
 pub(crate) struct ConnServer {
-    http1: http1::Builder,
     /// Turns true when the worker drains: finish in-flight requests, then close.
     draining: watch::Receiver<bool>,
     /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
     parks: Arc<AtomicU64>,
     header_timeout: Duration,
     idle_timeout: Duration,
-    /// HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
-    max_header_list: usize,
+    /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
+    limits: Limits,
 }
 
 impl ConnServer {
@@ -424,22 +389,15 @@ impl ConnServer {
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
-        let mut http1 = http1::Builder::new();
-        http1
-            .header_read_timeout(None)
-            // One buffer, one send(2) per response: the head and a small body are copied
-            // together rather than handed to sendmsg(2) as a vector.
-            .writev(false)
-            .max_headers(limits.max_headers)
-            // hyper answers 431 when a head does not fit its read buffer.
-            .max_buf_size(limits.max_header_bytes);
         ConnServer {
-            http1,
             draining,
             parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
-            max_header_list: limits.max_header_bytes,
+            limits: Limits {
+                max_head: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+            },
         }
     }
 
@@ -468,12 +426,8 @@ impl ConnServer {
             head_started: Stamp::new(now),
             idle_since: Stamp::new(now),
             h2: Flag::new(h2),
-            clean: Flag::default(),
             parked: Flag::default(),
             slim: Flag::default(),
-            ambiguous: Flag::default(),
-            upgraded: Flag::default(),
-            leftover: Slot::default(),
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             scheme: http::HeaderValue::from_static(match stream {
@@ -483,78 +437,24 @@ impl ConnServer {
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         });
-        let mut first = Some(first);
-        let mut draining = self.draining.clone();
-        loop {
-            let io = ClientIo {
-                stream: Some(stream),
-                eof: false,
-                state: Arc::clone(&state),
-                timer: None,
-                recheck_armed: false,
-                prefix: first.take().filter(|b| !b.is_empty()),
-                scan: HeadScan::default(),
-            };
-            if h2 {
-                crate::h2::serve(
-                    io,
-                    Arc::clone(&state),
-                    handler,
-                    draining,
-                    self.max_header_list,
-                    Arc::clone(&self.parks),
-                )
-                .await;
-                if let Some(s) = state.leftover.take() {
-                    Box::pin(linger(s)).await;
-                }
-                return;
-            }
-            let svc_state = Arc::clone(&state);
-            let svc_handler = Rc::clone(&handler);
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let handler = Rc::clone(&svc_handler.borrow());
-                let inflight = svc_state.begin_request();
-                handler.handle(req.map(ClientBody::H1), inflight)
-            });
-            // Boxed so a parked connection keeps none of hyper's state. Errors here are the
-            // client's (reset, timeout, malformed head already answered by hyper).
-            let mut conn = Box::pin(
-                self.http1
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades(),
-            );
-            tokio::select! {
-                biased;
-                _ = conn.as_mut() => {}
-                _ = draining.wait_for(|d| *d) => {
-                    // No more keep-alive: idle connections close now, busy ones after their
-                    // response.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.as_mut().await;
-                }
-            }
-            // Dropping hyper's connection drops `ClientIo`, which hands the socket back.
-            drop(conn);
-            let Some(s) = state.leftover.take() else {
-                return;
-            };
-            let s = match s {
-                ClientStream::Plain(s) if state.parked.replace(false) && !*draining.borrow() => s,
-                // Boxed: the linger buffer must not grow every connection's future.
-                other => return Box::pin(linger(other)).await,
-            };
-            self.parks.fetch_add(1, Ordering::Relaxed);
-            // Parked: wait for the next request's first bytes, or close at the idle deadline
-            // or when the worker drains.
-            tokio::select! {
-                biased;
-                _ = draining.wait_for(|d| *d) => return,
-                r = tokio::time::timeout_at(state.idle_deadline(), s.readable()) => match r {
-                    Ok(Ok(())) => stream = ClientStream::Plain(s),
-                    _ => return,
-                },
-            }
+        let io = ClientIo {
+            stream,
+            eof: false,
+            state: Arc::clone(&state),
+            timer: None,
+            recheck_armed: false,
+            prefix: Some(first).filter(|b| !b.is_empty()),
+        };
+        let draining = self.draining.clone();
+        let parks = Arc::clone(&self.parks);
+        let left = if h2 {
+            crate::h2::serve(io, state, handler, draining, self.limits.max_head, parks).await
+        } else {
+            crate::h1::server::serve(io, state, handler, draining, self.limits, parks).await
+        };
+        if let Some(s) = left {
+            // Boxed: the linger buffer must not grow every connection's future.
+            Box::pin(linger(s)).await;
         }
     }
 

@@ -94,6 +94,29 @@ pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &Hea
     }
 }
 
+/// The Date header value, formatted once a second per thread.
+pub(crate) fn http_date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        match &*c {
+            Some((at, value)) if *at == secs => value.clone(),
+            _ => {
+                let value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                    .expect("an HTTP date is a valid header value");
+                *c = Some((secs, value.clone()));
+                value
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! fluxgate, the gateway: worker threads with their own listeners, the io_uring or epoll
-//! acceptor, HTTP/1.1 served through hyper and HTTP/2 through our own server (`h2`),
+//! acceptor, HTTP/1.1 and HTTP/2 served by our own servers (`h1::server`, `h2`),
 //! and per-worker upstream pools.
 //!
 //! Nothing here blocks a worker thread, and nothing here is shared between workers but the
@@ -13,8 +13,7 @@ mod balance;
 mod body;
 mod conn;
 mod error;
-mod framing;
-mod h1client;
+mod h1;
 mod h2;
 mod headers;
 mod health;
@@ -22,6 +21,7 @@ mod json;
 mod metrics;
 mod pool;
 mod proxy;
+mod recv;
 pub mod route;
 mod server;
 mod stream;

@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use crate::body::ClientBody;
 use crate::error::ProxyError;
-use crate::h1client::H1Io;
+use crate::h1::client::H1Io;
 use crate::server::LocalExec;
 
 /// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve

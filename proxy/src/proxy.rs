@@ -22,10 +22,9 @@ use crate::balance::{hash64, Pick};
 use crate::body::{ClientBody, ProxyBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
 use crate::error::ProxyError;
-use crate::h1client::{encode_head, Exchange};
+use crate::h1::client::{encode_head, Exchange};
 use crate::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::metrics::RouteSet;
-use crate::pool::H1Conn;
 use crate::pool::UpstreamPool;
 use crate::route::{RequestHead, RouteTable};
 
@@ -114,10 +113,6 @@ impl Handler {
     /// Refuses, answers or prepares to forward a request; the route index comes along
     /// (None: refused or unmatched).
     fn route(&self, req: Request<ClientBody>, inflight: InFlight) -> Routed<'_> {
-        if inflight.state().take_ambiguous() {
-            // Content-Length with Transfer-Encoding: refuse rather than guess the framing.
-            return Routed::Answer(None, answer(StatusCode::BAD_REQUEST, true, inflight));
-        }
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
             return Routed::Answer(None, answer(StatusCode::URI_TOO_LONG, true, inflight));
@@ -157,7 +152,6 @@ impl Handler {
                     rewrite_prefix(&mut req, route, to);
                 }
                 let upgrade = upgrade_protocol(&req);
-                let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
                 return Routed::Forward(Forward {
                     index,
                     route,
@@ -165,7 +159,6 @@ impl Handler {
                     req,
                     inflight,
                     upgrade,
-                    client_side,
                 });
             }
         };
@@ -188,7 +181,6 @@ impl Handler {
             req,
             inflight,
             upgrade,
-            client_side,
         } = f;
         let pool = &self.pools[pool_index];
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
@@ -218,7 +210,6 @@ impl Handler {
             pick,
             inflight,
             upgrade,
-            client_side,
             timeout: route.timeout.unwrap_or(pool.cfg.response_timeout),
             started,
             logged,
@@ -259,9 +250,8 @@ struct Outgoing {
     /// None: no endpoint is healthy.
     pick: Option<Pick>,
     inflight: InFlight,
-    /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
+    /// The protocol an HTTP/1.1 upgrade asks for.
     upgrade: Option<HeaderValue>,
-    client_side: Option<hyper::upgrade::OnUpgrade>,
     timeout: Duration,
     started: std::time::Instant,
     logged: Option<Box<Pending>>,
@@ -343,7 +333,6 @@ impl Outgoing {
             pick,
             inflight,
             upgrade,
-            client_side,
             started,
             logged,
             ..
@@ -359,26 +348,23 @@ impl Outgoing {
             };
             pool.health.record(ep, failed);
         }
+        let asked_upgrade = upgrade.is_some();
         let mut resp = match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
                 let proto = parts.headers.get(header::UPGRADE).cloned().or(upgrade);
                 strip_hop_by_hop(&mut parts.headers);
-                match (client_side, switching, body) {
-                    (Some(client_side), true, UpstreamBody::H1(b)) => match b.into_upgraded() {
+                match (asked_upgrade && switching, body) {
+                    (true, UpstreamBody::H1(b)) => match b.into_upgraded() {
                         Some(up) => {
-                            inflight.state().mark_upgraded();
-                            tokio::task::spawn_local(tunnel(client_side, up));
                             restore_upgrade(&mut parts.headers, proto);
-                            let done = ProxyBody::full(Bytes::new(), inflight);
-                            Response::from_parts(parts, done)
+                            // Our HTTP/1.1 server writes the 101, then joins the two sockets.
+                            Response::from_parts(parts, ProxyBody::tunnel(up, inflight))
                         }
                         None => answer(StatusCode::BAD_GATEWAY, false, inflight),
                     },
-                    (_, _, body) => {
-                        Response::from_parts(parts, ProxyBody::upstream(body, inflight))
-                    }
+                    (_, body) => Response::from_parts(parts, ProxyBody::upstream(body, inflight)),
                 }
             }
             Err(e) => answer(e.status(), e.closes_client(), inflight),
@@ -403,9 +389,8 @@ struct Forward<'a> {
     pool: usize,
     req: Request<ClientBody>,
     inflight: InFlight,
-    /// The protocol an HTTP/1.1 upgrade asks for, and the client side of it.
+    /// The protocol an HTTP/1.1 upgrade asks for.
     upgrade: Option<HeaderValue>,
-    client_side: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).
@@ -421,21 +406,6 @@ fn restore_upgrade(h: &mut http::HeaderMap, proto: Option<HeaderValue>) {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, p);
     }
-}
-
-/// Copies bytes both ways between the client and the upstream once both sides switched,
-/// starting with whatever the upstream sent right after its 101.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, mut upstream: H1Conn) {
-    use tokio::io::AsyncWriteExt;
-    let Ok(client) = client.await else {
-        return;
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let early = upstream.io.rbuf.split();
-    if !early.is_empty() && client.write_all(&early).await.is_err() {
-        return;
-    }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream.io.stream).await;
 }
 
 /// The request's host for routing: Host, or the HTTP/2 authority, without the port.

@@ -11,10 +11,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 
 use super::frame::*;
-use super::request::{Head, Recv, RecvBody};
+use super::request::Head;
 use super::*;
 use crate::body::ClientBody;
 use crate::proxy::Handled;
+use crate::recv::{Credit, Recv, RecvBody};
 
 impl Conn {
     /// Handles every complete frame in `buf`.
@@ -332,10 +333,12 @@ impl Conn {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let recv = (!end_stream).then(|| Arc::new(Mutex::new(Recv::new(declared))));
         let body = match &recv {
-            Some(r) => ClientBody::H2(RecvBody {
+            Some(r) => ClientBody::Stream(RecvBody {
                 recv: Arc::clone(r),
-                shared: Arc::clone(&self.shared),
-                stream: waker.clone(),
+                credit: Credit::H2(super::Credit {
+                    shared: Arc::clone(&self.shared),
+                    stream: waker.clone(),
+                }),
             }),
             None => ClientBody::Empty,
         };
@@ -435,10 +438,8 @@ impl Conn {
         r.consumed += credit;
         if r.dropped {
             credit += p.len();
-        } else if !p.is_empty() {
-            r.queued += p.len();
-            r.queue.push_back(p);
         }
+        r.push(p);
         r.end |= end;
         r.wake();
         drop(r);

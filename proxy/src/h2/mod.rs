@@ -20,18 +20,18 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderValue, Response};
+use http::Response;
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::conn::{ClientIo, ConnState};
+use crate::conn::{ClientIo, ClientStream, ConnState};
+use crate::headers::http_date;
+use crate::recv::Recv;
 use crate::worker::HandlerSlot;
 pub(crate) use frame::PREFACE;
 use frame::*;
-use request::Recv;
-pub(crate) use request::RecvBody;
 
 /// SETTINGS_MAX_FRAME_SIZE as we announce it (the protocol default).
 const MAX_FRAME: usize = 16_384;
@@ -88,6 +88,27 @@ impl Shared {
         let before = self.released.fetch_add(n, Ordering::Relaxed);
         if before < CONN_WINDOW as usize / 4 && before + n >= CONN_WINDOW as usize / 4 {
             self.wake_conn();
+        }
+    }
+}
+
+/// What a stream's body reader gives back as it reads (see `crate::recv`): connection
+/// credit, and a wake of the stream once enough was read to widen its window.
+pub(crate) struct Credit {
+    shared: Arc<Shared>,
+    stream: Waker,
+}
+
+impl Credit {
+    /// Whether the stream's window is worth widening after `consumed` bytes read.
+    pub(crate) fn widens(&self, consumed: usize) -> bool {
+        consumed >= STREAM_WINDOW as usize / 2
+    }
+
+    pub(crate) fn took(&self, n: usize, widen: bool) {
+        self.shared.release(n);
+        if widen {
+            self.stream.wake_by_ref();
         }
     }
 }
@@ -161,7 +182,7 @@ pub(crate) async fn serve(
     mut draining: watch::Receiver<bool>,
     max_header_list: usize,
     parks: Arc<AtomicU64>,
-) {
+) -> Option<ClientStream> {
     let mut conn = Conn::new(io, state, handler, max_header_list, parks);
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
     std::future::poll_fn(|cx| {
@@ -173,6 +194,7 @@ pub(crate) async fn serve(
     })
     .await;
     let _ = std::future::poll_fn(|cx| Pin::new(&mut conn.io).poll_flush(cx)).await;
+    conn.io.into_stream()
 }
 
 struct Conn {
@@ -280,7 +302,7 @@ impl Conn {
         loop {
             let mut progress = false;
             if self.closing.is_none_or(|c| c == NO_ERROR) && self.unwritten() < WRITE_HIGH {
-                match self.poll_input(cx) {
+                match self.io.poll_input(&mut self.rbuf, MAX_FRAME, cx) {
                     // Idle a while (see `ClientIo`): keep the socket, not the buffers.
                     Poll::Ready(Ok(0)) if self.state.take_park() => {
                         self.slim();
@@ -309,7 +331,10 @@ impl Conn {
             let released = self.shared.released.swap(0, Ordering::Relaxed);
             self.credit(released);
             progress |= self.run_ready();
-            match self.poll_write(cx) {
+            match self
+                .io
+                .poll_write_buf(&mut self.wbuf, &mut self.written, WRITE_HIGH, cx)
+            {
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) if !self.deferred.is_empty() => {
                     for id in self.deferred.drain(..) {
@@ -335,21 +360,7 @@ impl Conn {
         }
     }
 
-    /// Reads what the client sent. A slim connection reads a little first, so that it only
-    /// takes a buffer again when bytes come.
-    fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() > 0 {
-            return crate::stream::poll_fill(&mut self.io, &mut self.rbuf, MAX_FRAME, cx);
-        }
-        let mut small = [0u8; 64];
-        let mut buf = tokio::io::ReadBuf::new(&mut small);
-        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-        self.rbuf.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(buf.filled().len()))
-    }
-
-    /// Frees the buffers of a connection idle a while, as a parked HTTP/1.1 connection
-    /// frees hyper's; the HPACK table and settings stay.
+    /// Frees the buffers of a connection idle a while; the HPACK table and settings stay.
     fn slim(&mut self) {
         if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
@@ -368,25 +379,6 @@ impl Conn {
 
     fn unwritten(&self) -> usize {
         self.wbuf.len() - self.written
-    }
-
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.wbuf.len() {
-            let n = std::task::ready!(
-                Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.written..])
-            )?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-        }
-        self.written = 0;
-        self.wbuf.clear();
-        // A large body may have grown the buffer; an idle connection keeps a small one.
-        if self.wbuf.capacity() > 4 * WRITE_HIGH {
-            self.wbuf = Vec::with_capacity(MAX_FRAME);
-        }
-        Poll::Ready(Ok(()))
     }
 
     /// A stream done both ways leaves; each one that does earns back a reset allowance.
@@ -575,27 +567,4 @@ fn write_head(
             end: false,
         }
     }
-}
-
-/// The Date header value, formatted once a second per thread.
-fn http_date() -> HeaderValue {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    thread_local! {
-        static CACHE: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        match &*c {
-            Some((at, value)) if *at == secs => value.clone(),
-            _ => {
-                let value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
-                    .expect("an HTTP date is a valid header value");
-                *c = Some((secs, value.clone()));
-                value
-            }
-        }
-    })
 }

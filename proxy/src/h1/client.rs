@@ -19,12 +19,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
+use super::{
+    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk,
+};
 use crate::body::ClientBody;
 use crate::headers::connection_has;
 use crate::pool::{Checkout, H1Conn};
@@ -33,9 +36,6 @@ use crate::stream::MaybeTls;
 /// The largest response head accepted, and the most header fields in it.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// The longest chunk-size line, and the most trailer bytes, accepted.
-const MAX_CHUNK_LINE: usize = 1024;
-const MAX_TRAILERS: usize = 16 * 1024;
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -179,19 +179,6 @@ pub(crate) fn encode_head(parts: &Parts, body: Option<&ClientBody>) -> (Bytes, b
     }
     out.put_slice(b"\r\n");
     (out.freeze(), framing == ReqFraming::Chunked)
-}
-
-/// Writes `name: value` lines, one per field.
-fn put_fields<'a>(
-    out: &mut BytesMut,
-    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-) {
-    for (name, value) in fields {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
 }
 
 /// One request on one connection: the bytes still to write and the body still to read.
@@ -405,15 +392,6 @@ pub(crate) enum Framing {
     Upgrade,
 }
 
-/// Where the chunked decoder is.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers(usize),
-}
-
 /// Parses one response head out of `buf`, skipping 1xx interim answers other than 101.
 /// Ok(None): more bytes are needed.
 fn parse_head(
@@ -450,24 +428,10 @@ fn parse_head(
             Version::HTTP_11
         };
         // Header values point into the head's bytes, which the response then owns.
-        let base = buf.as_ptr() as usize;
-        let spans: Vec<(HeaderName, usize, usize)> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| H1Error::Malformed("bad header name"))?;
-                let start = h.value.as_ptr() as usize - base;
-                Ok((name, start, start + h.value.len()))
-            })
-            .collect::<Result<_, H1Error>>()?;
+        let mut spans = Vec::with_capacity(resp.headers.len());
+        field_spans(buf, resp.headers, &mut spans);
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name, start, end) in spans {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                .map_err(|_| H1Error::Malformed("bad header value"))?;
-            headers.append(name, value);
-        }
+        let headers = header_map(&head, &spans).map_err(H1Error::Malformed)?;
         let (framing, delimited) = framing_of(status, &headers, head_request)?;
         let reusable = delimited && keeps_alive(version, &headers);
         let mut parts = Response::new(()).into_parts().0;
@@ -496,39 +460,13 @@ fn framing_of(
             // Either could be the truth: refuse rather than pass on a body of unknown length.
             return Err(H1Error::Malformed("content-length with transfer-encoding"));
         }
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked_last {
+        return Ok(if chunked_last(headers) {
             (Framing::Chunked(Chunk::Size), true)
         } else {
             (Framing::Close, false)
         });
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v
-            .to_str()
-            .map_err(|_| H1Error::Malformed("bad content-length"))?
-            .split(',')
-        {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(H1Error::Malformed("bad content-length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| H1Error::Malformed("bad content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Malformed("conflicting content-length"));
-            }
-            length = Some(n);
-        }
-    }
+    let length = content_length(headers).map_err(H1Error::Malformed)?;
     Ok(match length {
         Some(0) => (Framing::Done, true),
         Some(n) => (Framing::Length(n), true),
@@ -642,9 +580,9 @@ impl Body for H1Body {
                     }
                 }
                 Framing::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
-                    Err(e) => return this.end_closing(Some(Box::new(e))),
+                    Err(e) => return this.end_closing(Some(Box::new(H1Error::Malformed(e)))),
                     Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(None) if *state == Chunk::Trailers(usize::MAX) => {
+                    Ok(None) if state.ended() => {
                         this.finish();
                         return Poll::Ready(None);
                     }
@@ -677,122 +615,9 @@ impl Body for H1Body {
     }
 }
 
-/// Advances the chunked decoder over `buf`: Some(data) for body bytes, None when more bytes
-/// are needed or, with the state at `Trailers(usize::MAX)`, when the body has ended.
-fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, H1Error> {
-    loop {
-        match *state {
-            Chunk::Size => {
-                let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
-                    return Ok(None);
-                };
-                let line = &buf[..end];
-                let digits = line
-                    .iter()
-                    .position(|b| !b.is_ascii_hexdigit())
-                    .unwrap_or(line.len());
-                let rest = &line[digits..];
-                let ext_ok =
-                    rest.is_empty() || rest[0] == b';' || rest[0] == b' ' || rest[0] == b'\t';
-                if digits == 0 || digits > 15 || !ext_ok {
-                    return Err(H1Error::Malformed("bad chunk size"));
-                }
-                let size = line[..digits].iter().fold(0u64, |n, &d| {
-                    n * 16 + (d as char).to_digit(16).unwrap_or(0) as u64
-                });
-                buf.advance(end + 2);
-                *state = if size == 0 {
-                    Chunk::Trailers(0)
-                } else {
-                    Chunk::Data(size)
-                };
-            }
-            Chunk::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let n = left.min(buf.len() as u64) as usize;
-                *state = if n as u64 == left {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left - n as u64)
-                };
-                return Ok(Some(buf.split_to(n).freeze()));
-            }
-            Chunk::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(None);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err(H1Error::Malformed("chunk not followed by CRLF"));
-                }
-                buf.advance(2);
-                *state = Chunk::Size;
-            }
-            Chunk::Trailers(usize::MAX) => return Ok(None),
-            Chunk::Trailers(seen) => {
-                let Some(end) = find_crlf(buf, MAX_TRAILERS - seen)? else {
-                    return Ok(None);
-                };
-                buf.advance(end + 2);
-                // Trailer fields are dropped: they describe the upstream's message.
-                *state = Chunk::Trailers(if end == 0 { usize::MAX } else { seen + end + 2 });
-            }
-        }
-    }
-}
-
-/// The position of the first CRLF in `buf`, looking at no more than `limit` bytes.
-fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, H1Error> {
-    match buf.windows(2).take(limit).position(|w| w == b"\r\n") {
-        Some(i) => Ok(Some(i)),
-        None if buf.len() > limit => Err(H1Error::Malformed("chunk line too long")),
-        None => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn decode_all(wire: &[u8], split: usize) -> Result<(Vec<u8>, bool), H1Error> {
-        let mut state = Chunk::Size;
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for piece in wire.chunks(split) {
-            buf.extend_from_slice(piece);
-            while let Some(d) = decode_chunk(&mut state, &mut buf)? {
-                out.extend_from_slice(&d);
-            }
-        }
-        Ok((out, state == Chunk::Trailers(usize::MAX)))
-    }
-
-    #[test]
-    fn chunked_bodies_decode_however_they_are_split() {
-        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-t: 1\r\n\r\n";
-        for split in 1..wire.len() {
-            let (out, done) = decode_all(wire, split).unwrap();
-            assert_eq!(out, b"hello, world");
-            assert!(done, "split {split}");
-        }
-    }
-
-    #[test]
-    fn bad_chunks_are_refused() {
-        for wire in [
-            &b"zz\r\nhi\r\n0\r\n\r\n"[..],
-            b"2\r\nhiXX0\r\n\r\n",
-            b"-1\r\n",
-            b"ffffffffffffffffff\r\n",
-        ] {
-            assert!(decode_all(wire, wire.len()).is_err(), "{wire:?}");
-        }
-        assert!(
-            decode_all(&[b'1'; 2000], 2000).is_err(),
-            "endless size line"
-        );
-    }
 
     #[test]
     fn response_framing() {

@@ -1,0 +1,708 @@
+//! The HTTP/1.1 server side (RFC 9112).
+//!
+//! One connection is one future: it parses each request head, starts the request's handler
+//! future inside itself, moves the request body from the socket into a queue the upstream
+//! side drains, and writes the response as it comes: the head and a small body go out in one
+//! write. Requests are served one at a time, in order; pipelined requests wait in the read
+//! buffer. Framing is strict: a head whose body length is ambiguous gets 400, and the
+//! connection closes after any answer that leaves it out of step.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use http::header;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::sync::watch;
+
+use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
+use super::{Chunk, Span};
+use crate::body::{ClientBody, ProxyBody};
+use crate::conn::{ClientIo, ClientStream, ConnState};
+use crate::headers::{connection_has, http_date};
+use crate::pool::H1Conn;
+use crate::proxy::Handled;
+use crate::recv::{Credit, Recv, RecvBody};
+use crate::worker::HandlerSlot;
+
+/// How much room a read asks for.
+const READ_SIZE: usize = 16 * 1024;
+/// Request body bytes queued for the upstream side before the socket is left unread; reading
+/// resumes once the queue is below half of it.
+const RECV_HIGH: usize = 256 * 1024;
+/// Above this much unwritten output, no more response body is pulled and nothing is read.
+const WRITE_HIGH: usize = 64 * 1024;
+/// Header fields parsed in place on the stack; a higher `max_headers` parses on the heap.
+const STACK_FIELDS: usize = 128;
+
+/// The limits a request head must keep.
+#[derive(Clone, Copy)]
+pub(crate) struct Limits {
+    /// The most bytes a head may take (431 beyond; 414 when the request line alone does).
+    pub(crate) max_head: usize,
+    /// The most header fields (431 beyond).
+    pub(crate) max_headers: usize,
+}
+
+/// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
+/// `conn::linger`), or None when the client already closed it or it carried a tunnel.
+pub(crate) async fn serve(
+    io: ClientIo,
+    state: Arc<ConnState>,
+    handler: HandlerSlot,
+    mut draining: watch::Receiver<bool>,
+    limits: Limits,
+    parks: Arc<AtomicU64>,
+) -> Option<ClientStream> {
+    let mut conn = Conn {
+        io,
+        rbuf: BytesMut::new(),
+        wbuf: Vec::new(),
+        written: 0,
+        spans: Vec::new(),
+        state,
+        handler,
+        limits,
+        parks,
+        cur: None,
+        closing: false,
+        eof: false,
+        tunnel: None,
+    };
+    let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
+    std::future::poll_fn(|cx| {
+        if !conn.closing && drain.as_mut().poll(cx).is_ready() {
+            // No more keep-alive: an idle connection closes now, a busy one after its answer.
+            conn.closing = true;
+        }
+        conn.poll(cx)
+    })
+    .await;
+    let Conn {
+        io, rbuf, tunnel, ..
+    } = conn;
+    let stream = io.into_stream()?;
+    match tunnel {
+        Some(up) => {
+            tunnel_to(stream, rbuf, up).await;
+            None
+        }
+        None => Some(stream),
+    }
+}
+
+struct Conn {
+    io: ClientIo,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    /// How much of `wbuf` is written.
+    written: usize,
+    /// Where the fields of the head being parsed lie (kept to reuse the allocation).
+    spans: Vec<Span>,
+    state: Arc<ConnState>,
+    handler: HandlerSlot,
+    limits: Limits,
+    /// The worker's count of parked connections (see `slim`).
+    parks: Arc<AtomicU64>,
+    /// The request being served.
+    cur: Option<Current>,
+    /// No request after the current one: close once it is answered (at once when idle).
+    closing: bool,
+    /// The client closed its side.
+    eof: bool,
+    /// Answered 101: once written, the connection carries this upstream's protocol.
+    tunnel: Option<H1Conn>,
+}
+
+/// One request in service.
+struct Current {
+    out: Out,
+    /// The request body while the client is still sending it.
+    upload: Option<Upload>,
+    /// HEAD: the response has no body, whatever its head says.
+    head: bool,
+    http10: bool,
+    keep_alive: bool,
+    /// The client waits for `100 Continue` before it sends the body.
+    expect: bool,
+}
+
+/// A request body on its way from the socket to its reader.
+struct Upload {
+    recv: Arc<Mutex<Recv>>,
+    framing: Framing,
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    Chunked(Chunk),
+}
+
+/// Where the response is.
+// Every request reaches `Body`; boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Out {
+    /// The handler is working on it (or answered, the head not written yet).
+    Waiting(Handled),
+    /// The head is written; the body follows, chunk-coded or not.
+    Body {
+        body: ProxyBody,
+        chunked: bool,
+    },
+    Done,
+}
+
+/// A request head, parsed.
+struct Head {
+    req: Request<()>,
+    framing: Option<Framing>,
+}
+
+impl Conn {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            if self.cur.is_none() && !self.closing && !self.rbuf.is_empty() {
+                progress |= self.start();
+            }
+            if self.wants_input() {
+                match self.io.poll_input(&mut self.rbuf, READ_SIZE, cx) {
+                    // Idle a while (see `ClientIo`): keep the socket, not the buffers.
+                    Poll::Ready(Ok(0)) if self.state.take_park() => {
+                        self.slim();
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(0)) => {
+                        self.client_closed();
+                        progress = true;
+                    }
+                    Poll::Ready(Ok(_)) => progress = true,
+                    // A head begun and not finished in time (see `ClientIo`).
+                    Poll::Ready(Err(e))
+                        if e.kind() == io::ErrorKind::TimedOut
+                            && self.cur.is_none()
+                            && !self.rbuf.is_empty() =>
+                    {
+                        self.refuse(StatusCode::REQUEST_TIMEOUT);
+                        progress = true;
+                    }
+                    // Idle past the keep-alive timeout, or the socket failed.
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => {}
+                }
+            }
+            progress |= self.feed(cx);
+            progress |= self.respond(cx);
+            if let Poll::Ready(Err(_)) =
+                self.io
+                    .poll_write_buf(&mut self.wbuf, &mut self.written, WRITE_HIGH, cx)
+            {
+                return Poll::Ready(());
+            }
+            if self.unwritten() == 0 {
+                match &self.cur {
+                    Some(c) if matches!(c.out, Out::Done) => {
+                        // A body still arriving after its answer: closing is the only way
+                        // to stay in step with a client that may never send the rest.
+                        let reuse = c.keep_alive && c.upload.is_none() && !self.closing;
+                        self.cur = None;
+                        if !reuse || self.tunnel.is_some() {
+                            return Poll::Ready(());
+                        }
+                        if !self.rbuf.is_empty() {
+                            self.state.begin_head();
+                        }
+                        progress = true;
+                    }
+                    None if self.closing || self.eof => return Poll::Ready(()),
+                    _ => {}
+                }
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn unwritten(&self) -> usize {
+        self.wbuf.len() - self.written
+    }
+
+    /// Whether the socket is to be read now: for a head, or for a body with room left in
+    /// its queue. Bytes of a pipelined request wait in the socket while one is answered.
+    fn wants_input(&self) -> bool {
+        if self.eof || self.unwritten() >= WRITE_HIGH {
+            return false;
+        }
+        match &self.cur {
+            None => !self.closing,
+            Some(c) => c.upload.as_ref().is_some_and(|u| {
+                let r = u.recv.lock().expect("recv lock");
+                r.dropped || r.queued < RECV_HIGH
+            }),
+        }
+    }
+
+    /// Frees the buffers of a connection idle a while; the socket stays open.
+    fn slim(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        if self.unwritten() == 0 {
+            self.wbuf = Vec::new();
+            self.written = 0;
+        }
+        self.spans = Vec::new();
+        self.parks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The client closed its side: a body it was sending is cut short.
+    fn client_closed(&mut self) {
+        self.eof = true;
+        if let Some(c) = &mut self.cur {
+            if let Some(up) = c.upload.take() {
+                up.recv
+                    .lock()
+                    .expect("recv lock")
+                    .fail("client closed before the body ended");
+                c.keep_alive = false;
+            }
+        }
+    }
+
+    /// Parses the head at the front of the read buffer and starts its request; true if one
+    /// started or was refused.
+    fn start(&mut self) -> bool {
+        let limits = self.limits;
+        match parse_head(&mut self.rbuf, limits, &mut self.spans) {
+            Ok(None) if self.rbuf.len() > limits.max_head => {
+                let line_ended = self.rbuf[..limits.max_head].contains(&b'\n');
+                self.refuse(if line_ended {
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                } else {
+                    StatusCode::URI_TOO_LONG
+                });
+                true
+            }
+            Ok(None) => false,
+            Err(status) => {
+                self.refuse(status);
+                true
+            }
+            Ok(Some(head)) => {
+                self.begin(head);
+                true
+            }
+        }
+    }
+
+    fn begin(&mut self, head: Head) {
+        let Head { req, framing } = head;
+        let http10 = req.version() == Version::HTTP_10;
+        let headers = req.headers();
+        let keep_alive = if http10 {
+            connection_has(headers, "keep-alive")
+        } else {
+            !connection_has(headers, "close")
+        };
+        let expect = !http10
+            && framing.is_some()
+            && headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let upload = framing.map(|framing| Upload {
+            recv: Arc::new(Mutex::new(Recv::new(match framing {
+                Framing::Length(n) => Some(n),
+                Framing::Chunked(_) => None,
+            }))),
+            framing,
+        });
+        let body = match &upload {
+            Some(u) => ClientBody::Stream(RecvBody {
+                recv: Arc::clone(&u.recv),
+                credit: Credit::H1(RECV_HIGH / 2),
+            }),
+            None => ClientBody::Empty,
+        };
+        let is_head = req.method() == Method::HEAD;
+        let inflight = self.state.begin_request();
+        let handler = Rc::clone(&self.handler.borrow());
+        let out = Out::Waiting(handler.handle(req.map(|()| body), inflight));
+        self.cur = Some(Current {
+            out,
+            upload,
+            head: is_head,
+            http10,
+            keep_alive,
+            expect,
+        });
+    }
+
+    /// Answers with `status` here and closes after it: the connection is out of step.
+    fn refuse(&mut self, status: StatusCode) {
+        let resp = crate::proxy::answer(status, true, self.state.begin_request());
+        self.cur = Some(Current {
+            out: Out::Waiting(Handled::Ready(Some(Box::new(resp)))),
+            upload: None,
+            head: false,
+            http10: false,
+            keep_alive: false,
+            expect: false,
+        });
+        self.closing = true;
+    }
+
+    /// Moves request body bytes from the read buffer into the body's queue; true if any
+    /// moved, the body ended, or a 100 Continue was written.
+    fn feed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(c) = &mut self.cur else {
+            return false;
+        };
+        let Some(up) = &mut c.upload else {
+            return false;
+        };
+        let mut r = up.recv.lock().expect("recv lock");
+        let mut progress = false;
+        if c.expect && r.asked && matches!(c.out, Out::Waiting(_)) {
+            // The reader wants the body before any answer is ready: invite it.
+            self.wbuf
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            c.expect = false;
+            progress = true;
+        }
+        let mut failed = None;
+        while r.dropped || r.queued < RECV_HIGH {
+            let data = match &mut up.framing {
+                Framing::Length(0) => break,
+                Framing::Length(left) => {
+                    if self.rbuf.is_empty() {
+                        break;
+                    }
+                    let n = (*left).min(self.rbuf.len() as u64) as usize;
+                    *left -= n as u64;
+                    self.rbuf.split_to(n).freeze()
+                }
+                Framing::Chunked(state) => match decode_chunk(state, &mut self.rbuf) {
+                    Ok(Some(data)) => data,
+                    Ok(None) => break,
+                    Err(why) => {
+                        failed = Some(why);
+                        break;
+                    }
+                },
+            };
+            r.received += data.len() as u64;
+            r.push(data);
+            progress = true;
+        }
+        let ended = match up.framing {
+            Framing::Length(left) => left == 0,
+            Framing::Chunked(state) => state.ended(),
+        };
+        if let Some(why) = failed {
+            // The rest of the connection cannot be told apart from this body.
+            r.fail(why);
+            c.keep_alive = false;
+            self.eof = true;
+        } else if ended {
+            r.end = true;
+        } else {
+            if !r.producer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                r.producer = Some(cx.waker().clone());
+            }
+            if progress {
+                r.wake();
+            }
+            return progress;
+        }
+        r.wake();
+        drop(r);
+        c.upload = None;
+        true
+    }
+
+    /// Writes the response as far as it is ready; true if anything was written.
+    fn respond(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(c) = &mut self.cur else {
+            return false;
+        };
+        let mut progress = false;
+        loop {
+            match &mut c.out {
+                Out::Waiting(handled) => match Pin::new(handled).poll(cx) {
+                    Poll::Pending => return progress,
+                    Poll::Ready(Ok(resp)) => {
+                        let keep = c.keep_alive && !self.closing;
+                        let (out, keep) =
+                            write_head(&mut self.wbuf, &mut self.tunnel, c, resp, keep);
+                        c.out = out;
+                        c.keep_alive = keep;
+                        progress = true;
+                    }
+                },
+                Out::Body { body, chunked } => {
+                    if self.wbuf.len() - self.written >= WRITE_HIGH {
+                        return progress;
+                    }
+                    match Pin::new(&mut *body).poll_frame(cx) {
+                        Poll::Pending => return progress,
+                        Poll::Ready(None) => {
+                            if *chunked {
+                                self.wbuf.extend_from_slice(b"0\r\n\r\n");
+                            }
+                            c.out = Out::Done;
+                        }
+                        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) if data.is_empty() => {}
+                            Ok(data) => {
+                                if *chunked {
+                                    put_chunk_size(&mut self.wbuf, data.len());
+                                    self.wbuf.extend_from_slice(&data);
+                                    self.wbuf.extend_from_slice(b"\r\n");
+                                } else {
+                                    self.wbuf.extend_from_slice(&data);
+                                }
+                            }
+                            Err(frame) => {
+                                if let (true, Ok(trailers)) = (*chunked, frame.into_trailers()) {
+                                    self.wbuf.extend_from_slice(b"0\r\n");
+                                    put_fields(&mut self.wbuf, &trailers);
+                                    self.wbuf.extend_from_slice(b"\r\n");
+                                    c.out = Out::Done;
+                                }
+                            }
+                        },
+                        Poll::Ready(Some(Err(_))) => {
+                            // The upstream broke off mid-body: closing without the end of
+                            // the body tells the client it did not get the whole.
+                            c.keep_alive = false;
+                            c.out = Out::Done;
+                        }
+                    }
+                    progress = true;
+                }
+                Out::Done => return progress,
+            }
+        }
+    }
+}
+
+/// Writes the response head of request `c`; returns where the response goes next and whether
+/// the connection stays open after it. A 101 answer hands over its upstream for the tunnel.
+fn write_head(
+    w: &mut Vec<u8>,
+    tunnel: &mut Option<H1Conn>,
+    c: &Current,
+    resp: Response<ProxyBody>,
+    keep: bool,
+) -> (Out, bool) {
+    use std::io::Write;
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let headers = &parts.headers;
+    let mut keep = keep && !connection_has(headers, "close");
+    put_status_line(w, status);
+    put_fields(w, headers);
+    if !headers.contains_key(header::DATE) {
+        put_fields(w, [(&header::DATE, &http_date())]);
+    }
+    let bodiless = c.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut chunked = false;
+    if !bodiless && !headers.contains_key(header::CONTENT_LENGTH) {
+        match body.size_hint().exact() {
+            Some(n) => {
+                let _ = write!(w, "content-length: {n}\r\n");
+            }
+            None if c.http10 => keep = false,
+            None => {
+                w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        }
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        *tunnel = body.take_tunnel();
+        keep = tunnel.is_some();
+    } else if !keep && !connection_has(headers, "close") {
+        w.extend_from_slice(b"connection: close\r\n");
+    } else if keep && c.http10 {
+        w.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    w.extend_from_slice(b"\r\n");
+    let out = if bodiless || body.is_end_stream() {
+        Out::Done
+    } else {
+        Out::Body { body, chunked }
+    };
+    (out, keep)
+}
+
+/// `HTTP/1.1 200 OK`, and the like.
+fn put_status_line(w: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        w.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    w.extend_from_slice(b"HTTP/1.1 ");
+    w.extend_from_slice(status.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    w.extend_from_slice(b"\r\n");
+}
+
+fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
+    use std::io::Write;
+    let _ = write!(w, "{n:x}\r\n");
+}
+
+/// Parses the request head at the front of `buf`, splitting it off when complete. Ok(None):
+/// more bytes are needed. Err: the status to refuse it with.
+fn parse_head(
+    buf: &mut BytesMut,
+    limits: Limits,
+    spans: &mut Vec<Span>,
+) -> Result<Option<Head>, StatusCode> {
+    let bad = StatusCode::BAD_REQUEST;
+    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    let mut heap = Vec::new();
+    let fields = if limits.max_headers <= STACK_FIELDS {
+        &mut stack[..limits.max_headers]
+    } else {
+        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        &mut heap[..]
+    };
+    let mut parsed = httparse::Request::new(fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Err(_) => return Err(bad),
+    };
+    if len > limits.max_head {
+        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| bad)?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let target = parsed.path.unwrap_or("");
+    let base = buf.as_ptr() as usize;
+    let target = target.as_ptr() as usize - base..target.as_ptr() as usize - base + target.len();
+    field_spans(buf, parsed.headers, spans);
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad)?;
+    let headers = header_map(&head, spans).map_err(|_| bad)?;
+    let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Both, or a coding other than chunked last, leave the length to guesswork: the shape
+        // of request smuggling (RFC 9112 6.1, 6.3).
+        if headers.contains_key(header::CONTENT_LENGTH)
+            || version == Version::HTTP_10
+            || !chunked_last(&headers)
+        {
+            return Err(bad);
+        }
+        Some(Framing::Chunked(Chunk::Size))
+    } else {
+        match content_length(&headers).map_err(|_| bad)? {
+            None | Some(0) => None,
+            Some(n) => Some(Framing::Length(n)),
+        }
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(Some(Head { req, framing }))
+}
+
+/// Copies bytes both ways between the client and the upstream once both sides switched,
+/// starting with what each sent past the heads.
+async fn tunnel_to(mut client: ClientStream, from_client: BytesMut, mut upstream: H1Conn) {
+    use tokio::io::AsyncWriteExt;
+    let early = upstream.io.rbuf.split();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    if !from_client.is_empty() && upstream.io.stream.write_all(&from_client).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream.io.stream).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<Head>, StatusCode> {
+        let limits = Limits {
+            max_head: 1024,
+            max_headers: 8,
+        };
+        parse_head(&mut BytesMut::from(raw), limits, &mut Vec::new())
+    }
+
+    #[test]
+    fn heads_and_their_framing() {
+        let h = parse(b"POST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.req.uri().path(), "/a");
+        assert_eq!(h.req.headers()["host"], "x");
+        assert!(matches!(h.framing, Some(Framing::Length(3))));
+        let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.req.version(), Version::HTTP_10);
+        assert!(h.framing.is_none());
+        let h = parse(b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert!(matches!(
+            h,
+            Ok(Some(Head {
+                framing: Some(Framing::Chunked(_)),
+                ..
+            }))
+        ));
+        assert!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn ambiguous_or_malformed_heads_are_refused() {
+        let bad = |raw: &[u8]| parse(raw).err();
+        let r400 = Some(StatusCode::BAD_REQUEST);
+        assert_eq!(
+            bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            r400
+        );
+        assert_eq!(
+            bad(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            r400
+        );
+        assert_eq!(
+            bad(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            r400
+        );
+        assert_eq!(
+            bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            r400
+        );
+        assert_eq!(bad(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), r400);
+        assert_eq!(bad(b"GET /\x01 HTTP/1.1\r\n\r\n"), r400);
+        assert_eq!(
+            bad(b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! A request body as a client connection receives it: a queue the connection fills (our
+//! HTTP/1.1 server from the socket, our HTTP/2 server from DATA frames) and the upstream side
+//! drains. The connection stops taking bytes from the client while the queue is full, so a
+//! slow upstream slows the client rather than filling our memory.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::error::BoxError;
+
+/// The shared state of one request body.
+pub(crate) struct Recv {
+    pub(crate) queue: VecDeque<Bytes>,
+    pub(crate) queued: usize,
+    pub(crate) trailers: Option<HeaderMap>,
+    pub(crate) end: bool,
+    /// Why the body failed (the stream was reset, the client left); the reader gets it as
+    /// an error.
+    pub(crate) failed: Option<&'static str>,
+    pub(crate) reader: Option<Waker>,
+    /// The reader is gone: further data is dropped at once.
+    pub(crate) dropped: bool,
+    /// The reader has asked for data it did not have yet (HTTP/1.1: time for a 100 Continue).
+    pub(crate) asked: bool,
+    /// HTTP/2: read since the stream's window was last widened.
+    pub(crate) consumed: usize,
+    /// Content-Length, if declared, and what arrived so far.
+    pub(crate) declared: Option<u64>,
+    pub(crate) received: u64,
+    /// HTTP/1.1: the connection, waiting for room in the queue or for the reader to ask.
+    pub(crate) producer: Option<Waker>,
+}
+
+impl Recv {
+    /// A body the client is about to send, `declared` its Content-Length if any.
+    pub(crate) fn new(declared: Option<u64>) -> Recv {
+        Recv {
+            queue: VecDeque::new(),
+            queued: 0,
+            trailers: None,
+            end: false,
+            failed: None,
+            reader: None,
+            dropped: false,
+            asked: false,
+            consumed: 0,
+            declared,
+            received: 0,
+            producer: None,
+        }
+    }
+
+    /// Something changed for the reader: more data, the end, or a failure.
+    pub(crate) fn wake(&mut self) {
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn fail(&mut self, why: &'static str) {
+        self.failed = Some(why);
+        self.wake();
+    }
+
+    /// Queues body bytes for the reader (dropped if it is gone).
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if !self.dropped && !data.is_empty() {
+            self.queued += data.len();
+            self.queue.push_back(data);
+        }
+    }
+
+    fn wake_producer(&mut self) {
+        if let Some(w) = self.producer.take() {
+            w.wake();
+        }
+    }
+}
+
+/// How a connection learns that its reader took bytes.
+pub(crate) enum Credit {
+    /// HTTP/1.1: the connection reads on once the queue is below this.
+    H1(usize),
+    /// HTTP/2: flow-control credit for the stream and the connection.
+    H2(crate::h2::Credit),
+}
+
+/// The reading end of a request body, handed to the proxy inside the request.
+pub(crate) struct RecvBody {
+    pub(crate) recv: Arc<Mutex<Recv>>,
+    pub(crate) credit: Credit,
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut r = this.recv.lock().expect("recv lock");
+        if let Some(data) = r.queue.pop_front() {
+            r.queued -= data.len();
+            match &this.credit {
+                Credit::H1(low) => {
+                    if r.queued < *low {
+                        r.wake_producer();
+                    }
+                }
+                Credit::H2(c) => {
+                    r.consumed += data.len();
+                    let widen = !r.end && c.widens(r.consumed);
+                    drop(r);
+                    c.took(data.len(), widen);
+                }
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(why) = r.failed {
+            return Poll::Ready(Some(Err(why.into())));
+        }
+        if let Some(t) = r.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        if r.end {
+            return Poll::Ready(None);
+        }
+        r.reader = Some(cx.waker().clone());
+        if !r.asked {
+            r.asked = true;
+            r.wake_producer();
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let r = self.recv.lock().expect("recv lock");
+        r.end && r.queue.is_empty() && r.trailers.is_none() && r.failed.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let r = self.recv.lock().expect("recv lock");
+        match r.declared {
+            Some(n) => SizeHint::with_exact(n - r.received + r.queued as u64),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        let mut r = self.recv.lock().expect("recv lock");
+        r.dropped = true;
+        let unread = std::mem::take(&mut r.queued);
+        r.queue.clear();
+        match &self.credit {
+            Credit::H1(_) => r.wake_producer(),
+            Credit::H2(c) => {
+                drop(r);
+                c.took(unread, false);
+            }
+        }
+    }
+}
