@@ -453,8 +453,10 @@ impl ConnServer {
             crate::h1::server::serve(io, state, handler, draining, self.limits, parks).await
         };
         if let Some(s) = left {
-            // Boxed: the linger buffer must not grow every connection's future.
-            Box::pin(linger(s)).await;
+            // Boxed, and in its own statement (a temporary would live across the await): the
+            // linger buffer must not grow every connection's future.
+            let linger = Box::pin(linger(s));
+            linger.await;
         }
     }
 

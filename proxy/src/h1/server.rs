@@ -52,14 +52,14 @@ pub(crate) struct Limits {
 
 /// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
 /// `conn::linger`), or None when the client already closed it or it carried a tunnel.
-pub(crate) async fn serve(
+pub(crate) fn serve(
     io: ClientIo,
     state: Arc<ConnState>,
     handler: HandlerSlot,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
     limits: Limits,
     parks: Arc<AtomicU64>,
-) -> Option<ClientStream> {
+) -> impl Future<Output = Option<ClientStream>> {
     let mut conn = Conn {
         io,
         rbuf: BytesMut::new(),
@@ -75,25 +75,31 @@ pub(crate) async fn serve(
         eof: false,
         tunnel: None,
     };
-    let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
-    std::future::poll_fn(|cx| {
-        if !conn.closing && drain.as_mut().poll(cx).is_ready() {
-            // No more keep-alive: an idle connection closes now, a busy one after its answer.
-            conn.closing = true;
+    let mut draining = draining;
+    // An async block, not an async fn: the fn's arguments would be stored in the future and
+    // again as its locals, and every idle connection pays for the future's size.
+    async move {
+        let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
+        std::future::poll_fn(|cx| {
+            if !conn.closing && drain.as_mut().poll(cx).is_ready() {
+                // No more keep-alive: an idle connection closes now, a busy one after its
+                // answer.
+                conn.closing = true;
+            }
+            conn.poll(cx)
+        })
+        .await;
+        let stream = conn.io.into_stream()?;
+        match conn.tunnel {
+            Some(up) => {
+                // Boxed, and in its own statement (a temporary would live across the await):
+                // rare, and its state must not grow every connection's future.
+                let tunnel = Box::pin(tunnel_to(stream, conn.rbuf, up));
+                tunnel.await;
+                None
+            }
+            None => Some(stream),
         }
-        conn.poll(cx)
-    })
-    .await;
-    let Conn {
-        io, rbuf, tunnel, ..
-    } = conn;
-    let stream = io.into_stream()?;
-    match tunnel {
-        Some(up) => {
-            tunnel_to(stream, rbuf, up).await;
-            None
-        }
-        None => Some(stream),
     }
 }
 
