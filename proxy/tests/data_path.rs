@@ -38,6 +38,10 @@ on_both_acceptors!(
     idle_connection_is_parked_and_serves_the_next_request,
     pipelined_bytes_held_while_idle_are_not_lost,
     upstream_connection_cap_queues_then_gives_503,
+    expect_100_continue_is_answered_when_the_body_is_wanted,
+    http10_closes_unless_keep_alive_is_asked,
+    request_line_past_the_head_limit_gives_414,
+    chunked_request_body_streams_upstream,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -630,5 +634,74 @@ fn upstream_connection_cap_queues_then_gives_503(io: IoMode) {
     assert!(eventually(Duration::from_secs(2), || up.accepted() == 1));
     assert_eq!(get(addr, "/queued").status, 503);
     assert_eq!(slow.join().unwrap(), 200);
+    fg.shutdown();
+}
+
+fn expect_100_continue_is_answered_when_the_body_is_wanted(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+    // Nothing of the body is sent until the server invites it.
+    assert_eq!(c.read_response().expect("interim answer").status, 100);
+    c.send(b"hello");
+    let r = c.read_response().expect("final answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello");
+    fg.shutdown();
+}
+
+fn http10_closes_unless_keep_alive_is_asked(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let addr = fg.local_addrs()[0];
+    let mut c = RawClient::connect(addr);
+    c.send(b"GET /old HTTP/1.0\r\n\r\n");
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed());
+    let mut c = RawClient::connect(addr);
+    for i in 0..2 {
+        c.send(format!("GET /ka{i} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes());
+        let r = c.read_response().expect("kept-alive response");
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+        assert_eq!(r.header("x-up-path"), Some(format!("/ka{i}").as_str()));
+    }
+    fg.shutdown();
+}
+
+fn request_line_past_the_head_limit_gives_414(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_header_bytes = \"8KiB\"", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    // Longer than the whole head may be, with no line end in sight.
+    c.send(format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(12_000)).as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 414);
+    assert!(c.closed());
+    assert_eq!(up.accepted(), 0);
+    fg.shutdown();
+}
+
+fn chunked_request_body_streams_upstream(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+    c.send(b"7;ext=1\r\n, world\r\n0\r\n\r\n");
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-up-te"),
+        Some("chunked"),
+        "length unknown: chunked upstream too"
+    );
+    assert_eq!(r.body, b"hello, world");
+    // The connection is in step for the next request.
+    c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        c.read_response().unwrap().header("x-up-path"),
+        Some("/next")
+    );
     fg.shutdown();
 }

@@ -290,12 +290,7 @@ impl Conn {
         let limits = self.limits;
         match parse_head(&mut self.rbuf, limits, &mut self.spans) {
             Ok(None) if self.rbuf.len() > limits.max_head => {
-                let line_ended = self.rbuf[..limits.max_head].contains(&b'\n');
-                self.refuse(if line_ended {
-                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-                } else {
-                    StatusCode::URI_TOO_LONG
-                });
+                self.refuse(too_large(&self.rbuf, limits.max_head));
                 true
             }
             Ok(None) => false,
@@ -598,7 +593,7 @@ fn parse_head(
         Err(_) => return Err(bad),
     };
     if len > limits.max_head {
-        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        return Err(too_large(buf, limits.max_head));
     }
     let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| bad)?;
     let version = match parsed.version {
@@ -634,6 +629,15 @@ fn parse_head(
     *req.version_mut() = version;
     *req.headers_mut() = headers;
     Ok(Some(Head { req, framing }))
+}
+
+/// Why a head is over `max_head` bytes: its request line alone (414), or its fields (431).
+fn too_large(head: &[u8], max_head: usize) -> StatusCode {
+    if head[..max_head].contains(&b'\n') {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    } else {
+        StatusCode::URI_TOO_LONG
+    }
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides switched,
