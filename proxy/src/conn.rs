@@ -500,6 +500,23 @@ impl ConnServer {
     }
 }
 
+/// Whether the worker started draining, for a connection future that polls this each time it
+/// is polled. The wait (`draining.wait_for`) is polled once to register and again only after
+/// the value changed: a registered wait keeps the task's waker, and each poll of it takes a
+/// lock. `probe` is a clone of the receiver the wait borrows.
+pub(crate) fn poll_drain<F: Future>(
+    wait: Pin<&mut F>,
+    probe: &watch::Receiver<bool>,
+    registered: &mut bool,
+    cx: &mut Context<'_>,
+) -> bool {
+    if *registered && !probe.has_changed().unwrap_or(true) {
+        return false;
+    }
+    *registered = true;
+    wait.poll(cx).is_ready()
+}
+
 /// Closes a connection the client may still be writing to without losing our last answer:
 /// closing with unread bytes would send RST, and a client that gets RST before reading may
 /// discard the response. So send FIN, then read and discard for a bounded time and amount.

@@ -431,7 +431,7 @@ fn parse_head(
         let mut spans = Vec::with_capacity(resp.headers.len());
         field_spans(buf, resp.headers, &mut spans);
         let head = buf.split_to(len).freeze();
-        let headers = header_map(&head, &spans).map_err(H1Error::Malformed)?;
+        let headers = header_map(&head, &spans, 0).map_err(H1Error::Malformed)?;
         let (framing, delimited) = framing_of(status, &headers, head_request)?;
         let reusable = delimited && keeps_alive(version, &headers);
         let mut parts = Response::new(()).into_parts().0;

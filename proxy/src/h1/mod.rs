@@ -26,9 +26,14 @@ pub(crate) fn field_spans(head: &[u8], fields: &[httparse::Header<'_>], spans: &
     }));
 }
 
-/// The header map of a head split off its buffer; values share the head's bytes.
-pub(crate) fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, &'static str> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+/// The header map of a head split off its buffer, with room for `extra` more fields; values
+/// share the head's bytes.
+pub(crate) fn header_map(
+    head: &Bytes,
+    spans: &[Span],
+    extra: usize,
+) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + extra);
     for &[n0, n1, v0, v1] in spans {
         let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "bad header name")?;
         let value =

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
 use super::{Chunk, Span};
 use crate::body::{ClientBody, ProxyBody};
-use crate::conn::{ClientIo, ClientStream, ConnState};
+use crate::conn::{poll_drain, ClientIo, ClientStream, ConnState};
 use crate::headers::{connection_has, http_date};
 use crate::pool::H1Conn;
 use crate::proxy::Handled;
@@ -79,9 +79,11 @@ pub(crate) fn serve(
     // An async block, not an async fn: the fn's arguments would be stored in the future and
     // again as its locals, and every idle connection pays for the future's size.
     async move {
+        let probe = draining.clone();
+        let mut registered = false;
         let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
         std::future::poll_fn(|cx| {
-            if !conn.closing && drain.as_mut().poll(cx).is_ready() {
+            if !conn.closing && poll_drain(drain.as_mut(), &probe, &mut registered, cx) {
                 // No more keep-alive: an idle connection closes now, a busy one after its
                 // answer.
                 conn.closing = true;
@@ -606,7 +608,8 @@ fn parse_head(
     field_spans(buf, parsed.headers, spans);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad)?;
-    let headers = header_map(&head, spans).map_err(|_| bad)?;
+    // Room for what the proxy adds: X-Forwarded-For, -Proto, -Host, and Host.
+    let headers = header_map(&head, spans, 4).map_err(|_| bad)?;
     let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
         // Both, or a coding other than chunked last, leave the length to guesswork: the shape
         // of request smuggling (RFC 9112 6.1, 6.3).

@@ -26,7 +26,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::conn::{ClientIo, ClientStream, ConnState};
+use crate::conn::{poll_drain, ClientIo, ClientStream, ConnState};
 use crate::headers::http_date;
 use crate::recv::Recv;
 use crate::worker::HandlerSlot;
@@ -184,9 +184,11 @@ pub(crate) async fn serve(
     parks: Arc<AtomicU64>,
 ) -> Option<ClientStream> {
     let mut conn = Conn::new(io, state, handler, max_header_list, parks);
+    let probe = draining.clone();
+    let mut registered = false;
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
     std::future::poll_fn(|cx| {
-        if conn.closing.is_none() && drain.as_mut().poll(cx).is_ready() {
+        if conn.closing.is_none() && poll_drain(drain.as_mut(), &probe, &mut registered, cx) {
             // Streams open now finish; new ones are refused; then the connection closes.
             conn.go_away(ConnError(NO_ERROR, "shutting down"));
         }
