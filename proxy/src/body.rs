@@ -57,7 +57,7 @@ impl Body for ClientBody {
 /// The body sent to the client.
 pub struct ProxyBody {
     inner: Inner,
-    // Marks the request as in flight on its client connection until hyper drops the body.
+    // Marks the request as in flight on its client connection until the server drops the body.
     _inflight: InFlight,
     /// The access log line to write when the body ends, counting the bytes sent.
     log: Option<Box<Pending>>,

@@ -434,7 +434,7 @@ impl Metrics {
             &mut o,
             "fluxgate_connections_parked_total",
             "counter",
-            "Idle connections whose buffers were freed (HTTP/1.1: hyper's state; HTTP/2: ours).",
+            "Idle client connections whose read and write buffers were freed.",
         );
         let parked: u64 = self.parked.iter().map(|p| p.load(Ordering::Relaxed)).sum();
         let _ = writeln!(o, "fluxgate_connections_parked_total {parked}");

@@ -218,7 +218,7 @@ impl Handler {
     }
 }
 
-/// What hyper awaits for one request: an answer made here, or the upstream's.
+/// What the server awaits for one request: an answer made here, or the upstream's.
 pub(crate) enum Handled {
     /// Boxed so that the common case, forwarding, does not carry a response's size.
     Ready(Option<Box<Response<ProxyBody>>>),
@@ -232,7 +232,7 @@ impl Future for Handled {
         match self.get_mut() {
             Handled::Ready(resp) => match resp.take() {
                 Some(resp) => Poll::Ready(Ok(*resp)),
-                // Polled again after completing: hyper never does.
+                // Polled again after completing: our servers never do.
                 None => Poll::Pending,
             },
             Handled::Forwarding(f) => f.as_mut().poll(cx).map(Ok),
