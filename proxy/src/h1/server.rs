@@ -122,7 +122,7 @@ struct Conn {
     cur: Option<Current>,
     /// No request after the current one: close once it is answered (at once when idle).
     closing: bool,
-    /// The client closed its side.
+    /// Nothing more is read: the client closed its side, or a body could not be delimited.
     eof: bool,
     /// Answered 101: once written, the connection carries this upstream's protocol.
     tunnel: Option<H1Conn>,
