@@ -500,6 +500,17 @@ impl ConnServer {
     }
 }
 
+/// Frees an idle connection's read and write buffers, unless they still hold bytes.
+pub(crate) fn free_buffers(rbuf: &mut BytesMut, wbuf: &mut Vec<u8>, written: &mut usize) {
+    if rbuf.is_empty() {
+        *rbuf = BytesMut::new();
+    }
+    if *written == wbuf.len() {
+        *wbuf = Vec::new();
+        *written = 0;
+    }
+}
+
 /// Whether the worker started draining, for a connection future that polls this each time it
 /// is polled. The wait (`draining.wait_for`) is polled once to register and again only after
 /// the value changed: a registered wait keeps the task's waker, and each poll of it takes a

@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
 use super::{
-    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk,
+    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk, Span,
 };
 use crate::body::ClientBody;
 use crate::headers::connection_has;
@@ -43,6 +43,8 @@ const READ_SIZE: usize = 16 * 1024;
 pub(crate) struct H1Io {
     pub(crate) stream: crate::stream::UpstreamStream,
     pub(crate) rbuf: BytesMut,
+    /// Where the fields of the response head being parsed lie (kept to reuse the allocation).
+    spans: Vec<Span>,
 }
 
 impl H1Io {
@@ -50,6 +52,7 @@ impl H1Io {
         H1Io {
             stream,
             rbuf: BytesMut::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -348,7 +351,8 @@ impl Exchange {
             return Poll::Ready(Err(Upstream::Proxy(e)));
         }
         loop {
-            match parse_head(&mut self.conn.io_mut().rbuf, self.head_request) {
+            let io = self.conn.io_mut();
+            match parse_head(&mut io.rbuf, &mut io.spans, self.head_request) {
                 Err(e) => return Poll::Ready(Err(Upstream::H1(e))),
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
@@ -396,15 +400,22 @@ pub(crate) enum Framing {
 /// Ok(None): more bytes are needed.
 fn parse_head(
     buf: &mut BytesMut,
+    spans: &mut Vec<Span>,
     head_request: bool,
 ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
     loop {
         if buf.is_empty() {
             return Ok(None);
         }
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut fields);
-        let len = match resp.parse(buf) {
+        // Left uninitialised: httparse writes each slot it uses.
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(H1Error::Malformed("response head too large"))
@@ -428,10 +439,9 @@ fn parse_head(
             Version::HTTP_11
         };
         // Header values point into the head's bytes, which the response then owns.
-        let mut spans = Vec::with_capacity(resp.headers.len());
-        field_spans(buf, resp.headers, &mut spans);
+        field_spans(buf, resp.headers, spans);
         let head = buf.split_to(len).freeze();
-        let headers = header_map(&head, &spans, 0).map_err(H1Error::Malformed)?;
+        let headers = header_map(&head, spans, 0).map_err(H1Error::Malformed)?;
         let (framing, delimited) = framing_of(status, &headers, head_request)?;
         let reusable = delimited && keeps_alive(version, &headers);
         let mut parts = Response::new(()).into_parts().0;
@@ -623,7 +633,8 @@ mod tests {
     fn response_framing() {
         let head = |raw: &[u8], head_req: bool| {
             let mut b = BytesMut::from(raw);
-            parse_head(&mut b, head_req).map(|h| h.map(|(p, f, r)| (p.status.as_u16(), f, r)))
+            parse_head(&mut b, &mut Vec::new(), head_req)
+                .map(|h| h.map(|(p, f, r)| (p.status.as_u16(), f, r)))
         };
         let ok = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).unwrap();
         assert_eq!(ok, Some((200, Framing::Length(5), true)));

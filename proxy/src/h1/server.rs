@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use tokio::sync::watch;
 use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
 use super::{Chunk, Span};
 use crate::body::{ClientBody, ProxyBody};
-use crate::conn::{poll_drain, ClientIo, ClientStream, ConnState};
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState};
 use crate::headers::{connection_has, http_date};
 use crate::pool::H1Conn;
 use crate::proxy::Handled;
@@ -261,13 +262,7 @@ impl Conn {
 
     /// Frees the buffers of a connection idle a while; the socket stays open.
     fn slim(&mut self) {
-        if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
-        }
-        if self.unwritten() == 0 {
-            self.wbuf = Vec::new();
-            self.written = 0;
-        }
+        free_buffers(&mut self.rbuf, &mut self.wbuf, &mut self.written);
         self.spans = Vec::new();
         self.parks.fetch_add(1, Ordering::Relaxed);
     }
@@ -577,16 +572,18 @@ fn parse_head(
     spans: &mut Vec<Span>,
 ) -> Result<Option<Head>, StatusCode> {
     let bad = StatusCode::BAD_REQUEST;
-    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    // Left uninitialised: httparse writes each slot it uses, and clearing 128 slots per head
+    // would cost more than the parse.
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_FIELDS];
     let mut heap = Vec::new();
     let fields = if limits.max_headers <= STACK_FIELDS {
         &mut stack[..limits.max_headers]
     } else {
-        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        heap.resize_with(limits.max_headers, MaybeUninit::uninit);
         &mut heap[..]
     };
-    let mut parsed = httparse::Request::new(fields);
-    let len = match parsed.parse(buf) {
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {

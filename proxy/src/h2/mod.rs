@@ -26,7 +26,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::conn::{poll_drain, ClientIo, ClientStream, ConnState};
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState};
 use crate::headers::http_date;
 use crate::recv::Recv;
 use crate::worker::HandlerSlot;
@@ -364,13 +364,7 @@ impl Conn {
 
     /// Frees the buffers of a connection idle a while; the HPACK table and settings stay.
     fn slim(&mut self) {
-        if self.rbuf.is_empty() {
-            self.rbuf = BytesMut::new();
-        }
-        if self.unwritten() == 0 {
-            self.wbuf = Vec::new();
-            self.written = 0;
-        }
+        free_buffers(&mut self.rbuf, &mut self.wbuf, &mut self.written);
         self.block = Vec::new();
         self.batch = Vec::new();
         self.deferred = Vec::new();
