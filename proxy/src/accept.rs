@@ -44,28 +44,63 @@ pub(crate) fn bind(
     Ok(sock.into())
 }
 
-/// Starts the acceptor for one listener socket; it runs until `stop` turns true.
+/// Starts the acceptor for one listener socket; it runs until `stop` turns true. A worker
+/// whose ring cannot be set up accepts through epoll when the acceptor was chosen
+/// automatically (and says so), and fails when io_uring was asked for by name. Returns the
+/// acceptor that runs.
 pub(crate) fn spawn(
     worker: usize,
-    io: IoMode,
+    io: Acceptor,
     sock: std::net::TcpListener,
     ctx: Rc<ListenerCtx>,
     stop: watch::Receiver<bool>,
-) {
+) -> io::Result<IoMode> {
     let ring = match io {
-        IoMode::Uring => match AcceptRing::new(sock.as_raw_fd()) {
+        Acceptor::Uring { strict } => match AcceptRing::new(sock.as_raw_fd()) {
             Ok(ring) => Some(ring),
+            Err(e) if strict => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("--io uring: worker {worker}: io_uring setup failed: {e}"),
+                ))
+            }
             Err(e) => {
                 eprintln!("fluxgate: worker {worker}: io_uring setup failed ({e}); accepting through epoll");
                 None
             }
         },
-        _ => None,
+        Acceptor::Epoll => None,
     };
-    match ring {
-        Some(ring) => tokio::task::spawn_local(accept_uring(sock, ring, ctx, stop)),
-        None => tokio::task::spawn_local(accept_epoll(sock, ctx, stop)),
-    };
+    Ok(match ring {
+        Some(ring) => {
+            tokio::task::spawn_local(accept_uring(sock, ring, ctx, stop));
+            IoMode::Uring
+        }
+        None => {
+            tokio::task::spawn_local(accept_epoll(sock, ctx, stop));
+            IoMode::Epoll
+        }
+    })
+}
+
+/// The acceptor a worker runs, as resolved at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acceptor {
+    /// `strict`: io_uring was asked for by name, so a ring that cannot be set up is an error
+    /// rather than a fall back to epoll.
+    Uring {
+        strict: bool,
+    },
+    Epoll,
+}
+
+impl Acceptor {
+    pub(crate) fn mode(self) -> IoMode {
+        match self {
+            Acceptor::Uring { .. } => IoMode::Uring,
+            Acceptor::Epoll => IoMode::Epoll,
+        }
+    }
 }
 
 fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAddr) {

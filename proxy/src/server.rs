@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use fluxgate_conf::{Config, IoMode};
 use tokio::sync::{mpsc, watch};
 
+use crate::accept::Acceptor;
 use crate::admin::AdminState;
 use crate::balance::Health;
 use crate::metrics::Metrics;
@@ -166,7 +167,7 @@ impl Reloader {
             tls,
             upstream_tls,
         });
-        let (applied, acks) = std::sync::mpsc::channel();
+        let (applied, acks) = std::sync::mpsc::channel::<io::Result<IoMode>>();
         for (tx, sockets) in self.workers.iter().zip(sockets) {
             let _ = tx.send(Apply {
                 generation: Arc::clone(&generation),
@@ -228,7 +229,8 @@ impl Handle {
         self.admin.as_ref().map(|a| a.addr)
     }
 
-    /// The acceptor in use: `Uring` or `Epoll` (never `Auto`).
+    /// The acceptor in use: `Uring` or `Epoll` (never `Auto`); `Epoll` when any worker fell
+    /// back to it.
     pub fn io_mode(&self) -> IoMode {
         self.io
     }
@@ -329,6 +331,7 @@ impl Server {
         });
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let (exited_tx, exited) = std::sync::mpsc::channel();
+        let (started_tx, started) = std::sync::mpsc::channel();
         let mut senders = Vec::with_capacity(workers);
         let mut threads = Vec::with_capacity(workers);
         for (id, sockets) in sockets.into_iter().enumerate() {
@@ -338,7 +341,7 @@ impl Server {
                 generation: Arc::clone(&generation),
                 previous: vec![None; sockets.len()],
                 sockets,
-                applied: None,
+                applied: Some(started_tx.clone()),
             };
             let phase_rx = phase_rx.clone();
             let exited_tx = exited_tx.clone();
@@ -351,6 +354,30 @@ impl Server {
                     let _ = exited_tx.send(());
                 })?;
             threads.push(t);
+        }
+        // Every worker serves its listeners, or none does: a worker that could not start an
+        // acceptor stops them all.
+        drop(started_tx);
+        let mut failed = None;
+        let mut running = io.mode();
+        for _ in 0..workers {
+            match started.recv() {
+                Ok(Ok(IoMode::Epoll)) => running = IoMode::Epoll,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(_) => {
+                    failed.get_or_insert(io::Error::other("a worker exited during start"));
+                }
+            }
+        }
+        if let Some(e) = failed {
+            let _ = phase.send(Phase::Stopped);
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
         }
         let reloader = Arc::new(Reloader {
             current: Mutex::new(Arc::clone(&generation)),
@@ -379,7 +406,7 @@ impl Server {
             }
         };
         Ok(Handle {
-            io,
+            io: running,
             reloader,
             admin,
             phase,
@@ -412,19 +439,21 @@ fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {
         .collect()
 }
 
-fn resolve_io(mode: IoMode) -> io::Result<IoMode> {
+/// The acceptor for `--io`: auto falls back to epoll (and says so) where io_uring cannot run;
+/// uring by name fails instead, here or when a worker's ring cannot be set up.
+fn resolve_io(mode: IoMode) -> io::Result<Acceptor> {
     match mode {
-        IoMode::Epoll => Ok(IoMode::Epoll),
+        IoMode::Epoll => Ok(Acceptor::Epoll),
         IoMode::Uring => fluxgate_sys::probe_uring()
-            .map(|()| IoMode::Uring)
+            .map(|()| Acceptor::Uring { strict: true })
             .map_err(|e| {
                 io::Error::new(e.kind(), format!("--io uring: io_uring unavailable: {e}"))
             }),
         IoMode::Auto => match fluxgate_sys::probe_uring() {
-            Ok(()) => Ok(IoMode::Uring),
+            Ok(()) => Ok(Acceptor::Uring { strict: false }),
             Err(e) => {
                 eprintln!("fluxgate: io_uring unavailable ({e}); accepting through epoll");
-                Ok(IoMode::Epoll)
+                Ok(Acceptor::Epoll)
             }
         },
     }

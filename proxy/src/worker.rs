@@ -12,6 +12,7 @@ use std::sync::Arc;
 use fluxgate_conf::{IoMode, Upstream};
 use tokio::sync::{mpsc, watch};
 
+use crate::accept::Acceptor;
 use crate::accesslog::AccessLog;
 use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
@@ -29,8 +30,9 @@ pub(crate) struct Apply {
     pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
     /// Per listener: the index, in the previous generation, of the listener it continues.
     pub(crate) previous: Vec<Option<usize>>,
-    /// Told once the worker has switched over.
-    pub(crate) applied: Option<std::sync::mpsc::Sender<()>>,
+    /// Told once the worker has switched over: the acceptor its new listeners run (epoll if
+    /// any fell back to it), or the first error of a listener it could not serve.
+    pub(crate) applied: Option<std::sync::mpsc::Sender<std::io::Result<IoMode>>>,
 }
 
 /// Per-listener state of one worker.
@@ -51,7 +53,7 @@ pub(crate) struct ListenerCtx {
 
 struct Worker {
     id: usize,
-    io: IoMode,
+    io: Acceptor,
     pools: RefCell<Vec<(Upstream, Rc<UpstreamPool>)>>,
     listeners: RefCell<Vec<Rc<ListenerCtx>>>,
     /// Active health checkers (worker 0 only), by the upstream settings they probe.
@@ -63,6 +65,9 @@ struct Worker {
 }
 
 impl Worker {
+    /// Switches to the generation in `a`. A listener whose acceptor cannot start (io_uring
+    /// asked for by name and not available) is not served by this worker, and the first such
+    /// error is what `a.applied` is told.
     fn apply(&self, a: Apply) {
         let g = &a.generation;
         let mut sockets = a.sockets;
@@ -113,6 +118,7 @@ impl Worker {
 
         let old = self.listeners.take();
         let mut kept = Vec::with_capacity(g.config.listeners.len());
+        let mut result = Ok(self.io.mode());
         for (i, l) in g.config.listeners.iter().enumerate() {
             let handler = Rc::new(Handler {
                 routes: Arc::clone(&g.tables[i]),
@@ -140,7 +146,18 @@ impl Worker {
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         stop,
                     });
-                    crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);
+                    let spawned =
+                        crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);
+                    match spawned {
+                        Ok(IoMode::Epoll) if result.is_ok() => result = Ok(IoMode::Epoll),
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("fluxgate: listener {} not served: {e}", g.addrs[i]);
+                            if result.is_ok() {
+                                result = Err(e);
+                            }
+                        }
+                    }
                     ctx
                 }
                 None => {
@@ -190,7 +207,7 @@ impl Worker {
             *self.checkers.borrow_mut() = checkers;
         }
         if let Some(tx) = applied {
-            let _ = tx.send(());
+            let _ = tx.send(result);
         }
     }
 
@@ -203,7 +220,7 @@ impl Worker {
 /// stops accepting and waits for its connections to finish.
 pub(crate) fn run(
     id: usize,
-    io: IoMode,
+    io: Acceptor,
     first: Apply,
     mut commands: mpsc::UnboundedReceiver<Apply>,
     mut phase: watch::Receiver<Phase>,

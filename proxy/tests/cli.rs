@@ -263,3 +263,70 @@ fn quick_mode_speaks_tls() {
     signal(&r.child, "-TERM");
     assert!(r.child.wait().unwrap().success());
 }
+
+/// Starts the binary in quick mode under an open-file limit of `nofile` (soft and hard, so
+/// its own raise cannot lift it) with `--io io`, until it says which acceptor runs or exits.
+/// Returns whether it started and everything it logged.
+fn start_under_fd_limit(nofile: u32, io: &str) -> (bool, String) {
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg(env!("CARGO_BIN_EXE_fluxgate"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
+        .args(["--workers", "1", "--io", io])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    let mut log = String::new();
+    let mut started = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("accepting through") && line.contains("worker(s)") {
+            started = true;
+            break;
+        }
+    }
+    if started {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        started || !status.success(),
+        "neither started nor failed: {log}"
+    );
+    (started, log)
+}
+
+#[test]
+fn io_uring_by_name_fails_rather_than_falling_back() {
+    // Raise the limit one descriptor at a time: the probe passes before the worker's own ring
+    // has room, so some limit fails the worker's ring setup alone.
+    let mut worker_ring_failed = None;
+    for nofile in 6..=64 {
+        let (started, log) = start_under_fd_limit(nofile, "uring");
+        assert!(!log.contains("accepting through epoll"), "{nofile}: {log}");
+        if started {
+            assert!(log.contains("accepting through io_uring"), "{log}");
+            break;
+        }
+        if log.contains("worker 0: io_uring setup failed") {
+            worker_ring_failed = Some(nofile);
+        }
+    }
+    let nofile = worker_ring_failed.expect("some limit failed only the worker's ring");
+    // Chosen automatically, the same worker falls back and says so.
+    let (started, log) = start_under_fd_limit(nofile, "auto");
+    assert!(started, "{log}");
+    assert!(
+        log.contains("worker 0: io_uring setup failed")
+            && log.contains("worker(s), accepting through epoll"),
+        "{log}"
+    );
+}

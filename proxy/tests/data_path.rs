@@ -419,7 +419,8 @@ fn prewarm_opens_connections_at_start(io: IoMode) {
 }
 
 fn dead_upstream_gives_502_fast(io: IoMode) {
-    let fg = proxy_to(dead_addr(), "", "", io);
+    let dead = dead_addr();
+    let fg = proxy_to(dead.addr, "", "", io);
     let t = Instant::now();
     let r = get(fg.local_addrs()[0], "/");
     assert_eq!(r.status, 502);

@@ -10,6 +10,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+mod probe;
+
 /// Tag of the multishot accept request.
 const ACCEPT_TAG: u64 = 0xacce;
 
@@ -241,46 +243,9 @@ fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
 /// The probe runs on a short-lived thread of its own: tearing a ring down can interrupt a
 /// blocking system call of the thread that created it (EINTR), which the caller should not see.
 pub fn probe_uring() -> io::Result<()> {
-    std::thread::spawn(probe_on_this_thread)
+    std::thread::spawn(probe::probe_on_this_thread)
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("io_uring probe panicked")))
-}
-
-fn probe_on_this_thread() -> io::Result<()> {
-    let ring = IoUring::new(2)?;
-    let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    if !probe.is_supported(opcode::AcceptMulti::CODE) {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "kernel lacks IORING_OP_ACCEPT",
-        ));
-    }
-    // Multishot accept arrived in Linux 5.19 and the probe cannot see flags, so check the release.
-    let mut uts: libc::utsname = unsafe_zeroed_utsname();
-    // SAFETY: uname fills the struct we pass by pointer and keeps no reference to it.
-    if unsafe { libc::uname(&mut uts) } == 0 {
-        // SAFETY: uname NUL-terminates release.
-        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-        let mut parts = release
-            .to_str()
-            .unwrap_or("0.0")
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|p| p.parse::<u32>().ok());
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        if (major, minor) < (5, 19) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("kernel {major}.{minor} predates multishot accept (5.19)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn unsafe_zeroed_utsname() -> libc::utsname {
-    // SAFETY: utsname is plain old data (arrays of c_char); all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Asks mimalloc (the binary's allocator) to return this thread's free pages to the kernel
@@ -391,11 +356,12 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     #[test]
-    fn accepts_through_the_ring_when_available() {
-        if probe_uring().is_err() {
-            eprintln!("io_uring unavailable here; skipping");
-            return;
-        }
+    #[cfg_attr(
+        io_uring_unavailable,
+        ignore = "io_uring is unavailable on this machine"
+    )]
+    fn accepts_through_the_ring() {
+        probe_uring().expect("io_uring available (build.rs said so)");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let mut ring = AcceptRing::new(listener.as_raw_fd()).unwrap();

@@ -264,7 +264,24 @@ impl RawResponse {
     }
 }
 
-/// A blocking HTTP/1.1 client connection that writes raw bytes and parses responses.
+/// How long a read may wait for the server before the test fails: longer than any behaviour
+/// under test takes to answer.
+pub const READ_LIMIT: Duration = Duration::from_secs(10);
+/// How soon a close must be seen for `closed()`: shorter than every default timeout that would
+/// close the connection anyway (keep-alive 60 s, header read 10 s), so a close that should
+/// have come at once and did not fails the test.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(3);
+
+/// What one read of the socket saw.
+enum Got {
+    Bytes,
+    /// FIN or reset.
+    Closed,
+    TimedOut,
+}
+
+/// A blocking HTTP/1.1 client connection that writes raw bytes and parses responses. A
+/// server that goes silent fails the test; it is never read as a close.
 pub struct RawClient {
     pub stream: TcpStream,
     buf: Vec<u8>,
@@ -273,9 +290,6 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         RawClient {
             stream,
             buf: Vec::new(),
@@ -286,22 +300,50 @@ impl RawClient {
         self.stream.write_all(bytes).unwrap();
     }
 
-    fn fill(&mut self) -> bool {
+    /// Reads once, waiting until `deadline` at most.
+    fn fill_by(&mut self, deadline: std::time::Instant) -> Got {
         let mut chunk = [0u8; 65536];
         loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Got::TimedOut;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
             return match self.stream.read(&mut chunk) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Ok(0) | Err(_) => false,
+                Ok(0) => Got::Closed,
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
-                    true
+                    Got::Bytes
                 }
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::Interrupted => continue,
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Got::TimedOut,
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                        Got::Closed
+                    }
+                    _ => panic!("reading from the server: {e}"),
+                },
             };
         }
     }
 
+    /// More bytes: true, or false at a close. Panics when the server stays silent for
+    /// `READ_LIMIT`.
+    fn fill(&mut self) -> bool {
+        match self.fill_by(std::time::Instant::now() + READ_LIMIT) {
+            Got::Bytes => true,
+            Got::Closed => false,
+            Got::TimedOut => panic!(
+                "the server sent nothing for {READ_LIMIT:?} (and did not close); have {} bytes: {:?}",
+                self.buf.len(),
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
     /// Reads one response (Content-Length or chunked body; none for HEAD/1xx/204/304 is not
-    /// handled: tests do not need it). None if the connection closed first.
+    /// handled: tests do not need it). None if the connection closed (FIN or reset) before a
+    /// whole response; a server that stays silent fails the test.
     pub fn read_response(&mut self) -> Option<RawResponse> {
         let head_end = loop {
             if let Some(i) = find(&self.buf, b"\r\n\r\n") {
@@ -363,9 +405,16 @@ impl RawClient {
         Some(resp)
     }
 
-    /// True when the server closes the connection (EOF) with nothing more to read.
+    /// True when the server closes the connection (FIN or reset) within `CLOSE_WITHIN`
+    /// with nothing more to read; false if bytes come or the bound passes first.
     pub fn closed(&mut self) -> bool {
-        self.buf.is_empty() && !self.fill()
+        self.closed_within(CLOSE_WITHIN)
+    }
+
+    /// `closed()` with a bound of the caller's.
+    pub fn closed_within(&mut self, bound: Duration) -> bool {
+        self.buf.is_empty()
+            && matches!(self.fill_by(std::time::Instant::now() + bound), Got::Closed)
     }
 }
 
@@ -440,8 +489,17 @@ where
     addr
 }
 
-/// An address nothing listens on.
-pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+/// An address nothing listens on, held for as long as the value lives: the port is bound
+/// (so no other test can take it) but not listening, so a connect gets a reset at once.
+pub struct DeadAddr {
+    pub addr: SocketAddr,
+    _bound: socket2::Socket,
+}
+
+pub fn dead_addr() -> DeadAddr {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    DeadAddr { addr, _bound: s }
 }
