@@ -21,7 +21,7 @@ use crate::accesslog::{AccessLog, Pending};
 use crate::balance::{hash64, Pick};
 use crate::body::{ClientBody, ProxyBody, UpstreamBody};
 use crate::conn::{ConnState, InFlight};
-use crate::error::ProxyError;
+use crate::error::{AttemptFacts, ProxyError};
 use crate::h1::client::{encode_head, Exchange};
 use crate::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::metrics::RouteSet;
@@ -305,9 +305,14 @@ impl Outgoing {
             Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
             Err(failed) => failed,
         };
-        // Retry once on a new connection, only where the first one was a pooled one that went
-        // stale, and only what is safe to send twice or was never sent.
-        if !(failed.stale && bodyless && (idempotent || failed.unsent)) {
+        // The request was moved into the exchange: only a bodiless one can be sent again.
+        let facts = AttemptFacts {
+            connection_failed: failed.stale,
+            maybe_received: !failed.unsent,
+            replayable: bodyless,
+            idempotent,
+        };
+        if !facts.may_retry() {
             return Err(failed.error);
         }
         let conn = pool.checkout(ep, true).await?;
@@ -556,6 +561,27 @@ fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
     }
 }
 
+/// Whether an HTTP/2 upstream refused the stream without processing it: REFUSED_STREAM, or a
+/// stream above the last one a graceful GOAWAY let through (RFC 9113 8.1.4 and 6.8). A GOAWAY
+/// with an error code also ends streams it may have processed, so it does not count.
+fn refused_unprocessed(e: &ProxyError) -> bool {
+    let ProxyError::Upstream(e) = e else {
+        return false;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+                _ => false,
+            };
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
 /// connection can be sent again.
 fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
@@ -598,16 +624,20 @@ async fn exchange_h2(
     req: Request<ClientBody>,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    let bodyless = req.body().is_end_stream();
-    let replay = is_idempotent(req.method()).then(|| replay_copy(&req));
+    let idempotent = is_idempotent(req.method());
+    // A bodiless request is kept whatever its method: a refused stream was never processed.
+    let replay = req.body().is_end_stream().then(|| replay_copy(&req));
     let failed = match send_h2(pool, ep, req, timeout).await {
         Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
         Err(a) => a,
     };
-    let retry = match &failed.error {
-        ProxyError::Upstream(_) => failed.unsent.or(if bodyless { replay } else { None }),
-        _ => None,
+    let facts = AttemptFacts {
+        connection_failed: matches!(failed.error, ProxyError::Upstream(_)),
+        maybe_received: failed.unsent.is_none() && !refused_unprocessed(&failed.error),
+        replayable: failed.unsent.is_some() || replay.is_some(),
+        idempotent,
     };
+    let retry = facts.may_retry().then(|| failed.unsent.or(replay)).flatten();
     let Some(req) = retry else {
         return Err(failed.error);
     };

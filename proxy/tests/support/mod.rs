@@ -93,6 +93,9 @@ pub enum Behavior {
     /// Answers the first request of each connection, then closes the connection on reading
     /// the second without answering (a keep-alive connection gone stale under the proxy).
     DropSecond,
+    /// Answers the first request this upstream gets, then closes each connection on reading
+    /// any later one, on every connection: a retry fails too.
+    DropAllButFirst,
     /// Answers every request with 500.
     Fail500,
 }
@@ -151,10 +154,17 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let probe = req.uri().path() == "/healthz";
                 let up = hl.load(Ordering::SeqCst);
-                if !probe {
-                    reqs.fetch_add(1, Ordering::SeqCst);
-                }
+                let overall = if probe {
+                    0
+                } else {
+                    reqs.fetch_add(1, Ordering::SeqCst)
+                };
                 let n = served.fetch_add(1, Ordering::SeqCst);
+                // Dropping all but the first is dropping the second of one long connection.
+                let (behavior, n) = match behavior {
+                    Behavior::DropAllButFirst => (Behavior::DropSecond, overall),
+                    b => (b, n),
+                };
                 respond(behavior, req, n, port, probe.then_some(up))
             });
             let io = TokioIo::new(stream);
@@ -245,6 +255,59 @@ async fn respond(
             .unwrap());
     }
     Ok(resp.body(req.into_body().boxed()).unwrap())
+}
+
+/// What a scripted h2c upstream does with the request it gets.
+#[derive(Clone, Copy, Debug)]
+pub enum H2Act {
+    /// 200, with the method and path in `x-up-method` and `x-up-path`.
+    Answer,
+    /// RST_STREAM REFUSED_STREAM: not processed, safe to send again (RFC 9113 8.7).
+    Refuse,
+    /// Closes the whole connection with the request unanswered.
+    Drop,
+}
+
+/// An h2c upstream (the h2 crate's server, so each stream can be answered, refused or cut
+/// off) that does `act(n)` with the n-th request it receives over all its connections.
+/// `requests` counts every request received, answered or not.
+pub fn h2c_upstream_acting(act: fn(usize) -> H2Act) -> Upstream {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (acc, op, reqs) = (accepted.clone(), open.clone(), requests.clone());
+    let addr = serve_in_background(move |stream| {
+        acc.fetch_add(1, Ordering::SeqCst);
+        op.fetch_add(1, Ordering::SeqCst);
+        let (op, reqs) = (op.clone(), reqs.clone());
+        async move {
+            if let Ok(mut conn) = h2::server::handshake(stream).await {
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    match act(reqs.fetch_add(1, Ordering::SeqCst)) {
+                        H2Act::Answer => {
+                            let resp = Response::builder()
+                                .header("x-up-method", req.method().as_str())
+                                .header("x-up-path", req.uri().path())
+                                .body(())
+                                .unwrap();
+                            let _ = respond.send_response(resp, true);
+                        }
+                        H2Act::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                        H2Act::Drop => break,
+                    }
+                }
+            }
+            op.fetch_sub(1, Ordering::SeqCst);
+        }
+    });
+    Upstream {
+        addr,
+        accepted,
+        open,
+        requests,
+        healthy,
+    }
 }
 
 /// A parsed HTTP/1.1 response read off a raw socket.

@@ -1,0 +1,117 @@
+//! The retry rule through sockets, for HTTP/1.1 and h2c upstreams: a request that fails with
+//! its connection is sent once more on a new one when it is idempotent or the upstream never
+//! got it; anything else gets 502 and is never delivered twice; nothing is tried three times.
+//! Each upstream counts every request it received, answered or not.
+
+mod support;
+
+use fluxgate_conf::IoMode;
+use support::*;
+
+/// One request on a fresh client connection; bodiless (PUT and POST with Content-Length 0).
+fn send(fg: &fluxgate::Handle, method: &str, path: &str) -> RawResponse {
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    let len = if matches!(method, "PUT" | "POST") {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
+    c.send(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{len}\r\n").as_bytes());
+    c.read_response().expect("a response")
+}
+
+const IDEMPOTENT: [&str; 4] = ["GET", "HEAD", "PUT", "DELETE"];
+
+#[test]
+fn http1_idempotent_requests_are_retried_once_on_a_stale_connection() {
+    for method in IDEMPOTENT {
+        // The pooled connection dies under the second request, after the upstream read it.
+        let up = upstream(Behavior::DropSecond);
+        let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
+        assert_eq!(send(&fg, "GET", "/first").status, 200);
+        let r = send(&fg, method, "/second");
+        assert_eq!(r.status, 200, "{method}");
+        assert_eq!(r.header("x-up-method"), Some(method));
+        assert_eq!(up.requests(), 3, "{method}: first, the stale attempt, the retry");
+        assert_eq!(up.accepted(), 2, "{method}: the retry took a new connection");
+        fg.shutdown();
+    }
+}
+
+#[test]
+fn http1_bodiless_post_that_reached_the_upstream_is_not_retried() {
+    let up = upstream(Behavior::DropSecond);
+    let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
+    assert_eq!(send(&fg, "GET", "/first").status, 200);
+    assert_eq!(send(&fg, "POST", "/order").status, 502);
+    assert_eq!(up.requests(), 2, "the POST was delivered once");
+    assert_eq!(up.accepted(), 1, "no connection was opened to send it again");
+    fg.shutdown();
+}
+
+#[test]
+fn http1_never_more_than_one_retry() {
+    let up = upstream(Behavior::DropAllButFirst);
+    let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
+    assert_eq!(send(&fg, "GET", "/first").status, 200);
+    assert_eq!(send(&fg, "GET", "/again").status, 502);
+    assert_eq!(up.requests(), 3, "first, the stale attempt, one retry");
+    assert_eq!(up.accepted(), 2);
+    fg.shutdown();
+}
+
+fn h2c(act: fn(usize) -> H2Act) -> (Upstream, fluxgate::Handle) {
+    let up = h2c_upstream_acting(act);
+    let fg = proxy_to(up.addr, "protocol = \"h2c\"", "", IoMode::Epoll);
+    (up, fg)
+}
+
+#[test]
+fn h2c_idempotent_requests_are_retried_once_when_the_connection_breaks() {
+    for method in IDEMPOTENT {
+        let (up, fg) = h2c(|n| if n == 1 { H2Act::Drop } else { H2Act::Answer });
+        assert_eq!(send(&fg, "GET", "/first").status, 200);
+        let r = send(&fg, method, "/second");
+        assert_eq!(r.status, 200, "{method}");
+        assert_eq!(r.header("x-up-method"), Some(method));
+        assert_eq!(up.requests(), 3, "{method}: first, the broken attempt, the retry");
+        assert_eq!(up.accepted(), 2, "{method}");
+        fg.shutdown();
+    }
+}
+
+#[test]
+fn h2c_bodiless_post_that_reached_the_upstream_is_not_retried() {
+    let (up, fg) = h2c(|n| if n == 1 { H2Act::Drop } else { H2Act::Answer });
+    assert_eq!(send(&fg, "GET", "/first").status, 200);
+    assert_eq!(send(&fg, "POST", "/order").status, 502);
+    assert_eq!(up.requests(), 2, "the POST was delivered once");
+    fg.shutdown();
+}
+
+#[test]
+fn h2c_request_the_upstream_refused_unprocessed_is_retried_whatever_its_method() {
+    for method in ["POST", "PATCH", "GET"] {
+        let (up, fg) = h2c(|n| if n == 0 { H2Act::Refuse } else { H2Act::Answer });
+        let r = send(&fg, method, "/refused");
+        assert_eq!(r.status, 200, "{method}");
+        assert_eq!(r.header("x-up-method"), Some(method));
+        assert_eq!(up.requests(), 2, "{method}: refused, then answered");
+        fg.shutdown();
+    }
+}
+
+#[test]
+fn h2c_never_more_than_one_retry() {
+    let (up, fg) = h2c(|n| if n == 0 { H2Act::Answer } else { H2Act::Drop });
+    assert_eq!(send(&fg, "GET", "/first").status, 200);
+    assert_eq!(send(&fg, "GET", "/again").status, 502);
+    assert_eq!(up.requests(), 3, "first, the broken attempt, one retry");
+    assert_eq!(up.accepted(), 2);
+    // Refused every time: still one retry only.
+    let (up, fg2) = h2c(|_| H2Act::Refuse);
+    assert_eq!(send(&fg2, "POST", "/refused").status, 502);
+    assert_eq!(up.requests(), 2);
+    fg.shutdown();
+    fg2.shutdown();
+}
