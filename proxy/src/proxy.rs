@@ -637,7 +637,10 @@ async fn exchange_h2(
         replayable: failed.unsent.is_some() || replay.is_some(),
         idempotent,
     };
-    let retry = facts.may_retry().then(|| failed.unsent.or(replay)).flatten();
+    let retry = facts
+        .may_retry()
+        .then(|| failed.unsent.or(replay))
+        .flatten();
     let Some(req) = retry else {
         return Err(failed.error);
     };

@@ -32,8 +32,16 @@ fn http1_idempotent_requests_are_retried_once_on_a_stale_connection() {
         let r = send(&fg, method, "/second");
         assert_eq!(r.status, 200, "{method}");
         assert_eq!(r.header("x-up-method"), Some(method));
-        assert_eq!(up.requests(), 3, "{method}: first, the stale attempt, the retry");
-        assert_eq!(up.accepted(), 2, "{method}: the retry took a new connection");
+        assert_eq!(
+            up.requests(),
+            3,
+            "{method}: first, the stale attempt, the retry"
+        );
+        assert_eq!(
+            up.accepted(),
+            2,
+            "{method}: the retry took a new connection"
+        );
         fg.shutdown();
     }
 }
@@ -45,7 +53,11 @@ fn http1_bodiless_post_that_reached_the_upstream_is_not_retried() {
     assert_eq!(send(&fg, "GET", "/first").status, 200);
     assert_eq!(send(&fg, "POST", "/order").status, 502);
     assert_eq!(up.requests(), 2, "the POST was delivered once");
-    assert_eq!(up.accepted(), 1, "no connection was opened to send it again");
+    assert_eq!(
+        up.accepted(),
+        1,
+        "no connection was opened to send it again"
+    );
     fg.shutdown();
 }
 
@@ -74,7 +86,11 @@ fn h2c_idempotent_requests_are_retried_once_when_the_connection_breaks() {
         let r = send(&fg, method, "/second");
         assert_eq!(r.status, 200, "{method}");
         assert_eq!(r.header("x-up-method"), Some(method));
-        assert_eq!(up.requests(), 3, "{method}: first, the broken attempt, the retry");
+        assert_eq!(
+            up.requests(),
+            3,
+            "{method}: first, the broken attempt, the retry"
+        );
         assert_eq!(up.accepted(), 2, "{method}");
         fg.shutdown();
     }

@@ -306,3 +306,151 @@ fn zero_rtt_requests_are_answered_after_the_handshake() {
     let err = bad.unwrap_err().to_string();
     assert!(err.contains("listener[0].tls.early_data"), "{err}");
 }
+
+/// Reads from `sock` into `conn` until `done(conn)` or the server closes; returns the plaintext
+/// read on the way.
+fn pump_until(
+    conn: &mut rustls::ClientConnection,
+    sock: &mut std::net::TcpStream,
+    done: impl Fn(&rustls::ClientConnection, &[u8]) -> bool,
+) -> Vec<u8> {
+    use std::io::Read;
+    let mut plain = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    while !done(conn, &plain) {
+        let n = sock.read(&mut buf).expect("the server answers in time");
+        if n == 0 {
+            break;
+        }
+        conn.read_tls(&mut &buf[..n]).unwrap();
+        conn.process_new_packets()
+            .expect("valid TLS from the server");
+        let _ = conn.reader().read_to_end(&mut plain);
+    }
+    plain
+}
+
+/// Everything the client has queued for the wire, as bytes (not yet sent).
+fn queued_flight(conn: &mut rustls::ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).unwrap();
+    }
+    out
+}
+
+fn answered(plain: &[u8]) -> bool {
+    plain.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+#[test]
+fn zero_rtt_is_forwarded_only_after_the_handshake_and_never_replayed() {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::Write;
+    let dir = scratch("tls-0rtt-fwd");
+    let out = test_certs(&dir.join("c"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[http]\nheader_read_timeout = \"1s\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [listener.tls]\nsession_cache = 64\nearly_data = \"16KiB\"\n\
+             certificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            out.join("cert.pem").display(),
+            out.join("key.pem").display(),
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let addr = fg.local_addrs()[0];
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(out.join("ca.pem")).unwrap())
+        .unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.enable_early_data = true;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = std::sync::Arc::new(cfg);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // A full handshake and one request; the answer brings the session to resume.
+    let mut conn = rustls::ClientConnection::new(cfg.clone(), name.clone()).unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    conn.writer()
+        .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    sock.write_all(&queued_flight(&mut conn)).unwrap();
+    while conn.is_handshaking() || conn.wants_write() {
+        let flight = queued_flight(&mut conn);
+        sock.write_all(&flight).unwrap();
+        if conn.is_handshaking() {
+            pump_until(&mut conn, &mut sock, |c, _| !c.is_handshaking());
+        }
+    }
+    let first = pump_until(&mut conn, &mut sock, |_, p| answered(p));
+    assert!(
+        first.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    drop(sock);
+
+    // Resumed with the request as early data. The client's second flight (EndOfEarlyData and
+    // Finished) is held back, as a relay could hold it.
+    let mut conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    conn.early_data()
+        .expect("the resumed session allows 0-RTT")
+        .write_all(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let first_flight = queued_flight(&mut conn);
+    sock.write_all(&first_flight).unwrap();
+    pump_until(&mut conn, &mut sock, |c, _| !c.is_handshaking());
+    assert!(
+        conn.is_early_data_accepted(),
+        "the server took the early data"
+    );
+    // Long enough for a gateway that forwards early data to have done so.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        up.requests(),
+        1,
+        "nothing was forwarded before the handshake completed"
+    );
+    let second_flight = queued_flight(&mut conn);
+    let released = std::time::Instant::now();
+    sock.write_all(&second_flight).unwrap();
+    let early = pump_until(&mut conn, &mut sock, |_, p| answered(p));
+    let early = String::from_utf8_lossy(&early);
+    assert!(early.starts_with("HTTP/1.1 200"), "{early}");
+    assert!(
+        early.to_ascii_lowercase().contains("x-up-path: /early"),
+        "{early}"
+    );
+    let arrived = *up.arrivals().last().unwrap();
+    assert!(
+        arrived > released,
+        "forwarded after the client's Finished was released"
+    );
+    drop(sock);
+
+    // The same two flights replayed on a new connection: the session was single-use, so the
+    // server falls back to a full handshake (skipping the early records it cannot read) that
+    // the replayer cannot finish, and closes it at header_read_timeout.
+    let mut replay = std::net::TcpStream::connect(addr).unwrap();
+    replay.set_read_timeout(Some(READ_LIMIT)).unwrap();
+    replay.write_all(&first_flight).unwrap();
+    let _ = replay.write_all(&second_flight);
+    let mut sink = Vec::new();
+    match std::io::Read::read_to_end(&mut replay, &mut sink) {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "closed: {e}"),
+    }
+    assert_eq!(up.requests(), 2, "the replayed request was not forwarded");
+    fg.shutdown();
+}

@@ -111,6 +111,8 @@ pub struct Upstream {
     pub requests: Arc<AtomicUsize>,
     /// What `GET /healthz` answers: 200 while true, 503 after.
     pub healthy: Arc<std::sync::atomic::AtomicBool>,
+    /// When each request (health probes excluded) arrived, in order.
+    pub arrivals: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
 
 impl Upstream {
@@ -125,6 +127,9 @@ impl Upstream {
     }
     pub fn set_healthy(&self, up: bool) {
         self.healthy.store(up, Ordering::SeqCst);
+    }
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.arrivals.lock().unwrap().clone()
     }
 }
 
@@ -141,13 +146,14 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
     let open = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (acc, op) = (accepted.clone(), open.clone());
-    let (reqs, hl) = (requests.clone(), healthy.clone());
+    let (reqs, hl, arr) = (requests.clone(), healthy.clone(), arrivals.clone());
     let addr = serve_in_background(move |stream| {
         acc.fetch_add(1, Ordering::SeqCst);
         op.fetch_add(1, Ordering::SeqCst);
         let op = op.clone();
-        let (reqs, hl) = (reqs.clone(), hl.clone());
+        let (reqs, hl, arr) = (reqs.clone(), hl.clone(), arr.clone());
         let port = stream.local_addr().map_or(0, |a| a.port());
         async move {
             let served = Arc::new(AtomicUsize::new(0));
@@ -157,6 +163,7 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
                 let overall = if probe {
                     0
                 } else {
+                    arr.lock().unwrap().push(std::time::Instant::now());
                     reqs.fetch_add(1, Ordering::SeqCst)
                 };
                 let n = served.fetch_add(1, Ordering::SeqCst);
@@ -187,6 +194,7 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
         open,
         requests,
         healthy,
+        arrivals,
     }
 }
 
@@ -270,12 +278,13 @@ pub enum H2Act {
 
 /// An h2c upstream (the h2 crate's server, so each stream can be answered, refused or cut
 /// off) that does `act(n)` with the n-th request it receives over all its connections.
-/// `requests` counts every request received, answered or not.
+/// `requests` counts every request received, answered or not (`arrivals` stays empty).
 pub fn h2c_upstream_acting(act: fn(usize) -> H2Act) -> Upstream {
     let accepted = Arc::new(AtomicUsize::new(0));
     let open = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (acc, op, reqs) = (accepted.clone(), open.clone(), requests.clone());
     let addr = serve_in_background(move |stream| {
         acc.fetch_add(1, Ordering::SeqCst);
@@ -307,6 +316,7 @@ pub fn h2c_upstream_acting(act: fn(usize) -> H2Act) -> Upstream {
         open,
         requests,
         healthy,
+        arrivals,
     }
 }
 
