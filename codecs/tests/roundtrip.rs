@@ -179,42 +179,97 @@ fn damaged_frames_give_errors_never_panics() {
     let mut te = TickEncoder::new();
     let mut oe = OrderEncoder::new();
     let validator = OrderValidator::new([(1, InstrumentRule { tick_e4: 100 })]);
-    for round in 0..3000 {
+    // Payload damage may leave a message that still decodes (a flipped price bit is another
+    // price): those are counted, and some of each kind must be refused.
+    let (mut flips_refused, mut cuts_refused) = (0, 0);
+    for round in 0..4000 {
         let mut buf = BytesMut::new();
-        if round % 2 == 0 {
+        let tick = round % 2 == 0;
+        if tick {
             te.encode(&random_tick(&mut r), 0, &mut buf);
         } else {
-            oe.encode(&random_order(&mut r), 0, &mut buf);
+            let mut o = good_order();
+            o.seq = Some(r.next());
+            o.quantity = Some(1 + r.below(1000) as i64);
+            oe.encode(&o, 0, &mut buf);
         }
         let len = buf.len();
-        // Flip a few payload bytes, or cut the frame short and fix up the length.
-        if r.below(2) == 0 {
-            for _ in 0..1 + r.below(4) {
-                let i = 24 + r.below((len - 24) as u64) as usize;
-                buf[i] ^= 1 << r.below(8);
+        match (round / 2) % 4 {
+            // The fixed part of the header: every bit is checked (but the one known flag).
+            0 => {
+                let (i, bit) = loop {
+                    let (i, bit) = (r.below(8) as usize, r.below(8) as u8);
+                    if (i, bit) != (4, 0) {
+                        break (i, bit);
+                    }
+                };
+                buf[i] ^= 1 << bit;
+                let err = FrameParser::default()
+                    .parse(&mut buf)
+                    .expect_err("a damaged header is refused");
+                let named = match i {
+                    0 | 1 => matches!(err, FrameError::BadMagic(_)),
+                    2 => matches!(err, FrameError::UnsupportedVersion(_)),
+                    3 => matches!(err, FrameError::UnknownKind(_)),
+                    _ => matches!(err, FrameError::ReservedBits { .. }),
+                };
+                assert!(named, "byte {i} bit {bit}: {err:?}");
             }
-        } else {
-            let cut = 24 + r.below((len - 24) as u64) as usize;
-            buf.truncate(cut);
-            let plen = (cut - 24) as u32;
-            buf[8..12].copy_from_slice(&plen.to_le_bytes());
-        }
-        let Ok(Some(frame)) = FrameParser::default().parse(&mut buf) else {
-            continue;
-        };
-        match frame.header().kind {
-            Kind::Tick => {
-                if let Ok(t) = VerifiedTick::verify(frame) {
-                    let _ = t.view().to_msg();
+            // The routing metadata: the decoders check it against the payload.
+            1 => {
+                let i = 12 + r.below(12) as usize;
+                buf[i] ^= 1 << r.below(8);
+                let frame = one_frame(&mut buf);
+                if tick {
+                    let err = VerifiedTick::verify(frame).expect_err("metadata mismatch");
+                    assert!(matches!(err, TickError::HeaderMismatch { .. }), "{err:?}");
+                } else {
+                    let o = decode_order(&frame).expect("the payload is intact");
+                    let err = validator
+                        .validate(&o, Some(&frame))
+                        .expect_err("metadata mismatch");
+                    assert!(matches!(err, OrderError::HeaderMismatch { .. }), "{err:?}");
                 }
             }
-            Kind::NewOrder => {
-                if let Ok(o) = decode_order(&frame) {
-                    let _ = validator.validate(&o, Some(&frame));
+            // A few payload bits flipped, or the frame cut short with its length fixed up.
+            kind => {
+                if kind == 2 {
+                    for _ in 0..1 + r.below(4) {
+                        let i = 24 + r.below((len - 24) as u64) as usize;
+                        buf[i] ^= 1 << r.below(8);
+                    }
+                } else {
+                    let cut = 24 + r.below((len - 24) as u64) as usize;
+                    buf.truncate(cut);
+                    let plen = (cut - 24) as u32;
+                    buf[8..12].copy_from_slice(&plen.to_le_bytes());
+                }
+                let frame = one_frame(&mut buf);
+                let refused = if tick {
+                    VerifiedTick::verify(frame)
+                        .map(|t| drop(t.view().to_msg()))
+                        .is_err()
+                } else {
+                    decode_order(&frame)
+                        .and_then(|o| validator.validate(&o, Some(&frame)).map(drop))
+                        .is_err()
+                };
+                match (kind, refused) {
+                    (2, true) => flips_refused += 1,
+                    (_, true) => cuts_refused += 1,
+                    _ => {}
                 }
             }
         }
     }
+    assert!(
+        flips_refused > 100,
+        "{flips_refused} of 1000 flipped frames refused"
+    );
+    assert!(
+        cuts_refused > 100,
+        "{cuts_refused} of 1000 cut frames refused"
+    );
 }
 
 fn good_order() -> NewOrder {

@@ -196,45 +196,96 @@ fn h2c_many_streams_share_one_connection(io: IoMode) {
     const STREAMS: usize = 100;
     let up = upstream(Behavior::Echo);
     let fg = proxy_to(up.addr, "", "", io);
-    with_h2(fg.local_addrs()[0], |mut send| async move {
-        let mut pending = Vec::new();
-        for i in 0..STREAMS {
-            send = send.ready().await.unwrap();
-            let req = http::Request::post(format!("http://x/s/{i}"))
-                .body(())
-                .unwrap();
-            let (resp, mut tx) = send.send_request(req, false).unwrap();
-            tx.send_data(bytes::Bytes::from(format!("body {i}")), true)
-                .unwrap();
-            pending.push((i, resp));
-        }
-        // All in flight at once; answered each to its own stream.
-        for (i, resp) in pending {
-            let resp = resp.await.unwrap();
-            assert_eq!(resp.status(), 200);
-            assert_eq!(resp.headers()["x-up-path"], format!("/s/{i}").as_str());
-            let mut got = Vec::new();
-            h2_read(&mut resp.into_body(), &mut got, usize::MAX).await;
-            assert_eq!(got, format!("body {i}").as_bytes());
-        }
-    });
-    assert!(up.accepted() <= STREAMS, "upstream connections pooled");
+    let round = || {
+        with_h2(fg.local_addrs()[0], |mut send| async move {
+            let mut pending = Vec::new();
+            for i in 0..STREAMS {
+                send = send.ready().await.unwrap();
+                let req = http::Request::post(format!("http://x/s/{i}"))
+                    .body(())
+                    .unwrap();
+                let (resp, mut tx) = send.send_request(req, false).unwrap();
+                tx.send_data(bytes::Bytes::from(format!("body {i}")), true)
+                    .unwrap();
+                pending.push((i, resp));
+            }
+            // All in flight at once; answered each to its own stream.
+            for (i, resp) in pending {
+                let resp = resp.await.unwrap();
+                assert_eq!(resp.status(), 200);
+                assert_eq!(resp.headers()["x-up-path"], format!("/s/{i}").as_str());
+                let mut got = Vec::new();
+                h2_read(&mut resp.into_body(), &mut got, usize::MAX).await;
+                assert_eq!(got, format!("body {i}").as_bytes());
+            }
+        })
+    };
+    round();
+    let opened = up.accepted();
+    // Right after, the same load finds the connections the first round pooled (the burst
+    // surplus is kept about a second): none is opened again.
+    round();
+    assert_eq!(
+        up.accepted(),
+        opened,
+        "the second round reused pooled connections"
+    );
     fg.shutdown();
 }
 
 fn h2c_reset_stream_leaves_the_connection_serving(io: IoMode) {
-    let up = upstream(Behavior::Slow(Duration::from_millis(300)));
-    let fg = proxy_to(up.addr, "", "", io);
+    // An upstream that never answers /slow but notes when its connection is closed under it.
+    let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = cancelled.clone();
+    let addr = serve_in_background(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            if head.starts_with(b"GET /slow ") {
+                // Held until the proxy gives up on the request and closes the connection.
+                let gone = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf));
+                if matches!(gone.await, Ok(Ok(0) | Err(_))) {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                return;
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let fg = proxy_to(addr, "", "", io);
+    let cancelled_seen = cancelled.clone();
     with_h2(fg.local_addrs()[0], |mut send| async move {
-        let req = || http::Request::get("http://x/slow").body(()).unwrap();
-        let (first, mut tx) = send.send_request(req(), true).unwrap();
+        let req = |p: &str| http::Request::get(format!("http://x{p}")).body(()).unwrap();
+        let (_first, mut tx) = send.send_request(req("/slow"), true).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         tx.send_reset(h2::Reason::CANCEL);
-        assert!(first.await.is_err(), "the reset stream gets no answer");
+        // The upstream sees its request abandoned: the proxy closed that connection.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while cancelled_seen.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the upstream request was not cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         send = send.ready().await.unwrap();
-        let (second, _) = send.send_request(req(), true).unwrap();
+        let (second, _) = send.send_request(req("/fast"), true).unwrap();
         assert_eq!(second.await.unwrap().status(), 200);
     });
+    assert_eq!(cancelled.load(std::sync::atomic::Ordering::SeqCst), 1);
     fg.shutdown();
 }
 

@@ -235,6 +235,10 @@ async fn respond(
             .join("|")
     };
     let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    let fields: Vec<String> = h
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+        .collect();
     let mut resp = Response::builder()
         .header("x-up-port", port)
         .header(
@@ -250,6 +254,7 @@ async fn respond(
         .header("x-up-cl", get("content-length"))
         .header("x-up-te", get("transfer-encoding"))
         .header("x-up-headers", names.join(","))
+        .header("x-up-fields", fields.join(";"))
         // Hop-by-hop response headers the proxy must not pass on.
         .header("connection", "x-up-hop")
         .header("x-up-hop", "1")
