@@ -368,6 +368,8 @@ pub struct RawClient {
 impl RawClient {
     pub fn connect(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).unwrap();
+        // For tests that read `stream` themselves: silence is an error there too.
+        stream.set_read_timeout(Some(READ_LIMIT)).unwrap();
         RawClient {
             stream,
             buf: Vec::new(),
