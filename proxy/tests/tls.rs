@@ -57,8 +57,12 @@ fn s_client(addr: std::net::SocketAddr, args: &[&str]) -> String {
     )
 }
 
-/// `s_client` writing `input` after the handshake (nothing: just wait for the answer).
+/// `s_client` writing `input` after the handshake (nothing: just wait for the answer). Its
+/// stdin stays open until it exits: the requests say `Connection: close`, so the server's
+/// close, after the answer and any session tickets, is what ends it. Still running after 10 s
+/// fails the test.
 fn s_client_sending(addr: std::net::SocketAddr, args: &[&str], input: &'static [u8]) -> String {
+    use std::io::Write;
     let mut child = Command::new("openssl")
         .args(["s_client", "-connect", &addr.to_string()])
         .args(args)
@@ -67,19 +71,29 @@ fn s_client_sending(addr: std::net::SocketAddr, args: &[&str], input: &'static [
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A request, so the server talks after the handshake (TLS 1.3 tickets come then).
     let mut stdin = child.stdin.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::Write;
-        let _ = stdin.write_all(input);
-        std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = stdin.write_all(input);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    let watchdog = std::thread::spawn(move || {
+        let late = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .is_err();
+        if late {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+        late
     });
     let out = child.wait_with_output().unwrap();
-    format!(
+    drop(stdin);
+    let _ = done.send(());
+    let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
+    );
+    assert!(!watchdog.join().unwrap(), "s_client did not finish: {text}");
+    text
 }
 
 fn subject_cn(out: &str) -> Option<String> {
@@ -282,7 +296,12 @@ fn zero_rtt_requests_are_answered_after_the_handshake() {
         &scratch("tls-0rtt-other"),
         "session_cache = 64\nearly_data = \"16KiB\"",
     );
-    let refused = s_client_sending(other.local_addrs()[0], &early, b"");
+    // The rejected early request is lost: it is sent again after the handshake.
+    let refused = s_client_sending(
+        other.local_addrs()[0],
+        &early,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert!(refused.contains("Early data was rejected"), "{refused}");
     let metric = |h: &fluxgate::Handle, result: &str| {
         let m = String::from_utf8(get(h.admin_addr().unwrap(), "/metrics").body).unwrap();

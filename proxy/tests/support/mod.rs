@@ -96,6 +96,9 @@ pub enum Behavior {
     /// Answers the first request this upstream gets, then closes each connection on reading
     /// any later one, on every connection: a retry fails too.
     DropAllButFirst,
+    /// Holds each request until this many are in flight at once (then answers them all, and
+    /// so on for each group): a burst that must be concurrent is, however the threads run.
+    Together(usize),
     /// Answers every request with 500.
     Fail500,
 }
@@ -147,6 +150,10 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
     let requests = Arc::new(AtomicUsize::new(0));
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let gate = match behavior {
+        Behavior::Together(n) => Some(Arc::new(tokio::sync::Barrier::new(n))),
+        _ => None,
+    };
     let (acc, op) = (accepted.clone(), open.clone());
     let (reqs, hl, arr) = (requests.clone(), healthy.clone(), arrivals.clone());
     let addr = serve_in_background(move |stream| {
@@ -154,6 +161,7 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
         op.fetch_add(1, Ordering::SeqCst);
         let op = op.clone();
         let (reqs, hl, arr) = (reqs.clone(), hl.clone(), arr.clone());
+        let gate = gate.clone();
         let port = stream.local_addr().map_or(0, |a| a.port());
         async move {
             let served = Arc::new(AtomicUsize::new(0));
@@ -172,7 +180,7 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
                     Behavior::DropAllButFirst => (Behavior::DropSecond, overall),
                     b => (b, n),
                 };
-                respond(behavior, req, n, port, probe.then_some(up))
+                respond(behavior, req, n, port, probe.then_some(up), gate.clone())
             });
             let io = TokioIo::new(stream);
             if h2 {
@@ -206,6 +214,7 @@ async fn respond(
     nth: usize,
     port: u16,
     probe: Option<bool>,
+    gate: Option<Arc<tokio::sync::Barrier>>,
 ) -> Result<UpResponse, std::io::Error> {
     let empty = || Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
     if let Some(up) = probe {
@@ -221,6 +230,11 @@ async fn respond(
                 .unwrap())
         }
         Behavior::Slow(d) => tokio::time::sleep(d).await,
+        Behavior::Together(_) => {
+            if let Some(g) = gate {
+                g.wait().await;
+            }
+        }
         Behavior::DropSecond if nth >= 1 => {
             return Err(std::io::Error::other("dropping a kept-alive connection"))
         }
