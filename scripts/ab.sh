@@ -3,6 +3,7 @@
 # runs wrk (HTTP/1.1) and h2load (h2c) against each proxy in turn, so drift hits all three
 # alike. Prints the proxy's CPU microseconds per request and req/s per run, then the means.
 # Usage: scripts/ab.sh OLD_BIN NEW_BIN [ROUNDS] [DURATION_S]   (defaults 3 rounds of 6 s)
+# Exits non-zero when any run had errors (non-2xx answers, socket errors, failed requests).
 # Layout as in ../shared/bench/peers.sh: upstream nginx and load on CPU 0, proxies on CPU 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ for round in $(seq "$R"); do
     c0=$(ticks ${PID[$p]})
     out=$(taskset -c 0 wrk -t1 -c50 -d${D}s http://127.0.0.1:${H1[$p]}/)
     c1=$(ticks ${PID[$p]})
+    check_wrk "round $round $p h1" "$out"
     n=$(echo "$out" | awk '/requests in/ {print $1}'); rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     us=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
     printf "%-8s %-4s %10s %11s\n" $p h1 "$rps" "$us"
@@ -43,6 +45,7 @@ for round in $(seq "$R"); do
     c0=$(ticks ${PID[$p]})
     out=$(taskset -c 0 h2load -c50 -m10 -D $D -t1 http://127.0.0.1:${H2[$p]}/)
     c1=$(ticks ${PID[$p]})
+    check_h2load "round $round $p h2c" "$out"
     n=$(echo "$out" | awk '/^requests:/ {print $2}'); rps=$(echo "$out" | awk '/finished in/ {print $4}')
     us=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
     printf "%-8s %-4s %10s %11s\n" $p h2c "$rps" "$us"
@@ -53,3 +56,4 @@ for proto in h1 h2c; do
   awk -v o=${SUM[old.$proto]} -v n=${SUM[new.$proto]} -v h=${SUM[haproxy.$proto]} -v r=$R -v p=$proto \
     'BEGIN{printf "mean cpu_us_req %-3s: old %.1f, new %.1f, haproxy %.1f (new/old %.2f, new/haproxy %.2f)\n", p, o/r, n/r, h/r, n/o, n/h}'
 done
+exit_if_failed

@@ -7,6 +7,7 @@
 #  2. h2load over TLS (-c 50 -m 10) through fluxgate, nginx and HAProxy: req/s and server CPU
 #     microseconds per request.
 # Usage: scripts/bench-tls.sh [DURATION_S]   (default 6)
+# Exits non-zero when any run had errors (failed handshakes or requests, non-2xx answers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
@@ -66,6 +67,7 @@ for srv in fluxgate:18453:$FHS nginx:18454:$NPID; do
     c0=$(ticks "$pid")
     out=$(taskset -c 0 "$HS" 127.0.0.1:$port "$W/c/ca.pem" $mode "$D" 8)
     c1=$(ticks "$pid")
+    echo "$out" | grep -q 'failed 0$' || failed_run "$name $mode handshakes: $out"
     n=$(echo "$out" | awk '{print $2}')
     rate=$(echo "$out" | sed -E 's/.*: ([0-9]+)\/s.*/\1/')
     cpu=$(awk -v a=$c0 -v b=$c1 -v n=$n -v t=$TCK 'BEGIN{printf "%.1f", (b-a)/t*1e6/n}')
@@ -81,8 +83,10 @@ for srv in fluxgate:18443:$FPID nginx:18444:$NPID haproxy:18445:$HPID; do
   c0=$(ticks "$pid")
   out=$(taskset -c 0 h2load -c50 -m10 -D "$D" -t1 https://127.0.0.1:$port/ 2>&1)
   c1=$(ticks "$pid")
+  check_h2load "$name h2 over TLS" "$out"
   r=$(echo "$out" | awk '/^finished in/ {print $4}')
   n=$(echo "$out" | awk '/^requests:/ {print $6}')
   cpu=$(awk -v a=$c0 -v b=$c1 -v n=${n:-1} -v t=$TCK 'BEGIN{ if (n>0) printf "%.1f", (b-a)/t*1e6/n; else print "-" }')
   printf "%-8s %10s %12s\n" $name "$r" "$cpu"
 done
+exit_if_failed

@@ -6,6 +6,7 @@
 #  3. RSS per idle keep-alive connection with 10,000 idle connections;
 #  4. part 1 again with fluxgate on a 20-route table (conf/examples/bench-20-routes.toml).
 # Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
+# Exits non-zero when a run of parts 2 and 3 had errors (part 1 and 4 are ../shared/bench/peers.sh's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
@@ -53,6 +54,7 @@ for round in 1 2 3; do
     c0=$(ticks $pid)
     out=$(taskset -c 0 wrk -t1 -c50 -d${D}s -H 'Connection: close' http://127.0.0.1:18090/)
     c1=$(ticks $pid)
+    check_wrk "part 2 round $round $io" "$out"
     kill $pid; wait $pid 2>/dev/null || true
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     n=$(echo "$out" | awk '/requests in/ {print $1}')
@@ -101,5 +103,11 @@ done
 r1=$(rss $pid)
 exec 3>&-; wait $cl || true
 kill $pid; wait $pid 2>/dev/null || true
-awk -v a=$r0 -v b=$r1 'BEGIN{printf "rss before %d KiB, with 10000 idle %d KiB: %.2f KiB per idle connection\n", a, b, (b-a)/10000}'
+# Divide by the connections that were really open and answered, and count a shortfall.
+held=$(awk '/^ready/ {print 10000} /^only/ {print $2}' "$W/idle.out")
+[ "${held:-0}" = 10000 ] || failed_run "part 3: $(cat "$W/idle.out") (10000 wanted)"
+if [ "${held:-0}" -gt 0 ]; then
+  awk -v a=$r0 -v b=$r1 -v n=$held 'BEGIN{printf "rss before %d KiB, with %d idle %d KiB: %.2f KiB per idle connection\n", a, n, b, (b-a)/n}'
 fi
+fi
+exit_if_failed

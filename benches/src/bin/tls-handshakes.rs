@@ -77,6 +77,9 @@ fn main() {
                         .await?;
                         sink.clear();
                         tls.read_to_end(&mut sink).await?;
+                        if !sink.starts_with(b"HTTP/1.1 200") {
+                            return Err(std::io::Error::other("the answer was not a 200"));
+                        }
                         Ok::<_, std::io::Error>(tls.get_ref().1.handshake_kind())
                     };
                     match one.await {
