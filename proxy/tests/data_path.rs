@@ -42,6 +42,13 @@ on_both_acceptors!(
     http10_closes_unless_keep_alive_is_asked,
     request_line_past_the_head_limit_gives_414,
     chunked_request_body_streams_upstream,
+    too_many_headers_give_431_and_close,
+    hop_by_hop_headers_are_removed_both_ways,
+    hop_by_hop_headers_stop_before_an_h2c_upstream,
+    expect_100_continue_is_not_sent_when_the_answer_comes_first,
+    http1_request_body_is_read_only_as_the_upstream_takes_it,
+    h2_request_body_is_held_to_what_the_upstream_takes,
+    drain_closes_http1_answers_in_flight,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -756,4 +763,300 @@ fn chunked_request_body_streams_upstream(io: IoMode) {
         Some("/next")
     );
     fg.shutdown();
+}
+
+fn too_many_headers_give_431_and_close(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_headers = 10", io);
+    let addr = fg.local_addrs()[0];
+    let head = |n: usize| {
+        let mut req = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+        for i in 1..n {
+            req.push_str(&format!("X-F{i}: v\r\n"));
+        }
+        req + "\r\n"
+    };
+    // Ten fields, Host included, are allowed; eleven are not.
+    let mut c = RawClient::connect(addr);
+    c.send(head(10).as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 200);
+    let mut c = RawClient::connect(addr);
+    c.send(head(11).as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 431);
+    assert!(c.closed());
+    assert_eq!(up.requests(), 1, "the refused head was not forwarded");
+    fg.shutdown();
+}
+
+/// Every hop-by-hop field the README names (and one the Connection header names), as a
+/// request sends them.
+const HOP_REQUEST: &str = "Connection: keep-alive, X-Named\r\nX-Named: 1\r\n\
+    Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n\
+    Upgrade: websocket\r\nProxy-Authorization: Basic eA==\r\nProxy-Authenticate: Basic\r\n\
+    X-Keep: 1\r\n";
+const HOP_NAMES: [&str; 10] = [
+    "connection",
+    "x-named",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "transfer-encoding",
+];
+
+/// The field names of an HTTP/1.1 head, lower-cased.
+fn field_names(head: &str) -> Vec<String> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, _)| k.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// An upstream that keeps each request head it reads and answers it with every hop-by-hop
+/// field (chunked, so Transfer-Encoding is one of them).
+fn hop_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let addr = serve_in_background(move |mut stream| {
+        let seen = seen.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    continue;
+                };
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let answer = b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Named\r\nX-Resp-Named: 1\r\n\
+                    Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+                    Trailer: X-T\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\n\
+                    Proxy-Authorization: Basic eA==\r\nTransfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n\
+                    2\r\nok\r\n0\r\n\r\n";
+                if stream.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (addr, heads)
+}
+
+fn hop_by_hop_headers_are_removed_both_ways(io: IoMode) {
+    let (up, heads) = hop_upstream();
+    let fg = proxy_to(up, "", "", io);
+    let addr = fg.local_addrs()[0];
+    // HTTP/1.1 client.
+    let mut c = RawClient::connect(addr);
+    c.send(format!("GET /hop HTTP/1.1\r\nHost: x\r\n{HOP_REQUEST}\r\n").as_bytes());
+    let r = c.read_response().expect("response");
+    assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]));
+    let upstream_saw = field_names(&heads.lock().unwrap()[0]);
+    for name in HOP_NAMES {
+        assert!(
+            !upstream_saw.contains(&name.to_owned()),
+            "{name} reached the upstream: {upstream_saw:?}"
+        );
+        if name != "transfer-encoding" {
+            // (the client's own framing is the gateway's: chunked, since the length is unknown)
+            assert!(
+                r.header(name).is_none(),
+                "{name} reached the client: {:?}",
+                r.headers
+            );
+        }
+    }
+    assert!(r.header("x-resp-named").is_none() && r.header("x-kept").is_some());
+    assert!(upstream_saw.contains(&"x-keep".to_owned()));
+
+    // HTTP/2 client: only TE (trailers) and the proxy-auth pair may be sent on HTTP/2; the
+    // answer must carry no connection-specific field (the h2 client refuses one as malformed).
+    with_h2(addr, |mut send| async move {
+        let req = http::Request::get("http://x/hop2")
+            .header("te", "trailers")
+            .header("proxy-authorization", "Basic eA==")
+            .header("x-keep", "1")
+            .body(())
+            .unwrap();
+        let (resp, _) = send.send_request(req, true).unwrap();
+        let resp = resp.await.expect("a well-formed HTTP/2 answer");
+        assert_eq!(resp.status(), 200);
+        for name in HOP_NAMES.iter().chain(&["x-resp-named"]) {
+            assert!(
+                resp.headers().get(*name).is_none(),
+                "{name} reached the h2 client"
+            );
+        }
+        let mut body = Vec::new();
+        h2_read(&mut resp.into_body(), &mut body, usize::MAX).await;
+        assert_eq!(body, b"ok");
+    });
+    let upstream_saw = field_names(&heads.lock().unwrap()[1]);
+    for name in ["te", "proxy-authorization"] {
+        assert!(
+            !upstream_saw.contains(&name.to_owned()),
+            "{name} from h2: {upstream_saw:?}"
+        );
+    }
+    assert!(upstream_saw.contains(&"x-keep".to_owned()));
+    fg.shutdown();
+}
+
+fn hop_by_hop_headers_stop_before_an_h2c_upstream(io: IoMode) {
+    let up = h2c_upstream();
+    let fg = proxy_to(up.addr, "protocol = \"h2c\"", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(format!("GET /hop HTTP/1.1\r\nHost: x\r\n{HOP_REQUEST}\r\n").as_bytes());
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 200);
+    let seen: Vec<&str> = r.header("x-up-headers").unwrap().split(',').collect();
+    for name in HOP_NAMES {
+        assert!(
+            !seen.contains(&name),
+            "{name} reached the h2c upstream: {seen:?}"
+        );
+    }
+    assert!(seen.contains(&"x-keep"));
+    fg.shutdown();
+}
+
+fn expect_100_continue_is_not_sent_when_the_answer_comes_first(io: IoMode) {
+    let fg = start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = { status = 403, body = \"no\" }\n",
+        io,
+    );
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    );
+    let r = c.read_response().expect("the answer");
+    assert_eq!(
+        r.status, 403,
+        "the final answer, with no 100 Continue before it"
+    );
+    // The upload never came: the connection is out of step and closes.
+    assert!(c.closed());
+    fg.shutdown();
+}
+
+/// An upstream that reads each request head and then nothing more, holding the connection
+/// open for 10 s: whatever a client sends beyond the head piles up in front of it.
+fn stalled_upstream() -> std::net::SocketAddr {
+    serve_in_background(|mut stream| async move {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    })
+}
+
+/// Bytes of an upload a client gets out before the path to a stalled upstream stops taking
+/// them, out of this many offered. The socket buffers on the way (client, gateway, upstream)
+/// hold a few MiB on loopback; a gateway that read the upload whole would take it all.
+const UPLOAD: usize = 64 << 20;
+const STALL_BOUND: usize = 16 << 20;
+
+fn http1_request_body_is_read_only_as_the_upstream_takes_it(io: IoMode) {
+    let fg = proxy_to(stalled_upstream(), "response_timeout = \"20s\"", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(format!("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {UPLOAD}\r\n\r\n").as_bytes());
+    c.stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let chunk = vec![b'x'; 64 << 10];
+    let mut sent = 0;
+    while sent < UPLOAD {
+        match c.stream.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("upload failed: {e}"),
+        }
+    }
+    assert!(
+        sent < STALL_BOUND,
+        "{sent} bytes taken before the stall: the body was not held back"
+    );
+    assert!(sent > 256 << 10, "only {sent} bytes taken");
+    fg.shutdown();
+}
+
+fn h2_request_body_is_held_to_what_the_upstream_takes(io: IoMode) {
+    let fg = proxy_to(stalled_upstream(), "response_timeout = \"20s\"", "", io);
+    with_h2(fg.local_addrs()[0], |mut send| async move {
+        let req = http::Request::post("http://x/up")
+            .header("content-length", UPLOAD)
+            .body(())
+            .unwrap();
+        let (_resp, mut tx) = send.send_request(req, false).unwrap();
+        let mut sent = 0;
+        while sent < UPLOAD {
+            tx.reserve_capacity(64 << 10);
+            let credit = std::future::poll_fn(|cx| tx.poll_capacity(cx));
+            match tokio::time::timeout(Duration::from_millis(500), credit).await {
+                Ok(Some(Ok(n))) => {
+                    tx.send_data(bytes::Bytes::from(vec![b'x'; n]), false)
+                        .unwrap();
+                    sent += n;
+                }
+                Ok(other) => panic!("stream ended: {other:?}"),
+                Err(_) => break,
+            }
+        }
+        assert!(
+            sent < STALL_BOUND,
+            "{sent} bytes of window granted: credit did not wait for the upstream"
+        );
+        assert!(
+            sent >= 1 << 20,
+            "only {sent} bytes: less than one stream window"
+        );
+    });
+    fg.shutdown();
+}
+
+fn drain_closes_http1_answers_in_flight(io: IoMode) {
+    let up = upstream(Behavior::Slow(Duration::from_millis(500)));
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(eventually(Duration::from_secs(2), || up.requests() == 1));
+    let drain = std::thread::spawn(move || fg.drain(Duration::from_secs(5)));
+    let r = c
+        .read_response()
+        .expect("the request in flight is answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("connection"),
+        Some("close"),
+        "told not to reuse it"
+    );
+    assert!(c.closed());
+    assert!(drain.join().unwrap(), "drained within the grace time");
 }
