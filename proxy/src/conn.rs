@@ -16,7 +16,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::h1::server::Limits;
 use crate::h2::PREFACE;
 pub(crate) use crate::stream::ClientStream;
 use crate::worker::HandlerSlot;
@@ -372,6 +371,16 @@ impl AsyncWrite for ClientIo {
 }
 
 /// The server side of one listener on one worker: the limits, configured once.
+/// The limits a request head must keep, on every protocol.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadLimits {
+    /// The most bytes a head may take (431 beyond; on HTTP/1.1, 414 when the request line
+    /// alone does).
+    pub(crate) max_head: usize,
+    /// The most header fields, pseudo-headers not counted (431 beyond).
+    pub(crate) max_headers: usize,
+}
+
 pub(crate) struct ConnServer {
     /// Turns true when the worker drains: finish in-flight requests, then close.
     draining: watch::Receiver<bool>,
@@ -380,7 +389,7 @@ pub(crate) struct ConnServer {
     header_timeout: Duration,
     idle_timeout: Duration,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
-    limits: Limits,
+    limits: HeadLimits,
 }
 
 impl ConnServer {
@@ -394,7 +403,7 @@ impl ConnServer {
             parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
-            limits: Limits {
+            limits: HeadLimits {
                 max_head: limits.max_header_bytes,
                 max_headers: limits.max_headers,
             },
@@ -448,7 +457,7 @@ impl ConnServer {
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
         let left = if h2 {
-            crate::h2::serve(io, state, handler, draining, self.limits.max_head, parks).await
+            crate::h2::serve(io, state, handler, draining, self.limits, parks).await
         } else {
             crate::h1::server::serve(io, state, handler, draining, self.limits, parks).await
         };

@@ -203,3 +203,55 @@ fn passive_ejection_after_consecutive_5xx() {
     assert!(bad.requests() > 2, "bad tried again after ejection");
     fg.shutdown();
 }
+
+#[test]
+fn hash_on_the_client_ip_keys_on_the_address() {
+    let ups = three();
+    let all = [&ups[0], &ups[1], &ups[2]];
+    let by_ip = cluster(&all, "balance = \"hash\"\nhash_key = \"client_ip\"", None);
+    let by_header = cluster(
+        &all,
+        "balance = \"hash\"\nhash_key = { header = \"x-user\" }",
+        None,
+    );
+    // Every connection from 127.0.0.1 (each from another port) lands on one endpoint...
+    let ports: Vec<String> = (0..20)
+        .map(|_| port_for(by_ip.local_addrs()[0], "ignored"))
+        .collect();
+    assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    // ... the one the same ring picks for the key "127.0.0.1" given as a header, while other
+    // keys spread: the client address is the key, not a constant.
+    assert_eq!(port_for(by_header.local_addrs()[0], "127.0.0.1"), ports[0]);
+    let spread: std::collections::HashSet<String> = (0..30)
+        .map(|i| port_for(by_header.local_addrs()[0], &format!("10.0.0.{i}")))
+        .collect();
+    assert!(spread.len() > 1, "{spread:?}");
+    by_ip.shutdown();
+    by_header.shutdown();
+}
+
+#[test]
+fn passive_ejection_after_consecutive_connect_errors() {
+    let good = upstream(Behavior::Echo);
+    let dead = dead_addr();
+    let fg = start(
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"c\"\n\
+             [[upstream]]\nname = \"c\"\nendpoints = [\"{}\", \"{}\"]\n\
+             passive = {{ consecutive_failures = 2, ejection = \"30s\" }}\n",
+            good.addr, dead.addr
+        ),
+        IoMode::Epoll,
+    );
+    let addr = fg.local_addrs()[0];
+    let statuses: Vec<u16> = (0..20).map(|_| get(addr, "/").status).collect();
+    // Round robin tries the dead endpoint twice (502 each), then it is ejected.
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 502).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert!(statuses[4..].iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(good.requests(), 18);
+    fg.shutdown();
+}

@@ -330,3 +330,42 @@ fn io_uring_by_name_fails_rather_than_falling_back() {
         "{log}"
     );
 }
+
+#[test]
+fn sigterm_cuts_off_requests_still_running_at_drain_timeout() {
+    let up = upstream(Behavior::Slow(Duration::from_secs(8)));
+    let dir = scratch("drain-timeout");
+    let path = dir.join("fg.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[runtime]\nworkers = 1\ndrain_timeout = \"300ms\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\nresponse_timeout = \"20s\"\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let Running {
+        mut child,
+        addr,
+        log,
+    } = spawn(&["run", "-c", path.to_str().unwrap()]);
+    let mut c = RawClient::connect(addr);
+    c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(eventually(Duration::from_secs(3), || up.requests() == 1));
+    let t = Instant::now();
+    sigterm(&child);
+    assert!(child.wait().unwrap().success(), "exit 0 after the drain");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "cut off at drain_timeout, not the upstream's 8 s: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        c.read_response().is_none(),
+        "the request was cut off unanswered"
+    );
+    let log = log.lock().unwrap().join("\n");
+    assert!(log.contains("drain timeout reached"), "{log}");
+}

@@ -203,6 +203,7 @@ on_both_acceptors!(
     window_overflow_resets_the_stream,
     early_answer_lets_the_upload_finish_without_reset,
     idle_connection_frees_its_buffers_and_serves_on,
+    too_many_header_fields_get_431,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -527,5 +528,30 @@ fn idle_connection_frees_its_buffers_and_serves_on(io: IoMode) {
     head.push(0x80 | 62);
     c.send(HEADERS, END_HEADERS | END_STREAM, 3, &head);
     assert_eq!(c.expect(HEADERS, 3).status(), 200);
+    fg.shutdown();
+}
+
+fn too_many_header_fields_get_431(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "max_headers = 10", io);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let head = |extra: usize| {
+        let names: Vec<String> = (0..extra).map(|i| format!("x-f{i}")).collect();
+        let mut fields = vec![
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            (":path", "/"),
+        ];
+        fields.extend(names.iter().map(|n| (n.as_str(), "v")));
+        block(&fields)
+    };
+    // Ten regular fields are allowed (pseudo-headers are not fields), eleven are not.
+    c.send(HEADERS, END_HEADERS | END_STREAM, 1, &head(10));
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    c.send(HEADERS, END_HEADERS | END_STREAM, 3, &head(11));
+    assert_eq!(c.expect(HEADERS, 3).status(), 431);
+    c.assert_serves(5);
+    assert_eq!(up.requests(), 2, "the 431 never reached the upstream");
     fg.shutdown();
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
 use super::{Chunk, Span};
 use crate::body::{ClientBody, ProxyBody};
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState};
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
 use crate::headers::{connection_has, http_date};
 use crate::pool::H1Conn;
 use crate::proxy::Handled;
@@ -42,15 +42,6 @@ const WRITE_HIGH: usize = 64 * 1024;
 /// Header fields parsed in place on the stack; a higher `max_headers` parses on the heap.
 const STACK_FIELDS: usize = 128;
 
-/// The limits a request head must keep.
-#[derive(Clone, Copy)]
-pub(crate) struct Limits {
-    /// The most bytes a head may take (431 beyond; 414 when the request line alone does).
-    pub(crate) max_head: usize,
-    /// The most header fields (431 beyond).
-    pub(crate) max_headers: usize,
-}
-
 /// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
 /// `conn::linger`), or None when the client already closed it or it carried a tunnel.
 pub(crate) fn serve(
@@ -58,7 +49,7 @@ pub(crate) fn serve(
     state: Arc<ConnState>,
     handler: HandlerSlot,
     draining: watch::Receiver<bool>,
-    limits: Limits,
+    limits: HeadLimits,
     parks: Arc<AtomicU64>,
 ) -> impl Future<Output = Option<ClientStream>> {
     let mut conn = Conn {
@@ -116,7 +107,7 @@ struct Conn {
     spans: Vec<Span>,
     state: Arc<ConnState>,
     handler: HandlerSlot,
-    limits: Limits,
+    limits: HeadLimits,
     /// The worker's count of parked connections (see `slim`).
     parks: Arc<AtomicU64>,
     /// The request being served.
@@ -568,7 +559,7 @@ fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
 /// more bytes are needed. Err: the status to refuse it with.
 fn parse_head(
     buf: &mut BytesMut,
-    limits: Limits,
+    limits: HeadLimits,
     spans: &mut Vec<Span>,
 ) -> Result<Option<Head>, StatusCode> {
     let bad = StatusCode::BAD_REQUEST;
@@ -659,7 +650,7 @@ mod tests {
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<Head>, StatusCode> {
-        let limits = Limits {
+        let limits = HeadLimits {
             max_head: 1024,
             max_headers: 8,
         };

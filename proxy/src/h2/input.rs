@@ -258,7 +258,7 @@ impl Conn {
         // limit leaves room and still bounds what a client can make us hold. Empty
         // CONTINUATION frames are counted too: a block may not go on for ever.
         self.block_frames += 1;
-        if self.block.len() + p.len() > 2 * self.max_header_list + MAX_FRAME
+        if self.block.len() + p.len() > 2 * self.limits.max_head + MAX_FRAME
             || self.block_frames > MAX_BLOCK_FRAMES
         {
             return Err(ConnError(ENHANCE_YOUR_CALM, "header block too large"));
@@ -269,7 +269,7 @@ impl Conn {
 
     /// A complete header block: a new request, or a request's trailers.
     fn end_headers(&mut self, id: u32, end_stream: bool) -> Result<(), ConnError> {
-        let mut head = Head::new(self.max_header_list);
+        let mut head = Head::new(self.limits.max_head);
         let block = std::mem::take(&mut self.block);
         // Decoded whatever becomes of the stream: the table must stay in step with the client.
         let decoded = self.decoder.decode(&block, |f| head.add(f));
@@ -326,7 +326,7 @@ impl Conn {
         });
         let waker = Waker::from(Arc::clone(&wake));
         let inflight = self.state.begin_request();
-        let too_large = head.size > self.max_header_list;
+        let too_large = head.size > self.limits.max_head || head.fields > self.limits.max_headers;
         let declared = head
             .headers
             .get(http::header::CONTENT_LENGTH)

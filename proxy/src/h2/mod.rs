@@ -26,7 +26,7 @@ use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
 use crate::body::ProxyBody;
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState};
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
 use crate::headers::http_date;
 use crate::recv::Recv;
 use crate::worker::HandlerSlot;
@@ -180,10 +180,10 @@ pub(crate) async fn serve(
     state: Arc<ConnState>,
     handler: HandlerSlot,
     mut draining: watch::Receiver<bool>,
-    max_header_list: usize,
+    limits: HeadLimits,
     parks: Arc<AtomicU64>,
 ) -> Option<ClientStream> {
-    let mut conn = Conn::new(io, state, handler, max_header_list, parks);
+    let mut conn = Conn::new(io, state, handler, limits, parks);
     let probe = draining.clone();
     let mut registered = false;
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
@@ -236,7 +236,7 @@ struct Conn {
     reset_ids: VecDeque<u32>,
     state: Arc<ConnState>,
     handler: HandlerSlot,
-    max_header_list: usize,
+    limits: HeadLimits,
     /// The worker's count of parked connections (see `slim`).
     parks: Arc<AtomicU64>,
 }
@@ -246,14 +246,14 @@ impl Conn {
         io: ClientIo,
         state: Arc<ConnState>,
         handler: HandlerSlot,
-        max_header_list: usize,
+        limits: HeadLimits,
         parks: Arc<AtomicU64>,
     ) -> Conn {
         let mut wbuf = Vec::with_capacity(MAX_FRAME);
         let settings: [(u16, u32); 3] = [
             (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
             (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            (SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list as u32),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_head as u32),
         ];
         frame_head(&mut wbuf, settings.len() * 6, SETTINGS, 0, 0);
         for (k, v) in settings {
@@ -289,7 +289,7 @@ impl Conn {
             reset_ids: VecDeque::new(),
             state,
             handler,
-            max_header_list,
+            limits,
             parks,
         }
     }

@@ -15,6 +15,8 @@ pub(super) struct Head {
     /// The list size as RFC 9113 counts it; past `limit`, fields are counted, not kept.
     pub(super) size: usize,
     pub(super) limit: usize,
+    /// Regular fields (pseudo-headers not counted), kept or not.
+    pub(super) fields: usize,
     pub(super) malformed: bool,
     pub(super) regular: bool,
 }
@@ -29,6 +31,7 @@ impl Head {
             headers: HeaderMap::new(),
             size: 0,
             limit,
+            fields: 0,
             malformed: false,
             regular: false,
         }
@@ -43,6 +46,9 @@ impl Head {
 
     pub(super) fn add(&mut self, f: Field) {
         self.size += f.size;
+        if matches!(f.name, Name::Header(_)) {
+            self.fields += 1;
+        }
         if self.size > self.limit {
             return;
         }
