@@ -183,7 +183,7 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
         };
         if let Some((stream, early)) = stream {
             server
-                .serve(stream, early, peer, Rc::clone(&ctx.handler))
+                .serve(stream, early, peer, Rc::clone(&ctx.gateway))
                 .await;
         }
         ctx.active.set(ctx.active.get() - 1);

@@ -82,7 +82,8 @@ pub(crate) struct Pending {
     pub(crate) time: SystemTime,
     pub(crate) started: Instant,
     pub(crate) client: http::HeaderValue,
-    pub(crate) method: http::Method,
+    /// None for a refusal: no head was read.
+    pub(crate) method: Option<http::Method>,
     pub(crate) path: String,
     pub(crate) route: String,
     pub(crate) upstream: String,
@@ -90,9 +91,30 @@ pub(crate) struct Pending {
     /// Time until the upstream's response head, for forwarded requests.
     pub(crate) upstream_time: Option<Duration>,
     pub(crate) bytes: u64,
+    /// Why the server refused the request or reset its stream itself.
+    pub(crate) reason: Option<&'static str>,
 }
 
 impl Pending {
+    /// A line for a request from `client` that began at `started`; the rest is filled in as
+    /// the request goes.
+    pub(crate) fn new(log: &Rc<AccessLog>, started: Instant, client: http::HeaderValue) -> Pending {
+        Pending {
+            log: Rc::clone(log),
+            time: SystemTime::now(),
+            started,
+            client,
+            method: None,
+            path: String::new(),
+            route: String::new(),
+            upstream: String::new(),
+            status: 0,
+            upstream_time: None,
+            bytes: 0,
+            reason: None,
+        }
+    }
+
     /// Appends the line: the request is over (body sent, or the client went away).
     pub(crate) fn finish(self) {
         let total = self.started.elapsed();
@@ -102,7 +124,7 @@ impl Pending {
             o.push_str("\",\"client\":");
             json::push_str(o, self.client.to_str().unwrap_or(""));
             o.push_str(",\"method\":");
-            json::push_str(o, self.method.as_str());
+            json::push_str(o, self.method.as_ref().map_or("", |m| m.as_str()));
             o.push_str(",\"path\":");
             json::push_str(o, &self.path);
             o.push_str(",\"route\":");
@@ -121,6 +143,10 @@ impl Pending {
                     let _ = write!(o, ",\"upstream_ms\":{:.3}", d.as_secs_f64() * 1e3);
                 }
                 None => o.push_str(",\"upstream_ms\":null"),
+            }
+            if let Some(why) = self.reason {
+                o.push_str(",\"reason\":");
+                json::push_str(o, why);
             }
             o.push_str("}\n");
         });

@@ -112,17 +112,25 @@ impl ProxyBody {
         }
     }
 
-    /// The upstream connection of a 101 answer (see `tunnel`).
-    pub(crate) fn take_tunnel(&mut self) -> Option<H1Conn> {
-        match &mut self.inner {
-            Inner::Tunnel(up) => up.take(),
-            _ => None,
-        }
-    }
-
     /// Logs the request when this body is done (or dropped).
     pub(crate) fn attach_log(&mut self, pending: Box<Pending>) {
         self.log = Some(pending);
+    }
+}
+
+impl crate::service::ResponseBody for ProxyBody {
+    type Upgraded = H1Conn;
+
+    /// The upstream connection of a 101 answer (see `tunnel`), with what it sent past the
+    /// answer's head.
+    fn take_upgrade(&mut self) -> Option<(H1Conn, bytes::BytesMut)> {
+        match &mut self.inner {
+            Inner::Tunnel(up) => up.take().map(|mut c| {
+                let early = c.io.rbuf.split();
+                (c, early)
+            }),
+            _ => None,
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,8 +18,8 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::h2::PREFACE;
+use crate::service::Service;
 pub(crate) use crate::stream::ClientStream;
-use crate::worker::HandlerSlot;
 
 /// A connection idle this long is parked: its server frees its read and write buffers and
 /// keeps the socket, taking buffers again when the next request comes. Busy connections never
@@ -414,15 +415,14 @@ impl ConnServer {
         self.header_timeout
     }
 
-    /// Serves one accepted connection to its end; each request takes the listener's handler
-    /// current when it arrives.
+    /// Serves one accepted connection to its end, each request by `svc`.
     /// `early`: bytes that arrived as TLS 0-RTT data, read before the stream's own.
-    pub(crate) async fn serve(
+    pub(crate) async fn serve<S: Service>(
         &self,
         stream: ClientStream,
         early: Option<bytes::Bytes>,
         peer: SocketAddr,
-        handler: HandlerSlot,
+        svc: Rc<S>,
     ) {
         let mut stream = stream;
         let Some((h2, first)) = self.sniff(&mut stream, early).await else {
@@ -457,9 +457,9 @@ impl ConnServer {
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
         let left = if h2 {
-            crate::h2::serve(io, state, handler, draining, self.limits, parks).await
+            crate::h2::serve(io, state, svc, draining, self.limits, parks).await
         } else {
-            crate::h1::server::serve(io, state, handler, draining, self.limits, parks).await
+            crate::h1::server::serve(io, state, svc, draining, self.limits, parks).await
         };
         if let Some(s) = left {
             // Boxed, and in its own statement (a temporary would live across the await): the

@@ -24,6 +24,7 @@ mod proxy;
 mod recv;
 pub mod route;
 mod server;
+mod service;
 mod stream;
 mod tickets;
 pub mod tls;

@@ -45,6 +45,8 @@ pub(crate) struct RouteSet {
     pub(crate) routes: Vec<RouteStats>,
     /// Requests no route matched (answered 404) or refused before routing (400, 414).
     pub(crate) unrouted: RouteStats,
+    /// Refusals by the servers themselves, by `Refusal::index`.
+    pub(crate) refused: [AtomicU64; crate::service::Refusal::ALL.len()],
 }
 
 #[derive(Debug, Default)]
@@ -180,6 +182,7 @@ impl Metrics {
                         Arc::new(RouteSet {
                             routes: l.routes.iter().map(|_| RouteStats::default()).collect(),
                             unrouted: RouteStats::default(),
+                            refused: Default::default(),
                         })
                     })
                     .collect()
@@ -256,6 +259,28 @@ impl Metrics {
                             addrs[li]
                         );
                     }
+                }
+            }
+        }
+
+        family(
+            &mut o,
+            "fluxgate_refusals_total",
+            "counter",
+            "Requests the servers refused or streams they reset themselves, by listener and reason.",
+        );
+        for (sets, addr) in self.routes.iter().zip(addrs) {
+            for why in crate::service::Refusal::ALL {
+                let n: u64 = sets
+                    .iter()
+                    .map(|set| set.refused[why.index()].load(Ordering::Relaxed))
+                    .sum();
+                if n > 0 {
+                    let _ = writeln!(
+                        o,
+                        "fluxgate_refusals_total{{listener=\"{addr}\",reason=\"{}\"}} {n}",
+                        why.reason()
+                    );
                 }
             }
         }

@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use crate::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::metrics::RouteSet;
 use crate::pool::UpstreamPool;
 use crate::route::{RequestHead, RouteTable};
+use crate::service::{Refusal, Reply, Service};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -55,33 +56,42 @@ impl Handler {
     /// Answers one request. Everything but the exchange with the upstream is a plain
     /// function: a request answered here needs no future at all, and a forwarded one awaits in
     /// one small state (each nested async level copies its whole state when it is built).
-    pub(crate) fn handle(self: &Rc<Self>, req: Request<ClientBody>, inflight: InFlight) -> Handled {
+    pub(crate) fn handle(
+        self: &Rc<Self>,
+        req: Request<ClientBody>,
+        inflight: InFlight,
+    ) -> Reply<Forwarding, ProxyBody> {
         let started = std::time::Instant::now();
-        let logged = self.access_log.as_ref().map(|log| {
-            Box::new(Pending {
-                log: Rc::clone(log),
-                time: std::time::SystemTime::now(),
-                started,
-                client: inflight.state().peer_ip.clone(),
-                method: req.method().clone(),
-                path: req.uri().path().to_owned(),
-                route: String::new(),
-                upstream: String::new(),
-                status: 0,
-                upstream_time: None,
-                bytes: 0,
-            })
-        });
+        let logged = self.pending(started, &inflight, Some(&req), None);
         match self.route(req, inflight) {
             Routed::Answer(route, resp) => {
                 let resp = self.finish(started, logged, route, None, resp);
-                Handled::Ready(Some(Box::new(resp)))
+                Reply::Ready(Some(Box::new(resp)))
             }
             Routed::Forward(f) => {
                 let (out, request) = self.outgoing(f, started, logged);
-                Handled::Forwarding(Box::pin(out.run(request)))
+                Reply::Later(Box::pin(out.run(request)))
             }
         }
+    }
+
+    /// The access log line begun for a request (or a refusal: no request head), when the
+    /// log is on.
+    fn pending(
+        &self,
+        started: std::time::Instant,
+        inflight: &InFlight,
+        req: Option<&Request<ClientBody>>,
+        refused: Option<Refusal>,
+    ) -> Option<Box<Pending>> {
+        let log = self.access_log.as_ref()?;
+        let mut p = Pending::new(log, started, inflight.state().peer_ip.clone());
+        if let Some(req) = req {
+            p.method = Some(req.method().clone());
+            p.path = req.uri().path().to_owned();
+        }
+        p.reason = refused.map(Refusal::reason);
+        Some(Box::new(p))
     }
 
     /// Counts the answer and hands it its access log line.
@@ -218,24 +228,58 @@ impl Handler {
     }
 }
 
-/// What the server awaits for one request: an answer made here, or the upstream's.
-pub(crate) enum Handled {
-    /// Boxed so that the common case, forwarding, does not carry a response's size.
-    Ready(Option<Box<Response<ProxyBody>>>),
-    Forwarding(Pin<Box<dyn Future<Output = Response<ProxyBody>>>>),
+/// A forwarded request's answer, worked on.
+pub(crate) type Forwarding = Pin<Box<dyn Future<Output = Response<ProxyBody>>>>;
+
+/// The gateway as one listener's servers see it: the listener's current handler, swapped
+/// by reloads (a request keeps the handler it started with).
+pub(crate) struct Gateway {
+    current: std::cell::RefCell<Rc<Handler>>,
 }
 
-impl Future for Handled {
-    type Output = Result<Response<ProxyBody>, std::convert::Infallible>;
+impl Gateway {
+    pub(crate) fn new(handler: Rc<Handler>) -> Gateway {
+        Gateway {
+            current: std::cell::RefCell::new(handler),
+        }
+    }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Handled::Ready(resp) => match resp.take() {
-                Some(resp) => Poll::Ready(Ok(*resp)),
-                // Polled again after completing: our servers never do.
-                None => Poll::Pending,
-            },
-            Handled::Forwarding(f) => f.as_mut().poll(cx).map(Ok),
+    /// Serves new requests with `handler`.
+    pub(crate) fn replace(&self, handler: Rc<Handler>) {
+        *self.current.borrow_mut() = handler;
+    }
+
+    fn handler(&self) -> Rc<Handler> {
+        Rc::clone(&self.current.borrow())
+    }
+}
+
+impl Service for Gateway {
+    type Body = ProxyBody;
+    type Future = Forwarding;
+
+    fn call(&self, req: Request<ClientBody>, inflight: InFlight) -> Reply<Forwarding, ProxyBody> {
+        self.handler().handle(req, inflight)
+    }
+
+    fn refuse(&self, why: Refusal, inflight: InFlight) -> Response<ProxyBody> {
+        let handler = self.handler();
+        let started = std::time::Instant::now();
+        let status = why.status().unwrap_or(StatusCode::BAD_REQUEST);
+        let logged = handler.pending(started, &inflight, None, Some(why));
+        handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+        // Whether the connection closes after it is the server's to say.
+        let resp = answer(status, false, inflight);
+        handler.finish(started, logged, None, None, resp)
+    }
+
+    fn reset(&self, why: Refusal, conn: &ConnState) {
+        let handler = self.handler();
+        handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(log) = &handler.access_log {
+            let mut p = Pending::new(log, std::time::Instant::now(), conn.peer_ip.clone());
+            p.reason = Some(why.reason());
+            p.finish();
         }
     }
 }

@@ -16,11 +16,8 @@ use crate::accept::Acceptor;
 use crate::accesslog::AccessLog;
 use crate::conn::{worker_housekeeping, ConnServer};
 use crate::pool::UpstreamPool;
-use crate::proxy::Handler;
+use crate::proxy::{Gateway, Handler};
 use crate::server::{Generation, Phase};
-
-/// The handler of a listener, swapped by reloads and read by every new request.
-pub(crate) type HandlerSlot = Rc<RefCell<Rc<Handler>>>;
 
 /// What the reloader sends a worker.
 pub(crate) struct Apply {
@@ -38,7 +35,8 @@ pub(crate) struct Apply {
 /// Per-listener state of one worker.
 pub(crate) struct ListenerCtx {
     pub(crate) server: RefCell<Rc<ConnServer>>,
-    pub(crate) handler: HandlerSlot,
+    /// What serves the listener's requests (its handler swapped by reloads).
+    pub(crate) gateway: Rc<Gateway>,
     pub(crate) active: Cell<usize>,
     pub(crate) max_connections: Cell<usize>,
     /// This worker's share of `fluxgate_active_connections`; survives reloads.
@@ -138,7 +136,7 @@ impl Worker {
                     let (stop, stop_rx) = watch::channel(false);
                     let ctx = Rc::new(ListenerCtx {
                         server: RefCell::new(server),
-                        handler: Rc::new(RefCell::new(handler)),
+                        gateway: Rc::new(Gateway::new(handler)),
                         active: Cell::new(0),
                         max_connections: Cell::new(l.max_connections),
                         active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
@@ -164,7 +162,7 @@ impl Worker {
                     let j = previous[i].expect("a listener without a socket continues one");
                     let ctx = Rc::clone(&old[j]);
                     *ctx.server.borrow_mut() = server;
-                    *ctx.handler.borrow_mut() = handler;
+                    ctx.gateway.replace(handler);
                     *ctx.tls.borrow_mut() = tls;
                     ctx.max_connections.set(l.max_connections);
                     ctx

@@ -204,6 +204,7 @@ on_both_acceptors!(
     early_answer_lets_the_upload_finish_without_reset,
     idle_connection_frees_its_buffers_and_serves_on,
     too_many_header_fields_get_431,
+    stream_refusals_are_counted_by_reason,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -553,5 +554,44 @@ fn too_many_header_fields_get_431(io: IoMode) {
     assert_eq!(c.expect(HEADERS, 3).status(), 431);
     c.assert_serves(5);
     assert_eq!(up.requests(), 2, "the 431 never reached the upstream");
+    fg.shutdown();
+}
+
+fn stream_refusals_are_counted_by_reason(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[http]\nmax_headers = 10\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    let mut c = H2Raw::connect(addr);
+    let base = [
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/"),
+    ];
+    c.request(
+        1,
+        &[base[0], base[1], base[2], base[3], ("X-Upper", "1")],
+        true,
+    );
+    assert_eq!(c.expect(RST_STREAM, 1).code(), PROTOCOL_ERROR);
+    let names: Vec<String> = (0..11).map(|i| format!("x-f{i}")).collect();
+    let mut fields = base.to_vec();
+    fields.extend(names.iter().map(|n| (n.as_str(), "v")));
+    c.request(3, &fields, true);
+    assert_eq!(c.expect(HEADERS, 3).status(), 431);
+    let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    for reason in ["malformed_stream", "too_many_fields"] {
+        let series = format!("fluxgate_refusals_total{{listener=\"{addr}\",reason=\"{reason}\"}} ");
+        assert_eq!(metric(&m, &series), Some(1.0), "{reason}: {m}");
+    }
+    assert_eq!(up.requests(), 0);
     fg.shutdown();
 }

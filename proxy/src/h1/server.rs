@@ -24,13 +24,11 @@ use tokio::sync::watch;
 
 use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
 use super::{Chunk, Span};
-use crate::body::{ClientBody, ProxyBody};
+use crate::body::ClientBody;
 use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
 use crate::headers::{connection_has, http_date};
-use crate::pool::H1Conn;
-use crate::proxy::Handled;
 use crate::recv::{Credit, Recv, RecvBody};
-use crate::worker::HandlerSlot;
+use crate::service::{Refusal, Reply, ResponseBody, Service};
 
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;
@@ -44,10 +42,10 @@ const STACK_FIELDS: usize = 128;
 
 /// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
 /// `conn::linger`), or None when the client already closed it or it carried a tunnel.
-pub(crate) fn serve(
+pub(crate) fn serve<S: Service>(
     io: ClientIo,
     state: Arc<ConnState>,
-    handler: HandlerSlot,
+    svc: Rc<S>,
     draining: watch::Receiver<bool>,
     limits: HeadLimits,
     parks: Arc<AtomicU64>,
@@ -59,7 +57,7 @@ pub(crate) fn serve(
         written: 0,
         spans: Vec::new(),
         state,
-        handler,
+        svc,
         limits,
         parks,
         cur: None,
@@ -84,7 +82,7 @@ pub(crate) fn serve(
         })
         .await;
         let stream = conn.io.into_stream()?;
-        match conn.tunnel {
+        match conn.tunnel.take() {
             Some(up) => {
                 // Boxed, and in its own statement (a temporary would live across the await):
                 // rare, and its state must not grow every connection's future.
@@ -97,7 +95,7 @@ pub(crate) fn serve(
     }
 }
 
-struct Conn {
+struct Conn<S: Service> {
     io: ClientIo,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -106,23 +104,26 @@ struct Conn {
     /// Where the fields of the head being parsed lie (kept to reuse the allocation).
     spans: Vec<Span>,
     state: Arc<ConnState>,
-    handler: HandlerSlot,
+    svc: Rc<S>,
     limits: HeadLimits,
     /// The worker's count of parked connections (see `slim`).
     parks: Arc<AtomicU64>,
     /// The request being served.
-    cur: Option<Current>,
+    cur: Option<Current<S>>,
     /// No request after the current one: close once it is answered (at once when idle).
     closing: bool,
     /// Nothing more is read: the client closed its side, or a body could not be delimited.
     eof: bool,
     /// Answered 101: once written, the connection carries this upstream's protocol.
-    tunnel: Option<H1Conn>,
+    tunnel: Option<Upgraded<S>>,
 }
 
+/// What a 101 answer hands over: the connection, and what it sent past the answer's head.
+type Upgraded<S> = (<<S as Service>::Body as ResponseBody>::Upgraded, BytesMut);
+
 /// One request in service.
-struct Current {
-    out: Out,
+struct Current<S: Service> {
+    out: Out<S>,
     /// The request body while the client is still sending it.
     upload: Option<Upload>,
     /// HEAD: the response has no body, whatever its head says.
@@ -149,12 +150,12 @@ enum Framing {
 /// Where the response is.
 // Every request reaches `Body`; boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Out {
-    /// The handler is working on it (or answered, the head not written yet).
-    Waiting(Handled),
+enum Out<S: Service> {
+    /// The service is working on it (or answered, the head not written yet).
+    Waiting(Reply<S::Future, S::Body>),
     /// The head is written; the body follows, chunk-coded or not.
     Body {
-        body: ProxyBody,
+        body: S::Body,
         chunked: bool,
     },
     Done,
@@ -166,7 +167,7 @@ struct Head {
     framing: Option<Framing>,
 }
 
-impl Conn {
+impl<S: Service> Conn<S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut progress = false;
@@ -191,7 +192,7 @@ impl Conn {
                             && self.cur.is_none()
                             && !self.rbuf.is_empty() =>
                     {
-                        self.refuse(StatusCode::REQUEST_TIMEOUT);
+                        self.refuse(Refusal::HeadTimeout);
                         progress = true;
                     }
                     // Idle past the keep-alive timeout, or the socket failed.
@@ -282,8 +283,8 @@ impl Conn {
                 true
             }
             Ok(None) => false,
-            Err(status) => {
-                self.refuse(status);
+            Err(why) => {
+                self.refuse(why);
                 true
             }
             Ok(Some(head)) => {
@@ -323,8 +324,7 @@ impl Conn {
         };
         let is_head = req.method() == Method::HEAD;
         let inflight = self.state.begin_request();
-        let handler = Rc::clone(&self.handler.borrow());
-        let out = Out::Waiting(handler.handle(req.map(|()| body), inflight));
+        let out = Out::Waiting(self.svc.call(req.map(|()| body), inflight));
         self.cur = Some(Current {
             out,
             upload,
@@ -335,11 +335,11 @@ impl Conn {
         });
     }
 
-    /// Answers with `status` here and closes after it: the connection is out of step.
-    fn refuse(&mut self, status: StatusCode) {
-        let resp = crate::proxy::answer(status, true, self.state.begin_request());
+    /// Answers the refusal here and closes after it: the connection is out of step.
+    fn refuse(&mut self, why: Refusal) {
+        let resp = self.svc.refuse(why, self.state.begin_request());
         self.cur = Some(Current {
-            out: Out::Waiting(Handled::Ready(Some(Box::new(resp)))),
+            out: Out::Waiting(Reply::Ready(Some(Box::new(resp)))),
             upload: None,
             head: false,
             http10: false,
@@ -426,9 +426,9 @@ impl Conn {
         let mut progress = false;
         loop {
             match &mut c.out {
-                Out::Waiting(handled) => match Pin::new(handled).poll(cx) {
+                Out::Waiting(reply) => match Pin::new(reply).poll(cx) {
                     Poll::Pending => return progress,
-                    Poll::Ready(Ok(resp)) => {
+                    Poll::Ready(resp) => {
                         let keep = c.keep_alive && !self.closing;
                         let (out, keep) =
                             write_head(&mut self.wbuf, &mut self.tunnel, c, resp, keep);
@@ -486,13 +486,13 @@ impl Conn {
 
 /// Writes the response head of request `c`; returns where the response goes next and whether
 /// the connection stays open after it. A 101 answer hands over its upstream for the tunnel.
-fn write_head(
+fn write_head<S: Service>(
     w: &mut Vec<u8>,
-    tunnel: &mut Option<H1Conn>,
-    c: &Current,
-    resp: Response<ProxyBody>,
+    tunnel: &mut Option<Upgraded<S>>,
+    c: &Current<S>,
+    resp: Response<S::Body>,
     keep: bool,
-) -> (Out, bool) {
+) -> (Out<S>, bool) {
     use std::io::Write;
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -521,7 +521,7 @@ fn write_head(
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        *tunnel = body.take_tunnel();
+        *tunnel = body.take_upgrade();
         keep = tunnel.is_some();
     } else if !keep && !connection_has(headers, "close") {
         w.extend_from_slice(b"connection: close\r\n");
@@ -556,13 +556,14 @@ fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
 }
 
 /// Parses the request head at the front of `buf`, splitting it off when complete. Ok(None):
-/// more bytes are needed. Err: the status to refuse it with.
+/// more bytes are needed. Err: why it is refused.
 fn parse_head(
     buf: &mut BytesMut,
     limits: HeadLimits,
     spans: &mut Vec<Span>,
-) -> Result<Option<Head>, StatusCode> {
-    let bad = StatusCode::BAD_REQUEST;
+) -> Result<Option<Head>, Refusal> {
+    let bad = Refusal::MalformedHead;
+    let ambiguous = Refusal::AmbiguousFraming;
     // Left uninitialised: httparse writes each slot it uses, and clearing 128 slots per head
     // would cost more than the parse.
     let mut stack = [const { MaybeUninit::uninit() }; STACK_FIELDS];
@@ -577,9 +578,7 @@ fn parse_head(
     let len = match parsed.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooManyFields),
         Err(_) => return Err(bad),
     };
     if len > limits.max_head {
@@ -605,11 +604,11 @@ fn parse_head(
             || version == Version::HTTP_10
             || !chunked_last(&headers)
         {
-            return Err(bad);
+            return Err(ambiguous);
         }
         Some(Framing::Chunked(Chunk::Size))
     } else {
-        match content_length(&headers).map_err(|_| bad)? {
+        match content_length(&headers).map_err(|_| ambiguous)? {
             None | Some(0) => None,
             Some(n) => Some(Framing::Length(n)),
         }
@@ -623,33 +622,36 @@ fn parse_head(
 }
 
 /// Why a head is over `max_head` bytes: its request line alone (414), or its fields (431).
-fn too_large(head: &[u8], max_head: usize) -> StatusCode {
+fn too_large(head: &[u8], max_head: usize) -> Refusal {
     if head[..max_head].contains(&b'\n') {
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        Refusal::HeadTooLarge
     } else {
-        StatusCode::URI_TOO_LONG
+        Refusal::TargetTooLong
     }
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides switched,
 /// starting with what each sent past the heads.
-async fn tunnel_to(mut client: ClientStream, from_client: BytesMut, mut upstream: H1Conn) {
+async fn tunnel_to<U>(mut client: ClientStream, from_client: BytesMut, upgraded: (U, BytesMut))
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::AsyncWriteExt;
-    let early = upstream.io.rbuf.split();
+    let (mut upstream, early) = upgraded;
     if !early.is_empty() && client.write_all(&early).await.is_err() {
         return;
     }
-    if !from_client.is_empty() && upstream.io.stream.write_all(&from_client).await.is_err() {
+    if !from_client.is_empty() && upstream.write_all(&from_client).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream.io.stream).await;
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(raw: &[u8]) -> Result<Option<Head>, StatusCode> {
+    fn parse(raw: &[u8]) -> Result<Option<Head>, Refusal> {
         let limits = HeadLimits {
             max_head: 1024,
             max_headers: 8,
@@ -682,28 +684,29 @@ mod tests {
     #[test]
     fn ambiguous_or_malformed_heads_are_refused() {
         let bad = |raw: &[u8]| parse(raw).err();
-        let r400 = Some(StatusCode::BAD_REQUEST);
+        let r400 = Some(Refusal::MalformedHead);
+        let ambiguous = Some(Refusal::AmbiguousFraming);
         assert_eq!(
             bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            r400
+            ambiguous
         );
         assert_eq!(
             bad(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
-            r400
+            ambiguous
         );
         assert_eq!(
             bad(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            r400
+            ambiguous
         );
         assert_eq!(
             bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            r400
+            ambiguous
         );
         assert_eq!(bad(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), r400);
         assert_eq!(bad(b"GET /\x01 HTTP/1.1\r\n\r\n"), r400);
         assert_eq!(
             bad(b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"),
-            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            Some(Refusal::TooManyFields)
         );
     }
 }

@@ -2,22 +2,20 @@
 //! streams they open. Every error here is either a stream's (RST_STREAM, the connection
 //! goes on) or the connection's (`ConnError`, GOAWAY).
 
-use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
 
 use super::frame::*;
 use super::request::Head;
 use super::*;
 use crate::body::ClientBody;
-use crate::proxy::Handled;
 use crate::recv::{Credit, Recv, RecvBody};
+use crate::service::{Refusal, Reply, Service};
 
-impl Conn {
+impl<S: Service> Conn<S> {
     /// Handles every complete frame in `buf`.
     pub(super) fn frames(&mut self, buf: &mut BytesMut) -> Result<(), ConnError> {
         if !self.preface {
@@ -306,11 +304,11 @@ impl Conn {
         }
         self.last_id = id;
         if self.closing.is_some() || self.client_gone || self.streams.len() >= MAX_STREAMS {
-            self.refuse(id, REFUSED_STREAM);
+            self.refuse_stream(id, Refusal::StreamRefused, REFUSED_STREAM);
             return Ok(());
         }
         if head.malformed {
-            self.refuse(id, PROTOCOL_ERROR);
+            self.refuse_stream(id, Refusal::MalformedStream, PROTOCOL_ERROR);
             return Ok(());
         }
         self.open(id, head, end_stream);
@@ -326,7 +324,11 @@ impl Conn {
         });
         let waker = Waker::from(Arc::clone(&wake));
         let inflight = self.state.begin_request();
-        let too_large = head.size > self.limits.max_head || head.fields > self.limits.max_headers;
+        let too_large = if head.size > self.limits.max_head {
+            Some(Refusal::HeadTooLarge)
+        } else {
+            (head.fields > self.limits.max_headers).then_some(Refusal::TooManyFields)
+        };
         let declared = head
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -342,24 +344,17 @@ impl Conn {
             }),
             None => ClientBody::Empty,
         };
-        let out = if too_large {
-            Out::Ready(Some(Box::new(crate::proxy::answer(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                false,
-                inflight,
-            ))))
+        let out = if let Some(why) = too_large {
+            Out::Ready(Some(Box::new(self.svc.refuse(why, inflight))))
         } else {
             match head.into_request(body) {
-                Some(req) => {
-                    let handler = Rc::clone(&self.handler.borrow());
-                    match handler.handle(req, inflight) {
-                        Handled::Ready(resp) => Out::Ready(resp),
-                        Handled::Forwarding(f) => Out::Waiting(f),
-                    }
-                }
+                Some(req) => match self.svc.call(req, inflight) {
+                    Reply::Ready(resp) => Out::Ready(resp),
+                    Reply::Later(f) => Out::Waiting(f),
+                },
                 None => {
                     drop(inflight);
-                    self.refuse(id, PROTOCOL_ERROR);
+                    self.refuse_stream(id, Refusal::MalformedStream, PROTOCOL_ERROR);
                     return;
                 }
             }
@@ -480,7 +475,7 @@ impl Conn {
 
     /// The stream's request body ends here: the reader fails unless it had it all, and what
     /// it never read is credited back.
-    fn close_recv(&mut self, s: &Stream, why: &'static str) {
+    fn close_recv(&mut self, s: &Stream<S>, why: &'static str) {
         if let Some(recv) = &s.recv {
             let mut r = recv.lock().expect("recv lock");
             r.fail(why);
@@ -501,6 +496,12 @@ impl Conn {
             self.reset_ids.pop_front();
         }
         self.reset_ids.push_back(id);
+    }
+
+    /// Refuses a new stream with RST_STREAM, counted and logged by the service.
+    fn refuse_stream(&mut self, id: u32, why: Refusal, code: u32) {
+        self.svc.reset(why, &self.state);
+        self.refuse(id, code);
     }
 
     /// Ends a stream with RST_STREAM; a reader of its body still open gets `why`.

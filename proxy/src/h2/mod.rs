@@ -15,6 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -25,11 +26,10 @@ use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
-use crate::body::ProxyBody;
 use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
 use crate::headers::http_date;
 use crate::recv::Recv;
-use crate::worker::HandlerSlot;
+use crate::service::Service;
 pub(crate) use frame::PREFACE;
 use frame::*;
 
@@ -149,22 +149,22 @@ impl Wake for StreamWake {
 /// Where a stream's response is.
 // Every stream reaches `Body`; boxing it would cost an allocation per stream.
 #[allow(clippy::large_enum_variant)]
-enum Out {
-    /// Answered here, the head not written yet (None once it is).
-    Ready(Option<Box<Response<ProxyBody>>>),
-    /// The handler is working on it.
-    Waiting(Pin<Box<dyn Future<Output = Response<ProxyBody>>>>),
+enum Out<S: Service> {
+    /// Answered at once, the head not written yet (None once it is).
+    Ready(Option<Box<Response<S::Body>>>),
+    /// The service is working on it.
+    Waiting(S::Future),
     /// The head is sent; `data` is body not yet sent (flow control), `end` once it is the last.
     Body {
-        body: ProxyBody,
+        body: S::Body,
         data: Bytes,
         end: bool,
     },
     Done,
 }
 
-struct Stream {
-    out: Out,
+struct Stream<S: Service> {
+    out: Out<S>,
     /// The request body's state while the client may still send on it.
     recv: Option<Arc<Mutex<Recv>>>,
     /// What the client may still send before we widen the window.
@@ -175,15 +175,15 @@ struct Stream {
 }
 
 /// Serves one HTTP/2 connection whose preface `io` starts with, until it ends.
-pub(crate) async fn serve(
+pub(crate) async fn serve<S: Service>(
     io: ClientIo,
     state: Arc<ConnState>,
-    handler: HandlerSlot,
+    svc: Rc<S>,
     mut draining: watch::Receiver<bool>,
     limits: HeadLimits,
     parks: Arc<AtomicU64>,
 ) -> Option<ClientStream> {
-    let mut conn = Conn::new(io, state, handler, limits, parks);
+    let mut conn = Conn::new(io, state, svc, limits, parks);
     let probe = draining.clone();
     let mut registered = false;
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
@@ -199,7 +199,7 @@ pub(crate) async fn serve(
     conn.io.into_stream()
 }
 
-struct Conn {
+struct Conn<S: Service> {
     io: ClientIo,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -212,7 +212,7 @@ struct Conn {
     /// Frames the block being received came in so far.
     block_frames: usize,
     decoder: hpack::Decoder,
-    streams: HashMap<u32, Stream>,
+    streams: HashMap<u32, Stream<S>>,
     shared: Arc<Shared>,
     /// Streams taken from `shared.ready`, kept to reuse the allocation.
     batch: Vec<u32>,
@@ -235,20 +235,20 @@ struct Conn {
     /// Streams recently reset by us (see `refuse`).
     reset_ids: VecDeque<u32>,
     state: Arc<ConnState>,
-    handler: HandlerSlot,
+    svc: Rc<S>,
     limits: HeadLimits,
     /// The worker's count of parked connections (see `slim`).
     parks: Arc<AtomicU64>,
 }
 
-impl Conn {
+impl<S: Service> Conn<S> {
     fn new(
         io: ClientIo,
         state: Arc<ConnState>,
-        handler: HandlerSlot,
+        svc: Rc<S>,
         limits: HeadLimits,
         parks: Arc<AtomicU64>,
-    ) -> Conn {
+    ) -> Conn<S> {
         let mut wbuf = Vec::with_capacity(MAX_FRAME);
         let settings: [(u16, u32); 3] = [
             (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
@@ -288,7 +288,7 @@ impl Conn {
             resets: RESET_ALLOWANCE,
             reset_ids: VecDeque::new(),
             state,
-            handler,
+            svc,
             limits,
             parks,
         }
@@ -450,7 +450,7 @@ impl Conn {
                         None => Out::Done,
                     }
                 }
-                Out::Waiting(f) => match f.as_mut().poll(&mut cx) {
+                Out::Waiting(f) => match Pin::new(f).poll(&mut cx) {
                     Poll::Pending => return,
                     Poll::Ready(resp) => {
                         s.out = write_head(
@@ -538,13 +538,13 @@ impl Conn {
 
 /// Writes a response head (adding Date if the response has none); returns where the stream
 /// goes next: its body, or nothing more when the head ends it.
-fn write_head(
+fn write_head<S: Service>(
     wbuf: &mut Vec<u8>,
     block: &mut Vec<u8>,
     id: u32,
-    resp: Response<ProxyBody>,
+    resp: Response<S::Body>,
     max_frame: usize,
-) -> Out {
+) -> Out<S> {
     let (parts, body) = resp.into_parts();
     let end = body.is_end_stream();
     let mut headers = parts.headers;
