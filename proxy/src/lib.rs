@@ -1,34 +1,27 @@
 //! fluxgate, the gateway: worker threads with their own listeners, the io_uring or epoll
-//! acceptor, HTTP/1.1 and HTTP/2 served by our own servers (`h1::server`, `h2`),
-//! and per-worker upstream pools.
+//! acceptor, HTTP/1.1 and HTTP/2 served by our own servers, and per-worker upstream pools.
 //!
+//! Floors, top down: `server` and `worker` (wiring), `control` (reload, admin), `listen`
+//! (accept, sniff), `app` (the gateway), `downstream` and `upstream` (which never import each
+//! other), `http` (what the servers share, and the service seam), `telemetry`, `io`.
 //! Nothing here blocks a worker thread, and nothing here is shared between workers but the
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
 //! `fluxgate-sys`.
 
-mod accept;
-mod accesslog;
-mod admin;
+mod app;
 mod balance;
-mod body;
-mod conn;
+mod control;
+mod downstream;
 mod error;
-mod h1;
-mod h2;
-mod headers;
-mod health;
-mod json;
-mod metrics;
-mod pool;
-mod proxy;
-mod recv;
+mod http;
+mod io;
+mod listen;
 pub mod route;
 mod server;
-mod service;
-mod stream;
-mod tickets;
-pub mod tls;
+mod telemetry;
+mod upstream;
 mod worker;
 
 pub use error::ProxyError;
+pub use io::tls;
 pub use server::{Handle, Server};

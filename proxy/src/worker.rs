@@ -6,48 +6,19 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fluxgate_conf::{IoMode, Upstream};
 use tokio::sync::{mpsc, watch};
 
-use crate::accept::Acceptor;
-use crate::accesslog::AccessLog;
-use crate::conn::{worker_housekeeping, ConnServer};
-use crate::pool::UpstreamPool;
-use crate::proxy::{Gateway, Handler};
-use crate::server::{Generation, Phase};
-
-/// What the reloader sends a worker.
-pub(crate) struct Apply {
-    pub(crate) generation: Arc<Generation>,
-    /// Per listener of the generation: this worker's socket when the listener is new, None
-    /// when it continues a listener of the previous generation.
-    pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
-    /// Per listener: the index, in the previous generation, of the listener it continues.
-    pub(crate) previous: Vec<Option<usize>>,
-    /// Told once the worker has switched over: the acceptor its new listeners run (epoll if
-    /// any fell back to it), or the first error of a listener it could not serve.
-    pub(crate) applied: Option<std::sync::mpsc::Sender<std::io::Result<IoMode>>>,
-}
-
-/// Per-listener state of one worker.
-pub(crate) struct ListenerCtx {
-    pub(crate) server: RefCell<Rc<ConnServer>>,
-    /// What serves the listener's requests (its handler swapped by reloads).
-    pub(crate) gateway: Rc<Gateway>,
-    pub(crate) active: Cell<usize>,
-    pub(crate) max_connections: Cell<usize>,
-    /// This worker's share of `fluxgate_active_connections`; survives reloads.
-    pub(crate) active_gauge: Arc<AtomicI64>,
-    /// This listener's TLS handshake counters.
-    pub(crate) tls_stats: Arc<crate::metrics::TlsStats>,
-    /// TLS termination for new connections, when the listener has `[listener.tls]`.
-    pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
-    /// Stops this listener's acceptor.
-    stop: watch::Sender<bool>,
-}
+use crate::app::gateway::{Gateway, Handler};
+use crate::control::reload::{Apply, Phase};
+use crate::listen::accept::{Acceptor, ListenerCtx};
+use crate::listen::sniff::ConnServer;
+use crate::telemetry::accesslog::AccessLog;
+use crate::upstream::pool::UpstreamPool;
 
 struct Worker {
     id: usize,
@@ -144,8 +115,13 @@ impl Worker {
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         stop,
                     });
-                    let spawned =
-                        crate::accept::spawn(self.id, self.io, sock, Rc::clone(&ctx), stop_rx);
+                    let spawned = crate::listen::accept::spawn(
+                        self.id,
+                        self.io,
+                        sock,
+                        Rc::clone(&ctx),
+                        stop_rx,
+                    );
                     match spawned {
                         Ok(IoMode::Epoll) if result.is_ok() => result = Ok(IoMode::Epoll),
                         Ok(_) => {}
@@ -188,11 +164,12 @@ impl Worker {
                 match old.iter().position(|(c, _)| c == u) {
                     Some(j) => checkers.push((u.clone(), old[j].1.clone())),
                     None => {
-                        let task = tokio::task::spawn_local(crate::health::probe_forever(
-                            u.clone(),
-                            check.clone(),
-                            Arc::clone(h),
-                        ));
+                        let task =
+                            tokio::task::spawn_local(crate::upstream::health::probe_forever(
+                                u.clone(),
+                                check.clone(),
+                                Arc::clone(h),
+                            ));
                         checkers.push((u.clone(), task.abort_handle()));
                     }
                 }
@@ -266,4 +243,19 @@ pub(crate) fn run(
         }
     });
     Ok(())
+}
+
+/// Once a second, if connections were parked since the last look, hands the memory they freed
+/// back to the kernel (see `fluxgate_sys::release_free_memory`).
+pub(crate) async fn worker_housekeeping(parks: Arc<AtomicU64>) {
+    let mut seen = parks.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if parks.load(Ordering::Relaxed) != seen {
+            seen = parks.load(Ordering::Relaxed);
+            fluxgate_sys::release_free_memory();
+        }
+    }
 }

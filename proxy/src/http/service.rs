@@ -11,9 +11,9 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::body::ClientBody;
-use crate::conn::{ConnState, InFlight};
 use crate::error::BoxError;
+use crate::http::body::ClientBody;
+use crate::http::conn::{ConnState, InFlight};
 
 /// What answers a server's requests.
 pub(crate) trait Service: 'static {

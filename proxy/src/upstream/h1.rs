@@ -25,13 +25,13 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use super::{
+use crate::http::body::ClientBody;
+use crate::http::h1::{
     chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk, Span,
 };
-use crate::body::ClientBody;
-use crate::headers::connection_has;
-use crate::pool::{Checkout, H1Conn};
-use crate::stream::MaybeTls;
+use crate::http::headers::connection_has;
+use crate::io::stream::MaybeTls;
+use crate::upstream::pool::{Checkout, H1Conn};
 
 /// The largest response head accepted, and the most header fields in it.
 const MAX_HEAD: usize = 64 * 1024;
@@ -41,14 +41,14 @@ const READ_SIZE: usize = 16 * 1024;
 
 /// The socket of an upstream connection and what was read from it past the last response.
 pub(crate) struct H1Io {
-    pub(crate) stream: crate::stream::UpstreamStream,
+    pub(crate) stream: crate::io::stream::UpstreamStream,
     pub(crate) rbuf: BytesMut,
     /// Where the fields of the response head being parsed lie (kept to reuse the allocation).
     spans: Vec<Span>,
 }
 
 impl H1Io {
-    pub(crate) fn new(stream: crate::stream::UpstreamStream) -> H1Io {
+    pub(crate) fn new(stream: crate::io::stream::UpstreamStream) -> H1Io {
         H1Io {
             stream,
             rbuf: BytesMut::new(),
@@ -79,7 +79,7 @@ impl H1Io {
 
     /// Reads more bytes into `rbuf`; Ok(0) at end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        crate::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
+        crate::io::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
     }
 }
 

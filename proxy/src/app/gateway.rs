@@ -17,17 +17,18 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
-use crate::accesslog::{AccessLog, Pending};
+use crate::app::body::{ProxyBody, UpstreamBody};
 use crate::balance::{hash64, Pick};
-use crate::body::{ClientBody, ProxyBody, UpstreamBody};
-use crate::conn::{ConnState, InFlight};
 use crate::error::{AttemptFacts, ProxyError};
-use crate::h1::client::{encode_head, Exchange};
-use crate::headers::{append_list, connection_has, strip_hop_by_hop};
-use crate::metrics::RouteSet;
-use crate::pool::UpstreamPool;
+use crate::http::body::ClientBody;
+use crate::http::conn::{ConnState, InFlight};
+use crate::http::headers::{append_list, connection_has, strip_hop_by_hop};
+use crate::http::service::{Refusal, Reply, Service};
 use crate::route::{RequestHead, RouteTable};
-use crate::service::{Refusal, Reply, Service};
+use crate::telemetry::accesslog::{AccessLog, Pending};
+use crate::telemetry::metrics::RouteSet;
+use crate::upstream::h1::{encode_head, Exchange};
+use crate::upstream::pool::UpstreamPool;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

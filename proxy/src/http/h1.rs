@@ -1,9 +1,6 @@
-//! HTTP/1.1 on both sides: our server for clients (`server`), our client for upstreams
-//! (`client`), and the wire format they share: heads parsed by httparse into header maps
-//! whose values keep pointing into the head's bytes, body framing, and the chunked coding.
-
-pub(crate) mod client;
-pub(crate) mod server;
+//! The HTTP/1.1 wire format our server (`downstream::h1`) and client (`upstream::h1`) share:
+//! heads parsed by httparse into header maps whose values keep pointing into the head's
+//! bytes, body framing, and the chunked coding.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

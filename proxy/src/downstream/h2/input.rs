@@ -11,9 +11,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::frame::*;
 use super::request::Head;
 use super::*;
-use crate::body::ClientBody;
-use crate::recv::{Credit, Recv, RecvBody};
-use crate::service::{Refusal, Reply, Service};
+use crate::http::body::ClientBody;
+use crate::http::recv::{Credit, Recv, RecvBody};
+use crate::http::service::{Refusal, Reply, Service};
 
 impl<S: Service> Conn<S> {
     /// Handles every complete frame in `buf`.

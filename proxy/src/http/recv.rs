@@ -88,7 +88,7 @@ pub(crate) enum Credit {
     /// HTTP/1.1: the connection reads on once the queue is below this.
     H1(usize),
     /// HTTP/2: flow-control credit for the stream and the connection.
-    H2(crate::h2::Credit),
+    H2(crate::downstream::h2::Credit),
 }
 
 /// The reading end of a request body, handed to the proxy inside the request.

@@ -22,13 +22,15 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::sync::watch;
 
-use super::{chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields};
-use super::{Chunk, Span};
-use crate::body::ClientBody;
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::headers::{connection_has, http_date};
-use crate::recv::{Credit, Recv, RecvBody};
-use crate::service::{Refusal, Reply, ResponseBody, Service};
+use crate::http::body::ClientBody;
+use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::http::h1::{
+    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields,
+};
+use crate::http::h1::{Chunk, Span};
+use crate::http::headers::{connection_has, http_date};
+use crate::http::recv::{Credit, Recv, RecvBody};
+use crate::http::service::{Refusal, Reply, ResponseBody, Service};
 
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;

@@ -15,8 +15,8 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::balance::Health;
-use crate::json;
-use crate::server::Reloader;
+use crate::control::reload::Reloader;
+use crate::telemetry::json;
 
 /// What the admin endpoints read.
 pub(crate) struct AdminState {

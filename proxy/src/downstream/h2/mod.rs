@@ -26,10 +26,10 @@ use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::headers::http_date;
-use crate::recv::Recv;
-use crate::service::Service;
+use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::http::headers::http_date;
+use crate::http::recv::Recv;
+use crate::http::service::Service;
 pub(crate) use frame::PREFACE;
 use frame::*;
 
@@ -92,7 +92,7 @@ impl Shared {
     }
 }
 
-/// What a stream's body reader gives back as it reads (see `crate::recv`): connection
+/// What a stream's body reader gives back as it reads (see `crate::http::recv`): connection
 /// credit, and a wake of the stream once enough was read to widen its window.
 pub(crate) struct Credit {
     shared: Arc<Shared>,

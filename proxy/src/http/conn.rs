@@ -1,12 +1,11 @@
-//! One client connection: the protocol told by its first bytes (the HTTP/2 preface or not),
-//! the socket wrapper that enforces the header-read and keep-alive timeouts and parks idle
-//! connections, and the server: `h1::server` for HTTP/1.1, `h2` for HTTP/2.
+//! One client connection as both servers see it: its shared state (requests in flight,
+//! timers, parking), the socket wrapper that enforces the header-read and keep-alive timeouts
+//! and parks idle connections, and the head limits.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,18 +16,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use crate::h2::PREFACE;
-use crate::service::Service;
-pub(crate) use crate::stream::ClientStream;
+pub(crate) use crate::io::stream::ClientStream;
 
 /// A connection idle this long is parked: its server frees its read and write buffers and
 /// keeps the socket, taking buffers again when the next request comes. Busy connections never
 /// pay for the restart.
 const PARK_AFTER: Duration = Duration::from_secs(1);
-
-/// Written when the start of the HTTP/2 preface (or a head too short to tell) stops coming.
-const TIMEOUT_408: &[u8] =
-    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// What the request handler and the socket wrapper of one connection share.
 pub(crate) struct ConnState {
@@ -211,7 +204,7 @@ impl ClientIo {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         if rbuf.capacity() > 0 {
-            return crate::stream::poll_fill(self, rbuf, size, cx);
+            return crate::io::stream::poll_fill(self, rbuf, size, cx);
         }
         let mut small = [0u8; 64];
         let mut buf = ReadBuf::new(&mut small);
@@ -371,7 +364,6 @@ impl AsyncWrite for ClientIo {
     }
 }
 
-/// The server side of one listener on one worker: the limits, configured once.
 /// The limits a request head must keep, on every protocol.
 #[derive(Clone, Copy)]
 pub(crate) struct HeadLimits {
@@ -380,133 +372,6 @@ pub(crate) struct HeadLimits {
     pub(crate) max_head: usize,
     /// The most header fields, pseudo-headers not counted (431 beyond).
     pub(crate) max_headers: usize,
-}
-
-pub(crate) struct ConnServer {
-    /// Turns true when the worker drains: finish in-flight requests, then close.
-    draining: watch::Receiver<bool>,
-    /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
-    parks: Arc<AtomicU64>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
-    limits: HeadLimits,
-}
-
-impl ConnServer {
-    pub(crate) fn new(
-        limits: &fluxgate_conf::HttpLimits,
-        parks: Arc<AtomicU64>,
-        draining: watch::Receiver<bool>,
-    ) -> ConnServer {
-        ConnServer {
-            draining,
-            parks,
-            header_timeout: limits.header_read_timeout,
-            idle_timeout: limits.keepalive_timeout,
-            limits: HeadLimits {
-                max_head: limits.max_header_bytes,
-                max_headers: limits.max_headers,
-            },
-        }
-    }
-
-    pub(crate) fn header_timeout(&self) -> Duration {
-        self.header_timeout
-    }
-
-    /// Serves one accepted connection to its end, each request by `svc`.
-    /// `early`: bytes that arrived as TLS 0-RTT data, read before the stream's own.
-    pub(crate) async fn serve<S: Service>(
-        &self,
-        stream: ClientStream,
-        early: Option<bytes::Bytes>,
-        peer: SocketAddr,
-        svc: Rc<S>,
-    ) {
-        let mut stream = stream;
-        let Some((h2, first)) = self.sniff(&mut stream, early).await else {
-            return;
-        };
-        let now = Instant::now();
-        let state = Arc::new(ConnState {
-            in_flight: Count(AtomicU32::new(0)),
-            partial: Flag::default(),
-            head_started: Stamp::new(now),
-            idle_since: Stamp::new(now),
-            h2: Flag::new(h2),
-            parked: Flag::default(),
-            slim: Flag::default(),
-            header_timeout: self.header_timeout,
-            idle_timeout: self.idle_timeout,
-            scheme: http::HeaderValue::from_static(match stream {
-                ClientStream::Plain(_) => "http",
-                ClientStream::Tls(_) => "https",
-            }),
-            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
-                .expect("an IP address is a valid header value"),
-        });
-        let io = ClientIo {
-            stream,
-            eof: false,
-            state: Arc::clone(&state),
-            timer: None,
-            recheck_armed: false,
-            prefix: Some(first).filter(|b| !b.is_empty()),
-        };
-        let draining = self.draining.clone();
-        let parks = Arc::clone(&self.parks);
-        let left = if h2 {
-            crate::h2::serve(io, state, svc, draining, self.limits, parks).await
-        } else {
-            crate::h1::server::serve(io, state, svc, draining, self.limits, parks).await
-        };
-        if let Some(s) = left {
-            // Boxed, and in its own statement (a temporary would live across the await): the
-            // linger buffer must not grow every connection's future.
-            let linger = Box::pin(linger(s));
-            linger.await;
-        }
-    }
-
-    /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).
-    /// Returns the bytes read, which the server reads first; None if the client left or sent
-    /// nothing in time.
-    async fn sniff(
-        &self,
-        stream: &mut ClientStream,
-        early: Option<bytes::Bytes>,
-    ) -> Option<(bool, bytes::Bytes)> {
-        use tokio::io::AsyncReadExt;
-        let mut got = bytes::BytesMut::from(early.unwrap_or_default());
-        loop {
-            let n = got.len().min(PREFACE.len());
-            if got[..n] != PREFACE[..n] {
-                return Some((false, got.freeze()));
-            }
-            if n == PREFACE.len() {
-                return Some((true, got.freeze()));
-            }
-            // Nothing yet: an idle connection; a start of the preface: a head being read.
-            let limit = if got.is_empty() {
-                self.idle_timeout
-            } else {
-                self.header_timeout
-            };
-            got.reserve(4096);
-            match tokio::time::timeout(limit, stream.read_buf(&mut got)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
-                Ok(Ok(_)) => {}
-                Err(_) => {
-                    // A head (as far as it went) that did not arrive in time.
-                    if let (false, ClientStream::Plain(s)) = (got.is_empty(), &*stream) {
-                        let _ = s.try_write(TIMEOUT_408);
-                    }
-                    return None;
-                }
-            }
-        }
-    }
 }
 
 /// Frees an idle connection's read and write buffers, unless they still hold bytes.
@@ -537,50 +402,49 @@ pub(crate) fn poll_drain<F: Future>(
     wait.poll(cx).is_ready()
 }
 
-/// Closes a connection the client may still be writing to without losing our last answer:
-/// closing with unread bytes would send RST, and a client that gets RST before reading may
-/// discard the response. So send FIN, then read and discard for a bounded time and amount.
-async fn linger(mut stream: ClientStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const LINGER_TIME: Duration = Duration::from_secs(2);
-    const LINGER_BYTES: usize = 1 << 20;
-    // TLS: close_notify, then the same drain.
-    if tokio::time::timeout(LINGER_TIME, stream.shutdown())
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut sink = [0u8; 4096];
-    let mut total = 0;
-    let _ = tokio::time::timeout(LINGER_TIME, async {
-        while total < LINGER_BYTES {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => total += n,
-            }
-        }
-    })
-    .await;
-}
-
 impl InFlight {
     pub(crate) fn state(&self) -> &ConnState {
         &self.0
     }
 }
 
-/// Once a second, if connections were parked since the last look, hands the memory they freed
-/// back to the kernel (see `fluxgate_sys::release_free_memory`).
-pub(crate) async fn worker_housekeeping(parks: Arc<AtomicU64>) {
-    let mut seen = parks.load(Ordering::Relaxed);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if parks.load(Ordering::Relaxed) != seen {
-            seen = parks.load(Ordering::Relaxed);
-            fluxgate_sys::release_free_memory();
+impl ConnState {
+    /// The state of a connection accepted now, from `peer`, whose first bytes told `h2`.
+    pub(crate) fn new(
+        h2: bool,
+        timeouts: (Duration, Duration),
+        scheme: &'static str,
+        peer: SocketAddr,
+    ) -> Arc<ConnState> {
+        let now = Instant::now();
+        let (header_timeout, idle_timeout) = timeouts;
+        Arc::new(ConnState {
+            in_flight: Count(AtomicU32::new(0)),
+            partial: Flag::default(),
+            head_started: Stamp::new(now),
+            idle_since: Stamp::new(now),
+            h2: Flag::new(h2),
+            parked: Flag::default(),
+            slim: Flag::default(),
+            header_timeout,
+            idle_timeout,
+            scheme: http::HeaderValue::from_static(scheme),
+            peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+        })
+    }
+}
+
+impl ClientIo {
+    /// The socket of a connection with `state`; `first` is what was read from it already.
+    pub(crate) fn new(stream: ClientStream, state: Arc<ConnState>, first: bytes::Bytes) -> Self {
+        ClientIo {
+            stream,
+            eof: false,
+            state,
+            timer: None,
+            recheck_armed: false,
+            prefix: Some(first).filter(|b| !b.is_empty()),
         }
     }
 }

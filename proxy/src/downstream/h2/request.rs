@@ -3,7 +3,7 @@
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 
 use super::hpack::{self, Field, Name};
-use crate::body::ClientBody;
+use crate::http::body::ClientBody;
 
 /// The request head being decoded.
 pub(super) struct Head {

@@ -9,7 +9,7 @@ use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::json;
+use crate::telemetry::json;
 
 /// One worker's access log writer.
 pub(crate) struct AccessLog {

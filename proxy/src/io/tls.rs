@@ -108,7 +108,7 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
     // so a replayed first flight, which cannot complete it, is never acted on (RFC 8470 3).
     cfg.max_early_data_size = t.early_data as u32;
     if let Some(path) = &t.ticket_keys {
-        cfg.ticketer = Arc::new(crate::tickets::FileTicketer::load(path)?);
+        cfg.ticketer = Arc::new(crate::io::tickets::FileTicketer::load(path)?);
     } else if t.session_tickets {
         cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
     }

@@ -15,6 +15,7 @@
 //! one worker thread (`Rc`, `Cell`): no locks on the path.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
@@ -23,8 +24,8 @@ use fluxgate_conf::{Upstream, UpstreamProtocol};
 use std::sync::Arc;
 
 use crate::balance::{Balancer, Health, Pick};
-use crate::metrics::UpstreamStats;
-use crate::stream::UpstreamStream;
+use crate::io::stream::UpstreamStream;
+use crate::telemetry::metrics::UpstreamStats;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
@@ -34,14 +35,24 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::body::ClientBody;
 use crate::error::ProxyError;
-use crate::h1::client::H1Io;
-use crate::server::LocalExec;
+use crate::http::body::ClientBody;
+use crate::upstream::h1::H1Io;
 
 /// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve
 /// the next burst (closing them at once makes bursty load reconnect constantly), short enough
 /// that the idle set settles at the configured size.
+/// Spawns futures on the current thread's `LocalSet`: hyper's HTTP/2 tasks and upstream
+/// connection drivers hold `Rc`s and never leave their worker.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalExec;
+
+impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
 const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How many times `max_idle_per_host` the idle set may reach during a burst.

@@ -1,6 +1,7 @@
-//! Body types at both edges of the proxy. Bodies are streamed frame by frame, never
-//! collected; an HTTP/1.1 upstream connection goes back to its pool only once the response
-//! body has been read to the end (see `h1::client`).
+//! The response body the gateway streams to the client, from an upstream or made here.
+//! Bodies are streamed frame by frame, never collected; an HTTP/1.1 upstream connection goes
+//! back to its pool only once the response body has been read to the end (see
+//! `upstream::h1`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,50 +10,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::accesslog::Pending;
-use crate::conn::InFlight;
 use crate::error::BoxError;
-use crate::h1::client::H1Body;
-use crate::pool::H1Conn;
-use crate::recv::RecvBody;
-
-/// A request body as the client sends it, read by our HTTP/1.1 or HTTP/2 server; also what
-/// goes upstream.
-pub(crate) enum ClientBody {
-    Stream(RecvBody),
-    /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
-    /// (whose original body the failed attempt consumed).
-    Empty,
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ClientBody::Stream(b) => Pin::new(b).poll_frame(cx),
-            ClientBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Stream(b) => b.is_end_stream(),
-            ClientBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Stream(b) => b.size_hint(),
-            ClientBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
+use crate::http::conn::InFlight;
+use crate::telemetry::accesslog::Pending;
+use crate::upstream::h1::H1Body;
+use crate::upstream::pool::H1Conn;
 
 /// The body sent to the client.
 pub struct ProxyBody {
@@ -118,7 +80,7 @@ impl ProxyBody {
     }
 }
 
-impl crate::service::ResponseBody for ProxyBody {
+impl crate::http::service::ResponseBody for ProxyBody {
     type Upgraded = H1Conn;
 
     /// The upstream connection of a 101 answer (see `tunnel`), with what it sent past the

@@ -12,9 +12,14 @@ use fluxgate_sys::{AcceptRing, Drained};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use crate::conn::ClientStream;
-use crate::metrics;
-use crate::worker::ListenerCtx;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use crate::app::gateway::Gateway;
+use crate::http::conn::ClientStream;
+use crate::listen::sniff::ConnServer;
+use crate::telemetry::metrics;
 
 /// Binds one worker's socket for a listener (SO_REUSEPORT, TCP_NODELAY, backlog, TFO).
 pub(crate) fn bind(
@@ -137,7 +142,7 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
                         .ok()
                         .and_then(Result::ok)
                         .unwrap_or(0);
-                    crate::tls::offers_early_data(&head[..n])
+                    crate::io::tls::offers_early_data(&head[..n])
                 } else {
                     false
                 };
@@ -286,4 +291,21 @@ async fn accept_uring(
             }
         }
     }
+}
+
+/// Per-listener state of one worker.
+pub(crate) struct ListenerCtx {
+    pub(crate) server: RefCell<Rc<ConnServer>>,
+    /// What serves the listener's requests (its handler swapped by reloads).
+    pub(crate) gateway: Rc<Gateway>,
+    pub(crate) active: Cell<usize>,
+    pub(crate) max_connections: Cell<usize>,
+    /// This worker's share of `fluxgate_active_connections`; survives reloads.
+    pub(crate) active_gauge: Arc<AtomicI64>,
+    /// This listener's TLS handshake counters.
+    pub(crate) tls_stats: Arc<crate::telemetry::metrics::TlsStats>,
+    /// TLS termination for new connections, when the listener has `[listener.tls]`.
+    pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
+    /// Stops this listener's acceptor.
+    pub(crate) stop: watch::Sender<bool>,
 }

@@ -1,0 +1,216 @@
+//! Config generations and reloads. A config becomes a `Generation` (bound addresses, route
+//! tables, shared health, metrics), which every worker applies; a reload builds the next
+//! generation from the previous one, keeping what did not change.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fluxgate_conf::{Config, IoMode};
+use tokio::sync::mpsc;
+
+use crate::balance::Health;
+use crate::route::RouteTable;
+use crate::telemetry::metrics::Metrics;
+
+/// What the reloader sends a worker.
+pub(crate) struct Apply {
+    pub(crate) generation: Arc<Generation>,
+    /// Per listener of the generation: this worker's socket when the listener is new, None
+    /// when it continues a listener of the previous generation.
+    pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
+    /// Per listener: the index, in the previous generation, of the listener it continues.
+    pub(crate) previous: Vec<Option<usize>>,
+    /// Told once the worker has switched over: the acceptor its new listeners run (epoll if
+    /// any fell back to it), or the first error of a listener it could not serve.
+    pub(crate) applied: Option<std::sync::mpsc::Sender<std::io::Result<IoMode>>>,
+}
+
+/// Where the workers are in their life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    /// Not accepting; finishing what is in flight.
+    Draining,
+    /// Stop now, whatever is in flight.
+    Stopped,
+}
+
+/// Everything derived from one config that the workers share read-only.
+pub(crate) struct Generation {
+    pub(crate) config: Arc<Config>,
+    /// Bound address of each listener, in config order.
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) tables: Vec<Arc<RouteTable>>,
+    pub(crate) health: Vec<Arc<Health>>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// TLS settings per listener (certificates read when the generation was built).
+    pub(crate) tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// TLS client settings per upstream.
+    pub(crate) upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+}
+
+/// Applies new configs to running workers; shared by the `Handle` and the admin listener.
+pub(crate) struct Reloader {
+    pub(crate) current: Mutex<Arc<Generation>>,
+    pub(crate) workers: Vec<mpsc::UnboundedSender<Apply>>,
+    /// The file `reload_source` reads, when there is one.
+    pub(crate) source: Option<PathBuf>,
+}
+
+impl Reloader {
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        Arc::clone(&self.current.lock().expect("reloader lock"))
+    }
+
+    /// Re-reads the config file and applies it. An invalid config (or one that cannot be
+    /// bound) is refused, counted and logged; the running one carries on.
+    pub(crate) fn reload_source(&self) -> Result<(), String> {
+        let Some(path) = &self.source else {
+            return Err("fluxgate was started without a config file".into());
+        };
+        let result = Config::from_file(path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c).map_err(|e| e.to_string()));
+        match &result {
+            Ok(()) => eprintln!("fluxgate: reloaded {}", path.display()),
+            Err(e) => {
+                self.current()
+                    .metrics
+                    .reloads_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "fluxgate: reload of {} refused, still serving the old config: {e}",
+                    path.display()
+                );
+            }
+        }
+        result
+    }
+
+    /// Swaps in `config`: listeners with an address the old config had keep their sockets,
+    /// upstreams with unchanged settings keep their pools and health; the rest start fresh.
+    pub(crate) fn apply(&self, config: Config) -> io::Result<()> {
+        let mut current = self.current.lock().expect("reloader lock");
+        let old = Arc::clone(&current);
+        let workers = self.workers.len();
+        if config.runtime.workers != old.config.runtime.workers
+            || config.runtime.io != old.config.runtime.io
+        {
+            eprintln!("fluxgate: runtime.workers and runtime.io take effect on restart only");
+        }
+        // A listener continues the first old one with its configured address not yet taken.
+        let mut taken = vec![false; old.config.listeners.len()];
+        let keep_listener: Vec<Option<usize>> = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let j = (0..taken.len())
+                    .find(|&j| !taken[j] && old.config.listeners[j].address == l.address)?;
+                taken[j] = true;
+                Some(j)
+            })
+            .collect();
+        let keep_upstream: Vec<Option<usize>> = config
+            .upstreams
+            .iter()
+            .map(|u| old.config.upstreams.iter().position(|o| o == u))
+            .collect();
+        // Read certificates and bind every new listener before touching anything, so a
+        // failure changes nothing.
+        let tls = crate::io::tls::listener_configs(&config).map_err(io::Error::other)?;
+        let upstream_tls = crate::io::tls::upstream_configs(&config).map_err(io::Error::other)?;
+        let mut addrs = Vec::with_capacity(config.listeners.len());
+        let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (l, keep) in config.listeners.iter().zip(&keep_listener) {
+            match keep {
+                Some(j) => {
+                    addrs.push(old.addrs[*j]);
+                    sockets.iter_mut().for_each(|s| s.push(None));
+                }
+                None => {
+                    let (bound, per_worker) = bind_all(l, workers)?;
+                    for (s, sock) in sockets.iter_mut().zip(per_worker) {
+                        s.push(Some(sock));
+                    }
+                    addrs.push(bound);
+                }
+            }
+        }
+        let health = config
+            .upstreams
+            .iter()
+            .zip(&keep_upstream)
+            .map(|(u, keep)| match keep {
+                Some(j) => Arc::clone(&old.health[*j]),
+                None => Arc::new(Health::new(u.endpoints.len(), u.passive.clone())),
+            })
+            .collect();
+        let metrics = Metrics::new(
+            &config,
+            workers,
+            Some((&old.metrics, &keep_listener, &keep_upstream)),
+        );
+        let generation = Arc::new(Generation {
+            tables: route_tables(&config),
+            config: Arc::new(config),
+            addrs,
+            health,
+            metrics,
+            tls,
+            upstream_tls,
+        });
+        let (applied, acks) = std::sync::mpsc::channel::<io::Result<IoMode>>();
+        for (tx, sockets) in self.workers.iter().zip(sockets) {
+            let _ = tx.send(Apply {
+                generation: Arc::clone(&generation),
+                sockets,
+                previous: keep_listener.clone(),
+                applied: Some(applied.clone()),
+            });
+        }
+        // Return once every worker serves the new config (a stopped worker never answers).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for _ in 0..workers {
+            if acks
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_err()
+            {
+                break;
+            }
+        }
+        generation
+            .metrics
+            .reloads_ok
+            .fetch_add(1, Ordering::Relaxed);
+        *current = generation;
+        Ok(())
+    }
+}
+
+/// One socket per worker for a listener. The first bind resolves port 0; the others join
+/// its SO_REUSEPORT group on the resolved port.
+pub(crate) fn bind_all(
+    l: &fluxgate_conf::Listener,
+    workers: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let first = crate::listen::accept::bind(l, l.address)?;
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..workers {
+        all.push(crate::listen::accept::bind(l, bound)?);
+    }
+    Ok((bound, all))
+}
+
+pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| Arc::new(RouteTable::new(l.routes.clone())))
+        .collect()
+}

@@ -1,0 +1,49 @@
+//! The request body as the client sends it, read by our HTTP/1.1 or HTTP/2 server; also what
+//! goes upstream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::error::BoxError;
+use crate::http::recv::RecvBody;
+
+/// A request body as the client sends it, read by our HTTP/1.1 or HTTP/2 server; also what
+/// goes upstream.
+pub(crate) enum ClientBody {
+    Stream(RecvBody),
+    /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
+    /// (whose original body the failed attempt consumed).
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Stream(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Stream(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Which server takes a connection: the first bytes tell HTTP/2 (its preface) from HTTP/1.1.
+//! Also the gentle close of a connection a server gave back.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::downstream::h2::PREFACE;
+use crate::http::conn::{ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::http::service::Service;
+
+/// Written when the start of the HTTP/2 preface (or a head too short to tell) stops coming.
+const TIMEOUT_408: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+/// The server side of one listener on one worker: the limits, configured once.
+pub(crate) struct ConnServer {
+    /// Turns true when the worker drains: finish in-flight requests, then close.
+    draining: watch::Receiver<bool>,
+    /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
+    parks: Arc<AtomicU64>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
+    limits: HeadLimits,
+}
+
+impl ConnServer {
+    pub(crate) fn new(
+        limits: &fluxgate_conf::HttpLimits,
+        parks: Arc<AtomicU64>,
+        draining: watch::Receiver<bool>,
+    ) -> ConnServer {
+        ConnServer {
+            draining,
+            parks,
+            header_timeout: limits.header_read_timeout,
+            idle_timeout: limits.keepalive_timeout,
+            limits: HeadLimits {
+                max_head: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+            },
+        }
+    }
+
+    pub(crate) fn header_timeout(&self) -> Duration {
+        self.header_timeout
+    }
+
+    /// Serves one accepted connection to its end, each request by `svc`.
+    /// `early`: bytes that arrived as TLS 0-RTT data, read before the stream's own.
+    pub(crate) async fn serve<S: Service>(
+        &self,
+        stream: ClientStream,
+        early: Option<bytes::Bytes>,
+        peer: SocketAddr,
+        svc: Rc<S>,
+    ) {
+        let mut stream = stream;
+        let Some((h2, first)) = self.sniff(&mut stream, early).await else {
+            return;
+        };
+        let scheme = match stream {
+            ClientStream::Plain(_) => "http",
+            ClientStream::Tls(_) => "https",
+        };
+        let timeouts = (self.header_timeout, self.idle_timeout);
+        let state = ConnState::new(h2, timeouts, scheme, peer);
+        let io = ClientIo::new(stream, Arc::clone(&state), first);
+        let draining = self.draining.clone();
+        let parks = Arc::clone(&self.parks);
+        let left = if h2 {
+            crate::downstream::h2::serve(io, state, svc, draining, self.limits, parks).await
+        } else {
+            crate::downstream::h1::serve(io, state, svc, draining, self.limits, parks).await
+        };
+        if let Some(s) = left {
+            // Boxed, and in its own statement (a temporary would live across the await): the
+            // linger buffer must not grow every connection's future.
+            let linger = Box::pin(linger(s));
+            linger.await;
+        }
+    }
+
+    /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).
+    /// Returns the bytes read, which the server reads first; None if the client left or sent
+    /// nothing in time.
+    async fn sniff(
+        &self,
+        stream: &mut ClientStream,
+        early: Option<bytes::Bytes>,
+    ) -> Option<(bool, bytes::Bytes)> {
+        use tokio::io::AsyncReadExt;
+        let mut got = bytes::BytesMut::from(early.unwrap_or_default());
+        loop {
+            let n = got.len().min(PREFACE.len());
+            if got[..n] != PREFACE[..n] {
+                return Some((false, got.freeze()));
+            }
+            if n == PREFACE.len() {
+                return Some((true, got.freeze()));
+            }
+            // Nothing yet: an idle connection; a start of the preface: a head being read.
+            let limit = if got.is_empty() {
+                self.idle_timeout
+            } else {
+                self.header_timeout
+            };
+            got.reserve(4096);
+            match tokio::time::timeout(limit, stream.read_buf(&mut got)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    // A head (as far as it went) that did not arrive in time.
+                    if let (false, ClientStream::Plain(s)) = (got.is_empty(), &*stream) {
+                        let _ = s.try_write(TIMEOUT_408);
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Closes a connection the client may still be writing to without losing our last answer:
+/// closing with unread bytes would send RST, and a client that gets RST before reading may
+/// discard the response. So send FIN, then read and discard for a bounded time and amount.
+async fn linger(mut stream: ClientStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const LINGER_BYTES: usize = 1 << 20;
+    // TLS: close_notify, then the same drain.
+    if tokio::time::timeout(LINGER_TIME, stream.shutdown())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut total = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while total < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+}

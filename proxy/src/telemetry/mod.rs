@@ -1,0 +1,6 @@
+//! What fluxgate tells operators: the metrics registry and its Prometheus text, the JSON
+//! access log and the JSON writer both use. Never decides anything about a request.
+
+pub(crate) mod accesslog;
+pub(crate) mod json;
+pub(crate) mod metrics;
