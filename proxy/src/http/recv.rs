@@ -87,8 +87,36 @@ impl Recv {
 pub(crate) enum Credit {
     /// HTTP/1.1: the connection reads on once the queue is below this.
     H1(usize),
-    /// HTTP/2: flow-control credit for the stream and the connection.
-    H2(crate::downstream::h2::Credit),
+    /// HTTP/2 (and later HTTP/3): flow-control credit for the stream and the connection.
+    H2(WindowCredit),
+}
+
+/// A multiplexed connection that takes back the window its streams' readers free.
+pub(crate) trait WindowRelease: Send + Sync {
+    /// `n` bytes were read (or dropped unread) by a stream's reader.
+    fn release(&self, n: usize);
+}
+
+/// What a stream's body reader gives back as it reads: connection credit, and a wake of the
+/// stream once enough was read to widen its window.
+pub(crate) struct WindowCredit {
+    pub(crate) conn: Arc<dyn WindowRelease>,
+    pub(crate) stream: Waker,
+    /// Read this much since the last widening, the stream's window is worth widening.
+    pub(crate) widen_at: usize,
+}
+
+impl WindowCredit {
+    fn widens(&self, consumed: usize) -> bool {
+        consumed >= self.widen_at
+    }
+
+    fn took(&self, n: usize, widen: bool) {
+        self.conn.release(n);
+        if widen {
+            self.stream.wake_by_ref();
+        }
+    }
 }
 
 /// The reading end of a request body, handed to the proxy inside the request.

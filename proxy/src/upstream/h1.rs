@@ -30,58 +30,11 @@ use crate::http::h1::{
     chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk, Span,
 };
 use crate::http::headers::connection_has;
-use crate::io::stream::MaybeTls;
 use crate::upstream::pool::{Checkout, H1Conn};
 
 /// The largest response head accepted, and the most header fields in it.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// How much room a read asks for.
-const READ_SIZE: usize = 16 * 1024;
-
-/// The socket of an upstream connection and what was read from it past the last response.
-pub(crate) struct H1Io {
-    pub(crate) stream: crate::io::stream::UpstreamStream,
-    pub(crate) rbuf: BytesMut,
-    /// Where the fields of the response head being parsed lie (kept to reuse the allocation).
-    spans: Vec<Span>,
-}
-
-impl H1Io {
-    pub(crate) fn new(stream: crate::io::stream::UpstreamStream) -> H1Io {
-        H1Io {
-            stream,
-            rbuf: BytesMut::new(),
-            spans: Vec::new(),
-        }
-    }
-
-    /// Whether an idle connection has been closed by the upstream (or sent something it
-    /// should not have). Never blocks and, while nothing arrived, makes no system call.
-    pub(crate) fn looks_closed(&self) -> bool {
-        if !self.rbuf.is_empty() {
-            return true;
-        }
-        let tcp = match &self.stream {
-            MaybeTls::Plain(s) => s,
-            MaybeTls::Tls(t) => t.get_ref().0,
-        };
-        let mut byte = [0u8; 1];
-        let mut buf = tokio::io::ReadBuf::new(&mut byte);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match tcp.poll_peek(&mut cx, &mut buf) {
-            Poll::Pending => false,
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
-            // Plain HTTP/1.1 sends nothing unasked; over TLS it may be a session ticket.
-            Poll::Ready(Ok(_)) => matches!(self.stream, MaybeTls::Plain(_)),
-        }
-    }
-
-    /// Reads more bytes into `rbuf`; Ok(0) at end of stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        crate::io::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
-    }
-}
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -331,11 +284,11 @@ impl Exchange {
                 return Ok(Response::from_parts(parts, body.released_if_done()));
             }
             Ok(Err(error)) => error,
-            Err(_) => Upstream::Proxy(crate::error::ProxyError::ResponseTimeout),
+            Err(_) => AttemptError::Proxy(crate::error::ProxyError::ResponseTimeout),
         };
         let stale = self.conn.reused
             && self.conn.io_mut().rbuf.is_empty()
-            && matches!(&error, Upstream::H1(e) if e.is_closed());
+            && matches!(&error, AttemptError::H1(e) if e.is_closed());
         Err(Failed {
             error: error.into(),
             stale,
@@ -346,21 +299,21 @@ impl Exchange {
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(http::response::Parts, Framing, bool), Upstream>> {
+    ) -> Poll<Result<(http::response::Parts, Framing, bool), AttemptError>> {
         if let Poll::Ready(Err(e)) = self.poll_send(cx) {
-            return Poll::Ready(Err(Upstream::Proxy(e)));
+            return Poll::Ready(Err(AttemptError::Proxy(e)));
         }
         loop {
             let io = self.conn.io_mut();
             match parse_head(&mut io.rbuf, &mut io.spans, self.head_request) {
-                Err(e) => return Poll::Ready(Err(Upstream::H1(e))),
+                Err(e) => return Poll::Ready(Err(AttemptError::H1(e))),
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
             }
             match self.conn.io_mut().poll_fill(cx) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(Upstream::H1(H1Error::Closed))),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(AttemptError::H1(H1Error::Closed))),
                 Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Upstream::H1(e.into()))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(AttemptError::H1(e.into()))),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -368,16 +321,16 @@ impl Exchange {
 }
 
 /// The error of an attempt before it is classified.
-enum Upstream {
+enum AttemptError {
     H1(H1Error),
     Proxy(crate::error::ProxyError),
 }
 
-impl From<Upstream> for crate::error::ProxyError {
-    fn from(u: Upstream) -> Self {
+impl From<AttemptError> for crate::error::ProxyError {
+    fn from(u: AttemptError) -> Self {
         match u {
-            Upstream::H1(e) => crate::error::ProxyError::Upstream(Box::new(e)),
-            Upstream::Proxy(e) => e,
+            AttemptError::H1(e) => crate::error::ProxyError::Upstream(Box::new(e)),
+            AttemptError::Proxy(e) => e,
         }
     }
 }

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::error::ProxyError;
 use crate::http::body::ClientBody;
-use crate::upstream::h1::H1Io;
+use crate::upstream::conn::H1Io;
 
 /// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve
 /// the next burst (closing them at once makes bursty load reconnect constantly), short enough

@@ -12,7 +12,7 @@ use super::frame::*;
 use super::request::Head;
 use super::*;
 use crate::http::body::ClientBody;
-use crate::http::recv::{Credit, Recv, RecvBody};
+use crate::http::recv::{Credit, Recv, RecvBody, WindowCredit, WindowRelease};
 use crate::http::service::{Refusal, Reply, Service};
 
 impl<S: Service> Conn<S> {
@@ -337,9 +337,10 @@ impl<S: Service> Conn<S> {
         let body = match &recv {
             Some(r) => ClientBody::Stream(RecvBody {
                 recv: Arc::clone(r),
-                credit: Credit::H2(super::Credit {
-                    shared: Arc::clone(&self.shared),
+                credit: Credit::H2(WindowCredit {
+                    conn: Arc::clone(&self.shared) as Arc<dyn WindowRelease>,
                     stream: waker.clone(),
+                    widen_at: STREAM_WINDOW as usize / 2,
                 }),
             }),
             None => ClientBody::Empty,

@@ -76,13 +76,7 @@ struct Ready {
     waker: Option<Waker>,
 }
 
-impl Shared {
-    fn wake_conn(&self) {
-        if let Some(w) = &self.ready.lock().expect("ready lock").waker {
-            w.wake_by_ref();
-        }
-    }
-
+impl crate::http::recv::WindowRelease for Shared {
     /// Returns request body credit; wakes the connection once enough gathered to announce.
     fn release(&self, n: usize) {
         let before = self.released.fetch_add(n, Ordering::Relaxed);
@@ -92,23 +86,10 @@ impl Shared {
     }
 }
 
-/// What a stream's body reader gives back as it reads (see `crate::http::recv`): connection
-/// credit, and a wake of the stream once enough was read to widen its window.
-pub(crate) struct Credit {
-    shared: Arc<Shared>,
-    stream: Waker,
-}
-
-impl Credit {
-    /// Whether the stream's window is worth widening after `consumed` bytes read.
-    pub(crate) fn widens(&self, consumed: usize) -> bool {
-        consumed >= STREAM_WINDOW as usize / 2
-    }
-
-    pub(crate) fn took(&self, n: usize, widen: bool) {
-        self.shared.release(n);
-        if widen {
-            self.stream.wake_by_ref();
+impl Shared {
+    fn wake_conn(&self) {
+        if let Some(w) = &self.ready.lock().expect("ready lock").waker {
+            w.wake_by_ref();
         }
     }
 }
