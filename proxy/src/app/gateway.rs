@@ -27,7 +27,7 @@ use crate::http::service::{Refusal, Reply, Service};
 use crate::route::{RequestHead, RouteTable};
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
-use crate::upstream::h1::{encode_head, Exchange};
+use crate::upstream::h1::Exchange;
 use crate::upstream::pool::UpstreamPool;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -203,7 +203,10 @@ impl Handler {
                 restore_upgrade(&mut parts.headers, upgrade.clone());
                 // Asked once: on an HTTP/2 stream each answer takes a lock.
                 let body = (!body.is_end_stream()).then_some(body);
-                let (head, chunked) = encode_head(&parts, body.as_ref());
+                let (head, chunked) = fluxgate_wire::h1::request::encode(
+                    &parts,
+                    body.as_ref().map(|b| b.size_hint().exact()),
+                );
                 UpRequest::H1 {
                     idempotent: is_idempotent(&parts.method),
                     head_request: parts.method == Method::HEAD,

@@ -9,7 +9,6 @@
 
 use std::future::Future;
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,19 +17,17 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use http::header;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::sync::watch;
 
 use crate::http::body::ClientBody;
 use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::http::h1::{
-    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields,
-};
-use crate::http::h1::{Chunk, Span};
 use crate::http::headers::{connection_has, http_date};
 use crate::http::recv::{Credit, Recv, RecvBody};
 use crate::http::service::{Refusal, Reply, ResponseBody, Service};
+use fluxgate_wire::h1::response::put_status_line;
+use fluxgate_wire::h1::{decode_chunk, put_fields, Span};
 
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;
@@ -39,8 +36,6 @@ const READ_SIZE: usize = 16 * 1024;
 const RECV_HIGH: usize = 256 * 1024;
 /// Above this much unwritten output, no more response body is pulled and nothing is read.
 const WRITE_HIGH: usize = 64 * 1024;
-/// Header fields parsed in place on the stack; a higher `max_headers` parses on the heap.
-const STACK_FIELDS: usize = 128;
 
 /// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
 /// `conn::linger`), or None when the client already closed it or it carried a tunnel.
@@ -142,12 +137,7 @@ struct Upload {
     framing: Framing,
 }
 
-#[derive(Clone, Copy)]
-enum Framing {
-    /// This many bytes remain.
-    Length(u64),
-    Chunked(Chunk),
-}
+use fluxgate_wire::h1::request::{RequestFraming as Framing, RequestHead as Head};
 
 /// Where the response is.
 // Every request reaches `Body`; boxing it would cost an allocation per request.
@@ -161,12 +151,6 @@ enum Out<S: Service> {
         chunked: bool,
     },
     Done,
-}
-
-/// A request head, parsed.
-struct Head {
-    req: Request<()>,
-    framing: Option<Framing>,
 }
 
 impl<S: Service> Conn<S> {
@@ -279,14 +263,19 @@ impl<S: Service> Conn<S> {
     /// started or was refused.
     fn start(&mut self) -> bool {
         let limits = self.limits;
-        match parse_head(&mut self.rbuf, limits, &mut self.spans) {
+        let wire_limits = fluxgate_wire::h1::request::Limits {
+            max_head: limits.max_head,
+            max_headers: limits.max_headers,
+        };
+        match fluxgate_wire::h1::request::parse(&mut self.rbuf, wire_limits, &mut self.spans) {
             Ok(None) if self.rbuf.len() > limits.max_head => {
-                self.refuse(too_large(&self.rbuf, limits.max_head));
+                let why = fluxgate_wire::h1::request::too_large(&self.rbuf, limits.max_head);
+                self.refuse(why.into());
                 true
             }
             Ok(None) => false,
             Err(why) => {
-                self.refuse(why);
+                self.refuse(why.into());
                 true
             }
             Ok(Some(head)) => {
@@ -539,97 +528,9 @@ fn write_head<S: Service>(
     (out, keep)
 }
 
-/// `HTTP/1.1 200 OK`, and the like.
-fn put_status_line(w: &mut Vec<u8>, status: StatusCode) {
-    if status == StatusCode::OK {
-        w.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-        return;
-    }
-    w.extend_from_slice(b"HTTP/1.1 ");
-    w.extend_from_slice(status.as_str().as_bytes());
-    w.push(b' ');
-    w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    w.extend_from_slice(b"\r\n");
-}
-
 fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
     use std::io::Write;
     let _ = write!(w, "{n:x}\r\n");
-}
-
-/// Parses the request head at the front of `buf`, splitting it off when complete. Ok(None):
-/// more bytes are needed. Err: why it is refused.
-fn parse_head(
-    buf: &mut BytesMut,
-    limits: HeadLimits,
-    spans: &mut Vec<Span>,
-) -> Result<Option<Head>, Refusal> {
-    let bad = Refusal::MalformedHead;
-    let ambiguous = Refusal::AmbiguousFraming;
-    // Left uninitialised: httparse writes each slot it uses, and clearing 128 slots per head
-    // would cost more than the parse.
-    let mut stack = [const { MaybeUninit::uninit() }; STACK_FIELDS];
-    let mut heap = Vec::new();
-    let fields = if limits.max_headers <= STACK_FIELDS {
-        &mut stack[..limits.max_headers]
-    } else {
-        heap.resize_with(limits.max_headers, MaybeUninit::uninit);
-        &mut heap[..]
-    };
-    let mut parsed = httparse::Request::new(&mut []);
-    let len = match parsed.parse_with_uninit_headers(buf, fields) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooManyFields),
-        Err(_) => return Err(bad),
-    };
-    if len > limits.max_head {
-        return Err(too_large(buf, limits.max_head));
-    }
-    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| bad)?;
-    let version = match parsed.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let target = parsed.path.unwrap_or("");
-    let base = buf.as_ptr() as usize;
-    let target = target.as_ptr() as usize - base..target.as_ptr() as usize - base + target.len();
-    field_spans(buf, parsed.headers, spans);
-    let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| bad)?;
-    // Room for what the proxy adds: X-Forwarded-For, -Proto, -Host, and Host.
-    let headers = header_map(&head, spans, 4).map_err(|_| bad)?;
-    let framing = if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Both, or a coding other than chunked last, leave the length to guesswork: the shape
-        // of request smuggling (RFC 9112 6.1, 6.3).
-        if headers.contains_key(header::CONTENT_LENGTH)
-            || version == Version::HTTP_10
-            || !chunked_last(&headers)
-        {
-            return Err(ambiguous);
-        }
-        Some(Framing::Chunked(Chunk::Size))
-    } else {
-        match content_length(&headers).map_err(|_| ambiguous)? {
-            None | Some(0) => None,
-            Some(n) => Some(Framing::Length(n)),
-        }
-    };
-    let mut req = Request::new(());
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    *req.headers_mut() = headers;
-    Ok(Some(Head { req, framing }))
-}
-
-/// Why a head is over `max_head` bytes: its request line alone (414), or its fields (431).
-fn too_large(head: &[u8], max_head: usize) -> Refusal {
-    if head[..max_head].contains(&b'\n') {
-        Refusal::HeadTooLarge
-    } else {
-        Refusal::TargetTooLong
-    }
 }
 
 /// Copies bytes both ways between the client and the upstream once both sides switched,
@@ -647,68 +548,4 @@ where
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(raw: &[u8]) -> Result<Option<Head>, Refusal> {
-        let limits = HeadLimits {
-            max_head: 1024,
-            max_headers: 8,
-        };
-        parse_head(&mut BytesMut::from(raw), limits, &mut Vec::new())
-    }
-
-    #[test]
-    fn heads_and_their_framing() {
-        let h = parse(b"POST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-            .unwrap()
-            .unwrap();
-        assert_eq!(h.req.uri().path(), "/a");
-        assert_eq!(h.req.headers()["host"], "x");
-        assert!(matches!(h.framing, Some(Framing::Length(3))));
-        let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        assert_eq!(h.req.version(), Version::HTTP_10);
-        assert!(h.framing.is_none());
-        let h = parse(b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
-        assert!(matches!(
-            h,
-            Ok(Some(Head {
-                framing: Some(Framing::Chunked(_)),
-                ..
-            }))
-        ));
-        assert!(parse(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
-    }
-
-    #[test]
-    fn ambiguous_or_malformed_heads_are_refused() {
-        let bad = |raw: &[u8]| parse(raw).err();
-        let r400 = Some(Refusal::MalformedHead);
-        let ambiguous = Some(Refusal::AmbiguousFraming);
-        assert_eq!(
-            bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            ambiguous
-        );
-        assert_eq!(
-            bad(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
-            ambiguous
-        );
-        assert_eq!(
-            bad(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            ambiguous
-        );
-        assert_eq!(
-            bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            ambiguous
-        );
-        assert_eq!(bad(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), r400);
-        assert_eq!(bad(b"GET /\x01 HTTP/1.1\r\n\r\n"), r400);
-        assert_eq!(
-            bad(b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"),
-            Some(Refusal::TooManyFields)
-        );
-    }
 }

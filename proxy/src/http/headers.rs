@@ -61,15 +61,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether the Connection header lists `token` (case-insensitive).
-pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
+pub(crate) use fluxgate_wire::h1::connection_has;
 
 /// Appends `value` to a comma-separated list header, creating it when absent.
 pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {

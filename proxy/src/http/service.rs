@@ -95,6 +95,19 @@ pub(crate) enum Refusal {
     StreamRefused,
 }
 
+impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
+    fn from(e: fluxgate_wire::h1::request::HeadError) -> Refusal {
+        use fluxgate_wire::h1::request::HeadError;
+        match e {
+            HeadError::Malformed => Refusal::MalformedHead,
+            HeadError::AmbiguousFraming => Refusal::AmbiguousFraming,
+            HeadError::TooManyFields => Refusal::TooManyFields,
+            HeadError::HeadTooLarge => Refusal::HeadTooLarge,
+            HeadError::TargetTooLong => Refusal::TargetTooLong,
+        }
+    }
+}
+
 impl Refusal {
     pub(crate) const ALL: [Refusal; 8] = [
         Refusal::MalformedHead,

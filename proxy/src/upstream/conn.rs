@@ -6,8 +6,8 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 
-use crate::http::h1::Span;
 use crate::io::stream::MaybeTls;
+use fluxgate_wire::h1::Span;
 
 /// How much room a read asks for.
 const READ_SIZE: usize = 16 * 1024;

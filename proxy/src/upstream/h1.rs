@@ -7,34 +7,25 @@
 //! client side polls it, so a proxied request costs no extra task, channel or wake-up.
 //!
 //! The request body is pumped while the response is read (an upstream may answer, or echo,
-//! before the request ends); both directions stream, neither is buffered whole. Framing is
+//! before the request ends); both directions stream, neither is buffered whole. ResponseFraming is
 //! strict: a response with conflicting lengths, a bad chunk or an oversized head is an
 //! upstream failure (502), and a connection is reused only when both messages ended cleanly.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap};
-use http::request::Parts;
-use http::{Method, Response, StatusCode, Version};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
 use crate::http::body::ClientBody;
-use crate::http::h1::{
-    chunked_last, content_length, decode_chunk, field_spans, header_map, put_fields, Chunk, Span,
-};
-use crate::http::headers::connection_has;
 use crate::upstream::pool::{Checkout, H1Conn};
-
-/// The largest response head accepted, and the most header fields in it.
-const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+use fluxgate_wire::h1::response::{self, ResponseFraming};
+use fluxgate_wire::h1::{decode_chunk, put_fields};
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,69 +63,6 @@ pub(crate) struct Failed {
     pub(crate) stale: bool,
     /// Not one byte of the request reached the socket.
     pub(crate) unsent: bool,
-}
-
-/// How the request body is framed on the wire.
-#[derive(Clone, Copy, PartialEq)]
-enum ReqFraming {
-    None,
-    Length(u64),
-    Chunked,
-}
-
-/// Serializes the request head (hop-by-hop headers already removed by the caller) with the
-/// framing its body needs (None: the request has no body). The head is kept by the caller
-/// for a retry.
-pub(crate) fn encode_head(parts: &Parts, body: Option<&ClientBody>) -> (Bytes, bool) {
-    let framing = match body {
-        None => {
-            let has_len = parts.headers.contains_key(header::CONTENT_LENGTH);
-            if has_len || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-                ReqFraming::Length(0)
-            } else {
-                ReqFraming::None
-            }
-        }
-        Some(body) => match body.size_hint().exact() {
-            Some(n) => ReqFraming::Length(n),
-            None => ReqFraming::Chunked,
-        },
-    };
-    let target = parts.uri.path_and_query().map_or(
-        if parts.method == Method::OPTIONS {
-            "*"
-        } else {
-            "/"
-        },
-        |p| p.as_str(),
-    );
-    let mut out = BytesMut::with_capacity(
-        64 + target.len()
-            + parts
-                .headers
-                .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 4)
-                .sum::<usize>(),
-    );
-    out.put_slice(parts.method.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(target.as_bytes());
-    out.put_slice(b" HTTP/1.1\r\n");
-    let fields = parts
-        .headers
-        .iter()
-        .filter(|(k, _)| *k != header::CONTENT_LENGTH);
-    put_fields(&mut out, fields);
-    match framing {
-        ReqFraming::None => {}
-        ReqFraming::Length(n) => {
-            // Into the head's own buffer: no allocation for the number.
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        ReqFraming::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    out.put_slice(b"\r\n");
-    (out.freeze(), framing == ReqFraming::Chunked)
 }
 
 /// One request on one connection: the bytes still to write and the body still to read.
@@ -299,14 +227,14 @@ impl Exchange {
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(http::response::Parts, Framing, bool), AttemptError>> {
+    ) -> Poll<Result<(http::response::Parts, ResponseFraming, bool), AttemptError>> {
         if let Poll::Ready(Err(e)) = self.poll_send(cx) {
             return Poll::Ready(Err(AttemptError::Proxy(e)));
         }
         loop {
             let io = self.conn.io_mut();
-            match parse_head(&mut io.rbuf, &mut io.spans, self.head_request) {
-                Err(e) => return Poll::Ready(Err(AttemptError::H1(e))),
+            match response::parse(&mut io.rbuf, &mut io.spans, self.head_request) {
+                Err(e) => return Poll::Ready(Err(AttemptError::H1(H1Error::Malformed(e.0)))),
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
             }
@@ -335,122 +263,11 @@ impl From<AttemptError> for crate::error::ProxyError {
     }
 }
 
-/// How the response body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Framing {
-    /// No body (HEAD, 204, 304), or the body has been read to the end.
-    Done,
-    /// This many bytes remain.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the upstream closes.
-    Close,
-    /// 101: the connection now carries another protocol.
-    Upgrade,
-}
-
-/// Parses one response head out of `buf`, skipping 1xx interim answers other than 101.
-/// Ok(None): more bytes are needed.
-fn parse_head(
-    buf: &mut BytesMut,
-    spans: &mut Vec<Span>,
-    head_request: bool,
-) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
-    loop {
-        if buf.is_empty() {
-            return Ok(None);
-        }
-        // Left uninitialised: httparse writes each slot it uses.
-        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            buf,
-            &mut fields,
-        );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(H1Error::Malformed("response head too large"))
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(H1Error::Malformed("too many header fields"))
-            }
-            Err(_) => return Err(H1Error::Malformed("bad response head")),
-        };
-        let code = resp.code.unwrap_or(0);
-        let status =
-            StatusCode::from_u16(code).map_err(|_| H1Error::Malformed("bad status code"))?;
-        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
-            buf.advance(len);
-            continue;
-        }
-        let version = if resp.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        // Header values point into the head's bytes, which the response then owns.
-        field_spans(buf, resp.headers, spans);
-        let head = buf.split_to(len).freeze();
-        let headers = header_map(&head, spans, 0).map_err(H1Error::Malformed)?;
-        let (framing, delimited) = framing_of(status, &headers, head_request)?;
-        let reusable = delimited && keeps_alive(version, &headers);
-        let mut parts = Response::new(()).into_parts().0;
-        parts.status = status;
-        parts.version = version;
-        parts.headers = headers;
-        return Ok(Some((parts, framing, reusable)));
-    }
-}
-
-/// The body framing of a response (RFC 9112 6.3), and whether its end is known without the
-/// connection closing.
-fn framing_of(
-    status: StatusCode,
-    headers: &HeaderMap,
-    head_request: bool,
-) -> Result<(Framing, bool), H1Error> {
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((Framing::Upgrade, false));
-    }
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Done, true));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if headers.contains_key(header::CONTENT_LENGTH) {
-            // Either could be the truth: refuse rather than pass on a body of unknown length.
-            return Err(H1Error::Malformed("content-length with transfer-encoding"));
-        }
-        return Ok(if chunked_last(headers) {
-            (Framing::Chunked(Chunk::Size), true)
-        } else {
-            (Framing::Close, false)
-        });
-    }
-    let length = content_length(headers).map_err(H1Error::Malformed)?;
-    Ok(match length {
-        Some(0) => (Framing::Done, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Close, false),
-    })
-}
-
-/// Whether the upstream lets the connection be reused after this response.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if version == Version::HTTP_10 {
-        connection_has(headers, "keep-alive")
-    } else {
-        !connection_has(headers, "close")
-    }
-}
-
 /// A response body read straight off the upstream connection. The connection goes back to
 /// its pool when the body ends, if both messages ended cleanly; dropped early, it closes.
 pub(crate) struct H1Body {
     ex: Option<Exchange>,
-    framing: Framing,
+    framing: ResponseFraming,
     reusable: bool,
 }
 
@@ -458,7 +275,7 @@ impl H1Body {
     /// Releases the connection at once when there is no body to read (HEAD, 204, 304,
     /// length 0): the client side may never poll it.
     fn released_if_done(mut self) -> Self {
-        if self.framing == Framing::Done {
+        if self.framing == ResponseFraming::Done {
             self.finish();
         }
         self
@@ -466,7 +283,7 @@ impl H1Body {
 
     /// The body ended: the connection goes back to the pool, or closes.
     fn finish(&mut self) {
-        self.framing = Framing::Done;
+        self.framing = ResponseFraming::Done;
         if let Some(mut ex) = self.ex.take() {
             if self.reusable && !ex.send_failed && ex.body.is_none() && ex.out.is_empty() {
                 // The request is fully queued; a last flush is all that may remain.
@@ -484,7 +301,7 @@ impl H1Body {
     /// For a 101 answer: the connection, with any bytes the upstream sent past the head,
     /// for the tunnel.
     pub(crate) fn into_upgraded(mut self) -> Option<H1Conn> {
-        if self.framing != Framing::Upgrade {
+        if self.framing != ResponseFraming::Upgrade {
             return None;
         }
         self.ex.take().map(|ex| ex.conn.into_tunnel())
@@ -496,7 +313,7 @@ impl H1Body {
         &mut self,
         error: Option<crate::error::BoxError>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::error::BoxError>>> {
-        self.framing = Framing::Done;
+        self.framing = ResponseFraming::Done;
         self.ex = None;
         Poll::Ready(error.map(Err))
     }
@@ -521,11 +338,11 @@ impl Body for H1Body {
         loop {
             let io = ex.conn.io_mut();
             match &mut this.framing {
-                Framing::Done | Framing::Upgrade => {
+                ResponseFraming::Done | ResponseFraming::Upgrade => {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Framing::Length(left) => {
+                ResponseFraming::Length(left) => {
                     if !io.rbuf.is_empty() {
                         let n = (*left).min(io.rbuf.len() as u64) as usize;
                         *left -= n as u64;
@@ -536,13 +353,13 @@ impl Body for H1Body {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
-                Framing::Close => {
+                ResponseFraming::Close => {
                     if !io.rbuf.is_empty() {
                         let data = io.rbuf.split().freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
-                Framing::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
+                ResponseFraming::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
                     Err(e) => return this.end_closing(Some(Box::new(H1Error::Malformed(e)))),
                     Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(None) if state.ended() => {
@@ -554,7 +371,7 @@ impl Body for H1Body {
             }
             match io.poll_fill(cx) {
                 Poll::Ready(Ok(0)) => {
-                    let clean = this.framing == Framing::Close;
+                    let clean = this.framing == ResponseFraming::Close;
                     let error = (!clean).then(|| Box::new(H1Error::Closed) as _);
                     return this.end_closing(error);
                 }
@@ -566,59 +383,14 @@ impl Body for H1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        self.framing == ResponseFraming::Done
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            Framing::Done | Framing::Upgrade => SizeHint::with_exact(0),
-            Framing::Length(n) => SizeHint::with_exact(n),
+            ResponseFraming::Done | ResponseFraming::Upgrade => SizeHint::with_exact(0),
+            ResponseFraming::Length(n) => SizeHint::with_exact(n),
             _ => SizeHint::default(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn response_framing() {
-        let head = |raw: &[u8], head_req: bool| {
-            let mut b = BytesMut::from(raw);
-            parse_head(&mut b, &mut Vec::new(), head_req)
-                .map(|h| h.map(|(p, f, r)| (p.status.as_u16(), f, r)))
-        };
-        let ok = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false).unwrap();
-        assert_eq!(ok, Some((200, Framing::Length(5), true)));
-        let cont = head(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No\r\n\r\n",
-            false,
-        )
-        .unwrap();
-        assert_eq!(cont, Some((204, Framing::Done, true)));
-        let chunked = head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-        );
-        assert_eq!(
-            chunked.unwrap(),
-            Some((200, Framing::Chunked(Chunk::Size), true))
-        );
-        let close = head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false).unwrap();
-        assert_eq!(close, Some((200, Framing::Close, false)));
-        let old = head(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap();
-        assert_eq!(old, Some((200, Framing::Length(1), false)));
-        let head_req = head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true).unwrap();
-        assert_eq!(head_req, Some((200, Framing::Done, true)));
-        assert_eq!(head(b"HTTP/1.1 200 OK\r\nContent-Le", false).unwrap(), None);
-        assert!(head(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            false
-        )
-        .is_err());
-        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", false).is_err());
-        assert!(head(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
-        assert!(head(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
     }
 }

@@ -8,12 +8,12 @@ use std::task::Waker;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::frame::*;
 use super::request::Head;
 use super::*;
 use crate::http::body::ClientBody;
 use crate::http::recv::{Credit, Recv, RecvBody, WindowCredit, WindowRelease};
 use crate::http::service::{Refusal, Reply, Service};
+use fluxgate_wire::h2::frame::*;
 
 impl<S: Service> Conn<S> {
     /// Handles every complete frame in `buf`.
@@ -29,19 +29,18 @@ impl<S: Service> Conn<S> {
             buf.advance(n);
             self.preface = true;
         }
-        while buf.len() >= 9 {
-            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-            if len > MAX_FRAME {
-                return Err(ConnError(
-                    FRAME_SIZE_ERROR,
-                    "frame above SETTINGS_MAX_FRAME_SIZE",
-                ));
-            }
-            if buf.len() < 9 + len {
+        loop {
+            let head = FrameHead::parse(buf, MAX_FRAME)
+                .map_err(|_| ConnError(FRAME_SIZE_ERROR, "frame above SETTINGS_MAX_FRAME_SIZE"))?;
+            let Some(FrameHead {
+                len,
+                kind,
+                flags,
+                id,
+            }) = head
+            else {
                 break;
-            }
-            let (kind, flags) = (buf[3], buf[4]);
-            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            };
             if !self.settings && kind != SETTINGS {
                 return Err(ConnError(PROTOCOL_ERROR, "first frame is not SETTINGS"));
             }

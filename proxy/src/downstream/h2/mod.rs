@@ -6,8 +6,6 @@
 //! and the upstream side drains; flow-control credit goes back as the upstream side reads.
 //! It never pushes, never uses priorities, and never adds to the client's HPACK table.
 
-mod frame;
-mod hpack;
 mod input;
 mod request;
 
@@ -30,8 +28,9 @@ use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnSt
 use crate::http::headers::http_date;
 use crate::http::recv::Recv;
 use crate::http::service::Service;
-pub(crate) use frame::PREFACE;
-use frame::*;
+pub(crate) use fluxgate_wire::h2::frame::PREFACE;
+use fluxgate_wire::h2::frame::*;
+use fluxgate_wire::h2::hpack;
 
 /// SETTINGS_MAX_FRAME_SIZE as we announce it (the protocol default).
 const MAX_FRAME: usize = 16_384;

@@ -2,8 +2,8 @@
 
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 
-use super::hpack::{self, Field, Name};
 use crate::http::body::ClientBody;
+use fluxgate_wire::h2::hpack::{self, Field, Name};
 
 /// The request head being decoded.
 pub(super) struct Head {

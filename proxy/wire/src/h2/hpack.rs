@@ -15,12 +15,12 @@ use http::header::{HeaderName, HeaderValue};
 /// the decoder's table can no longer be trusted to match the peer's.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("HPACK: {0}")]
-pub(crate) struct HpackError(&'static str);
+pub struct HpackError(&'static str);
 
 /// A field's name: one of the request pseudo-headers, a valid header name, or something a
 /// request may not carry (kept so the table stays in step; the request is then malformed).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Name {
+pub enum Name {
     Method,
     Scheme,
     Authority,
@@ -48,11 +48,11 @@ impl Name {
 
 /// One decoded field. A value that is not a valid header value is `None` (malformed).
 #[derive(Clone, Debug)]
-pub(crate) struct Field {
-    pub(crate) name: Name,
-    pub(crate) value: Option<HeaderValue>,
+pub struct Field {
+    pub name: Name,
+    pub value: Option<HeaderValue>,
     /// Name and value length plus 32, as RFC 7541 4.1 counts an entry (and RFC 9113 a list).
-    pub(crate) size: usize,
+    pub size: usize,
 }
 
 /// The static table (RFC 7541 Appendix A), index 1 first.
@@ -136,7 +136,7 @@ fn static_fields() -> &'static [Field] {
 }
 
 /// The decoder of one connection's request heads.
-pub(crate) struct Decoder {
+pub struct Decoder {
     /// Newest entry first, as the dynamic table is indexed.
     table: VecDeque<Field>,
     size: usize,
@@ -159,7 +159,7 @@ impl Default for Decoder {
 
 impl Decoder {
     /// Decodes one complete header block, handing each field to `out` in order.
-    pub(crate) fn decode(
+    pub fn decode(
         &mut self,
         mut block: &[u8],
         mut out: impl FnMut(Field),
@@ -381,7 +381,7 @@ fn huffman_decode(raw: &[u8]) -> Result<Vec<u8>, HpackError> {
 }
 
 /// Connection-specific fields, which an HTTP/2 message never carries (RFC 9113 8.2.2).
-pub(crate) fn connection_specific(name: &HeaderName) -> bool {
+pub fn connection_specific(name: &HeaderName) -> bool {
     use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
     name == CONNECTION
         || name == TRANSFER_ENCODING
@@ -392,11 +392,7 @@ pub(crate) fn connection_specific(name: &HeaderName) -> bool {
 
 /// Appends a response head: `:status` then the fields, none of them added to the peer's
 /// dynamic table.
-pub(crate) fn encode_response(
-    status: http::StatusCode,
-    headers: &http::HeaderMap,
-    out: &mut Vec<u8>,
-) {
+pub fn encode_response(status: http::StatusCode, headers: &http::HeaderMap, out: &mut Vec<u8>) {
     match status.as_u16() {
         200 => out.push(0x80 | 8),
         204 => out.push(0x80 | 9),
@@ -416,7 +412,7 @@ pub(crate) fn encode_response(
 
 /// Appends fields (a response head's after `:status`, or trailers) as literals without
 /// indexing, leaving out connection-specific ones.
-pub(crate) fn encode_fields(headers: &http::HeaderMap, out: &mut Vec<u8>) {
+pub fn encode_fields(headers: &http::HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in headers {
         if connection_specific(name) {
             continue;

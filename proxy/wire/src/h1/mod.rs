@@ -1,6 +1,9 @@
-//! The HTTP/1.1 wire format our server (`downstream::h1`) and client (`upstream::h1`) share:
-//! heads parsed by httparse into header maps whose values keep pointing into the head's
-//! bytes, body framing, and the chunked coding.
+//! HTTP/1.1 on the wire (RFC 9112): heads parsed by httparse into header maps whose values
+//! keep pointing into the head's bytes (`request`, `response`), body framing, and the chunked
+//! coding, for our server and our client alike.
+
+pub mod request;
+pub mod response;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -10,10 +13,10 @@ const MAX_CHUNK_LINE: usize = 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Where a field's name and value lie in its head: name start and end, value start and end.
-pub(crate) type Span = [usize; 4];
+pub type Span = [usize; 4];
 
 /// Records where each field httparse found lies in `head` (the buffer it parsed).
-pub(crate) fn field_spans(head: &[u8], fields: &[httparse::Header<'_>], spans: &mut Vec<Span>) {
+pub fn field_spans(head: &[u8], fields: &[httparse::Header<'_>], spans: &mut Vec<Span>) {
     let base = head.as_ptr() as usize;
     spans.clear();
     spans.extend(fields.iter().map(|f| {
@@ -25,11 +28,7 @@ pub(crate) fn field_spans(head: &[u8], fields: &[httparse::Header<'_>], spans: &
 
 /// The header map of a head split off its buffer, with room for `extra` more fields; values
 /// share the head's bytes.
-pub(crate) fn header_map(
-    head: &Bytes,
-    spans: &[Span],
-    extra: usize,
-) -> Result<HeaderMap, &'static str> {
+pub fn header_map(head: &Bytes, spans: &[Span], extra: usize) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + extra);
     for &[n0, n1, v0, v1] in spans {
         let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "bad header name")?;
@@ -42,7 +41,7 @@ pub(crate) fn header_map(
 
 /// The message's Content-Length: None when absent; an error when malformed or when its
 /// values disagree (RFC 9112 6.3: a list of equal values is one value).
-pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut length: Option<u64> = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
         for part in v.to_str().map_err(|_| "bad content-length")?.split(',') {
@@ -61,7 +60,7 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'stati
 }
 
 /// Whether the last transfer coding is chunked (the only way a chunked body is delimited).
-pub(crate) fn chunked_last(headers: &HeaderMap) -> bool {
+pub fn chunked_last(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
@@ -72,7 +71,7 @@ pub(crate) fn chunked_last(headers: &HeaderMap) -> bool {
 }
 
 /// Writes `name: value` lines, one per field.
-pub(crate) fn put_fields<'a>(
+pub fn put_fields<'a>(
     out: &mut impl BufMut,
     fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
 ) {
@@ -86,7 +85,7 @@ pub(crate) fn put_fields<'a>(
 
 /// Where the chunked decoder is.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Chunk {
+pub enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -95,17 +94,14 @@ pub(crate) enum Chunk {
 }
 
 impl Chunk {
-    pub(crate) fn ended(self) -> bool {
+    pub fn ended(self) -> bool {
         self == Chunk::Trailers(usize::MAX)
     }
 }
 
 /// Advances the chunked decoder over `buf`: Some(data) for body bytes, None when more bytes
 /// are needed or when the body has ended (`state.ended()`). Trailer fields are dropped.
-pub(crate) fn decode_chunk(
-    state: &mut Chunk,
-    buf: &mut BytesMut,
-) -> Result<Option<Bytes>, &'static str> {
+pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
     loop {
         match *state {
             Chunk::Size => {
@@ -174,6 +170,16 @@ fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, &'static str> {
         None if buf.len() > limit => Err("chunk line too long"),
         None => Ok(None),
     }
+}
+
+/// Whether the Connection header lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
