@@ -8,8 +8,8 @@ use std::fmt::Write;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fluxgate::route::{RequestHead, RouteTable};
 use fluxgate_conf::Config;
+use fluxgate_policy::route::{RequestHead, RouteTable};
 use http::{HeaderMap, HeaderValue, Method};
 
 fn thousand_routes() -> RouteTable {

@@ -3,20 +3,20 @@
 //!
 //! Floors, top down: `server` and `worker` (wiring), `control` (reload, admin), `listen`
 //! (accept, sniff), `app` (the gateway), `downstream` and `upstream` (which never import each
-//! other), `http` (what the servers share, and the service seam), `telemetry`, `io`.
+//! other), `http` (what the servers share, and the service seam), `telemetry`, `io`; below
+//! them the crates `fluxgate-policy` (decisions), `fluxgate-wire` (wire formats) and
+//! `fluxgate-sys` (the only unsafe code).
 //! Nothing here blocks a worker thread, and nothing here is shared between workers but the
 //! read-only config: every pool and counter belongs to one thread. Unsafe code lives only in
 //! `fluxgate-sys`.
 
 mod app;
-mod balance;
 mod control;
 mod downstream;
 mod error;
 mod http;
 mod io;
 mod listen;
-pub mod route;
 mod server;
 mod telemetry;
 mod upstream;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use fluxgate_conf::{Config, IoMode};
 use tokio::sync::{mpsc, watch};
 
-use crate::balance::Health;
 use crate::control::admin::AdminState;
 use crate::control::reload::{bind_all, route_tables, Apply, Generation, Phase, Reloader};
 use crate::listen::accept::Acceptor;
 use crate::telemetry::metrics::Metrics;
+use fluxgate_policy::balance::Health;
 
 /// Starts fluxgate from a config.
 pub struct Server;

@@ -18,17 +18,18 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
 use crate::app::body::{ProxyBody, UpstreamBody};
-use crate::balance::{hash64, Pick};
-use crate::error::{AttemptFacts, ProxyError};
+use crate::error::ProxyError;
 use crate::http::body::ClientBody;
 use crate::http::conn::{ConnState, InFlight};
 use crate::http::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::http::service::{Refusal, Reply, Service};
-use crate::route::{RequestHead, RouteTable};
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
 use crate::upstream::h1::Exchange;
 use crate::upstream::pool::UpstreamPool;
+use fluxgate_policy::balance::{hash64, Pick};
+use fluxgate_policy::retry::AttemptFacts;
+use fluxgate_policy::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

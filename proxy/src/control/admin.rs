@@ -14,9 +14,9 @@ use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::balance::Health;
 use crate::control::reload::Reloader;
 use crate::telemetry::json;
+use fluxgate_policy::balance::Health;
 
 /// What the admin endpoints read.
 pub(crate) struct AdminState {

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use fluxgate_conf::{Config, IoMode};
 use tokio::sync::mpsc;
 
-use crate::balance::Health;
-use crate::route::RouteTable;
 use crate::telemetry::metrics::Metrics;
+use fluxgate_policy::balance::Health;
+use fluxgate_policy::route::RouteTable;
 
 /// What the reloader sends a worker.
 pub(crate) struct Apply {

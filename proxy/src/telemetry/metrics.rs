@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fluxgate_conf::Config;
 
-use crate::balance::Health;
+use fluxgate_policy::balance::Health;
 
 /// Upper bounds of the latency histogram buckets, in microseconds.
 const BUCKETS_US: [u64; 14] = [

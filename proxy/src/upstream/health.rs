@@ -9,7 +9,7 @@ use fluxgate_conf::{HealthCheck, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::balance::Health;
+use fluxgate_policy::balance::Health;
 
 /// Probes every endpoint of `upstream` forever (until the worker stops).
 pub(crate) async fn probe_forever(upstream: Upstream, check: HealthCheck, health: Arc<Health>) {

@@ -23,9 +23,9 @@ use std::time::Duration;
 use fluxgate_conf::{Upstream, UpstreamProtocol};
 use std::sync::Arc;
 
-use crate::balance::{Balancer, Health, Pick};
 use crate::io::stream::UpstreamStream;
 use crate::telemetry::metrics::UpstreamStats;
+use fluxgate_policy::balance::{Balancer, Health, Pick};
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};

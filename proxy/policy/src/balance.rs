@@ -22,9 +22,9 @@ fn now_ms() -> u64 {
 
 /// Health of one endpoint, shared across workers.
 #[derive(Debug)]
-pub(crate) struct EndpointHealth {
+pub struct EndpointHealth {
     /// The active checker's verdict (true when no checker runs).
-    pub(crate) active_ok: AtomicBool,
+    pub active_ok: AtomicBool,
     /// Consecutive passive failures (5xx answers, connect errors).
     failures: AtomicU32,
     /// Passively ejected until this `now_ms()`.
@@ -33,13 +33,13 @@ pub(crate) struct EndpointHealth {
 
 /// Health of one upstream's endpoints.
 #[derive(Debug)]
-pub(crate) struct Health {
-    pub(crate) endpoints: Vec<EndpointHealth>,
+pub struct Health {
+    pub endpoints: Vec<EndpointHealth>,
     passive: Passive,
 }
 
 impl Health {
-    pub(crate) fn new(n: usize, passive: Passive) -> Health {
+    pub fn new(n: usize, passive: Passive) -> Health {
         Health {
             endpoints: (0..n)
                 .map(|_| EndpointHealth {
@@ -52,7 +52,7 @@ impl Health {
         }
     }
 
-    pub(crate) fn is_healthy(&self, ep: usize) -> bool {
+    pub fn is_healthy(&self, ep: usize) -> bool {
         let e = &self.endpoints[ep];
         if !e.active_ok.load(Ordering::Relaxed) {
             return false;
@@ -63,7 +63,7 @@ impl Health {
     }
 
     /// Records the outcome of a request for passive health.
-    pub(crate) fn record(&self, ep: usize, failed: bool) {
+    pub fn record(&self, ep: usize, failed: bool) {
         let e = &self.endpoints[ep];
         if !failed {
             if e.failures.load(Ordering::Relaxed) != 0 {
@@ -95,7 +95,7 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 
 /// One worker's endpoint chooser for one upstream.
 #[derive(Debug)]
-pub(crate) struct Balancer {
+pub struct Balancer {
     policy: Balance,
     load: Vec<Load>,
     next: Cell<usize>,
@@ -108,14 +108,14 @@ pub(crate) struct Balancer {
 
 /// A choice in progress: report how it went with `Balancer::done`.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Pick {
-    pub(crate) ep: usize,
+pub struct Pick {
+    pub ep: usize,
     /// When the request went out; only latency-aware policies read the clock.
     started: Option<Instant>,
 }
 
 /// FNV-1a, then a 64-bit finaliser: stable across runs and machines, well spread.
-pub(crate) fn hash64(bytes: &[u8]) -> u64 {
+pub fn hash64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);
@@ -129,7 +129,7 @@ pub(crate) fn hash64(bytes: &[u8]) -> u64 {
 }
 
 impl Balancer {
-    pub(crate) fn new(policy: Balance, endpoints: &[Endpoint], seed: u64) -> Balancer {
+    pub fn new(policy: Balance, endpoints: &[Endpoint], seed: u64) -> Balancer {
         let now = Instant::now();
         let mut ring = Vec::new();
         if matches!(policy, Balance::Hash(_)) {
@@ -169,7 +169,7 @@ impl Balancer {
 
     /// Chooses a healthy endpoint; `key` is the hashed key for `Balance::Hash` (a request
     /// without the key falls back to round robin). None when no endpoint is healthy.
-    pub(crate) fn pick(&self, healthy: impl Fn(usize) -> bool, key: Option<u64>) -> Option<Pick> {
+    pub fn pick(&self, healthy: impl Fn(usize) -> bool, key: Option<u64>) -> Option<Pick> {
         let n = self.load.len();
         let ep = match &self.policy {
             Balance::RoundRobin => self.round_robin(&healthy),
@@ -241,7 +241,7 @@ impl Balancer {
     }
 
     /// The request got its answer (or failed): update in-flight and latency.
-    pub(crate) fn done(&self, pick: Pick) {
+    pub fn done(&self, pick: Pick) {
         let l = &self.load[pick.ep];
         l.in_flight.set(l.in_flight.get().saturating_sub(1));
         if let Some(started) = pick.started {
