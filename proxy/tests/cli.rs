@@ -366,6 +366,16 @@ fn sigterm_cuts_off_requests_still_running_at_drain_timeout() {
         c.read_response().is_none(),
         "the request was cut off unanswered"
     );
-    let log = log.lock().unwrap().join("\n");
-    assert!(log.contains("drain timeout reached"), "{log}");
+    // The log is read on a thread of its own: wait for its last lines.
+    let said = || {
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("drain timeout reached"))
+    };
+    assert!(
+        eventually(Duration::from_secs(3), said),
+        "{}",
+        log.lock().unwrap().join("\n")
+    );
 }

@@ -1,6 +1,15 @@
 //! The retry rule, one for every upstream protocol (RFC 9110 9.2.2, RFC 9112 9.3.1, RFC 9113
 //! 8.7): the upstream side reports the facts of a failed attempt, this decides.
 
+/// Whether `method` may be applied twice with the effect of once (RFC 9110 9.2.2).
+pub fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 /// What a failed upstream attempt tells about sending the request once more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttemptFacts {
@@ -16,6 +25,8 @@ pub struct AttemptFacts {
     pub replayable: bool,
     /// The method may be applied twice with the effect of once (RFC 9110 9.2.2).
     pub idempotent: bool,
+    /// The attempt went over a connection used before (pooled, or a shared HTTP/2 one).
+    pub reused: bool,
 }
 
 impl AttemptFacts {
@@ -38,6 +49,7 @@ mod tests {
             maybe_received,
             replayable,
             idempotent,
+            reused: true,
         };
         // Idempotent and whole: retried whether or not it arrived.
         assert!(facts(true, true, true, true).may_retry());

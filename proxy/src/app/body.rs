@@ -15,6 +15,7 @@ use crate::http::conn::InFlight;
 use crate::telemetry::accesslog::Pending;
 use crate::upstream::h1::H1Body;
 use crate::upstream::pool::H1Conn;
+use crate::upstream::send::UpstreamBody;
 
 /// The body sent to the client.
 pub struct ProxyBody {
@@ -33,15 +34,6 @@ enum Inner {
     Full(Option<Bytes>),
     /// The empty body of a 101 answer, carrying the upstream connection the client's joins.
     Tunnel(Option<H1Conn>),
-}
-
-/// A response body as an upstream sends it.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum UpstreamBody {
-    /// Read by fluxgate's HTTP/1.1 client, which returns the connection to its pool.
-    H1(H1Body),
-    /// A stream of a shared HTTP/2 connection.
-    H2(Incoming),
 }
 
 impl ProxyBody {

@@ -14,10 +14,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use hyper::body::Incoming;
-use hyper::client::conn::TrySendError;
 
-use crate::app::body::{ProxyBody, UpstreamBody};
+use crate::app::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::http::body::ClientBody;
 use crate::http::conn::{ConnState, InFlight};
@@ -25,10 +23,9 @@ use crate::http::headers::{append_list, connection_has, strip_hop_by_hop};
 use crate::http::service::{Refusal, Reply, Service};
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
-use crate::upstream::h1::Exchange;
 use crate::upstream::pool::UpstreamPool;
+use crate::upstream::send::{UpstreamBody, UpstreamRequest};
 use fluxgate_policy::balance::{hash64, Pick};
-use fluxgate_policy::retry::AttemptFacts;
 use fluxgate_policy::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -46,12 +43,6 @@ pub(crate) struct Handler {
     pub(crate) max_request_line: usize,
     /// This worker's access log, when `[access_log]` is on.
     pub(crate) access_log: Option<Rc<AccessLog>>,
-}
-
-/// A failed HTTP/2 attempt, with the request back when hyper never sent it.
-struct Attempt {
-    error: ProxyError,
-    unsent: Option<Request<ClientBody>>,
 }
 
 impl Handler {
@@ -185,7 +176,7 @@ impl Handler {
         f: Forward<'_>,
         started: std::time::Instant,
         logged: Option<Box<Pending>>,
-    ) -> (Outgoing, UpRequest) {
+    ) -> (Outgoing, UpstreamRequest) {
         let Forward {
             index,
             route,
@@ -208,15 +199,17 @@ impl Handler {
                     &parts,
                     body.as_ref().map(|b| b.size_hint().exact()),
                 );
-                UpRequest::H1 {
-                    idempotent: is_idempotent(&parts.method),
+                UpstreamRequest::H1 {
+                    idempotent: fluxgate_policy::retry::idempotent(&parts.method),
                     head_request: parts.method == Method::HEAD,
                     head,
                     chunked,
                     body,
                 }
             }
-            UpstreamProtocol::H2c => UpRequest::H2(Box::new(Request::from_parts(parts, body))),
+            UpstreamProtocol::H2c => {
+                UpstreamRequest::H2(Box::new(Request::from_parts(parts, body)))
+            }
         };
         let out = Outgoing {
             handler: Rc::clone(self),
@@ -306,69 +299,30 @@ struct Outgoing {
     logged: Option<Box<Pending>>,
 }
 
-/// The request in the form its upstream protocol takes.
-enum UpRequest {
-    /// The encoded head and the body still to stream (None: no body).
-    H1 {
-        head: Bytes,
-        chunked: bool,
-        body: Option<ClientBody>,
-        idempotent: bool,
-        head_request: bool,
-    },
-    /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
-    H2(Box<Request<ClientBody>>),
-}
-
 impl Outgoing {
     /// Forwards the request and answers the client.
-    async fn run(self, request: UpRequest) -> Response<ProxyBody> {
+    async fn run(self, request: UpstreamRequest) -> Response<ProxyBody> {
         let asked = self.logged.is_some().then(std::time::Instant::now);
         let result = self.send(request).await;
         let upstream_time = asked.map(|t| t.elapsed());
         self.answer(result, upstream_time)
     }
 
-    /// Sends the request, with the stale-connection retry, and waits for the response head.
-    /// This is the only await of a proxied request.
-    async fn send(&self, request: UpRequest) -> Result<Response<UpstreamBody>, ProxyError> {
+    /// Sends the request and waits for the response head, sending it once more when the
+    /// retry rule allows. This is the only await of a proxied request.
+    async fn send(&self, request: UpstreamRequest) -> Result<Response<UpstreamBody>, ProxyError> {
         let pool = &self.handler.pools[self.pool];
         let ep = self.pick.as_ref().ok_or(ProxyError::NoHealthyEndpoint)?.ep;
-        let (head, chunked, body, idempotent, head_request) = match request {
-            UpRequest::H1 {
-                head,
-                chunked,
-                body,
-                idempotent,
-                head_request,
-            } => (head, chunked, body, idempotent, head_request),
-            UpRequest::H2(req) => {
-                // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
-                return Box::pin(exchange_h2(pool, ep, *req, self.timeout)).await;
-            }
-        };
-        let bodyless = body.is_none();
-        let conn = pool.checkout(ep, false).await?;
-        let first = Exchange::new(conn, head.clone(), chunked, body, head_request);
-        let failed = match first.response(self.timeout).await {
-            Ok(resp) => return Ok(resp.map(UpstreamBody::H1)),
+        let failed = match pool.send(ep, request, self.timeout, false).await {
+            Ok(resp) => return Ok(resp),
             Err(failed) => failed,
         };
-        // The request was moved into the exchange: only a bodiless one can be sent again.
-        let facts = AttemptFacts {
-            connection_failed: failed.stale,
-            maybe_received: !failed.unsent,
-            replayable: bodyless,
-            idempotent,
-        };
-        if !facts.may_retry() {
-            return Err(failed.error);
-        }
-        let conn = pool.checkout(ep, true).await?;
-        let again = Exchange::new(conn, head, false, None, head_request);
-        match again.response(self.timeout).await {
-            Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
-            Err(failed) => Err(failed.error),
+        match failed.again.filter(|_| failed.facts.may_retry()) {
+            Some(again) => pool
+                .send(ep, again, self.timeout, true)
+                .await
+                .map_err(|f| f.error),
+            None => Err(failed.error),
         }
     }
 
@@ -556,13 +510,6 @@ pub(crate) fn answer(status: StatusCode, close: bool, inflight: InFlight) -> Res
     resp
 }
 
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
 /// Rewrites the request head for the upstream: hop-by-hop headers out, X-Forwarded-* in,
 /// Host kept, the target in the form the upstream protocol wants.
 fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
@@ -610,38 +557,6 @@ fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
     }
 }
 
-/// Whether an HTTP/2 upstream refused the stream without processing it: REFUSED_STREAM, or a
-/// stream above the last one a graceful GOAWAY let through (RFC 9113 8.1.4 and 6.8). A GOAWAY
-/// with an error code also ends streams it may have processed, so it does not count.
-fn refused_unprocessed(e: &ProxyError) -> bool {
-    let ProxyError::Upstream(e) = e else {
-        return false;
-    };
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
-    while let Some(c) = cause {
-        if let Some(h2) = c.downcast_ref::<h2::Error>() {
-            return match h2.reason() {
-                Some(h2::Reason::REFUSED_STREAM) => true,
-                Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
-                _ => false,
-            };
-        }
-        cause = c.source();
-    }
-    false
-}
-
-/// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
-/// connection can be sent again.
-fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
-    let mut r = Request::new(ClientBody::Empty);
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
-}
-
 /// The hashed key a `hash` policy balances on, read from the request as it arrived.
 fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Option<u64> {
     let Balance::Hash(key) = balance else {
@@ -662,85 +577,5 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
             .find(|(k, _)| k == name)
             .map(|(_, v)| hash64(v.as_bytes())),
         HashKey::ClientIp => Some(hash64(peer_ip.as_bytes())),
-    }
-}
-
-/// One request to endpoint `ep` over the shared HTTP/2 connection, retried once on a new
-/// connection when the old one broke before taking it (or it is safe to send twice).
-async fn exchange_h2(
-    pool: &Rc<UpstreamPool>,
-    ep: usize,
-    req: Request<ClientBody>,
-    timeout: Duration,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let idempotent = is_idempotent(req.method());
-    // A bodiless request is kept whatever its method: a refused stream was never processed.
-    let replay = req.body().is_end_stream().then(|| replay_copy(&req));
-    let failed = match send_h2(pool, ep, req, timeout).await {
-        Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
-        Err(a) => a,
-    };
-    let facts = AttemptFacts {
-        connection_failed: matches!(failed.error, ProxyError::Upstream(_)),
-        maybe_received: failed.unsent.is_none() && !refused_unprocessed(&failed.error),
-        replayable: failed.unsent.is_some() || replay.is_some(),
-        idempotent,
-    };
-    let retry = facts
-        .may_retry()
-        .then(|| failed.unsent.or(replay))
-        .flatten();
-    let Some(req) = retry else {
-        return Err(failed.error);
-    };
-    pool.forget_h2(ep);
-    send_h2(pool, ep, req, timeout)
-        .await
-        .map(|r| r.map(UpstreamBody::H2))
-        .map_err(|a| a.error)
-}
-
-async fn send_h2(
-    pool: &Rc<UpstreamPool>,
-    ep: usize,
-    req: Request<ClientBody>,
-    timeout: Duration,
-) -> Result<Response<Incoming>, Attempt> {
-    let mut sender = match pool.h2_sender(ep).await {
-        Ok(s) => s,
-        Err(error) => {
-            return Err(Attempt {
-                error,
-                unsent: None,
-            })
-        }
-    };
-    if let Err(e) = sender.ready().await {
-        return Err(Attempt {
-            error: ProxyError::Upstream(Box::new(e)),
-            unsent: Some(req),
-        });
-    }
-    await_response(timeout, sender.try_send_request(req)).await
-}
-
-/// Waits for the response head within `limit`.
-async fn await_response(
-    limit: Duration,
-    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ClientBody>>>>,
-) -> Result<Response<Incoming>, Attempt> {
-    match tokio::time::timeout(limit, sent).await {
-        Err(_) => Err(Attempt {
-            error: ProxyError::ResponseTimeout,
-            unsent: None,
-        }),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(mut e)) => {
-            let unsent = e.take_message();
-            Err(Attempt {
-                error: ProxyError::from_upstream(e.into_error()),
-                unsent,
-            })
-        }
     }
 }

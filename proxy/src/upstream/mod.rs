@@ -5,3 +5,4 @@ pub(crate) mod conn;
 pub(crate) mod h1;
 pub(crate) mod health;
 pub(crate) mod pool;
+pub(crate) mod send;

@@ -1,0 +1,235 @@
+//! The upstream side's one way to answer a request: `UpstreamPool::send`, one attempt over
+//! HTTP/1.1 or h2c, whose failure carries the facts the retry rule needs (was it sent, was
+//! the connection reused, is the whole request still at hand) and the request to send again.
+
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+
+use crate::error::ProxyError;
+use crate::http::body::ClientBody;
+use crate::upstream::h1::{Exchange, H1Body};
+use crate::upstream::pool::UpstreamPool;
+use fluxgate_policy::retry::AttemptFacts;
+
+/// A request in the form its upstream protocol takes.
+pub(crate) enum UpstreamRequest {
+    /// The encoded head and the body still to stream (None: no body).
+    H1 {
+        head: Bytes,
+        chunked: bool,
+        body: Option<ClientBody>,
+        idempotent: bool,
+        head_request: bool,
+    },
+    /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
+    H2(Box<Request<ClientBody>>),
+}
+
+/// A response body as an upstream sends it.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum UpstreamBody {
+    /// Read by fluxgate's HTTP/1.1 client, which returns the connection to its pool.
+    H1(H1Body),
+    /// A stream of a shared HTTP/2 connection.
+    H2(Incoming),
+}
+
+/// A failed attempt: why, its facts, and the request again when it is still whole.
+pub(crate) struct Failed {
+    pub(crate) error: ProxyError,
+    pub(crate) facts: AttemptFacts,
+    /// The same request, ready to go again (whether it may is the retry rule's to say).
+    pub(crate) again: Option<UpstreamRequest>,
+}
+
+impl UpstreamPool {
+    /// One attempt: sends `request` to endpoint `ep` (on a new connection when `fresh`) and
+    /// waits for the response head within `timeout`.
+    pub(crate) async fn send(
+        self: &Rc<Self>,
+        ep: usize,
+        request: UpstreamRequest,
+        timeout: Duration,
+        fresh: bool,
+    ) -> Result<Response<UpstreamBody>, Failed> {
+        let (head, chunked, body, idempotent, head_request) = match request {
+            UpstreamRequest::H1 {
+                head,
+                chunked,
+                body,
+                idempotent,
+                head_request,
+            } => (head, chunked, body, idempotent, head_request),
+            UpstreamRequest::H2(req) => {
+                // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
+                return Box::pin(send_over_h2(self, ep, *req, timeout, fresh)).await;
+            }
+        };
+        // Moved into the exchange, a body is gone; a bodiless request keeps its head.
+        let again = body.is_none().then(|| UpstreamRequest::H1 {
+            head: head.clone(),
+            chunked: false,
+            body: None,
+            idempotent,
+            head_request,
+        });
+        let conn = match self.checkout(ep, fresh).await {
+            Ok(conn) => conn,
+            Err(error) => {
+                let facts = AttemptFacts {
+                    connection_failed: false,
+                    maybe_received: false,
+                    replayable: again.is_some(),
+                    idempotent,
+                    reused: false,
+                };
+                return Err(Failed {
+                    error,
+                    facts,
+                    again,
+                });
+            }
+        };
+        let reused = conn.reused;
+        let exchange = Exchange::new(conn, head, chunked, body, head_request);
+        match exchange.response(timeout).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+            Err(failed) => Err(Failed {
+                error: failed.error,
+                facts: AttemptFacts {
+                    connection_failed: failed.stale,
+                    maybe_received: !failed.unsent,
+                    replayable: again.is_some(),
+                    idempotent,
+                    reused,
+                },
+                again,
+            }),
+        }
+    }
+}
+
+/// A failed HTTP/2 attempt, with the request back when hyper never sent it.
+struct Attempt {
+    error: ProxyError,
+    unsent: Option<Request<ClientBody>>,
+}
+
+/// One attempt over the endpoint's shared HTTP/2 connection (a new one when `fresh`).
+async fn send_over_h2(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    req: Request<ClientBody>,
+    timeout: Duration,
+    fresh: bool,
+) -> Result<Response<UpstreamBody>, Failed> {
+    if fresh {
+        pool.forget_h2(ep);
+    }
+    let idempotent = fluxgate_policy::retry::idempotent(req.method());
+    // A bodiless request is kept whatever its method: a refused stream was never processed.
+    let replay = req.body().is_end_stream().then(|| replay_copy(&req));
+    let failed = match send_h2(pool, ep, req, timeout).await {
+        Ok(resp) => return Ok(resp.map(UpstreamBody::H2)),
+        Err(a) => a,
+    };
+    let facts = AttemptFacts {
+        connection_failed: matches!(failed.error, ProxyError::Upstream(_)),
+        maybe_received: failed.unsent.is_none() && !refused_unprocessed(&failed.error),
+        replayable: failed.unsent.is_some() || replay.is_some(),
+        idempotent,
+        reused: !fresh,
+    };
+    let again = failed
+        .unsent
+        .or(replay)
+        .map(|r| UpstreamRequest::H2(Box::new(r)));
+    Err(Failed {
+        error: failed.error,
+        facts,
+        again,
+    })
+}
+
+async fn send_h2(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    req: Request<ClientBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, Attempt> {
+    let mut sender = match pool.h2_sender(ep).await {
+        Ok(s) => s,
+        Err(error) => {
+            return Err(Attempt {
+                error,
+                unsent: None,
+            })
+        }
+    };
+    if let Err(e) = sender.ready().await {
+        return Err(Attempt {
+            error: ProxyError::Upstream(Box::new(e)),
+            unsent: Some(req),
+        });
+    }
+    await_response(timeout, sender.try_send_request(req)).await
+}
+
+/// Waits for the response head within `limit`.
+async fn await_response(
+    limit: Duration,
+    sent: impl Future<Output = Result<Response<Incoming>, TrySendError<Request<ClientBody>>>>,
+) -> Result<Response<Incoming>, Attempt> {
+    match tokio::time::timeout(limit, sent).await {
+        Err(_) => Err(Attempt {
+            error: ProxyError::ResponseTimeout,
+            unsent: None,
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(mut e)) => {
+            let unsent = e.take_message();
+            Err(Attempt {
+                error: ProxyError::from_upstream(e.into_error()),
+                unsent,
+            })
+        }
+    }
+}
+/// Whether an HTTP/2 upstream refused the stream without processing it: REFUSED_STREAM, or a
+/// stream above the last one a graceful GOAWAY let through (RFC 9113 8.1.4 and 6.8). A GOAWAY
+/// with an error code also ends streams it may have processed, so it does not count.
+fn refused_unprocessed(e: &ProxyError) -> bool {
+    let ProxyError::Upstream(e) = e else {
+        return false;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away(),
+                _ => false,
+            };
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
+/// connection can be sent again.
+fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
+    let mut r = Request::new(ClientBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
