@@ -118,7 +118,7 @@ impl Handler {
     fn route(&self, req: Request<ClientBody>, inflight: InFlight) -> Routed<'_> {
         let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if target > self.max_request_line {
-            return Routed::Answer(None, answer(StatusCode::URI_TOO_LONG, true, inflight));
+            return Routed::Answer(None, short_answer(StatusCode::URI_TOO_LONG, true, inflight));
         }
         let head = RequestHead {
             method: req.method(),
@@ -128,7 +128,7 @@ impl Handler {
             headers: req.headers(),
         };
         let Some((index, route)) = self.routes.match_request(&head) else {
-            return Routed::Answer(None, answer(StatusCode::NOT_FOUND, false, inflight));
+            return Routed::Answer(None, short_answer(StatusCode::NOT_FOUND, false, inflight));
         };
         let mut resp = match &route.action {
             RouteAction::Respond {
@@ -267,7 +267,7 @@ impl Service for Gateway {
         let logged = handler.pending(started, &inflight, None, Some(why));
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
         // Whether the connection closes after it is the server's to say.
-        let resp = answer(status, false, inflight);
+        let resp = short_answer(status, false, inflight);
         handler.finish(started, logged, None, None, resp)
     }
 
@@ -305,7 +305,7 @@ impl Outgoing {
         let asked = self.logged.is_some().then(std::time::Instant::now);
         let result = self.send(request).await;
         let upstream_time = asked.map(|t| t.elapsed());
-        self.answer(result, upstream_time)
+        self.respond(result, upstream_time)
     }
 
     /// Sends the request and waits for the response head, sending it once more when the
@@ -329,7 +329,7 @@ impl Outgoing {
     /// Tells the balancer and passive health how the exchange went (5xx answers and connect
     /// or protocol failures count against the endpoint) and turns the upstream's answer, or
     /// the failure, into the client's response.
-    fn answer(
+    fn respond(
         self,
         result: Result<Response<UpstreamBody>, ProxyError>,
         upstream_time: Option<Duration>,
@@ -370,12 +370,12 @@ impl Outgoing {
                             // Our HTTP/1.1 server writes the 101, then joins the two sockets.
                             Response::from_parts(parts, ProxyBody::tunnel(up, inflight))
                         }
-                        None => answer(StatusCode::BAD_GATEWAY, false, inflight),
+                        None => short_answer(StatusCode::BAD_GATEWAY, false, inflight),
                     },
                     (_, body) => Response::from_parts(parts, ProxyBody::upstream(body, inflight)),
                 }
             }
-            Err(e) => answer(e.status(), e.closes_client(), inflight),
+            Err(e) => short_answer(e.status(), e.closes_client(), inflight),
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
         handler.finish(started, logged, Some(index), upstream_time, resp)
@@ -494,7 +494,11 @@ fn redirect(
 }
 
 /// A short gateway-made answer; `close` ends the client connection after it.
-pub(crate) fn answer(status: StatusCode, close: bool, inflight: InFlight) -> Response<ProxyBody> {
+pub(crate) fn short_answer(
+    status: StatusCode,
+    close: bool,
+    inflight: InFlight,
+) -> Response<ProxyBody> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),

@@ -61,7 +61,7 @@ pub(crate) fn spawn(
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req| {
                             let state = Arc::clone(&state);
-                            async move { Ok::<_, Infallible>(answer(&state, &req)) }
+                            async move { Ok::<_, Infallible>(admin_response(&state, &req)) }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -80,7 +80,7 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
         .expect("static parts are valid")
 }
 
-fn answer<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
     if (req.method(), req.uri().path()) == (&Method::POST, "/reload") {
         return match state.reloader.reload_source() {
             Ok(()) => text(StatusCode::OK, "text/plain", "reloaded\n".into()),

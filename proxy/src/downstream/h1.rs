@@ -26,6 +26,7 @@ use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnSt
 use crate::http::headers::{connection_has, http_date};
 use crate::http::recv::{Credit, Recv, RecvBody};
 use crate::http::service::{Refusal, Reply, ResponseBody, Service};
+use fluxgate_wire::h1::request::{RequestFraming, RequestHead};
 use fluxgate_wire::h1::response::put_status_line;
 use fluxgate_wire::h1::{decode_chunk, put_fields, Span};
 
@@ -47,7 +48,7 @@ pub(crate) fn serve<S: Service>(
     limits: HeadLimits,
     parks: Arc<AtomicU64>,
 ) -> impl Future<Output = Option<ClientStream>> {
-    let mut conn = Conn {
+    let mut conn = H1Connection {
         io,
         rbuf: BytesMut::new(),
         wbuf: Vec::new(),
@@ -92,7 +93,7 @@ pub(crate) fn serve<S: Service>(
     }
 }
 
-struct Conn<S: Service> {
+struct H1Connection<S: Service> {
     io: ClientIo,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -120,7 +121,7 @@ type Upgraded<S> = (<<S as Service>::Body as ResponseBody>::Upgraded, BytesMut);
 
 /// One request in service.
 struct Current<S: Service> {
-    out: Out<S>,
+    out: ResponseState<S>,
     /// The request body while the client is still sending it.
     upload: Option<Upload>,
     /// HEAD: the response has no body, whatever its head says.
@@ -134,15 +135,13 @@ struct Current<S: Service> {
 /// A request body on its way from the socket to its reader.
 struct Upload {
     recv: Arc<Mutex<Recv>>,
-    framing: Framing,
+    framing: RequestFraming,
 }
-
-use fluxgate_wire::h1::request::{RequestFraming as Framing, RequestHead as Head};
 
 /// Where the response is.
 // Every request reaches `Body`; boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
-enum Out<S: Service> {
+enum ResponseState<S: Service> {
     /// The service is working on it (or answered, the head not written yet).
     Waiting(Reply<S::Future, S::Body>),
     /// The head is written; the body follows, chunk-coded or not.
@@ -153,7 +152,7 @@ enum Out<S: Service> {
     Done,
 }
 
-impl<S: Service> Conn<S> {
+impl<S: Service> H1Connection<S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut progress = false;
@@ -196,7 +195,7 @@ impl<S: Service> Conn<S> {
             }
             if self.unwritten() == 0 {
                 match &self.cur {
-                    Some(c) if matches!(c.out, Out::Done) => {
+                    Some(c) if matches!(c.out, ResponseState::Done) => {
                         // A body still arriving after its answer: closing is the only way
                         // to stay in step with a client that may never send the rest.
                         let reuse = c.keep_alive && c.upload.is_none() && !self.closing;
@@ -285,8 +284,8 @@ impl<S: Service> Conn<S> {
         }
     }
 
-    fn begin(&mut self, head: Head) {
-        let Head { req, framing } = head;
+    fn begin(&mut self, head: RequestHead) {
+        let RequestHead { req, framing } = head;
         let http10 = req.version() == Version::HTTP_10;
         let headers = req.headers();
         let keep_alive = if http10 {
@@ -301,8 +300,8 @@ impl<S: Service> Conn<S> {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let upload = framing.map(|framing| Upload {
             recv: Arc::new(Mutex::new(Recv::new(match framing {
-                Framing::Length(n) => Some(n),
-                Framing::Chunked(_) => None,
+                RequestFraming::Length(n) => Some(n),
+                RequestFraming::Chunked(_) => None,
             }))),
             framing,
         });
@@ -315,7 +314,7 @@ impl<S: Service> Conn<S> {
         };
         let is_head = req.method() == Method::HEAD;
         let inflight = self.state.begin_request();
-        let out = Out::Waiting(self.svc.call(req.map(|()| body), inflight));
+        let out = ResponseState::Waiting(self.svc.call(req.map(|()| body), inflight));
         self.cur = Some(Current {
             out,
             upload,
@@ -330,7 +329,7 @@ impl<S: Service> Conn<S> {
     fn refuse(&mut self, why: Refusal) {
         let resp = self.svc.refuse(why, self.state.begin_request());
         self.cur = Some(Current {
-            out: Out::Waiting(Reply::Ready(Some(Box::new(resp)))),
+            out: ResponseState::Waiting(Reply::Ready(Some(Box::new(resp)))),
             upload: None,
             head: false,
             http10: false,
@@ -351,7 +350,7 @@ impl<S: Service> Conn<S> {
         };
         let mut r = up.recv.lock().expect("recv lock");
         let mut progress = false;
-        if c.expect && r.asked && matches!(c.out, Out::Waiting(_)) {
+        if c.expect && r.asked && matches!(c.out, ResponseState::Waiting(_)) {
             // The reader wants the body before any answer is ready: invite it.
             self.wbuf
                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -361,8 +360,8 @@ impl<S: Service> Conn<S> {
         let mut failed = None;
         while r.dropped || r.queued < RECV_HIGH {
             let data = match &mut up.framing {
-                Framing::Length(0) => break,
-                Framing::Length(left) => {
+                RequestFraming::Length(0) => break,
+                RequestFraming::Length(left) => {
                     if self.rbuf.is_empty() {
                         break;
                     }
@@ -370,7 +369,7 @@ impl<S: Service> Conn<S> {
                     *left -= n as u64;
                     self.rbuf.split_to(n).freeze()
                 }
-                Framing::Chunked(state) => match decode_chunk(state, &mut self.rbuf) {
+                RequestFraming::Chunked(state) => match decode_chunk(state, &mut self.rbuf) {
                     Ok(Some(data)) => data,
                     Ok(None) => break,
                     Err(why) => {
@@ -384,8 +383,8 @@ impl<S: Service> Conn<S> {
             progress = true;
         }
         let ended = match up.framing {
-            Framing::Length(left) => left == 0,
-            Framing::Chunked(state) => state.ended(),
+            RequestFraming::Length(left) => left == 0,
+            RequestFraming::Chunked(state) => state.ended(),
         };
         if let Some(why) = failed {
             // The rest of the connection cannot be told apart from this body.
@@ -417,7 +416,7 @@ impl<S: Service> Conn<S> {
         let mut progress = false;
         loop {
             match &mut c.out {
-                Out::Waiting(reply) => match Pin::new(reply).poll(cx) {
+                ResponseState::Waiting(reply) => match Pin::new(reply).poll(cx) {
                     Poll::Pending => return progress,
                     Poll::Ready(resp) => {
                         let keep = c.keep_alive && !self.closing;
@@ -428,7 +427,7 @@ impl<S: Service> Conn<S> {
                         progress = true;
                     }
                 },
-                Out::Body { body, chunked } => {
+                ResponseState::Body { body, chunked } => {
                     if self.wbuf.len() - self.written >= WRITE_HIGH {
                         return progress;
                     }
@@ -438,7 +437,7 @@ impl<S: Service> Conn<S> {
                             if *chunked {
                                 self.wbuf.extend_from_slice(b"0\r\n\r\n");
                             }
-                            c.out = Out::Done;
+                            c.out = ResponseState::Done;
                         }
                         Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                             Ok(data) if data.is_empty() => {}
@@ -456,7 +455,7 @@ impl<S: Service> Conn<S> {
                                     self.wbuf.extend_from_slice(b"0\r\n");
                                     put_fields(&mut self.wbuf, &trailers);
                                     self.wbuf.extend_from_slice(b"\r\n");
-                                    c.out = Out::Done;
+                                    c.out = ResponseState::Done;
                                 }
                             }
                         },
@@ -464,12 +463,12 @@ impl<S: Service> Conn<S> {
                             // The upstream broke off mid-body: closing without the end of
                             // the body tells the client it did not get the whole.
                             c.keep_alive = false;
-                            c.out = Out::Done;
+                            c.out = ResponseState::Done;
                         }
                     }
                     progress = true;
                 }
-                Out::Done => return progress,
+                ResponseState::Done => return progress,
             }
         }
     }
@@ -483,7 +482,7 @@ fn write_head<S: Service>(
     c: &Current<S>,
     resp: Response<S::Body>,
     keep: bool,
-) -> (Out<S>, bool) {
+) -> (ResponseState<S>, bool) {
     use std::io::Write;
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -521,9 +520,9 @@ fn write_head<S: Service>(
     }
     w.extend_from_slice(b"\r\n");
     let out = if bodiless || body.is_end_stream() {
-        Out::Done
+        ResponseState::Done
     } else {
-        Out::Body { body, chunked }
+        ResponseState::Body { body, chunked }
     };
     (out, keep)
 }

@@ -8,14 +8,14 @@ use std::task::Waker;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::request::Head;
+use super::request::StreamHead;
 use super::*;
 use crate::http::body::ClientBody;
 use crate::http::recv::{Credit, Recv, RecvBody, WindowCredit, WindowRelease};
 use crate::http::service::{Refusal, Reply, Service};
 use fluxgate_wire::h2::frame::*;
 
-impl<S: Service> Conn<S> {
+impl<S: Service> H2Connection<S> {
     /// Handles every complete frame in `buf`.
     pub(super) fn frames(&mut self, buf: &mut BytesMut) -> Result<(), ConnError> {
         if !self.preface {
@@ -206,7 +206,7 @@ impl<S: Service> Conn<S> {
             return Err(ConnError(PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
         }
         if let Some(s) = self.streams.remove(&id) {
-            if matches!(s.out, Out::Waiting(_)) {
+            if matches!(s.out, ResponseState::Waiting(_)) {
                 self.resets -= 1;
                 if self.resets < 0 {
                     return Err(ConnError(ENHANCE_YOUR_CALM, "too many streams reset"));
@@ -266,7 +266,7 @@ impl<S: Service> Conn<S> {
 
     /// A complete header block: a new request, or a request's trailers.
     fn end_headers(&mut self, id: u32, end_stream: bool) -> Result<(), ConnError> {
-        let mut head = Head::new(self.limits.max_head);
+        let mut head = StreamHead::new(self.limits.max_head);
         let block = std::mem::take(&mut self.block);
         // Decoded whatever becomes of the stream: the table must stay in step with the client.
         let decoded = self.decoder.decode(&block, |f| head.add(f));
@@ -315,7 +315,7 @@ impl<S: Service> Conn<S> {
     }
 
     /// Starts a stream's request.
-    fn open(&mut self, id: u32, head: Head, end_stream: bool) {
+    fn open(&mut self, id: u32, head: StreamHead, end_stream: bool) {
         let wake = Arc::new(StreamWake {
             id,
             queued: AtomicBool::new(false),
@@ -345,12 +345,12 @@ impl<S: Service> Conn<S> {
             None => ClientBody::Empty,
         };
         let out = if let Some(why) = too_large {
-            Out::Ready(Some(Box::new(self.svc.refuse(why, inflight))))
+            ResponseState::Ready(Some(Box::new(self.svc.refuse(why, inflight))))
         } else {
             match head.into_request(body) {
                 Some(req) => match self.svc.call(req, inflight) {
-                    Reply::Ready(resp) => Out::Ready(resp),
-                    Reply::Later(f) => Out::Waiting(f),
+                    Reply::Ready(resp) => ResponseState::Ready(resp),
+                    Reply::Later(f) => ResponseState::Waiting(f),
                 },
                 None => {
                     drop(inflight);
@@ -438,7 +438,7 @@ impl<S: Service> Conn<S> {
         r.end |= end;
         r.wake();
         drop(r);
-        let answered = matches!(s.out, Out::Done);
+        let answered = matches!(s.out, ResponseState::Done);
         let window_spent = s.recv_window <= 0;
         self.credit(credit);
         if end {
@@ -455,7 +455,7 @@ impl<S: Service> Conn<S> {
     fn recv_ended(&mut self, id: u32) {
         if let Some(s) = self.streams.get_mut(&id) {
             s.recv = None;
-            if matches!(s.out, Out::Done) {
+            if matches!(s.out, ResponseState::Done) {
                 self.finished(id);
             }
         }

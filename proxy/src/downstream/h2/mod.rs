@@ -52,7 +52,7 @@ const WRITE_HIGH: usize = 64 * 1024;
 const RESET_ALLOWANCE: i64 = 200;
 /// Frames one header block may span (HEADERS and CONTINUATION).
 const MAX_BLOCK_FRAMES: usize = 64;
-/// How many of the streams we reset are remembered (see `Conn::refuse`).
+/// How many of the streams we reset are remembered (see `H2Connection::refuse`).
 const RECENT_RESETS: usize = 64;
 
 /// A connection error: GOAWAY with this code; the text goes in its debug data.
@@ -129,7 +129,7 @@ impl Wake for StreamWake {
 /// Where a stream's response is.
 // Every stream reaches `Body`; boxing it would cost an allocation per stream.
 #[allow(clippy::large_enum_variant)]
-enum Out<S: Service> {
+enum ResponseState<S: Service> {
     /// Answered at once, the head not written yet (None once it is).
     Ready(Option<Box<Response<S::Body>>>),
     /// The service is working on it.
@@ -144,7 +144,7 @@ enum Out<S: Service> {
 }
 
 struct Stream<S: Service> {
-    out: Out<S>,
+    out: ResponseState<S>,
     /// The request body's state while the client may still send on it.
     recv: Option<Arc<Mutex<Recv>>>,
     /// What the client may still send before we widen the window.
@@ -163,7 +163,7 @@ pub(crate) async fn serve<S: Service>(
     limits: HeadLimits,
     parks: Arc<AtomicU64>,
 ) -> Option<ClientStream> {
-    let mut conn = Conn::new(io, state, svc, limits, parks);
+    let mut conn = H2Connection::new(io, state, svc, limits, parks);
     let probe = draining.clone();
     let mut registered = false;
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
@@ -179,7 +179,7 @@ pub(crate) async fn serve<S: Service>(
     conn.io.into_stream()
 }
 
-struct Conn<S: Service> {
+struct H2Connection<S: Service> {
     io: ClientIo,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -221,14 +221,14 @@ struct Conn<S: Service> {
     parks: Arc<AtomicU64>,
 }
 
-impl<S: Service> Conn<S> {
+impl<S: Service> H2Connection<S> {
     fn new(
         io: ClientIo,
         state: Arc<ConnState>,
         svc: Rc<S>,
         limits: HeadLimits,
         parks: Arc<AtomicU64>,
-    ) -> Conn<S> {
+    ) -> H2Connection<S> {
         let mut wbuf = Vec::with_capacity(MAX_FRAME);
         let settings: [(u16, u32); 3] = [
             (SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS as u32),
@@ -242,7 +242,7 @@ impl<S: Service> Conn<S> {
         }
         frame_head(&mut wbuf, 4, WINDOW_UPDATE, 0, 0);
         wbuf.extend_from_slice(&(CONN_WINDOW - DEFAULT_WINDOW as u32).to_be_bytes());
-        Conn {
+        H2Connection {
             io,
             rbuf: BytesMut::new(),
             wbuf,
@@ -331,7 +331,11 @@ impl<S: Service> Conn<S> {
             if self.unwritten() == 0 {
                 let graceful = self.closing == Some(NO_ERROR) || self.client_gone;
                 // Streams only dropping what is left of an upload do not hold the close up.
-                let answered = || self.streams.values().all(|s| matches!(s.out, Out::Done));
+                let answered = || {
+                    self.streams
+                        .values()
+                        .all(|s| matches!(s.out, ResponseState::Done))
+                };
                 if self.closing.is_some_and(|c| c != NO_ERROR) || (graceful && answered()) {
                     return Poll::Ready(());
                 }
@@ -418,7 +422,7 @@ impl<S: Service> Conn<S> {
         let mut cx = Context::from_waker(&s.waker);
         loop {
             match &mut s.out {
-                Out::Ready(resp) => {
+                ResponseState::Ready(resp) => {
                     s.out = match resp.take() {
                         Some(resp) => write_head(
                             &mut self.wbuf,
@@ -427,10 +431,10 @@ impl<S: Service> Conn<S> {
                             *resp,
                             self.peer_max_frame,
                         ),
-                        None => Out::Done,
+                        None => ResponseState::Done,
                     }
                 }
-                Out::Waiting(f) => match Pin::new(f).poll(&mut cx) {
+                ResponseState::Waiting(f) => match Pin::new(f).poll(&mut cx) {
                     Poll::Pending => return,
                     Poll::Ready(resp) => {
                         s.out = write_head(
@@ -442,7 +446,7 @@ impl<S: Service> Conn<S> {
                         )
                     }
                 },
-                Out::Body { body, data, end } => {
+                ResponseState::Body { body, data, end } => {
                     if !data.is_empty() || *end {
                         let room = self.conn_send.min(s.send_window).max(0) as usize;
                         let n = data.len().min(room).min(self.peer_max_frame);
@@ -463,7 +467,7 @@ impl<S: Service> Conn<S> {
                         self.conn_send -= n as i64;
                         s.send_window -= n as i64;
                         if last {
-                            s.out = Out::Done;
+                            s.out = ResponseState::Done;
                         }
                         continue;
                     }
@@ -490,7 +494,7 @@ impl<S: Service> Conn<S> {
                                     true,
                                     self.peer_max_frame,
                                 );
-                                s.out = Out::Done;
+                                s.out = ResponseState::Done;
                             }
                         },
                         Poll::Ready(Some(Err(_))) => {
@@ -501,7 +505,7 @@ impl<S: Service> Conn<S> {
                         }
                     }
                 }
-                Out::Done => {
+                ResponseState::Done => {
                     // Answered before the client finished sending: what it still sends is
                     // read and dropped until its END_STREAM, at most a window's worth (see
                     // `on_data`), rather than reset at once. Some clients (curl 7) throw a
@@ -524,7 +528,7 @@ fn write_head<S: Service>(
     id: u32,
     resp: Response<S::Body>,
     max_frame: usize,
-) -> Out<S> {
+) -> ResponseState<S> {
     let (parts, body) = resp.into_parts();
     let end = body.is_end_stream();
     let mut headers = parts.headers;
@@ -535,9 +539,9 @@ fn write_head<S: Service>(
     hpack::encode_response(parts.status, &headers, block);
     write_block(wbuf, block, id, end, max_frame);
     if end {
-        Out::Done
+        ResponseState::Done
     } else {
-        Out::Body {
+        ResponseState::Body {
             body,
             data: Bytes::new(),
             end: false,

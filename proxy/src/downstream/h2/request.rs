@@ -6,7 +6,7 @@ use crate::http::body::ClientBody;
 use fluxgate_wire::h2::hpack::{self, Field, Name};
 
 /// The request head being decoded.
-pub(super) struct Head {
+pub(super) struct StreamHead {
     pub(super) method: Option<HeaderValue>,
     pub(super) scheme: Option<HeaderValue>,
     pub(super) authority: Option<HeaderValue>,
@@ -21,9 +21,9 @@ pub(super) struct Head {
     pub(super) regular: bool,
 }
 
-impl Head {
-    pub(super) fn new(limit: usize) -> Head {
-        Head {
+impl StreamHead {
+    pub(super) fn new(limit: usize) -> StreamHead {
+        StreamHead {
             method: None,
             scheme: None,
             authority: None,
