@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::http::body::ClientBody;
 use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
 use crate::http::headers::{connection_has, http_date};
-use crate::http::recv::{Credit, Recv, RecvBody};
+use crate::http::recv::{BodyError, Credit, Recv, RecvBody};
 use crate::http::service::{Refusal, Reply, ResponseBody, Service};
 use fluxgate_wire::h1::request::{RequestFraming, RequestHead};
 use fluxgate_wire::h1::response::put_status_line;
@@ -252,7 +252,7 @@ impl<S: Service> H1Connection<S> {
                 up.recv
                     .lock()
                     .expect("recv lock")
-                    .fail("client closed before the body ended");
+                    .fail(BodyError::ClientClosed);
                 c.keep_alive = false;
             }
         }
@@ -388,7 +388,7 @@ impl<S: Service> H1Connection<S> {
         };
         if let Some(why) = failed {
             // The rest of the connection cannot be told apart from this body.
-            r.fail(why);
+            r.fail(BodyError::Framing(why));
             c.keep_alive = false;
             self.eof = true;
         } else if ended {

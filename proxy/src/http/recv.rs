@@ -14,6 +14,23 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::error::BoxError;
 
+/// Why a request body ended before it was whole; the reader gets it as the body's error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The client closed the connection before the body ended.
+    #[error("client closed before the body ended")]
+    ClientClosed,
+    /// The client reset the stream (HTTP/2 RST_STREAM).
+    #[error("client reset the stream")]
+    ClientReset,
+    /// The server reset the stream with this HTTP/2 error code.
+    #[error("stream reset with error code {0}")]
+    StreamReset(u32),
+    /// The body's chunked coding or length is broken.
+    #[error("bad request body framing: {0}")]
+    Framing(#[from] fluxgate_wire::h1::FieldError),
+}
+
 /// The shared state of one request body.
 pub(crate) struct Recv {
     pub(crate) queue: VecDeque<Bytes>,
@@ -22,7 +39,7 @@ pub(crate) struct Recv {
     pub(crate) end: bool,
     /// Why the body failed (the stream was reset, the client left); the reader gets it as
     /// an error.
-    pub(crate) failed: Option<&'static str>,
+    pub(crate) failed: Option<BodyError>,
     pub(crate) reader: Option<Waker>,
     /// The reader is gone: further data is dropped at once.
     pub(crate) dropped: bool,
@@ -63,7 +80,7 @@ impl Recv {
         }
     }
 
-    pub(crate) fn fail(&mut self, why: &'static str) {
+    pub(crate) fn fail(&mut self, why: BodyError) {
         self.failed = Some(why);
         self.wake();
     }
@@ -153,7 +170,7 @@ impl Body for RecvBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(why) = r.failed {
-            return Poll::Ready(Some(Err(why.into())));
+            return Poll::Ready(Some(Err(Box::new(why))));
         }
         if let Some(t) = r.trailers.take() {
             return Poll::Ready(Some(Ok(Frame::trailers(t))));

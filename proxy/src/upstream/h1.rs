@@ -35,7 +35,9 @@ pub(crate) enum H1Error {
     #[error("upstream I/O: {0}")]
     Io(#[from] io::Error),
     #[error("malformed upstream response: {0}")]
-    Malformed(&'static str),
+    Malformed(#[from] fluxgate_wire::h1::response::ResponseError),
+    #[error("malformed upstream body: {0}")]
+    Body(#[from] fluxgate_wire::h1::FieldError),
 }
 
 impl H1Error {
@@ -50,7 +52,7 @@ impl H1Error {
                     | io::ErrorKind::ConnectionAborted
                     | io::ErrorKind::UnexpectedEof
             ),
-            H1Error::Malformed(_) => false,
+            H1Error::Malformed(_) | H1Error::Body(_) => false,
         }
     }
 }
@@ -234,7 +236,7 @@ impl Exchange {
         loop {
             let io = self.conn.io_mut();
             match response::parse(&mut io.rbuf, &mut io.spans, self.head_request) {
-                Err(e) => return Poll::Ready(Err(AttemptError::H1(H1Error::Malformed(e.0)))),
+                Err(e) => return Poll::Ready(Err(AttemptError::H1(H1Error::Malformed(e)))),
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
             }
@@ -360,7 +362,7 @@ impl Body for H1Body {
                     }
                 }
                 ResponseFraming::Chunked(state) => match decode_chunk(state, &mut io.rbuf) {
-                    Err(e) => return this.end_closing(Some(Box::new(H1Error::Malformed(e)))),
+                    Err(e) => return this.end_closing(Some(Box::new(H1Error::Body(e)))),
                     Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(None) if state.ended() => {
                         this.finish();

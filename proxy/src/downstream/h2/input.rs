@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::request::StreamHead;
 use super::*;
 use crate::http::body::ClientBody;
-use crate::http::recv::{Credit, Recv, RecvBody, WindowCredit, WindowRelease};
+use crate::http::recv::{BodyError, Credit, Recv, RecvBody, WindowCredit, WindowRelease};
 use crate::http::service::{Refusal, Reply, Service};
 use fluxgate_wire::h2::frame::*;
 
@@ -21,7 +21,7 @@ impl<S: Service> H2Connection<S> {
         if !self.preface {
             let n = buf.len().min(PREFACE.len());
             if buf[..n] != PREFACE[..n] {
-                return Err(ConnError(PROTOCOL_ERROR, "bad connection preface"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::BadConnectionPreface));
             }
             if n < PREFACE.len() {
                 return Ok(());
@@ -31,7 +31,7 @@ impl<S: Service> H2Connection<S> {
         }
         loop {
             let head = FrameHead::parse(buf, MAX_FRAME)
-                .map_err(|_| ConnError(FRAME_SIZE_ERROR, "frame above SETTINGS_MAX_FRAME_SIZE"))?;
+                .map_err(|_| ConnError(FRAME_SIZE_ERROR, Fault::FrameAboveSettingsMaxFrameSize))?;
             let Some(FrameHead {
                 len,
                 kind,
@@ -42,13 +42,13 @@ impl<S: Service> H2Connection<S> {
                 break;
             };
             if !self.settings && kind != SETTINGS {
-                return Err(ConnError(PROTOCOL_ERROR, "first frame is not SETTINGS"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::FirstFrameIsNotSettings));
             }
             if self
                 .partial
                 .is_some_and(|(p, _)| kind != CONTINUATION || p != id)
             {
-                return Err(ConnError(PROTOCOL_ERROR, "header block interrupted"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::HeaderBlockInterrupted));
             }
             if kind == DATA {
                 buf.advance(9);
@@ -71,7 +71,7 @@ impl<S: Service> H2Connection<S> {
             HEADERS => self.on_headers(id, flags, p),
             CONTINUATION => {
                 let Some((_, end_stream)) = self.partial else {
-                    return Err(ConnError(PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+                    return Err(ConnError(PROTOCOL_ERROR, Fault::ContinuationWithoutHeaders));
                 };
                 self.add_block(p)?;
                 if flags & END_HEADERS != 0 {
@@ -80,16 +80,16 @@ impl<S: Service> H2Connection<S> {
                 }
                 Ok(())
             }
-            PRIORITY if p.len() != 5 => Err(ConnError(FRAME_SIZE_ERROR, "PRIORITY length")),
+            PRIORITY if p.len() != 5 => Err(ConnError(FRAME_SIZE_ERROR, Fault::PriorityLength)),
             RST_STREAM => self.on_reset(id, p),
             SETTINGS => self.on_settings(id, flags, p),
-            PUSH_PROMISE => Err(ConnError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")),
+            PUSH_PROMISE => Err(ConnError(PROTOCOL_ERROR, Fault::PushPromiseFromAClient)),
             PING => {
                 if id != 0 {
-                    return Err(ConnError(PROTOCOL_ERROR, "PING on a stream"));
+                    return Err(ConnError(PROTOCOL_ERROR, Fault::PingOnAStream));
                 }
                 if p.len() != 8 {
-                    return Err(ConnError(FRAME_SIZE_ERROR, "PING length"));
+                    return Err(ConnError(FRAME_SIZE_ERROR, Fault::PingLength));
                 }
                 if flags & ACK == 0 {
                     frame_head(&mut self.wbuf, 8, PING, ACK, 0);
@@ -99,10 +99,10 @@ impl<S: Service> H2Connection<S> {
             }
             GOAWAY => {
                 if id != 0 {
-                    return Err(ConnError(PROTOCOL_ERROR, "GOAWAY on a stream"));
+                    return Err(ConnError(PROTOCOL_ERROR, Fault::GoawayOnAStream));
                 }
                 if p.len() < 8 {
-                    return Err(ConnError(FRAME_SIZE_ERROR, "GOAWAY length"));
+                    return Err(ConnError(FRAME_SIZE_ERROR, Fault::GoawayLength));
                 }
                 self.client_gone = true;
                 Ok(())
@@ -115,27 +115,27 @@ impl<S: Service> H2Connection<S> {
 
     fn on_settings(&mut self, id: u32, flags: u8, p: &[u8]) -> Result<(), ConnError> {
         if id != 0 {
-            return Err(ConnError(PROTOCOL_ERROR, "SETTINGS on a stream"));
+            return Err(ConnError(PROTOCOL_ERROR, Fault::SettingsOnAStream));
         }
         if flags & ACK != 0 {
             return match p.is_empty() {
                 true => Ok(()),
-                false => Err(ConnError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")),
+                false => Err(ConnError(FRAME_SIZE_ERROR, Fault::SettingsAckWithAPayload)),
             };
         }
         if p.len() % 6 != 0 {
-            return Err(ConnError(FRAME_SIZE_ERROR, "SETTINGS length"));
+            return Err(ConnError(FRAME_SIZE_ERROR, Fault::SettingsLength));
         }
         for s in p.chunks_exact(6) {
             let value = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
             match u16::from_be_bytes([s[0], s[1]]) {
                 SETTINGS_ENABLE_PUSH if value > 1 => {
-                    return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH above 1"))
+                    return Err(ConnError(PROTOCOL_ERROR, Fault::SettingsEnablePushAbove1))
                 }
                 SETTINGS_INITIAL_WINDOW_SIZE => {
                     let value = value as i64;
                     if value > MAX_WINDOW {
-                        return Err(ConnError(FLOW_CONTROL_ERROR, "initial window too large"));
+                        return Err(ConnError(FLOW_CONTROL_ERROR, Fault::InitialWindowTooLarge));
                     }
                     let delta = value - self.peer_window;
                     self.peer_window = value;
@@ -148,7 +148,7 @@ impl<S: Service> H2Connection<S> {
                 }
                 SETTINGS_MAX_FRAME_SIZE => {
                     if !(MAX_FRAME as u32..=0xff_ffff).contains(&value) {
-                        return Err(ConnError(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE range"));
+                        return Err(ConnError(PROTOCOL_ERROR, Fault::SettingsMaxFrameSizeRange));
                     }
                     self.peer_max_frame = value as usize;
                 }
@@ -164,16 +164,19 @@ impl<S: Service> H2Connection<S> {
 
     fn on_window_update(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
         if p.len() != 4 {
-            return Err(ConnError(FRAME_SIZE_ERROR, "WINDOW_UPDATE length"));
+            return Err(ConnError(FRAME_SIZE_ERROR, Fault::WindowUpdateLength));
         }
         let inc = (u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff) as i64;
         if id == 0 {
             if inc == 0 {
-                return Err(ConnError(PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::WindowUpdateOf0));
             }
             self.conn_send += inc;
             if self.conn_send > MAX_WINDOW {
-                return Err(ConnError(FLOW_CONTROL_ERROR, "connection window overflow"));
+                return Err(ConnError(
+                    FLOW_CONTROL_ERROR,
+                    Fault::ConnectionWindowOverflow,
+                ));
             }
             for s in self.streams.values() {
                 s.wake.queue(false);
@@ -181,17 +184,19 @@ impl<S: Service> H2Connection<S> {
             return Ok(());
         }
         match self.streams.get_mut(&id) {
-            Some(_) if inc == 0 => self.reset(id, PROTOCOL_ERROR, "WINDOW_UPDATE of 0"),
+            // WINDOW_UPDATE of 0.
+            Some(_) if inc == 0 => self.reset(id, PROTOCOL_ERROR),
             Some(s) => {
                 s.send_window += inc;
                 if s.send_window > MAX_WINDOW {
-                    self.reset(id, FLOW_CONTROL_ERROR, "stream window overflow");
+                    // Stream window overflow.
+                    self.reset(id, FLOW_CONTROL_ERROR);
                 } else {
                     s.wake.queue(false);
                 }
             }
             None if id > self.last_id => {
-                return Err(ConnError(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream"))
+                return Err(ConnError(PROTOCOL_ERROR, Fault::WindowUpdateOnAnIdleStream))
             }
             None => {}
         }
@@ -200,19 +205,19 @@ impl<S: Service> H2Connection<S> {
 
     fn on_reset(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
         if p.len() != 4 {
-            return Err(ConnError(FRAME_SIZE_ERROR, "RST_STREAM length"));
+            return Err(ConnError(FRAME_SIZE_ERROR, Fault::RstStreamLength));
         }
         if id == 0 || id > self.last_id {
-            return Err(ConnError(PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+            return Err(ConnError(PROTOCOL_ERROR, Fault::RstStreamOnAnIdleStream));
         }
         if let Some(s) = self.streams.remove(&id) {
             if matches!(s.out, ResponseState::Waiting(_)) {
                 self.resets -= 1;
                 if self.resets < 0 {
-                    return Err(ConnError(ENHANCE_YOUR_CALM, "too many streams reset"));
+                    return Err(ConnError(ENHANCE_YOUR_CALM, Fault::TooManyStreamsReset));
                 }
             }
-            self.close_recv(&s, "client reset the stream");
+            self.close_recv(&s, BodyError::ClientReset);
         }
         Ok(())
     }
@@ -221,22 +226,22 @@ impl<S: Service> H2Connection<S> {
         if id == 0 || id % 2 == 0 {
             return Err(ConnError(
                 PROTOCOL_ERROR,
-                "HEADERS on a stream a client cannot open",
+                Fault::HeadersOnAStreamAClientCannotOpen,
             ));
         }
         if flags & PADDED != 0 {
             let (&pad, rest) = p
                 .split_first()
-                .ok_or(ConnError(FRAME_SIZE_ERROR, "HEADERS padding"))?;
+                .ok_or(ConnError(FRAME_SIZE_ERROR, Fault::HeadersPadding))?;
             if pad as usize > rest.len() {
-                return Err(ConnError(PROTOCOL_ERROR, "padding longer than the frame"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::PaddingLongerThanTheFrame));
             }
             p = &rest[..rest.len() - pad as usize];
         }
         if flags & PRIORITY_FLAG != 0 {
             p = p
                 .get(5..)
-                .ok_or(ConnError(FRAME_SIZE_ERROR, "HEADERS priority"))?;
+                .ok_or(ConnError(FRAME_SIZE_ERROR, Fault::HeadersPriority))?;
         }
         self.block.clear();
         self.block_frames = 0;
@@ -258,7 +263,7 @@ impl<S: Service> H2Connection<S> {
         if self.block.len() + p.len() > 2 * self.limits.max_head + MAX_FRAME
             || self.block_frames > MAX_BLOCK_FRAMES
         {
-            return Err(ConnError(ENHANCE_YOUR_CALM, "header block too large"));
+            return Err(ConnError(ENHANCE_YOUR_CALM, Fault::HeaderBlockTooLarge));
         }
         self.block.extend_from_slice(p);
         Ok(())
@@ -271,19 +276,22 @@ impl<S: Service> H2Connection<S> {
         // Decoded whatever becomes of the stream: the table must stay in step with the client.
         let decoded = self.decoder.decode(&block, |f| head.add(f));
         self.block = block;
-        decoded.map_err(|_| ConnError(COMPRESSION_ERROR, "header block does not decode"))?;
+        decoded.map_err(|_| ConnError(COMPRESSION_ERROR, Fault::HeaderBlockDoesNotDecode))?;
         if let Some(s) = self.streams.get(&id) {
             let Some(recv) = &s.recv else {
-                self.reset(id, STREAM_CLOSED, "HEADERS after the end of the stream");
+                // HEADERS after the end of the stream.
+                self.reset(id, STREAM_CLOSED);
                 return Ok(());
             };
             let mut r = recv.lock().expect("recv lock");
             if !end_stream || head.malformed || head.has_pseudo() {
                 drop(r);
-                self.reset(id, PROTOCOL_ERROR, "malformed trailers");
+                // Malformed trailers.
+                self.reset(id, PROTOCOL_ERROR);
             } else if r.declared.is_some_and(|n| n != r.received) {
                 drop(r);
-                self.reset(id, PROTOCOL_ERROR, "body shorter than its Content-Length");
+                // Body shorter than its Content-Length.
+                self.reset(id, PROTOCOL_ERROR);
             } else {
                 r.trailers = Some(head.headers);
                 r.end = true;
@@ -299,7 +307,7 @@ impl<S: Service> H2Connection<S> {
             if self.reset_ids.contains(&id) {
                 return Ok(());
             }
-            return Err(ConnError(PROTOCOL_ERROR, "HEADERS on a closed stream"));
+            return Err(ConnError(PROTOCOL_ERROR, Fault::HeadersOnAClosedStream));
         }
         self.last_id = id;
         if self.closing.is_some() || self.client_gone || self.streams.len() >= MAX_STREAMS {
@@ -376,19 +384,23 @@ impl<S: Service> H2Connection<S> {
 
     fn on_data(&mut self, id: u32, flags: u8, mut p: Bytes) -> Result<(), ConnError> {
         if id == 0 {
-            return Err(ConnError(PROTOCOL_ERROR, "DATA on stream 0"));
+            return Err(ConnError(PROTOCOL_ERROR, Fault::DataOnStream0));
         }
         let len = p.len();
         self.conn_recv -= len as i64;
         if self.conn_recv < 0 {
-            return Err(ConnError(FLOW_CONTROL_ERROR, "connection window exceeded"));
+            return Err(ConnError(
+                FLOW_CONTROL_ERROR,
+                Fault::ConnectionWindowExceeded,
+            ));
         }
         if flags & PADDED != 0 {
             let pad = *p
                 .first()
-                .ok_or(ConnError(FRAME_SIZE_ERROR, "DATA padding"))? as usize;
+                .ok_or(ConnError(FRAME_SIZE_ERROR, Fault::DataPadding))?
+                as usize;
             if pad >= len {
-                return Err(ConnError(PROTOCOL_ERROR, "padding longer than the frame"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::PaddingLongerThanTheFrame));
             }
             p = p.slice(1..len - pad);
         }
@@ -396,7 +408,7 @@ impl<S: Service> H2Connection<S> {
         let mut credit = len - p.len();
         let Some(s) = self.streams.get_mut(&id) else {
             if id > self.last_id {
-                return Err(ConnError(PROTOCOL_ERROR, "DATA on an idle stream"));
+                return Err(ConnError(PROTOCOL_ERROR, Fault::DataOnAnIdleStream));
             }
             // A stream already reset or answered in full: dropped, credited.
             self.credit(len);
@@ -404,7 +416,8 @@ impl<S: Service> H2Connection<S> {
         };
         let Some(recv) = &s.recv else {
             self.credit(len);
-            self.reset(id, STREAM_CLOSED, "DATA after the end of the stream");
+            // DATA after the end of the stream.
+            self.reset(id, STREAM_CLOSED);
             return Ok(());
         };
         s.recv_window -= len as i64;
@@ -414,20 +427,18 @@ impl<S: Service> H2Connection<S> {
         let bad_length = r
             .declared
             .is_some_and(|n| r.received > n || (end && r.received != n));
+        // Past the stream's window, or a body length that differs from its Content-Length.
         let failure = if s.recv_window < 0 {
-            Some((FLOW_CONTROL_ERROR, "stream window exceeded"))
+            Some(FLOW_CONTROL_ERROR)
         } else if bad_length {
-            Some((
-                PROTOCOL_ERROR,
-                "body length differs from its Content-Length",
-            ))
+            Some(PROTOCOL_ERROR)
         } else {
             None
         };
-        if let Some((code, why)) = failure {
+        if let Some(code) = failure {
             drop(r);
             self.credit(len);
-            self.reset(id, code, why);
+            self.reset(id, code);
             return Ok(());
         }
         r.consumed += credit;
@@ -445,7 +456,8 @@ impl<S: Service> H2Connection<S> {
             self.recv_ended(id);
         } else if answered && window_spent {
             // A window's worth dropped after the answer: the client may stop now.
-            self.reset(id, NO_ERROR, "stream reset after its answer");
+            // Stream reset after its answer.
+            self.reset(id, NO_ERROR);
         }
         Ok(())
     }
@@ -475,7 +487,7 @@ impl<S: Service> H2Connection<S> {
 
     /// The stream's request body ends here: the reader fails unless it had it all, and what
     /// it never read is credited back.
-    fn close_recv(&mut self, s: &Stream<S>, why: &'static str) {
+    fn close_recv(&mut self, s: &Stream<S>, why: BodyError) {
         if let Some(recv) = &s.recv {
             let mut r = recv.lock().expect("recv lock");
             r.fail(why);
@@ -505,10 +517,10 @@ impl<S: Service> H2Connection<S> {
     }
 
     /// Ends a stream with RST_STREAM; a reader of its body still open gets `why`.
-    pub(super) fn reset(&mut self, id: u32, code: u32, why: &'static str) {
+    pub(super) fn reset(&mut self, id: u32, code: u32) {
         self.refuse(id, code);
         if let Some(s) = self.streams.remove(&id) {
-            self.close_recv(&s, why);
+            self.close_recv(&s, BodyError::StreamReset(code));
         }
     }
 }

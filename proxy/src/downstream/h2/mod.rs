@@ -57,7 +57,86 @@ const RECENT_RESETS: usize = 64;
 
 /// A connection error: GOAWAY with this code; the text goes in its debug data.
 #[derive(Debug)]
-struct ConnError(u32, &'static str);
+struct ConnError(u32, Fault);
+
+/// Why a connection ends with GOAWAY; its text goes out as the GOAWAY's debug data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Fault {
+    #[error("CONTINUATION without HEADERS")]
+    ContinuationWithoutHeaders,
+    #[error("DATA on an idle stream")]
+    DataOnAnIdleStream,
+    #[error("DATA on stream 0")]
+    DataOnStream0,
+    #[error("DATA padding")]
+    DataPadding,
+    #[error("GOAWAY length")]
+    GoawayLength,
+    #[error("GOAWAY on a stream")]
+    GoawayOnAStream,
+    #[error("HEADERS on a closed stream")]
+    HeadersOnAClosedStream,
+    #[error("HEADERS on a stream a client cannot open")]
+    HeadersOnAStreamAClientCannotOpen,
+    #[error("HEADERS padding")]
+    HeadersPadding,
+    #[error("HEADERS priority")]
+    HeadersPriority,
+    #[error("PING length")]
+    PingLength,
+    #[error("PING on a stream")]
+    PingOnAStream,
+    #[error("PRIORITY length")]
+    PriorityLength,
+    #[error("PUSH_PROMISE from a client")]
+    PushPromiseFromAClient,
+    #[error("RST_STREAM length")]
+    RstStreamLength,
+    #[error("RST_STREAM on an idle stream")]
+    RstStreamOnAnIdleStream,
+    #[error("SETTINGS ACK with a payload")]
+    SettingsAckWithAPayload,
+    #[error("SETTINGS length")]
+    SettingsLength,
+    #[error("SETTINGS on a stream")]
+    SettingsOnAStream,
+    #[error("SETTINGS_ENABLE_PUSH above 1")]
+    SettingsEnablePushAbove1,
+    #[error("SETTINGS_MAX_FRAME_SIZE range")]
+    SettingsMaxFrameSizeRange,
+    #[error("WINDOW_UPDATE length")]
+    WindowUpdateLength,
+    #[error("WINDOW_UPDATE of 0")]
+    WindowUpdateOf0,
+    #[error("WINDOW_UPDATE on an idle stream")]
+    WindowUpdateOnAnIdleStream,
+    #[error("bad connection preface")]
+    BadConnectionPreface,
+    #[error("connection window exceeded")]
+    ConnectionWindowExceeded,
+    #[error("connection window overflow")]
+    ConnectionWindowOverflow,
+    #[error("first frame is not SETTINGS")]
+    FirstFrameIsNotSettings,
+    #[error("frame above SETTINGS_MAX_FRAME_SIZE")]
+    FrameAboveSettingsMaxFrameSize,
+    #[error("header block does not decode")]
+    HeaderBlockDoesNotDecode,
+    #[error("header block interrupted")]
+    HeaderBlockInterrupted,
+    #[error("header block too large")]
+    HeaderBlockTooLarge,
+    #[error("idle timeout")]
+    IdleTimeout,
+    #[error("initial window too large")]
+    InitialWindowTooLarge,
+    #[error("padding longer than the frame")]
+    PaddingLongerThanTheFrame,
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("too many streams reset")]
+    TooManyStreamsReset,
+}
 
 /// What the connection and its stream wakers share.
 #[derive(Default)]
@@ -170,7 +249,7 @@ pub(crate) async fn serve<S: Service>(
     std::future::poll_fn(|cx| {
         if conn.closing.is_none() && poll_drain(drain.as_mut(), &probe, &mut registered, cx) {
             // Streams open now finish; new ones are refused; then the connection closes.
-            conn.go_away(ConnError(NO_ERROR, "shutting down"));
+            conn.go_away(ConnError(NO_ERROR, Fault::ShuttingDown));
         }
         conn.poll(cx)
     })
@@ -303,7 +382,7 @@ impl<S: Service> H2Connection<S> {
                     }
                     // Idle past the keep-alive timeout (see `ClientIo`): say so, then close.
                     Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                        self.go_away(ConnError(NO_ERROR, "idle timeout"));
+                        self.go_away(ConnError(NO_ERROR, Fault::IdleTimeout));
                         self.client_gone = true;
                     }
                     Poll::Ready(Err(_)) => return Poll::Ready(()),
@@ -377,10 +456,11 @@ impl<S: Service> H2Connection<S> {
             return;
         }
         self.closing = Some(e.0);
-        frame_head(&mut self.wbuf, 8 + e.1.len(), GOAWAY, 0, 0);
+        let debug = e.1.to_string();
+        frame_head(&mut self.wbuf, 8 + debug.len(), GOAWAY, 0, 0);
         self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
         self.wbuf.extend_from_slice(&e.0.to_be_bytes());
-        self.wbuf.extend_from_slice(e.1.as_bytes());
+        self.wbuf.extend_from_slice(debug.as_bytes());
     }
 
     /// Polls the streams whose wakers fired; true if any was polled.
@@ -500,7 +580,8 @@ impl<S: Service> H2Connection<S> {
                         Poll::Ready(Some(Err(_))) => {
                             // The upstream broke off mid-body: the client must not take
                             // what it got for the whole.
-                            self.reset(id, INTERNAL_ERROR, "upstream body failed");
+                            // The upstream body failed.
+                            self.reset(id, INTERNAL_ERROR);
                             return;
                         }
                     }

@@ -8,6 +8,32 @@ pub mod response;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// Why HTTP/1.1 fields or a chunked body cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    /// A field name that is not a token.
+    #[error("bad header name")]
+    BadName,
+    /// A field value with bytes a value may not hold.
+    #[error("bad header value")]
+    BadValue,
+    /// Content-Length that is not a decimal number of at most 19 digits.
+    #[error("bad content-length")]
+    BadContentLength,
+    /// Content-Length values that disagree.
+    #[error("conflicting content-length")]
+    ConflictingLengths,
+    /// A chunk size that is not hexadecimal.
+    #[error("bad chunk size")]
+    BadChunkSize,
+    /// Chunk data not followed by CRLF.
+    #[error("chunk not followed by CRLF")]
+    ChunkNotTerminated,
+    /// A chunk-size line, or the trailers, over their limits.
+    #[error("chunk line too long")]
+    ChunkLineTooLong,
+}
+
 /// The longest chunk-size line, and the most trailer bytes, accepted.
 const MAX_CHUNK_LINE: usize = 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -28,12 +54,12 @@ pub fn field_spans(head: &[u8], fields: &[httparse::Header<'_>], spans: &mut Vec
 
 /// The header map of a head split off its buffer, with room for `extra` more fields; values
 /// share the head's bytes.
-pub fn header_map(head: &Bytes, spans: &[Span], extra: usize) -> Result<HeaderMap, &'static str> {
+pub fn header_map(head: &Bytes, spans: &[Span], extra: usize) -> Result<HeaderMap, FieldError> {
     let mut headers = HeaderMap::with_capacity(spans.len() + extra);
     for &[n0, n1, v0, v1] in spans {
-        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| "bad header name")?;
+        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| FieldError::BadName)?;
         let value =
-            HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| "bad header value")?;
+            HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| FieldError::BadValue)?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -41,17 +67,21 @@ pub fn header_map(head: &Bytes, spans: &[Span], extra: usize) -> Result<HeaderMa
 
 /// The message's Content-Length: None when absent; an error when malformed or when its
 /// values disagree (RFC 9112 6.3: a list of equal values is one value).
-pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, FieldError> {
     let mut length: Option<u64> = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| "bad content-length")?.split(',') {
+        for part in v
+            .to_str()
+            .map_err(|_| FieldError::BadContentLength)?
+            .split(',')
+        {
             let part = part.trim();
             if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err("bad content-length");
+                return Err(FieldError::BadContentLength);
             }
-            let n: u64 = part.parse().map_err(|_| "bad content-length")?;
+            let n: u64 = part.parse().map_err(|_| FieldError::BadContentLength)?;
             if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length");
+                return Err(FieldError::ConflictingLengths);
             }
             length = Some(n);
         }
@@ -101,7 +131,7 @@ impl Chunk {
 
 /// Advances the chunked decoder over `buf`: Some(data) for body bytes, None when more bytes
 /// are needed or when the body has ended (`state.ended()`). Trailer fields are dropped.
-pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, FieldError> {
     loop {
         match *state {
             Chunk::Size => {
@@ -117,7 +147,7 @@ pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Byte
                 let ext_ok =
                     rest.is_empty() || rest[0] == b';' || rest[0] == b' ' || rest[0] == b'\t';
                 if digits == 0 || digits > 15 || !ext_ok {
-                    return Err("bad chunk size");
+                    return Err(FieldError::BadChunkSize);
                 }
                 let size = line[..digits].iter().fold(0u64, |n, &d| {
                     n * 16 + (d as char).to_digit(16).unwrap_or(0) as u64
@@ -146,7 +176,7 @@ pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Byte
                     return Ok(None);
                 }
                 if &buf[..2] != b"\r\n" {
-                    return Err("chunk not followed by CRLF");
+                    return Err(FieldError::ChunkNotTerminated);
                 }
                 buf.advance(2);
                 *state = Chunk::Size;
@@ -164,10 +194,10 @@ pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Byte
 }
 
 /// The position of the first CRLF in `buf`, looking at no more than `limit` bytes.
-fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, &'static str> {
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, FieldError> {
     match buf.windows(2).take(limit).position(|w| w == b"\r\n") {
         Some(i) => Ok(Some(i)),
-        None if buf.len() > limit => Err("chunk line too long"),
+        None if buf.len() > limit => Err(FieldError::ChunkLineTooLong),
         None => Ok(None),
     }
 }
@@ -186,7 +216,7 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn decode_all(wire: &[u8], split: usize) -> Result<(Vec<u8>, bool), &'static str> {
+    fn decode_all(wire: &[u8], split: usize) -> Result<(Vec<u8>, bool), FieldError> {
         let mut state = Chunk::Size;
         let mut buf = BytesMut::new();
         let mut out = Vec::new();

@@ -12,10 +12,28 @@ use super::{chunked_last, connection_has, content_length, field_spans, header_ma
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 
-/// A response head that cannot be taken as it is.
+/// Why a response head cannot be taken as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ResponseError(pub &'static str);
+pub enum ResponseError {
+    /// Over 64 KiB without its end.
+    #[error("response head too large")]
+    TooLarge,
+    /// More than 128 fields.
+    #[error("too many header fields")]
+    TooManyFields,
+    /// Not an HTTP/1.x response head.
+    #[error("bad response head")]
+    Malformed,
+    /// A status code outside 100..=999.
+    #[error("bad status code")]
+    BadStatus,
+    /// Content-Length with Transfer-Encoding: the length is a guess either way.
+    #[error("content-length with transfer-encoding")]
+    AmbiguousLength,
+    /// A field or its framing is bad.
+    #[error(transparent)]
+    Field(#[from] super::FieldError),
+}
 
 /// How the response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,16 +71,14 @@ pub fn parse(
         let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(ResponseError("response head too large"))
+                return Err(ResponseError::TooLarge)
             }
             Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(ResponseError("too many header fields"))
-            }
-            Err(_) => return Err(ResponseError("bad response head")),
+            Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooManyFields),
+            Err(_) => return Err(ResponseError::Malformed),
         };
         let code = resp.code.unwrap_or(0);
-        let status = StatusCode::from_u16(code).map_err(|_| ResponseError("bad status code"))?;
+        let status = StatusCode::from_u16(code).map_err(|_| ResponseError::BadStatus)?;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             buf.advance(len);
             continue;
@@ -75,7 +91,7 @@ pub fn parse(
         // Header values point into the head's bytes, which the response then owns.
         field_spans(buf, resp.headers, spans);
         let head = buf.split_to(len).freeze();
-        let headers = header_map(&head, spans, 0).map_err(ResponseError)?;
+        let headers = header_map(&head, spans, 0).map_err(ResponseError::Field)?;
         let (framing, delimited) = framing_of(status, &headers, head_request)?;
         let reusable = delimited && keeps_alive(version, &headers);
         let mut parts = Response::new(()).into_parts().0;
@@ -102,7 +118,7 @@ fn framing_of(
     if headers.contains_key(header::TRANSFER_ENCODING) {
         if headers.contains_key(header::CONTENT_LENGTH) {
             // Either could be the truth: refuse rather than pass on a body of unknown length.
-            return Err(ResponseError("content-length with transfer-encoding"));
+            return Err(ResponseError::AmbiguousLength);
         }
         return Ok(if chunked_last(headers) {
             (ResponseFraming::Chunked(Chunk::Size), true)
@@ -110,7 +126,7 @@ fn framing_of(
             (ResponseFraming::Close, false)
         });
     }
-    let length = content_length(headers).map_err(ResponseError)?;
+    let length = content_length(headers).map_err(ResponseError::Field)?;
     Ok(match length {
         Some(0) => (ResponseFraming::Done, true),
         Some(n) => (ResponseFraming::Length(n), true),

@@ -13,9 +13,39 @@ use http::header::{HeaderName, HeaderValue};
 
 /// Why a header block could not be decoded: a connection error (COMPRESSION_ERROR), since
 /// the decoder's table can no longer be trusted to match the peer's.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("HPACK: {0}")]
-pub struct HpackError(&'static str);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HpackError {
+    /// EOS inside a Huffman string.
+    #[error("HPACK: EOS inside a Huffman string")]
+    HuffmanEos,
+    /// Index 0.
+    #[error("HPACK: index 0")]
+    IndexZero,
+    /// Index beyond the dynamic table.
+    #[error("HPACK: index beyond the dynamic table")]
+    IndexOutOfRange,
+    /// Integer too large.
+    #[error("HPACK: integer too large")]
+    IntegerTooLarge,
+    /// Invalid Huffman code.
+    #[error("HPACK: invalid Huffman code")]
+    BadHuffmanCode,
+    /// Invalid Huffman padding.
+    #[error("HPACK: invalid Huffman padding")]
+    BadHuffmanPadding,
+    /// Table size update above the announced limit.
+    #[error("HPACK: table size update above the announced limit")]
+    SizeUpdateTooLarge,
+    /// Table size update after a field.
+    #[error("HPACK: table size update after a field")]
+    LateSizeUpdate,
+    /// Truncated integer.
+    #[error("HPACK: truncated integer")]
+    TruncatedInteger,
+    /// Truncated string.
+    #[error("HPACK: truncated string")]
+    TruncatedString,
+}
 
 /// A field's name: one of the request pseudo-headers, a valid header name, or something a
 /// request may not carry (kept so the table stays in step; the request is then malformed).
@@ -176,11 +206,11 @@ impl Decoder {
             } else if b & 0x20 != 0 {
                 // A table size update may only open a block (RFC 7541 4.2).
                 if !first {
-                    return Err(HpackError("table size update after a field"));
+                    return Err(HpackError::LateSizeUpdate);
                 }
                 let max = int(&mut block, 5)?;
                 if max > self.limit {
-                    return Err(HpackError("table size update above the announced limit"));
+                    return Err(HpackError::SizeUpdateTooLarge);
                 }
                 self.max = max;
                 self.evict(0);
@@ -196,13 +226,13 @@ impl Decoder {
 
     fn lookup(&self, index: usize) -> Result<Field, HpackError> {
         match index {
-            0 => Err(HpackError("index 0")),
+            0 => Err(HpackError::IndexZero),
             i if i <= STATIC.len() => Ok(static_fields()[i - 1].clone()),
             i => self
                 .table
                 .get(i - STATIC.len() - 1)
                 .cloned()
-                .ok_or(HpackError("index beyond the dynamic table")),
+                .ok_or(HpackError::IndexOutOfRange),
         }
     }
 
@@ -247,7 +277,7 @@ impl Decoder {
 
 /// An integer with an N-bit prefix (RFC 7541 5.1).
 fn int(block: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
-    const TRUNCATED: HpackError = HpackError("truncated integer");
+    const TRUNCATED: HpackError = HpackError::TruncatedInteger;
     let (&first, rest) = block.split_first().ok_or(TRUNCATED)?;
     let mask = (1u16 << prefix) as usize - 1;
     let mut value = first as usize & mask;
@@ -261,7 +291,7 @@ fn int(block: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
         *block = rest;
         // Four continuation bytes reach 2^28, more than any length or index can be here.
         if shift > 21 {
-            return Err(HpackError("integer too large"));
+            return Err(HpackError::IntegerTooLarge);
         }
         value += ((b & 0x7f) as usize) << shift;
         shift += 7;
@@ -276,7 +306,7 @@ fn string(block: &mut &[u8]) -> Result<Bytes, HpackError> {
     let huffman = block.first().is_some_and(|b| b & 0x80 != 0);
     let len = int(block, 7)?;
     if len > block.len() {
-        return Err(HpackError("truncated string"));
+        return Err(HpackError::TruncatedString);
     }
     let (raw, rest) = block.split_at(len);
     *block = rest;
@@ -363,19 +393,19 @@ fn huffman_decode(raw: &[u8]) -> Result<Vec<u8>, HpackError> {
             if code >= first && code - first < h.count[len] as u32 {
                 let sym = h.symbols[(h.offset[len] as u32 + code - first) as usize];
                 if sym == EOS {
-                    return Err(HpackError("EOS inside a Huffman string"));
+                    return Err(HpackError::HuffmanEos);
                 }
                 out.push(sym as u8);
                 code = 0;
                 len = 0;
             } else if len == 30 {
-                return Err(HpackError("invalid Huffman code"));
+                return Err(HpackError::BadHuffmanCode);
             }
         }
     }
     // Padding: fewer than eight bits, all ones (the start of EOS).
     if len > 7 || code != (1 << len) - 1 {
-        return Err(HpackError("invalid Huffman padding"));
+        return Err(HpackError::BadHuffmanPadding);
     }
     Ok(out)
 }
