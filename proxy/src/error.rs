@@ -2,8 +2,7 @@
 
 use http::StatusCode;
 
-/// Any error, as hyper takes it from a body.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use fluxgate_http::BoxError;
 
 /// Why a proxied request failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,11 +11,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::error::BoxError;
-use crate::http::conn::InFlight;
 use crate::telemetry::accesslog::Pending;
 use crate::upstream::h1::H1Body;
 use crate::upstream::pool::H1Conn;
 use crate::upstream::send::UpstreamBody;
+use fluxgate_http::conn::InFlight;
 
 /// The body sent to the client.
 pub struct ProxyBody {
@@ -72,7 +72,7 @@ impl ProxyBody {
     }
 }
 
-impl crate::http::service::ResponseBody for ProxyBody {
+impl fluxgate_http::service::ResponseBody for ProxyBody {
     type Upgraded = H1Conn;
 
     /// The upstream connection of a 101 answer (see `tunnel`), with what it sent past the

@@ -17,14 +17,14 @@ use http_body::Body;
 
 use crate::app::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::http::body::ClientBody;
-use crate::http::conn::{ConnState, InFlight};
-use crate::http::headers::{append_list, connection_has, strip_hop_by_hop};
-use crate::http::service::{Refusal, Reply, Service};
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
 use crate::upstream::pool::UpstreamPool;
 use crate::upstream::send::{UpstreamBody, UpstreamRequest};
+use fluxgate_http::body::ClientBody;
+use fluxgate_http::conn::{ConnState, InFlight};
+use fluxgate_http::headers::{append_list, connection_has, strip_hop_by_hop};
+use fluxgate_http::service::{Refusal, Reply, Service};
 use fluxgate_policy::balance::{hash64, Pick};
 use fluxgate_policy::route::{RequestHead, RouteTable};
 

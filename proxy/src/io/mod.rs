@@ -1,6 +1,5 @@
-//! Byte streams: the client and upstream sockets, plain or TLS, TLS configuration and the
-//! shared session-ticket keys. Knows nothing of HTTP.
+//! TLS configuration for listeners and upstreams, and the session-ticket keys instances
+//! share. Knows nothing of HTTP.
 
-pub(crate) mod stream;
 pub(crate) mod tickets;
 pub mod tls;

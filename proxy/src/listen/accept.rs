@@ -17,9 +17,9 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use crate::app::gateway::Gateway;
-use crate::http::conn::ClientStream;
 use crate::listen::sniff::ConnServer;
 use crate::telemetry::metrics;
+use fluxgate_http::conn::ClientStream;
 
 /// Binds one worker's socket for a listener (SO_REUSEPORT, TCP_NODELAY, backlog, TFO).
 pub(crate) fn bind(

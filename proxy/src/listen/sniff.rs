@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::downstream::h2::PREFACE;
-use crate::http::conn::{ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::http::service::Service;
+use fluxgate_http::conn::{ClientIo, ClientStream, ConnState, HeadLimits};
+use fluxgate_http::h2::PREFACE;
+use fluxgate_http::service::Service;
 
 /// Written when the start of the HTTP/2 preface (or a head too short to tell) stops coming.
 const TIMEOUT_408: &[u8] =
@@ -74,9 +74,9 @@ impl ConnServer {
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
         let left = if h2 {
-            crate::downstream::h2::serve(io, state, svc, draining, self.limits, parks).await
+            fluxgate_http::h2::serve(io, state, svc, draining, self.limits, parks).await
         } else {
-            crate::downstream::h1::serve(io, state, svc, draining, self.limits, parks).await
+            fluxgate_http::h1::serve(io, state, svc, draining, self.limits, parks).await
         };
         if let Some(s) = left {
             // Boxed, and in its own statement (a temporary would live across the await): the

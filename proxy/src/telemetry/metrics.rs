@@ -46,7 +46,7 @@ pub(crate) struct RouteSet {
     /// Requests no route matched (answered 404) or refused before routing (400, 414).
     pub(crate) unrouted: RouteStats,
     /// Refusals by the servers themselves, by `Refusal::index`.
-    pub(crate) refused: [AtomicU64; crate::http::service::Refusal::ALL.len()],
+    pub(crate) refused: [AtomicU64; fluxgate_http::service::Refusal::ALL.len()],
 }
 
 #[derive(Debug, Default)]
@@ -270,7 +270,7 @@ impl Metrics {
             "Requests the servers refused or streams they reset themselves, by listener and reason.",
         );
         for (sets, addr) in self.routes.iter().zip(addrs) {
-            for why in crate::http::service::Refusal::ALL {
+            for why in fluxgate_http::service::Refusal::ALL {
                 let n: u64 = sets
                     .iter()
                     .map(|set| set.refused[why.index()].load(Ordering::Relaxed))

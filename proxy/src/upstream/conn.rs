@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 
-use crate::io::stream::MaybeTls;
+use fluxgate_http::stream::MaybeTls;
 use fluxgate_wire::h1::Span;
 
 /// How much room a read asks for.
@@ -14,14 +14,14 @@ const READ_SIZE: usize = 16 * 1024;
 
 /// The socket of an upstream connection and what was read from it past the last response.
 pub(crate) struct H1Io {
-    pub(crate) stream: crate::io::stream::UpstreamStream,
+    pub(crate) stream: fluxgate_http::stream::UpstreamStream,
     pub(crate) rbuf: BytesMut,
     /// Where the fields of the response head being parsed lie (kept to reuse the allocation).
     pub(crate) spans: Vec<Span>,
 }
 
 impl H1Io {
-    pub(crate) fn new(stream: crate::io::stream::UpstreamStream) -> H1Io {
+    pub(crate) fn new(stream: fluxgate_http::stream::UpstreamStream) -> H1Io {
         H1Io {
             stream,
             rbuf: BytesMut::new(),
@@ -52,6 +52,6 @@ impl H1Io {
 
     /// Reads more bytes into `rbuf`; Ok(0) at end of stream.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        crate::io::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
+        fluxgate_http::stream::poll_fill(&mut self.stream, &mut self.rbuf, READ_SIZE, cx)
     }
 }

@@ -22,8 +22,8 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use crate::http::body::ClientBody;
 use crate::upstream::pool::{Checkout, H1Conn};
+use fluxgate_http::body::ClientBody;
 use fluxgate_wire::h1::response::{self, ResponseFraming};
 use fluxgate_wire::h1::{decode_chunk, put_fields};
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use fluxgate_conf::{Upstream, UpstreamProtocol};
 use std::sync::Arc;
 
-use crate::io::stream::UpstreamStream;
 use crate::telemetry::metrics::UpstreamStats;
+use fluxgate_http::stream::UpstreamStream;
 use fluxgate_policy::balance::{Balancer, Health, Pick};
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
@@ -36,8 +36,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::ProxyError;
-use crate::http::body::ClientBody;
 use crate::upstream::conn::H1Io;
+use fluxgate_http::body::ClientBody;
 
 /// Idle connections beyond `max_idle_per_host` are kept only this long: long enough to serve
 /// the next burst (closing them at once makes bursty load reconnect constantly), short enough
@@ -59,7 +59,7 @@ const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const SURPLUS_FACTOR: usize = 4;
 
 /// An HTTP/1.1 upstream connection. It counts as open until dropped.
-pub(crate) struct H1Conn {
+pub struct H1Conn {
     pub(crate) io: H1Io,
     meta: ConnectionMeta,
     /// When it last went into the pool, and how long it may stay there.

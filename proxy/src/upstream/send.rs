@@ -13,9 +13,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
 use crate::error::ProxyError;
-use crate::http::body::ClientBody;
 use crate::upstream::h1::{Exchange, H1Body};
 use crate::upstream::pool::UpstreamPool;
+use fluxgate_http::body::ClientBody;
 use fluxgate_policy::retry::AttemptFacts;
 
 /// A request in the form its upstream protocol takes.

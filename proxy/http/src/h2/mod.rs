@@ -24,11 +24,11 @@ use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 
-use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::http::headers::http_date;
-use crate::http::recv::Recv;
-use crate::http::service::Service;
-pub(crate) use fluxgate_wire::h2::frame::PREFACE;
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::headers::http_date;
+use crate::recv::Recv;
+use crate::service::Service;
+pub use fluxgate_wire::h2::frame::PREFACE;
 use fluxgate_wire::h2::frame::*;
 use fluxgate_wire::h2::hpack;
 
@@ -154,7 +154,7 @@ struct Ready {
     waker: Option<Waker>,
 }
 
-impl crate::http::recv::WindowRelease for Shared {
+impl crate::recv::WindowRelease for Shared {
     /// Returns request body credit; wakes the connection once enough gathered to announce.
     fn release(&self, n: usize) {
         let before = self.released.fetch_add(n, Ordering::Relaxed);
@@ -234,7 +234,7 @@ struct Stream<S: Service> {
 }
 
 /// Serves one HTTP/2 connection whose preface `io` starts with, until it ends.
-pub(crate) async fn serve<S: Service>(
+pub async fn serve<S: Service>(
     io: ClientIo,
     state: Arc<ConnState>,
     svc: Rc<S>,

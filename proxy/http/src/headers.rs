@@ -27,7 +27,7 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// Removes the hop-by-hop headers and every header the Connection header names.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass to find which are present; the common request has none, the common response
     // only Connection.
     let mut present = 0u16;
@@ -61,10 +61,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-pub(crate) use fluxgate_wire::h1::connection_has;
+pub use fluxgate_wire::h1::connection_has;
 
 /// Appends `value` to a comma-separated list header, creating it when absent.
-pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
+pub fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
     match headers.entry(name) {
         header::Entry::Vacant(v) => {
             v.insert(value.clone());
@@ -87,7 +87,7 @@ pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &Hea
 }
 
 /// The Date header value, formatted once a second per thread.
-pub(crate) fn http_date() -> HeaderValue {
+pub fn http_date() -> HeaderValue {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {

@@ -2,7 +2,7 @@
 
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 
-use crate::http::body::ClientBody;
+use crate::body::ClientBody;
 use fluxgate_wire::h2::hpack::{self, Field, Name};
 
 /// The request head being decoded.

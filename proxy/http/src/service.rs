@@ -11,12 +11,12 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::error::BoxError;
-use crate::http::body::ClientBody;
-use crate::http::conn::{ConnState, InFlight};
+use crate::body::ClientBody;
+use crate::conn::{ConnState, InFlight};
+use crate::BoxError;
 
 /// What answers a server's requests.
-pub(crate) trait Service: 'static {
+pub trait Service: 'static {
     /// The response body the servers stream to the client.
     type Body: ResponseBody;
     /// A response still being worked on.
@@ -36,7 +36,7 @@ pub(crate) trait Service: 'static {
 }
 
 /// A response now, or a future of one.
-pub(crate) enum Reply<F, B> {
+pub enum Reply<F, B> {
     /// Boxed so that the common case, a future, does not carry a response's size. None once
     /// taken.
     Ready(Option<Box<Response<B>>>),
@@ -63,9 +63,7 @@ where
 }
 
 /// A response body as the servers take it, and what a 101 answer hands over.
-pub(crate) trait ResponseBody:
-    http_body::Body<Data = Bytes, Error = BoxError> + Unpin
-{
+pub trait ResponseBody: http_body::Body<Data = Bytes, Error = BoxError> + Unpin {
     /// The connection the client's is joined to after a 101.
     type Upgraded: AsyncRead + AsyncWrite + Unpin;
 
@@ -76,7 +74,7 @@ pub(crate) trait ResponseBody:
 
 /// Why a server refused a request or reset a stream itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// 400: the request head does not parse.
     MalformedHead,
     /// 400: the head leaves the body's length ambiguous (RFC 9112 6.1, 6.3).
@@ -109,7 +107,7 @@ impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
 }
 
 impl Refusal {
-    pub(crate) const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 8] = [
         Refusal::MalformedHead,
         Refusal::AmbiguousFraming,
         Refusal::HeadTimeout,
@@ -121,7 +119,7 @@ impl Refusal {
     ];
 
     /// The status it is answered with; None for a stream reset without an answer.
-    pub(crate) fn status(self) -> Option<StatusCode> {
+    pub fn status(self) -> Option<StatusCode> {
         Some(match self {
             Refusal::MalformedHead | Refusal::AmbiguousFraming => StatusCode::BAD_REQUEST,
             Refusal::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -134,7 +132,7 @@ impl Refusal {
     }
 
     /// The metric label and access log reason.
-    pub(crate) fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             Refusal::MalformedHead => "malformed_head",
             Refusal::AmbiguousFraming => "ambiguous_framing",
@@ -148,7 +146,7 @@ impl Refusal {
     }
 
     /// Its place in `ALL` (and in the refusal counters).
-    pub(crate) fn index(self) -> usize {
+    pub fn index(self) -> usize {
         Refusal::ALL
             .iter()
             .position(|r| *r == self)

@@ -9,15 +9,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A connection: a plain socket, or a TLS session over one (`T`: the server or client side).
-pub(crate) enum MaybeTls<T> {
+pub enum MaybeTls<T> {
     Plain(TcpStream),
     Tls(Box<T>),
 }
 
 /// A client's connection to us.
-pub(crate) type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 /// Our connection to an upstream endpoint.
-pub(crate) type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type UpstreamStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
@@ -100,7 +100,7 @@ fn poll_send_vectored(
 }
 
 /// Reads what is there into `buf`, with room for at least a quarter of `size`.
-pub(crate) fn poll_fill<S: AsyncRead + Unpin>(
+pub fn poll_fill<S: AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
     size: usize,

@@ -10,9 +10,9 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::request::StreamHead;
 use super::*;
-use crate::http::body::ClientBody;
-use crate::http::recv::{BodyError, Credit, Recv, RecvBody, WindowCredit, WindowRelease};
-use crate::http::service::{Refusal, Reply, Service};
+use crate::body::ClientBody;
+use crate::recv::{BodyError, Credit, Recv, RecvBody, WindowCredit, WindowRelease};
+use crate::service::{Refusal, Reply, Service};
 use fluxgate_wire::h2::frame::*;
 
 impl<S: Service> H2Connection<S> {

@@ -21,11 +21,11 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::Body;
 use tokio::sync::watch;
 
-use crate::http::body::ClientBody;
-use crate::http::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
-use crate::http::headers::{connection_has, http_date};
-use crate::http::recv::{BodyError, Credit, Recv, RecvBody};
-use crate::http::service::{Refusal, Reply, ResponseBody, Service};
+use crate::body::ClientBody;
+use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::headers::{connection_has, http_date};
+use crate::recv::{BodyError, Credit, Recv, RecvBody};
+use crate::service::{Refusal, Reply, ResponseBody, Service};
 use fluxgate_wire::h1::request::{RequestFraming, RequestHead};
 use fluxgate_wire::h1::response::put_status_line;
 use fluxgate_wire::h1::{decode_chunk, put_fields, Span};
@@ -40,7 +40,7 @@ const WRITE_HIGH: usize = 64 * 1024;
 
 /// Serves one HTTP/1.1 connection until it ends. Returns the socket to close gently (see
 /// `conn::linger`), or None when the client already closed it or it carried a tunnel.
-pub(crate) fn serve<S: Service>(
+pub fn serve<S: Service>(
     io: ClientIo,
     state: Arc<ConnState>,
     svc: Rc<S>,

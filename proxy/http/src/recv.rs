@@ -12,11 +12,11 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::error::BoxError;
+use crate::BoxError;
 
 /// Why a request body ended before it was whole; the reader gets it as the body's error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BodyError {
+pub enum BodyError {
     /// The client closed the connection before the body ended.
     #[error("client closed before the body ended")]
     ClientClosed,
@@ -32,31 +32,31 @@ pub(crate) enum BodyError {
 }
 
 /// The shared state of one request body.
-pub(crate) struct Recv {
-    pub(crate) queue: VecDeque<Bytes>,
-    pub(crate) queued: usize,
-    pub(crate) trailers: Option<HeaderMap>,
-    pub(crate) end: bool,
+pub struct Recv {
+    pub queue: VecDeque<Bytes>,
+    pub queued: usize,
+    pub trailers: Option<HeaderMap>,
+    pub end: bool,
     /// Why the body failed (the stream was reset, the client left); the reader gets it as
     /// an error.
-    pub(crate) failed: Option<BodyError>,
-    pub(crate) reader: Option<Waker>,
+    pub failed: Option<BodyError>,
+    pub reader: Option<Waker>,
     /// The reader is gone: further data is dropped at once.
-    pub(crate) dropped: bool,
+    pub dropped: bool,
     /// The reader has asked for data it did not have yet (HTTP/1.1: time for a 100 Continue).
-    pub(crate) asked: bool,
+    pub asked: bool,
     /// HTTP/2: read since the stream's window was last widened.
-    pub(crate) consumed: usize,
+    pub consumed: usize,
     /// Content-Length, if declared, and what arrived so far.
-    pub(crate) declared: Option<u64>,
-    pub(crate) received: u64,
+    pub declared: Option<u64>,
+    pub received: u64,
     /// HTTP/1.1: the connection, waiting for room in the queue or for the reader to ask.
-    pub(crate) producer: Option<Waker>,
+    pub producer: Option<Waker>,
 }
 
 impl Recv {
     /// A body the client is about to send, `declared` its Content-Length if any.
-    pub(crate) fn new(declared: Option<u64>) -> Recv {
+    pub fn new(declared: Option<u64>) -> Recv {
         Recv {
             queue: VecDeque::new(),
             queued: 0,
@@ -74,19 +74,19 @@ impl Recv {
     }
 
     /// Something changed for the reader: more data, the end, or a failure.
-    pub(crate) fn wake(&mut self) {
+    pub fn wake(&mut self) {
         if let Some(w) = self.reader.take() {
             w.wake();
         }
     }
 
-    pub(crate) fn fail(&mut self, why: BodyError) {
+    pub fn fail(&mut self, why: BodyError) {
         self.failed = Some(why);
         self.wake();
     }
 
     /// Queues body bytes for the reader (dropped if it is gone).
-    pub(crate) fn push(&mut self, data: Bytes) {
+    pub fn push(&mut self, data: Bytes) {
         if !self.dropped && !data.is_empty() {
             self.queued += data.len();
             self.queue.push_back(data);
@@ -101,7 +101,7 @@ impl Recv {
 }
 
 /// How a connection learns that its reader took bytes.
-pub(crate) enum Credit {
+pub enum Credit {
     /// HTTP/1.1: the connection reads on once the queue is below this.
     H1(usize),
     /// HTTP/2 (and later HTTP/3): flow-control credit for the stream and the connection.
@@ -109,18 +109,18 @@ pub(crate) enum Credit {
 }
 
 /// A multiplexed connection that takes back the window its streams' readers free.
-pub(crate) trait WindowRelease: Send + Sync {
+pub trait WindowRelease: Send + Sync {
     /// `n` bytes were read (or dropped unread) by a stream's reader.
     fn release(&self, n: usize);
 }
 
 /// What a stream's body reader gives back as it reads: connection credit, and a wake of the
 /// stream once enough was read to widen its window.
-pub(crate) struct WindowCredit {
-    pub(crate) conn: Arc<dyn WindowRelease>,
-    pub(crate) stream: Waker,
+pub struct WindowCredit {
+    pub conn: Arc<dyn WindowRelease>,
+    pub stream: Waker,
     /// Read this much since the last widening, the stream's window is worth widening.
-    pub(crate) widen_at: usize,
+    pub widen_at: usize,
 }
 
 impl WindowCredit {
@@ -137,9 +137,9 @@ impl WindowCredit {
 }
 
 /// The reading end of a request body, handed to the proxy inside the request.
-pub(crate) struct RecvBody {
-    pub(crate) recv: Arc<Mutex<Recv>>,
-    pub(crate) credit: Credit,
+pub struct RecvBody {
+    pub recv: Arc<Mutex<Recv>>,
+    pub credit: Credit,
 }
 
 impl Body for RecvBody {

@@ -7,12 +7,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::error::BoxError;
-use crate::http::recv::RecvBody;
+use crate::recv::RecvBody;
+use crate::BoxError;
 
 /// A request body as the client sends it, read by our HTTP/1.1 or HTTP/2 server; also what
 /// goes upstream.
-pub(crate) enum ClientBody {
+pub enum ClientBody {
     Stream(RecvBody),
     /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
     /// (whose original body the failed attempt consumed).

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-pub(crate) use crate::io::stream::ClientStream;
+pub use crate::stream::ClientStream;
 
 /// A connection idle this long is parked: its server frees its read and write buffers and
 /// keeps the socket, taking buffers again when the next request comes. Busy connections never
@@ -24,7 +24,7 @@ pub(crate) use crate::io::stream::ClientStream;
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// What the request handler and the socket wrapper of one connection share.
-pub(crate) struct ConnState {
+pub struct ConnState {
     /// Requests received whose response body has not been dropped yet.
     in_flight: Count,
     /// Bytes arrived since the last request was handed over: a head is being read.
@@ -42,9 +42,9 @@ pub(crate) struct ConnState {
     header_timeout: Duration,
     idle_timeout: Duration,
     /// The client's IP address, ready for X-Forwarded-For.
-    pub(crate) peer_ip: http::HeaderValue,
+    pub peer_ip: http::HeaderValue,
     /// "http" or "https", for X-Forwarded-Proto.
-    pub(crate) scheme: http::HeaderValue,
+    pub scheme: http::HeaderValue,
 }
 
 // The fields of `ConnState` are touched by one thread only, but the response body holds them
@@ -106,11 +106,11 @@ impl Stamp {
 }
 
 /// Held by a response body: the connection counts as busy until it is dropped.
-pub(crate) struct InFlight(Arc<ConnState>);
+pub struct InFlight(Arc<ConnState>);
 
 impl ConnState {
     /// Marks a request as received; the returned guard marks it finished when dropped.
-    pub(crate) fn begin_request(self: &Arc<Self>) -> InFlight {
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.set(self.in_flight.get() + 1);
         self.partial.set(false);
         InFlight(Arc::clone(self))
@@ -118,7 +118,7 @@ impl ConnState {
 
     /// Bytes of a request head are here: the header-read timeout runs from now (unless it
     /// already runs).
-    pub(crate) fn begin_head(&self) {
+    pub fn begin_head(&self) {
         if !self.partial.replace(true) {
             self.head_started.set(Instant::now());
         }
@@ -130,7 +130,7 @@ impl ConnState {
     }
 
     /// Whether the socket wrapper asked the server to free its buffers (once).
-    pub(crate) fn take_park(&self) -> bool {
+    pub fn take_park(&self) -> bool {
         let parked = self.parked.replace(false);
         if parked {
             self.slim.set(true);
@@ -176,7 +176,7 @@ impl Drop for InFlight {
 /// connection's deadline has passed, the read fails with `TimedOut` (the HTTP/1.1 server then
 /// answers 408 if a head had begun), which ends the connection; when it is time to park, the
 /// read returns no bytes and `ConnState::take_park` says why.
-pub(crate) struct ClientIo {
+pub struct ClientIo {
     stream: ClientStream,
     eof: bool,
     state: Arc<ConnState>,
@@ -190,21 +190,21 @@ pub(crate) struct ClientIo {
 
 impl ClientIo {
     /// The socket, unless the client closed its side.
-    pub(crate) fn into_stream(self) -> Option<ClientStream> {
+    pub fn into_stream(self) -> Option<ClientStream> {
         (!self.eof).then_some(self.stream)
     }
 
     /// Reads what the client sent into `rbuf` (room for `size`). A server that freed its
     /// buffers (`rbuf` without capacity) reads a little first, so that it only takes a buffer
     /// again when bytes come.
-    pub(crate) fn poll_input(
+    pub fn poll_input(
         &mut self,
         rbuf: &mut BytesMut,
         size: usize,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         if rbuf.capacity() > 0 {
-            return crate::io::stream::poll_fill(self, rbuf, size, cx);
+            return crate::stream::poll_fill(self, rbuf, size, cx);
         }
         let mut small = [0u8; 64];
         let mut buf = ReadBuf::new(&mut small);
@@ -215,7 +215,7 @@ impl ClientIo {
 
     /// Writes `wbuf` from `written` on, then empties it; a buffer a large body grew past
     /// `keep` is given back.
-    pub(crate) fn poll_write_buf(
+    pub fn poll_write_buf(
         &mut self,
         wbuf: &mut Vec<u8>,
         written: &mut usize,
@@ -366,16 +366,16 @@ impl AsyncWrite for ClientIo {
 
 /// The limits a request head must keep, on every protocol.
 #[derive(Clone, Copy)]
-pub(crate) struct HeadLimits {
+pub struct HeadLimits {
     /// The most bytes a head may take (431 beyond; on HTTP/1.1, 414 when the request line
     /// alone does).
-    pub(crate) max_head: usize,
+    pub max_head: usize,
     /// The most header fields, pseudo-headers not counted (431 beyond).
-    pub(crate) max_headers: usize,
+    pub max_headers: usize,
 }
 
 /// Frees an idle connection's read and write buffers, unless they still hold bytes.
-pub(crate) fn free_buffers(rbuf: &mut BytesMut, wbuf: &mut Vec<u8>, written: &mut usize) {
+pub fn free_buffers(rbuf: &mut BytesMut, wbuf: &mut Vec<u8>, written: &mut usize) {
     if rbuf.is_empty() {
         *rbuf = BytesMut::new();
     }
@@ -389,7 +389,7 @@ pub(crate) fn free_buffers(rbuf: &mut BytesMut, wbuf: &mut Vec<u8>, written: &mu
 /// is polled. The wait (`draining.wait_for`) is polled once to register and again only after
 /// the value changed: a registered wait keeps the task's waker, and each poll of it takes a
 /// lock. `probe` is a clone of the receiver the wait borrows.
-pub(crate) fn poll_drain<F: Future>(
+pub fn poll_drain<F: Future>(
     wait: Pin<&mut F>,
     probe: &watch::Receiver<bool>,
     registered: &mut bool,
@@ -403,14 +403,14 @@ pub(crate) fn poll_drain<F: Future>(
 }
 
 impl InFlight {
-    pub(crate) fn state(&self) -> &ConnState {
+    pub fn state(&self) -> &ConnState {
         &self.0
     }
 }
 
 impl ConnState {
     /// The state of a connection accepted now, from `peer`, whose first bytes told `h2`.
-    pub(crate) fn new(
+    pub fn new(
         h2: bool,
         timeouts: (Duration, Duration),
         scheme: &'static str,
@@ -437,7 +437,7 @@ impl ConnState {
 
 impl ClientIo {
     /// The socket of a connection with `state`; `first` is what was read from it already.
-    pub(crate) fn new(stream: ClientStream, state: Arc<ConnState>, first: bytes::Bytes) -> Self {
+    pub fn new(stream: ClientStream, state: Arc<ConnState>, first: bytes::Bytes) -> Self {
         ClientIo {
             stream,
             eof: false,
