@@ -47,8 +47,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(again.is_empty(), "the whole encoded head was taken");
                 let (back, ()) = back.req.into_parts();
                 assert_eq!(back.method, parts.method);
+                // Path and query: an absolute-form target with an empty path goes out as "/".
                 if parts.uri.path_and_query().is_some() {
-                    assert_eq!(back.uri.path_and_query(), parts.uri.path_and_query());
+                    assert_eq!(back.uri.path(), parts.uri.path());
+                    assert_eq!(back.uri.query(), parts.uri.query());
                 }
                 for (name, value) in &parts.headers {
                     if name != http::header::CONTENT_LENGTH

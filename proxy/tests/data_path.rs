@@ -49,6 +49,7 @@ on_both_acceptors!(
     http1_request_body_is_read_only_as_the_upstream_takes_it,
     h2_request_body_is_held_to_what_the_upstream_takes,
     drain_closes_http1_answers_in_flight,
+    absolute_form_without_a_path_goes_upstream_as_a_slash,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -1059,4 +1060,17 @@ fn drain_closes_http1_answers_in_flight(io: IoMode) {
     );
     assert!(c.closed());
     assert!(drain.join().unwrap(), "drained within the grace time");
+}
+
+/// Regression (found by the h1_request_head fuzz target): an absolute-form target with a query
+/// and no path went upstream as "GET ?x=1", which no server takes.
+fn absolute_form_without_a_path_goes_upstream_as_a_slash(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", io);
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET http://app.example?x=1 HTTP/1.1\r\nHost: app.example\r\n\r\n");
+    let r = c.read_response().expect("response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-path"), Some("/?x=1"));
+    fg.shutdown();
 }

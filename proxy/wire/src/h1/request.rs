@@ -172,6 +172,11 @@ pub fn encode(parts: &Parts, body: Option<Option<u64>>) -> (Bytes, bool) {
     );
     out.put_slice(parts.method.as_str().as_bytes());
     out.put_u8(b' ');
+    // An absolute-form target with an empty path ("http://a?q") goes out as "/?q" (RFC 9112
+    // 3.2.1: the path of the origin form is never empty).
+    if target.starts_with('?') {
+        out.put_u8(b'/');
+    }
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
     let fields = parts
@@ -251,6 +256,28 @@ mod tests {
         assert_eq!(
             bad(b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\ng: 1\r\nh: 1\r\ni: 1\r\n\r\n"),
             Some(HeadError::TooManyFields)
+        );
+    }
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_path_goes_out_as_a_slash() {
+        let limits = Limits {
+            max_head: 1024,
+            max_headers: 8,
+        };
+        let mut raw = BytesMut::from(&b"GET http://a.example?q=1 HTTP/1.1\r\nHost: b\r\n\r\n"[..]);
+        let head = parse(&mut raw, limits, &mut Vec::new()).unwrap().unwrap();
+        let (parts, ()) = head.req.into_parts();
+        let (encoded, chunked) = encode(&parts, None);
+        assert!(!chunked);
+        assert!(
+            encoded.starts_with(b"GET /?q=1 HTTP/1.1\r\n"),
+            "{encoded:?}"
         );
     }
 }
