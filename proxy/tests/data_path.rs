@@ -249,20 +249,14 @@ fn h2c_reset_stream_leaves_the_connection_serving(io: IoMode) {
         let seen = seen.clone();
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-                if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            if head.starts_with(b"GET /slow ") {
+            let mut buf = Vec::new();
+            let Some(head) = read_head(&mut stream, &mut buf).await else {
+                return;
+            };
+            if head.starts_with("GET /slow ") {
                 // Held until the proxy gives up on the request and closes the connection.
-                let gone = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf));
+                let mut byte = [0u8; 1];
+                let gone = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte));
                 if matches!(gone.await, Ok(Ok(0) | Err(_))) {
                     seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
@@ -828,21 +822,10 @@ fn hop_upstream() -> (
     let addr = serve_in_background(move |mut stream| {
         let seen = seen.clone();
         async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            use tokio::io::AsyncWriteExt;
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    continue;
-                };
-                let head: Vec<u8> = buf.drain(..end + 4).collect();
-                seen.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&head).into_owned());
+            while let Some(head) = read_head(&mut stream, &mut buf).await {
+                seen.lock().unwrap().push(head);
                 let answer = b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Named\r\nX-Resp-Named: 1\r\n\
                     Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
                     Trailer: X-T\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\n\

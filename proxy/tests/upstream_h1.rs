@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use fluxgate_conf::IoMode;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// What the scripted upstream answers to a request for `path`, and whether it then closes.
 fn script(path: &str) -> (&'static [u8], bool) {
@@ -56,17 +56,7 @@ fn scripted_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         count.fetch_add(1, Ordering::SeqCst);
         async move {
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    continue;
-                };
-                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                buf.drain(..end + 4);
+            while let Some(head) = read_head(&mut s, &mut buf).await {
                 let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
                 let (answer, close) = script(&path);
                 if s.write_all(answer).await.is_err() || close {

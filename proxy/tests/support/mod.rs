@@ -583,6 +583,23 @@ where
     addr
 }
 
+/// Reads one request head (through its blank line) off a raw test upstream's connection;
+/// bytes past it stay in `buf` for the next call. None when the peer closes first.
+pub async fn read_head(stream: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = buf.drain(..end + 4).collect();
+            return Some(String::from_utf8_lossy(&head).into_owned());
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// An address nothing listens on, held for as long as the value lives: the port is bound
 /// (so no other test can take it) but not listening, so a connect gets a reset at once.
 pub struct DeadAddr {
