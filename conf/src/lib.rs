@@ -346,7 +346,7 @@ struct RawUpstreamTls {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum RawSize {
+pub(crate) enum RawSize {
     Bytes(i64),
     Text(String),
 }

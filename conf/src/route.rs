@@ -21,6 +21,9 @@ pub struct Route {
     pub action: RouteAction,
     /// Replaces `upstream.response_timeout` for this route. Default: the upstream's.
     pub timeout: Option<Duration>,
+    /// Largest request body in bytes: a longer Content-Length gets 413 at once, a streamed
+    /// body 413 (or a reset stream) when it passes it. Default: none.
+    pub max_body: Option<u64>,
     /// Replaces the matched `path_prefix` before forwarding. Default: none.
     pub rewrite_prefix: Option<String>,
     /// Applied to the request before forwarding. Default: none.
@@ -129,6 +132,7 @@ pub(crate) struct RawRoute {
     respond: Option<Spanned<RawRespond>>,
     redirect: Option<Spanned<RawRedirect>>,
     timeout: Option<Spanned<String>>,
+    max_body: Option<Spanned<crate::RawSize>>,
     rewrite_prefix: Option<Spanned<String>>,
     request_headers: Option<Spanned<RawHeaderOps>>,
     response_headers: Option<Spanned<RawHeaderOps>>,
@@ -311,6 +315,7 @@ pub(crate) fn catch_all(action: RouteAction) -> Route {
         matcher: RouteMatch::default(),
         action,
         timeout: None,
+        max_body: None,
         rewrite_prefix: None,
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
@@ -471,6 +476,10 @@ pub(crate) fn build(
         timeout: match &r.timeout {
             None => None,
             Some(t) => Some(src.duration(|| k("timeout"), &Some(t.clone()), Duration::ZERO)?),
+        },
+        max_body: match &r.max_body {
+            None => None,
+            Some(_) => Some(src.size(|| k("max_body"), &r.max_body, 0, 0)? as u64),
         },
         rewrite_prefix,
         request_headers: header_ops(src, &k("request_headers"), &r.request_headers)?,

@@ -36,6 +36,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody(e) if too_large(e.as_ref()) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::Overloaded | ProxyError::NoHealthyEndpoint => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -58,4 +59,16 @@ impl ProxyError {
             ProxyError::Upstream(Box::new(err))
         }
     }
+}
+
+/// Whether a client body failure, however wrapped, is the route's `max_body` passed.
+fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(fluxgate_http::recv::BodyError::TooLarge(_)) = c.downcast_ref() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }

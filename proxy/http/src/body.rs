@@ -47,3 +47,12 @@ impl Body for ClientBody {
         }
     }
 }
+
+impl ClientBody {
+    /// Makes the body fail with `BodyError::TooLarge` once more than `max` bytes arrived.
+    pub fn limit(&self, max: u64) {
+        if let ClientBody::Stream(b) = self {
+            b.recv.lock().expect("recv lock").limit = Some(max);
+        }
+    }
+}

@@ -4,8 +4,9 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never the message: removed in both directions.
-/// Connection first: the headers it names go too.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// Connection first: the headers it names go too. HTTP2-Settings belongs to the h2c upgrade,
+/// which is never forwarded (RFC 9113 3.1).
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -15,12 +16,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// The index of `name` in `HOP_BY_HOP`.
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     // By length first: most headers fall out without a comparison.
-    if !matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17 | 18 | 19) {
+    if !matches!(name.as_str().len(), 2 | 7 | 10 | 14 | 16 | 17 | 18 | 19) {
         return None;
     }
     HOP_BY_HOP.iter().position(|h| h == name)

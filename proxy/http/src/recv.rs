@@ -26,6 +26,9 @@ pub enum BodyError {
     /// The server reset the stream with this HTTP/2 error code.
     #[error("stream reset with error code {0}")]
     StreamReset(u32),
+    /// The body passed the route's `max_body`.
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
     /// The body's chunked coding or length is broken.
     #[error("bad request body framing: {0}")]
     Framing(#[from] fluxgate_wire::h1::FieldError),
@@ -50,6 +53,8 @@ pub struct Recv {
     /// Content-Length, if declared, and what arrived so far.
     pub declared: Option<u64>,
     pub received: u64,
+    /// The most bytes the reader takes (a route's `max_body`); past it the body fails.
+    pub limit: Option<u64>,
     /// HTTP/1.1: the connection, waiting for room in the queue or for the reader to ask.
     pub producer: Option<Waker>,
 }
@@ -69,6 +74,7 @@ impl Recv {
             consumed: 0,
             declared,
             received: 0,
+            limit: None,
             producer: None,
         }
     }
@@ -152,6 +158,9 @@ impl Body for RecvBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let mut r = this.recv.lock().expect("recv lock");
+        if let Some(max) = r.limit.filter(|&max| r.received > max) {
+            return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge(max)))));
+        }
         if let Some(data) = r.queue.pop_front() {
             r.queued -= data.len();
             match &this.credit {

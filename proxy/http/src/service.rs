@@ -79,6 +79,8 @@ pub enum Refusal {
     MalformedHead,
     /// 400: the head leaves the body's length ambiguous (RFC 9112 6.1, 6.3).
     AmbiguousFraming,
+    /// 400: an HTTP/1.1 request with no Host, or one with two (RFC 9112 3.2).
+    BadHost,
     /// 408: a request head was begun and not finished within `header_read_timeout`.
     HeadTimeout,
     /// 414: the request line alone is over the head limit.
@@ -102,14 +104,16 @@ impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
             HeadError::TooManyFields => Refusal::TooManyFields,
             HeadError::HeadTooLarge => Refusal::HeadTooLarge,
             HeadError::TargetTooLong => Refusal::TargetTooLong,
+            HeadError::BadHost => Refusal::BadHost,
         }
     }
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::MalformedHead,
         Refusal::AmbiguousFraming,
+        Refusal::BadHost,
         Refusal::HeadTimeout,
         Refusal::TargetTooLong,
         Refusal::HeadTooLarge,
@@ -121,7 +125,9 @@ impl Refusal {
     /// The status it is answered with; None for a stream reset without an answer.
     pub fn status(self) -> Option<StatusCode> {
         Some(match self {
-            Refusal::MalformedHead | Refusal::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            Refusal::MalformedHead | Refusal::AmbiguousFraming | Refusal::BadHost => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
             Refusal::HeadTooLarge | Refusal::TooManyFields => {
@@ -136,6 +142,7 @@ impl Refusal {
         match self {
             Refusal::MalformedHead => "malformed_head",
             Refusal::AmbiguousFraming => "ambiguous_framing",
+            Refusal::BadHost => "bad_host",
             Refusal::HeadTimeout => "head_timeout",
             Refusal::TargetTooLong => "target_too_long",
             Refusal::HeadTooLarge => "head_too_large",

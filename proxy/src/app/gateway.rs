@@ -150,6 +150,13 @@ impl Handler {
             } => redirect(*status, location, *keep_path, req.uri(), inflight),
             RouteAction::Forward(pool) => {
                 let mut req = req;
+                if let Some(max) = route.max_body {
+                    if req.body().size_hint().exact().is_some_and(|n| n > max) {
+                        let resp = short_answer(StatusCode::PAYLOAD_TOO_LARGE, true, inflight);
+                        return Routed::Answer(Some(index), resp);
+                    }
+                    req.body().limit(max);
+                }
                 edit_headers(req.headers_mut(), &route.request_headers);
                 if let Some(to) = &route.rewrite_prefix {
                     rewrite_prefix(&mut req, route, to);
@@ -402,10 +409,15 @@ struct Forward<'a> {
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).
+/// An upgrade to h2c is never forwarded (RFC 9113 3.1): its headers are dropped and the
+/// request goes on as a plain HTTP/1.1 one.
 fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     let asks = req.version() == Version::HTTP_11 && connection_has(req.headers(), "upgrade");
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let proto = asks.then(|| req.headers().get(header::UPGRADE)).flatten()?;
+    let h2c = proto.to_str().map_or(true, |p| {
+        p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))
+    });
+    (!h2c).then(|| proto.clone())
 }
 
 /// Puts back the two headers an upgrade needs, which the hop-by-hop rule removed.

@@ -53,6 +53,8 @@ pub enum HeadError {
     HeadTooLarge,
     /// Its request line alone is over `max_head` bytes.
     TargetTooLong,
+    /// An HTTP/1.1 request with no Host, or any request with two (RFC 9112 3.2).
+    BadHost,
 }
 
 /// Parses the request head at the front of `buf`, splitting it off when complete. Ok(None):
@@ -113,6 +115,17 @@ pub fn parse(
             Some(n) => Some(RequestFraming::Length(n)),
         }
     };
+    // An HTTP/1.1 request carries exactly one Host (RFC 9112 3.2); with a target in absolute
+    // form, the target's authority is the host whatever Host says (3.2.2).
+    let mut headers = headers;
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11) {
+        return Err(HeadError::BadHost);
+    }
+    if let (Some(_), Some(authority)) = (uri.scheme(), uri.authority()) {
+        let host = http::HeaderValue::from_str(authority.as_str()).map_err(|_| bad)?;
+        headers.insert(header::HOST, host);
+    }
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -219,7 +232,7 @@ mod tests {
         let h = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.req.version(), Version::HTTP_10);
         assert!(h.framing.is_none());
-        let h = parse(b"PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        let h = parse(b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert!(matches!(
             h,
             Ok(Some(RequestHead {
@@ -279,5 +292,43 @@ mod encode_tests {
             encoded.starts_with(b"GET /?q=1 HTTP/1.1\r\n"),
             "{encoded:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    fn head(raw: &[u8]) -> Result<Option<RequestHead>, HeadError> {
+        let limits = Limits {
+            max_head: 1024,
+            max_headers: 8,
+        };
+        parse(&mut BytesMut::from(raw), limits, &mut Vec::new())
+    }
+
+    #[test]
+    fn one_host_and_the_absolute_form_wins() {
+        assert_eq!(
+            head(b"GET / HTTP/1.1\r\n\r\n").unwrap_err(),
+            HeadError::BadHost
+        );
+        assert_eq!(
+            head(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            HeadError::BadHost
+        );
+        assert_eq!(
+            head(b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n").unwrap_err(),
+            HeadError::BadHost
+        );
+        assert!(
+            head(b"GET / HTTP/1.0\r\n\r\n").unwrap().is_some(),
+            "1.0 needs none"
+        );
+        let h = head(b"GET http://a.example:8080/p HTTP/1.1\r\nHost: other\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.req.headers()["host"], "a.example:8080");
+        assert_eq!(h.req.headers().get_all("host").iter().count(), 1);
     }
 }

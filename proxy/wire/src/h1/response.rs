@@ -69,6 +69,10 @@ pub fn parse(
             &mut fields,
         );
         let len = match parsed {
+            // However it arrived: a head that came whole in one read is held to the limit too.
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                return Err(ResponseError::TooLarge)
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(ResponseError::TooLarge)
@@ -198,5 +202,14 @@ mod tests {
         assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n", false).is_err());
         assert!(head(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
         assert!(head(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
+        // Over the limit, even when it came whole in one read.
+        let long = format!(
+            "HTTP/1.1 200 OK\r\nX-Long: {}\r\n\r\n",
+            "v".repeat(70 << 10)
+        );
+        assert_eq!(
+            head(long.as_bytes(), false).unwrap_err(),
+            ResponseError::TooLarge
+        );
     }
 }
