@@ -145,6 +145,27 @@ impl RouteTable {
     }
 }
 
+impl RouteTable {
+    /// What `match_request` answers, found by trying every route in order without the index:
+    /// the reference the index is held to (tests and the route fuzz target).
+    pub fn match_linear(&self, req: &RequestHead<'_>) -> Option<usize> {
+        let host = req
+            .host
+            .filter(|h| h.len() <= MAX_HOST)
+            .map(str::to_ascii_lowercase);
+        self.routes.iter().position(|r| {
+            let host_ok = match &r.matcher.host {
+                None => true,
+                Some(HostMatch::Exact(h)) => host.as_deref() == Some(h.as_str()),
+                Some(HostMatch::Suffix(s)) => {
+                    host.as_deref().is_some_and(|x| x.ends_with(s.as_str()))
+                }
+            };
+            host_ok && matches_rest(&r.matcher, req)
+        })
+    }
+}
+
 /// Everything but the host, which the bucketing already checked.
 fn matches_rest(m: &RouteMatch, req: &RequestHead<'_>) -> bool {
     if !m.methods.is_empty() && !m.methods.iter().any(|x| x == req.method) {
