@@ -94,6 +94,9 @@ impl<S: Service> H2Connection<S> {
                 if flags & ACK == 0 {
                     frame_head(&mut self.wbuf, 8, PING, ACK, 0);
                     self.wbuf.extend_from_slice(p);
+                } else if self.drain_announced && p == DRAIN_PING {
+                    // Every stream opened before the first GOAWAY is in: the final one.
+                    self.go_away(ConnError(NO_ERROR, Fault::ShuttingDown));
                 }
                 Ok(())
             }

@@ -246,10 +246,22 @@ pub async fn serve<S: Service>(
     let probe = draining.clone();
     let mut registered = false;
     let mut drain = std::pin::pin!(draining.wait_for(|d| *d));
+    // Set once the drain is announced: the final GOAWAY goes by then, acknowledged or not.
+    let mut last_call: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
-        if conn.closing.is_none() && poll_drain(drain.as_mut(), &probe, &mut registered, cx) {
-            // Streams open now finish; new ones are refused; then the connection closes.
-            conn.go_away(ConnError(NO_ERROR, Fault::ShuttingDown));
+        if conn.closing.is_none()
+            && last_call.is_none()
+            && poll_drain(drain.as_mut(), &probe, &mut registered, cx)
+        {
+            // A GOAWAY that lets in what is on its way, a PING to learn when it arrived, then
+            // (on its ACK) the GOAWAY with the real last stream (RFC 9113 6.8).
+            conn.announce_drain();
+            last_call = Some(Box::pin(tokio::time::sleep(DRAIN_ACK_WAIT)));
+        }
+        if let Some(t) = &mut last_call {
+            if conn.closing.is_none() && t.as_mut().poll(cx).is_ready() {
+                conn.go_away(ConnError(NO_ERROR, Fault::ShuttingDown));
+            }
         }
         conn.poll(cx)
     })
@@ -258,7 +270,14 @@ pub async fn serve<S: Service>(
     conn.io.into_stream()
 }
 
+/// The payload of the PING that follows the first GOAWAY of a drain.
+const DRAIN_PING: [u8; 8] = *b"fg-drain";
+/// How long the final GOAWAY waits for that PING's ACK.
+const DRAIN_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct H2Connection<S: Service> {
+    /// The first GOAWAY of a drain went out; its PING's ACK sends the final one.
+    drain_announced: bool,
     io: ClientIo,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
@@ -322,6 +341,7 @@ impl<S: Service> H2Connection<S> {
         frame_head(&mut wbuf, 4, WINDOW_UPDATE, 0, 0);
         wbuf.extend_from_slice(&(CONN_WINDOW - DEFAULT_WINDOW as u32).to_be_bytes());
         H2Connection {
+            drain_announced: false,
             io,
             rbuf: BytesMut::new(),
             wbuf,
@@ -448,6 +468,19 @@ impl<S: Service> H2Connection<S> {
 
     /// Sends GOAWAY: NO_ERROR lets the open streams finish, any other code ends the
     /// connection once it is written.
+    /// The first GOAWAY of a graceful shutdown, with the largest stream id, and a PING whose
+    /// ACK tells that every stream the client opened before it has arrived.
+    fn announce_drain(&mut self) {
+        let debug = Fault::ShuttingDown.to_string();
+        frame_head(&mut self.wbuf, 8 + debug.len(), GOAWAY, 0, 0);
+        self.wbuf.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        self.wbuf.extend_from_slice(&NO_ERROR.to_be_bytes());
+        self.wbuf.extend_from_slice(debug.as_bytes());
+        frame_head(&mut self.wbuf, 8, PING, 0, 0);
+        self.wbuf.extend_from_slice(&DRAIN_PING);
+        self.drain_announced = true;
+    }
+
     fn go_away(&mut self, e: ConnError) {
         if self.closing.is_some_and(|c| c != NO_ERROR) {
             return;
