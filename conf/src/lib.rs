@@ -128,6 +128,9 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// An idle client connection is closed after this. Default 60 s.
     pub keepalive_timeout: Duration,
+    /// A client that takes no response bytes for this long is closed, and its upstream
+    /// request cancelled (HTTP/1.1). Default 20 s.
+    pub send_timeout: Duration,
 }
 
 /// `[[listener]]`
@@ -280,6 +283,7 @@ struct RawHttp {
     max_headers: Option<Spanned<i64>>,
     header_read_timeout: Option<Spanned<String>>,
     keepalive_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -599,6 +603,11 @@ impl Config {
                 || "http.keepalive_timeout".into(),
                 &h.keepalive_timeout,
                 Duration::from_secs(60),
+            )?,
+            send_timeout: src.duration(
+                || "http.send_timeout".into(),
+                &h.send_timeout,
+                Duration::from_secs(20),
             )?,
         };
 

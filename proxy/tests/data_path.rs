@@ -50,6 +50,7 @@ on_both_acceptors!(
     h2_request_body_is_held_to_what_the_upstream_takes,
     drain_closes_http1_answers_in_flight,
     absolute_form_without_a_path_goes_upstream_as_a_slash,
+    a_client_that_stops_reading_is_closed_at_the_send_timeout,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -1055,5 +1056,75 @@ fn absolute_form_without_a_path_goes_upstream_as_a_slash(io: IoMode) {
     let r = c.read_response().expect("response");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-up-path"), Some("/?x=1"));
+    fg.shutdown();
+}
+
+/// The resident memory of this process (the gateway runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn a_client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
+    const LEN: usize = 100 << 20;
+    // An upstream with 100 MB to send, which notes when its connection is cut.
+    let cut = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let noted = cut.clone();
+    let addr = serve_in_background(move |mut s| {
+        let noted = noted.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..LEN / chunk.len() {
+                if s.write_all(&chunk).await.is_err() {
+                    *noted.lock().unwrap() = Some(Instant::now());
+                    return;
+                }
+            }
+        }
+    });
+    let fg = proxy_to(
+        addr,
+        "response_timeout = \"30s\"",
+        "send_timeout = \"1s\"",
+        io,
+    );
+    let before = rss_kib();
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    c.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
+    let asked = Instant::now();
+    // The client reads nothing; the gateway gives up on it and cancels the upstream side.
+    assert!(
+        eventually(Duration::from_secs(8), || cut.lock().unwrap().is_some()),
+        "the upstream request was not cancelled"
+    );
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "RSS grew {grown} KiB while the client stalled"
+    );
+    // What the socket buffers held arrives, then the close.
+    let mut got = 0;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match std::io::Read::read(&mut c.stream, &mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got < LEN / 2,
+        "{got} bytes came through a connection that was to be closed"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(10));
     fg.shutdown();
 }

@@ -41,6 +41,8 @@ pub struct ConnState {
     slim: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// How long the client may take no response bytes (see `SendWatch`).
+    pub send_timeout: Duration,
     /// The client's IP address, ready for X-Forwarded-For.
     pub peer_ip: http::HeaderValue,
     /// "http" or "https", for X-Forwarded-Proto.
@@ -412,12 +414,16 @@ impl ConnState {
     /// The state of a connection accepted now, from `peer`, whose first bytes told `h2`.
     pub fn new(
         h2: bool,
-        timeouts: (Duration, Duration),
+        timeouts: Timeouts,
         scheme: &'static str,
         peer: SocketAddr,
     ) -> Arc<ConnState> {
         let now = Instant::now();
-        let (header_timeout, idle_timeout) = timeouts;
+        let Timeouts {
+            header: header_timeout,
+            idle: idle_timeout,
+            send: send_timeout,
+        } = timeouts;
         Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
             partial: Flag::default(),
@@ -428,10 +434,55 @@ impl ConnState {
             slim: Flag::default(),
             header_timeout,
             idle_timeout,
+            send_timeout,
             scheme: http::HeaderValue::from_static(scheme),
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
         })
+    }
+}
+
+/// A client connection's timeouts (`[http]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `header_read_timeout`.
+    pub header: Duration,
+    /// `keepalive_timeout`.
+    pub idle: Duration,
+    /// `send_timeout`.
+    pub send: Duration,
+}
+
+/// Watches a connection's writes: true once the client has taken no response bytes for the
+/// send timeout while some wait to go out. The timer exists only while a write is blocked.
+#[derive(Default)]
+pub struct SendWatch {
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl SendWatch {
+    /// After a write attempt: `left` bytes still wait, and `moved` says whether any went out.
+    pub fn stalled(
+        &mut self,
+        left: usize,
+        moved: bool,
+        limit: Duration,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        if left == 0 {
+            self.timer = None;
+            return false;
+        }
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if moved {
+                    t.as_mut().reset(Instant::now() + limit);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 

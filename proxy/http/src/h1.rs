@@ -22,7 +22,9 @@ use http_body::Body;
 use tokio::sync::watch;
 
 use crate::body::ClientBody;
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::conn::{
+    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, SendWatch,
+};
 use crate::headers::{connection_has, http_date};
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
 use crate::service::{Refusal, Reply, ResponseBody, Service};
@@ -62,6 +64,7 @@ pub fn serve<S: Service>(
         closing: false,
         eof: false,
         tunnel: None,
+        send_watch: SendWatch::default(),
     };
     let mut draining = draining;
     // An async block, not an async fn: the fn's arguments would be stored in the future and
@@ -114,6 +117,7 @@ struct H1Connection<S: Service> {
     eof: bool,
     /// Answered 101: once written, the connection carries this upstream's protocol.
     tunnel: Option<Upgraded<S>>,
+    send_watch: SendWatch,
 }
 
 /// What a 101 answer hands over: the connection, and what it sent past the answer's head.
@@ -187,10 +191,18 @@ impl<S: Service> H1Connection<S> {
             }
             progress |= self.feed(cx);
             progress |= self.respond(cx);
+            let before = self.unwritten();
             if let Poll::Ready(Err(_)) =
                 self.io
                     .poll_write_buf(&mut self.wbuf, &mut self.written, WRITE_HIGH, cx)
             {
+                return Poll::Ready(());
+            }
+            // A client that takes nothing for the send timeout is closed; dropping the
+            // request cancels its upstream side.
+            let left = self.unwritten();
+            let limit = self.state.send_timeout;
+            if self.send_watch.stalled(left, left < before, limit, cx) {
                 return Poll::Ready(());
             }
             if self.unwritten() == 0 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use fluxgate_http::conn::{ClientIo, ClientStream, ConnState, HeadLimits};
+use fluxgate_http::conn::{ClientIo, ClientStream, ConnState, HeadLimits, Timeouts};
 use fluxgate_http::h2::PREFACE;
 use fluxgate_http::service::Service;
 
@@ -25,6 +25,7 @@ pub(crate) struct ConnServer {
     parks: Arc<AtomicU64>,
     header_timeout: Duration,
     idle_timeout: Duration,
+    send_timeout: Duration,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
@@ -40,6 +41,7 @@ impl ConnServer {
             parks,
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
+            send_timeout: limits.send_timeout,
             limits: HeadLimits {
                 max_head: limits.max_header_bytes,
                 max_headers: limits.max_headers,
@@ -68,7 +70,11 @@ impl ConnServer {
             ClientStream::Plain(_) => "http",
             ClientStream::Tls(_) => "https",
         };
-        let timeouts = (self.header_timeout, self.idle_timeout);
+        let timeouts = Timeouts {
+            header: self.header_timeout,
+            idle: self.idle_timeout,
+            send: self.send_timeout,
+        };
         let state = ConnState::new(h2, timeouts, scheme, peer);
         let io = ClientIo::new(stream, Arc::clone(&state), first);
         let draining = self.draining.clone();
