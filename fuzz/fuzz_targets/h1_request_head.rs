@@ -1,6 +1,7 @@
 //! HTTP/1.1 request heads over arbitrary bytes fed in arbitrary pieces: the parser never
 //! panics, consumes nothing while it needs more, and a head it accepts, encoded again, parses
-//! whole to the same method, target and fields. (A refused head ends the connection, so
+//! whole to the same method, target and fields (when it has a Host: HTTP/1.0 may come
+//! without, and the encoder's caller supplies one). (A refused head ends the connection, so
 //! what a refusal leaves in the buffer does not matter.)
 #![no_main]
 
@@ -28,6 +29,9 @@ fuzz_target!(|data: &[u8]| {
                 continue;
             }
             Err(_) => return,
+            // Without a Host (HTTP/1.0 allows it) the HTTP/1.1 head the encoder writes needs
+            // one from its caller: nothing to compare.
+            Ok(Some(head)) if !head.req.headers().contains_key(http::header::HOST) => return,
             Ok(Some(head)) => {
                 let (parts, ()) = head.req.into_parts();
                 let body = head.framing.map(|f| match f {

@@ -181,3 +181,16 @@ fn an_oversized_upstream_head_is_a_502() {
     }
     fg.shutdown();
 }
+
+/// Regression (found by the h1_request_head fuzz target): an HTTP/1.0 request without Host
+/// went upstream as HTTP/1.1 without one. It now carries the endpoint's address.
+#[test]
+fn a_hostless_http10_request_goes_upstream_with_the_endpoints_address() {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
+    let r = send(fg.local_addrs()[0], b"GET /old HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-version"), Some("HTTP/1.1"));
+    assert_eq!(r.header("x-up-host"), Some(up.addr.to_string().as_str()));
+    fg.shutdown();
+}

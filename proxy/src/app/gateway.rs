@@ -196,7 +196,8 @@ impl Handler {
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
         let pick = pool.pick_endpoint(key);
         let (mut parts, body) = req.into_parts();
-        prepare(&mut parts, inflight.state(), pool.cfg.protocol);
+        let endpoint = pick.as_ref().map(|p| pool.cfg.endpoints[p.ep].addr);
+        prepare(&mut parts, inflight.state(), pool.cfg.protocol, endpoint);
         let request = match pool.cfg.protocol {
             UpstreamProtocol::Http1 => {
                 restore_upgrade(&mut parts.headers, upgrade.clone());
@@ -528,7 +529,14 @@ pub(crate) fn short_answer(
 
 /// Rewrites the request head for the upstream: hop-by-hop headers out, X-Forwarded-* in,
 /// Host kept, the target in the form the upstream protocol wants.
-fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
+/// An HTTP/1.0 request may come without a host; HTTP/1.1 upstream needs one, and gets the
+/// endpoint's address, as nginx's `$proxy_host` does.
+fn prepare(
+    parts: &mut Parts,
+    client: &ConnState,
+    protocol: UpstreamProtocol,
+    endpoint: Option<std::net::SocketAddr>,
+) {
     strip_hop_by_hop(&mut parts.headers);
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -545,6 +553,8 @@ fn prepare(parts: &mut Parts, client: &ConnState, protocol: UpstreamProtocol) {
     match protocol {
         UpstreamProtocol::Http1 => {
             parts.version = Version::HTTP_11;
+            let host =
+                host.or_else(|| endpoint.and_then(|a| HeaderValue::from_str(&a.to_string()).ok()));
             if let Some(h) = host {
                 parts.headers.entry(header::HOST).or_insert(h);
             }
