@@ -131,6 +131,9 @@ pub struct HttpLimits {
     /// A client that takes no response bytes for this long is closed, and its upstream
     /// request cancelled (HTTP/1.1). Default 20 s.
     pub send_timeout: Duration,
+    /// An HTTP/1.1 client sending a request body that sends no byte of it for this long gets
+    /// 408 and is closed. Default 20 s.
+    pub body_timeout: Duration,
 }
 
 /// `[[listener]]`
@@ -284,6 +287,7 @@ struct RawHttp {
     header_read_timeout: Option<Spanned<String>>,
     keepalive_timeout: Option<Spanned<String>>,
     send_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -607,6 +611,11 @@ impl Config {
             send_timeout: src.duration(
                 || "http.send_timeout".into(),
                 &h.send_timeout,
+                Duration::from_secs(20),
+            )?,
+            body_timeout: src.duration(
+                || "http.body_timeout".into(),
+                &h.body_timeout,
                 Duration::from_secs(20),
             )?,
         };

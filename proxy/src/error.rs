@@ -1,5 +1,6 @@
 //! The one error type of the data path and the one place it becomes what a client sees.
 
+use fluxgate_http::recv::BodyError;
 use http::StatusCode;
 
 pub(crate) use fluxgate_http::BoxError;
@@ -36,8 +37,11 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. } | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::ClientBody(e) if too_large(e.as_ref()) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody(e) => match body_error(e.as_ref()) {
+                Some(BodyError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
+                Some(BodyError::IdleTimeout) => StatusCode::REQUEST_TIMEOUT,
+                _ => StatusCode::BAD_REQUEST,
+            },
             ProxyError::Overloaded | ProxyError::NoHealthyEndpoint => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -61,14 +65,14 @@ impl ProxyError {
     }
 }
 
-/// Whether a client body failure, however wrapped, is the route's `max_body` passed.
-fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The request body's own failure, however wrapped (an h2 upstream wraps it in hyper's).
+fn body_error(e: &(dyn std::error::Error + 'static)) -> Option<BodyError> {
     let mut cause = Some(e);
     while let Some(c) = cause {
-        if let Some(fluxgate_http::recv::BodyError::TooLarge(_)) = c.downcast_ref() {
-            return true;
+        if let Some(b) = c.downcast_ref::<BodyError>() {
+            return Some(*b);
         }
         cause = c.source();
     }
-    false
+    None
 }

@@ -51,6 +51,7 @@ on_both_acceptors!(
     drain_closes_http1_answers_in_flight,
     absolute_form_without_a_path_goes_upstream_as_a_slash,
     a_client_that_stops_reading_is_closed_at_the_send_timeout,
+    a_stalled_upload_gets_408_at_the_body_timeout,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -1126,5 +1127,34 @@ fn a_client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
         "{got} bytes came through a connection that was to be closed"
     );
     assert!(asked.elapsed() < Duration::from_secs(10));
+    fg.shutdown();
+}
+
+fn a_stalled_upload_gets_408_at_the_body_timeout(io: IoMode) {
+    let fg = start(
+        &format!(
+            "[http]\nbody_timeout = \"1s\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\nresponse_timeout = \"20s\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\npath = \"/ok\"\nrespond = {{ status = 200, body = \"ok\" }}\n\
+             [[listener.route]]\nupstream = \"u\"\n",
+            stalled_upstream()
+        ),
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    let mut c = RawClient::connect(addr);
+    c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789");
+    let t = Instant::now();
+    // Other clients are served meanwhile.
+    assert_eq!(get(addr, "/ok").status, 200);
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 408, "the upload stalled past the body timeout");
+    assert!(c.closed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered at the 1 s body timeout, not the 20 s response timeout: {:?}",
+        t.elapsed()
+    );
     fg.shutdown();
 }

@@ -41,8 +41,10 @@ pub struct ConnState {
     slim: Flag,
     header_timeout: Duration,
     idle_timeout: Duration,
-    /// How long the client may take no response bytes (see `SendWatch`).
+    /// How long the client may take no response bytes (see `StallWatch`).
     pub send_timeout: Duration,
+    /// How long the client may send no bytes of a request body it is sending.
+    pub body_timeout: Duration,
     /// The client's IP address, ready for X-Forwarded-For.
     pub peer_ip: http::HeaderValue,
     /// "http" or "https", for X-Forwarded-Proto.
@@ -423,6 +425,7 @@ impl ConnState {
             header: header_timeout,
             idle: idle_timeout,
             send: send_timeout,
+            body: body_timeout,
         } = timeouts;
         Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
@@ -435,6 +438,7 @@ impl ConnState {
             header_timeout,
             idle_timeout,
             send_timeout,
+            body_timeout,
             scheme: http::HeaderValue::from_static(scheme),
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
@@ -451,17 +455,21 @@ pub struct Timeouts {
     pub idle: Duration,
     /// `send_timeout`.
     pub send: Duration,
+    /// `body_timeout`.
+    pub body: Duration,
 }
 
-/// Watches a connection's writes: true once the client has taken no response bytes for the
-/// send timeout while some wait to go out. The timer exists only while a write is blocked.
+/// Watches one direction of a connection: true once nothing moved for a limit while
+/// something waits (response bytes the client does not take, request body bytes it does not
+/// send). The timer exists only while something waits.
 #[derive(Default)]
-pub struct SendWatch {
+pub struct StallWatch {
     timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl SendWatch {
-    /// After a write attempt: `left` bytes still wait, and `moved` says whether any went out.
+impl StallWatch {
+    /// After an attempt: `left` is what still waits (0: nothing, the watch stops), `moved`
+    /// whether anything went.
     pub fn stalled(
         &mut self,
         left: usize,

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::body::ClientBody;
 use crate::conn::{
-    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, SendWatch,
+    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, StallWatch,
 };
 use crate::headers::{connection_has, http_date};
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
@@ -64,7 +64,8 @@ pub fn serve<S: Service>(
         closing: false,
         eof: false,
         tunnel: None,
-        send_watch: SendWatch::default(),
+        send_watch: StallWatch::default(),
+        body_watch: StallWatch::default(),
     };
     let mut draining = draining;
     // An async block, not an async fn: the fn's arguments would be stored in the future and
@@ -117,7 +118,9 @@ struct H1Connection<S: Service> {
     eof: bool,
     /// Answered 101: once written, the connection carries this upstream's protocol.
     tunnel: Option<Upgraded<S>>,
-    send_watch: SendWatch,
+    send_watch: StallWatch,
+    /// Request body bytes awaited from the client (see `http.body_timeout`).
+    body_watch: StallWatch,
 }
 
 /// What a 101 answer hands over: the connection, and what it sent past the answer's head.
@@ -398,9 +401,20 @@ impl<S: Service> H1Connection<S> {
             RequestFraming::Length(left) => left == 0,
             RequestFraming::Chunked(state) => state.ended(),
         };
+        // Waiting on the client for more of the body, with room for it: it has the body
+        // timeout to send some.
+        let waiting = !ended && failed.is_none() && !self.eof && !r.dropped && r.queued < RECV_HIGH;
+        let limit = self.state.body_timeout;
+        let stalled = self
+            .body_watch
+            .stalled(usize::from(waiting), progress, limit, cx);
         if let Some(why) = failed {
             // The rest of the connection cannot be told apart from this body.
             r.fail(BodyError::Framing(why));
+            c.keep_alive = false;
+            self.eof = true;
+        } else if stalled {
+            r.fail(BodyError::IdleTimeout);
             c.keep_alive = false;
             self.eof = true;
         } else if ended {
@@ -417,6 +431,7 @@ impl<S: Service> H1Connection<S> {
         r.wake();
         drop(r);
         c.upload = None;
+        self.body_watch = StallWatch::default();
         true
     }
 

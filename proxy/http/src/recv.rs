@@ -26,6 +26,9 @@ pub enum BodyError {
     /// The server reset the stream with this HTTP/2 error code.
     #[error("stream reset with error code {0}")]
     StreamReset(u32),
+    /// The client sent no body bytes for `body_timeout`.
+    #[error("no request body bytes for the body timeout")]
+    IdleTimeout,
     /// The body passed the route's `max_body`.
     #[error("request body larger than {0} bytes")]
     TooLarge(u64),

@@ -26,6 +26,7 @@ pub(crate) struct ConnServer {
     header_timeout: Duration,
     idle_timeout: Duration,
     send_timeout: Duration,
+    body_timeout: Duration,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
@@ -42,6 +43,7 @@ impl ConnServer {
             header_timeout: limits.header_read_timeout,
             idle_timeout: limits.keepalive_timeout,
             send_timeout: limits.send_timeout,
+            body_timeout: limits.body_timeout,
             limits: HeadLimits {
                 max_head: limits.max_header_bytes,
                 max_headers: limits.max_headers,
@@ -74,6 +76,7 @@ impl ConnServer {
             header: self.header_timeout,
             idle: self.idle_timeout,
             send: self.send_timeout,
+            body: self.body_timeout,
         };
         let state = ConnState::new(h2, timeouts, scheme, peer);
         let io = ClientIo::new(stream, Arc::clone(&state), first);
