@@ -22,26 +22,32 @@ fn send(fg: &fluxgate::Handle, method: &str, path: &str) -> RawResponse {
 
 const IDEMPOTENT: [&str; 4] = ["GET", "HEAD", "PUT", "DELETE"];
 
+/// After one answered request, `method` fails on the first connection and is sent once more
+/// on a new one: three requests reached the upstream over two connections.
+fn assert_retried_once(up: &Upstream, fg: &fluxgate::Handle, method: &str, first_try: &str) {
+    assert_eq!(send(fg, "GET", "/first").status, 200);
+    let r = send(fg, method, "/second");
+    assert_eq!(r.status, 200, "{method}");
+    assert_eq!(r.header("x-up-method"), Some(method));
+    assert_eq!(
+        up.requests(),
+        3,
+        "{method}: first, the {first_try} attempt, the retry"
+    );
+    assert_eq!(
+        up.accepted(),
+        2,
+        "{method}: the retry took a new connection"
+    );
+}
+
 #[test]
 fn http1_idempotent_requests_are_retried_once_on_a_stale_connection() {
     for method in IDEMPOTENT {
         // The pooled connection dies under the second request, after the upstream read it.
         let up = upstream(Behavior::DropSecond);
         let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
-        assert_eq!(send(&fg, "GET", "/first").status, 200);
-        let r = send(&fg, method, "/second");
-        assert_eq!(r.status, 200, "{method}");
-        assert_eq!(r.header("x-up-method"), Some(method));
-        assert_eq!(
-            up.requests(),
-            3,
-            "{method}: first, the stale attempt, the retry"
-        );
-        assert_eq!(
-            up.accepted(),
-            2,
-            "{method}: the retry took a new connection"
-        );
+        assert_retried_once(&up, &fg, method, "stale");
         fg.shutdown();
     }
 }
@@ -82,16 +88,7 @@ fn h2c(act: fn(usize) -> H2Act) -> (Upstream, fluxgate::Handle) {
 fn h2c_idempotent_requests_are_retried_once_when_the_connection_breaks() {
     for method in IDEMPOTENT {
         let (up, fg) = h2c(|n| if n == 1 { H2Act::Drop } else { H2Act::Answer });
-        assert_eq!(send(&fg, "GET", "/first").status, 200);
-        let r = send(&fg, method, "/second");
-        assert_eq!(r.status, 200, "{method}");
-        assert_eq!(r.header("x-up-method"), Some(method));
-        assert_eq!(
-            up.requests(),
-            3,
-            "{method}: first, the broken attempt, the retry"
-        );
-        assert_eq!(up.accepted(), 2, "{method}");
+        assert_retried_once(&up, &fg, method, "broken");
         fg.shutdown();
     }
 }

@@ -110,6 +110,7 @@ impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, in declaration order (`index` relies on it).
     pub const ALL: [Refusal; 9] = [
         Refusal::MalformedHead,
         Refusal::AmbiguousFraming,
@@ -152,11 +153,20 @@ impl Refusal {
         }
     }
 
-    /// Its place in `ALL` (and in the refusal counters).
+    /// Its place in `ALL` (and in the refusal counters): `ALL` is in declaration order.
     pub fn index(self) -> usize {
-        Refusal::ALL
-            .iter()
-            .position(|r| *r == self)
-            .expect("every refusal is in ALL")
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Refusal;
+
+    #[test]
+    fn all_is_in_declaration_order() {
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
     }
 }

@@ -119,6 +119,19 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Fresh counters for an upstream about to bind; its serving closure takes clones, and
+    /// `addr` is set once it listens.
+    fn unbound() -> Upstream {
+        Upstream {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            accepted: Arc::default(),
+            open: Arc::default(),
+            requests: Arc::default(),
+            healthy: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            arrivals: Arc::default(),
+        }
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
@@ -145,18 +158,14 @@ pub fn h2c_upstream() -> Upstream {
 }
 
 fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let open = Arc::new(AtomicUsize::new(0));
-    let requests = Arc::new(AtomicUsize::new(0));
-    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut up = Upstream::unbound();
     let gate = match behavior {
         Behavior::Together(n) => Some(Arc::new(tokio::sync::Barrier::new(n))),
         _ => None,
     };
-    let (acc, op) = (accepted.clone(), open.clone());
-    let (reqs, hl, arr) = (requests.clone(), healthy.clone(), arrivals.clone());
-    let addr = serve_in_background(move |stream| {
+    let (acc, op) = (up.accepted.clone(), up.open.clone());
+    let (reqs, hl, arr) = (up.requests.clone(), up.healthy.clone(), up.arrivals.clone());
+    up.addr = serve_in_background(move |stream| {
         acc.fetch_add(1, Ordering::SeqCst);
         op.fetch_add(1, Ordering::SeqCst);
         let op = op.clone();
@@ -196,14 +205,7 @@ fn spawn_upstream(behavior: Behavior, h2: bool) -> Upstream {
             op.fetch_sub(1, Ordering::SeqCst);
         }
     });
-    Upstream {
-        addr,
-        accepted,
-        open,
-        requests,
-        healthy,
-        arrivals,
-    }
+    up
 }
 
 type UpResponse = Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>;
@@ -299,13 +301,9 @@ pub enum H2Act {
 /// off) that does `act(n)` with the n-th request it receives over all its connections.
 /// `requests` counts every request received, answered or not (`arrivals` stays empty).
 pub fn h2c_upstream_acting(act: fn(usize) -> H2Act) -> Upstream {
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let open = Arc::new(AtomicUsize::new(0));
-    let requests = Arc::new(AtomicUsize::new(0));
-    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (acc, op, reqs) = (accepted.clone(), open.clone(), requests.clone());
-    let addr = serve_in_background(move |stream| {
+    let mut up = Upstream::unbound();
+    let (acc, op, reqs) = (up.accepted.clone(), up.open.clone(), up.requests.clone());
+    up.addr = serve_in_background(move |stream| {
         acc.fetch_add(1, Ordering::SeqCst);
         op.fetch_add(1, Ordering::SeqCst);
         let (op, reqs) = (op.clone(), reqs.clone());
@@ -329,14 +327,7 @@ pub fn h2c_upstream_acting(act: fn(usize) -> H2Act) -> Upstream {
             op.fetch_sub(1, Ordering::SeqCst);
         }
     });
-    Upstream {
-        addr,
-        accepted,
-        open,
-        requests,
-        healthy,
-        arrivals,
-    }
+    up
 }
 
 /// A parsed HTTP/1.1 response read off a raw socket.

@@ -471,11 +471,7 @@ impl<S: Service> H2Connection<S> {
     /// The first GOAWAY of a graceful shutdown, with the largest stream id, and a PING whose
     /// ACK tells that every stream the client opened before it has arrived.
     fn announce_drain(&mut self) {
-        let debug = Fault::ShuttingDown.to_string();
-        frame_head(&mut self.wbuf, 8 + debug.len(), GOAWAY, 0, 0);
-        self.wbuf.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
-        self.wbuf.extend_from_slice(&NO_ERROR.to_be_bytes());
-        self.wbuf.extend_from_slice(debug.as_bytes());
+        self.write_goaway(0x7fff_ffff, ConnError(NO_ERROR, Fault::ShuttingDown));
         frame_head(&mut self.wbuf, 8, PING, 0, 0);
         self.wbuf.extend_from_slice(&DRAIN_PING);
         self.drain_announced = true;
@@ -489,9 +485,14 @@ impl<S: Service> H2Connection<S> {
             return;
         }
         self.closing = Some(e.0);
+        self.write_goaway(self.last_id, e);
+    }
+
+    /// A GOAWAY naming `last_id`, with the error's code and its text as debug data.
+    fn write_goaway(&mut self, last_id: u32, e: ConnError) {
         let debug = e.1.to_string();
         frame_head(&mut self.wbuf, 8 + debug.len(), GOAWAY, 0, 0);
-        self.wbuf.extend_from_slice(&self.last_id.to_be_bytes());
+        self.wbuf.extend_from_slice(&last_id.to_be_bytes());
         self.wbuf.extend_from_slice(&e.0.to_be_bytes());
         self.wbuf.extend_from_slice(debug.as_bytes());
     }
