@@ -200,7 +200,6 @@ on_both_acceptors!(
     idle_connection_gets_goaway_then_close,
     drain_lets_open_streams_finish,
     response_data_waits_for_the_clients_window,
-    window_overflow_resets_the_stream,
     early_answer_lets_the_upload_finish_without_reset,
     idle_connection_frees_its_buffers_and_serves_on,
     too_many_header_fields_get_431,
@@ -328,6 +327,7 @@ fn trailers_on_a_request_are_accepted(io: IoMode) {
     fg.shutdown();
 }
 
+/// Errors beyond the per-rule tests below (`rfc9113`): HPACK, the first frame, floods.
 fn protocol_errors_close_with_goaway(io: IoMode) {
     let up = upstream(Behavior::Echo);
     let fg = proxy_to(up.addr, "", "", io);
@@ -335,14 +335,6 @@ fn protocol_errors_close_with_goaway(io: IoMode) {
     // The first frame is not SETTINGS.
     let mut c = H2Raw::connect_without_settings(addr);
     c.send(PING, 0, 0, b"12345678");
-    assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
-    // A frame above SETTINGS_MAX_FRAME_SIZE.
-    let mut c = H2Raw::connect(addr);
-    c.send(DATA, 0, 1, &vec![0; 16_385]);
-    assert_eq!(c.expect_goaway().code(), FRAME_SIZE_ERROR);
-    // DATA on a stream never opened.
-    let mut c = H2Raw::connect(addr);
-    c.send(DATA, 0, 5, b"x");
     assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
     // A header block that does not decode (index 70 is beyond both tables).
     let mut c = H2Raw::connect(addr);
@@ -357,12 +349,6 @@ fn protocol_errors_close_with_goaway(io: IoMode) {
         c.send(CONTINUATION, 0, 1, &[]);
     }
     assert_eq!(c.expect_goaway().code(), ENHANCE_YOUR_CALM);
-    // A stream id going backwards.
-    let mut c = H2Raw::connect(addr);
-    c.get(5, "/");
-    c.expect(HEADERS, 5);
-    c.get(3, "/");
-    assert_eq!(c.expect_goaway().code(), PROTOCOL_ERROR);
     fg.shutdown();
 }
 
@@ -493,18 +479,6 @@ fn response_data_waits_for_the_clients_window(io: IoMode) {
     fg.shutdown();
 }
 
-fn window_overflow_resets_the_stream(io: IoMode) {
-    let up = upstream(Behavior::Slow(Duration::from_millis(300)));
-    let fg = proxy_to(up.addr, "", "", io);
-    let mut c = H2Raw::connect(fg.local_addrs()[0]);
-    c.get(1, "/slow");
-    // 65,535 + 2^31 - 1 is past the largest window allowed.
-    c.send(WINDOW_UPDATE, 0, 1, &0x7fff_ffffu32.to_be_bytes());
-    assert_eq!(c.expect(RST_STREAM, 1).code(), FLOW_CONTROL_ERROR);
-    c.assert_serves(3);
-    fg.shutdown();
-}
-
 /// The upstream answers before the upload ends: the rest of the upload is read and dropped
 /// (no RST_STREAM), so clients that discard a response followed by a reset see it.
 fn early_answer_lets_the_upload_finish_without_reset(io: IoMode) {
@@ -621,4 +595,346 @@ fn stream_refusals_are_counted_by_reason(io: IoMode) {
     }
     assert_eq!(up.requests(), 0);
     fg.shutdown();
+}
+
+// One test per rule of RFC 9113 about stream states (5.1), priority signals (5.3.1) and
+// frame definitions (4.2, 6): the frames a client sends by hand, then the answers it must
+// get in order. After the last one the connection must say nothing more unasked (a PING
+// is answered with no RST_STREAM or GOAWAY before it), unless it ended with GOAWAY.
+
+const PRIORITY: u8 = 2;
+const PUSH_PROMISE: u8 = 5;
+const PRIORITY_FLAG: u8 = 0x20;
+const PADDED: u8 = 0x8;
+const ACK: u8 = 1;
+const STREAM_CLOSED: u32 = 5;
+const CANCEL: u32 = 8;
+
+/// An answer a rule's frames must get.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Want {
+    /// GOAWAY with this code, then the close.
+    Goaway(u32),
+    /// RST_STREAM on this stream with this code.
+    Reset(u32, u32),
+    /// A 200 response head on this stream.
+    Answered(u32),
+}
+use Want::*;
+
+fn get_block() -> Vec<u8> {
+    block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "x"),
+        (":path", "/"),
+    ])
+}
+
+/// A priority signal: depends on `on`, weight 16.
+fn priority(on: u32) -> Vec<u8> {
+    let mut p = on.to_be_bytes().to_vec();
+    p.push(15);
+    p
+}
+
+/// A stream's request answered in full (both sides sent END_STREAM): it is closed.
+fn answered_get(c: &mut H2Raw, id: u32) {
+    c.get(id, "/");
+    let mut f = c.expect(HEADERS, id);
+    while f.flags & END_STREAM == 0 {
+        f = c.expect(DATA, id);
+    }
+}
+
+fn check_rule(behavior: Behavior, send: impl FnOnce(&mut H2Raw), wants: &[Want]) {
+    let up = upstream(behavior);
+    let fg = proxy_to(up.addr, "", "", IoMode::Epoll);
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    send(&mut c);
+    for &want in wants {
+        loop {
+            let f = c
+                .read()
+                .unwrap_or_else(|| panic!("connection closed before {want:?}"));
+            let got = match f.kind {
+                GOAWAY => Goaway(f.code()),
+                RST_STREAM => Reset(f.id, f.code()),
+                HEADERS if f.status() == 200 => Answered(f.id),
+                _ => continue,
+            };
+            assert_eq!(got, want, "frames came in another order than the rule says");
+            break;
+        }
+        if let Goaway(_) = want {
+            while c.read().is_some() {}
+            fg.shutdown();
+            return;
+        }
+    }
+    c.send(PING, 0, 0, b"nothing?");
+    loop {
+        let f = c.read().expect("the connection still serves");
+        assert!(
+            f.kind != RST_STREAM && f.kind != GOAWAY,
+            "an answer the rule does not give: frame type {} on stream {}, code {}",
+            f.kind,
+            f.id,
+            f.code()
+        );
+        if f.kind == PING && f.flags & ACK != 0 {
+            assert_eq!(f.payload, b"nothing?");
+            break;
+        }
+    }
+    fg.shutdown();
+}
+
+macro_rules! rules {
+    ($($name:ident: $behavior:expr, |$c:ident| $send:block => [$($want:expr),* $(,)?];)*) => {
+        mod rfc9113 {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    check_rule($behavior, |$c: &mut H2Raw| $send, &[$($want),*]);
+                }
+            )*
+        }
+    };
+}
+
+fn slow() -> Behavior {
+    Behavior::Slow(Duration::from_millis(300))
+}
+
+rules! {
+    // 5.1 idle: only HEADERS and PRIORITY; anything else is PROTOCOL_ERROR.
+    idle_data_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(DATA, 0, 5, b"x");
+    } => [Goaway(PROTOCOL_ERROR)];
+    idle_rst_stream_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(RST_STREAM, 0, 5, &CANCEL.to_be_bytes());
+    } => [Goaway(PROTOCOL_ERROR)];
+    idle_window_update_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(WINDOW_UPDATE, 0, 5, &100u32.to_be_bytes());
+    } => [Goaway(PROTOCOL_ERROR)];
+    idle_continuation_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(CONTINUATION, END_HEADERS, 5, &get_block());
+    } => [Goaway(PROTOCOL_ERROR)];
+    idle_priority_is_allowed_and_opens_nothing: Behavior::Echo, |c| {
+        c.send(PRIORITY, 0, 5, &priority(0));
+        c.send(RST_STREAM, 0, 3, &CANCEL.to_be_bytes());
+    } => [Goaway(PROTOCOL_ERROR)];
+    idle_stream_after_priority_opens_with_headers: Behavior::Echo, |c| {
+        c.send(PRIORITY, 0, 3, &priority(0));
+        c.get(3, "/");
+    } => [Answered(3)];
+
+    // 5.1 half-closed (remote): after the client's END_STREAM, only WINDOW_UPDATE,
+    // PRIORITY and RST_STREAM; anything else is a stream error STREAM_CLOSED.
+    half_closed_data_is_stream_closed: slow(), |c| {
+        c.get(1, "/");
+        c.send(DATA, 0, 1, b"x");
+        c.get(3, "/");
+    } => [Reset(1, STREAM_CLOSED), Answered(3)];
+    half_closed_headers_are_stream_closed: slow(), |c| {
+        c.get(1, "/");
+        c.send(HEADERS, END_HEADERS | END_STREAM, 1, &block(&[("x-trailer", "1")]));
+        c.get(3, "/");
+    } => [Reset(1, STREAM_CLOSED), Answered(3)];
+    half_closed_window_update_and_priority_are_allowed: slow(), |c| {
+        c.get(1, "/");
+        c.send(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes());
+        c.send(PRIORITY, 0, 1, &priority(0));
+    } => [Answered(1)];
+
+    // 5.1 closed, after END_STREAM both ways: DATA or HEADERS is a connection error
+    // STREAM_CLOSED; WINDOW_UPDATE and RST_STREAM may still come.
+    closed_data_is_a_connection_error: Behavior::Echo, |c| {
+        answered_get(c, 1);
+        c.send(DATA, 0, 1, b"x");
+    } => [Goaway(STREAM_CLOSED)];
+    closed_headers_are_a_connection_error: Behavior::Echo, |c| {
+        answered_get(c, 1);
+        c.get(1, "/");
+    } => [Goaway(STREAM_CLOSED)];
+    closed_window_update_and_rst_stream_are_ignored: Behavior::Echo, |c| {
+        answered_get(c, 1);
+        c.send(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes());
+        c.send(RST_STREAM, 0, 1, &CANCEL.to_be_bytes());
+        c.get(3, "/");
+    } => [Answered(3)];
+
+    // 5.1 closed, after the client's RST_STREAM: anything but PRIORITY is a stream error
+    // STREAM_CLOSED, except a RST_STREAM, which is never answered with one.
+    reset_by_client_data_is_stream_closed: Behavior::Echo, |c| {
+        c.post(1, "/", None);
+        c.send(RST_STREAM, 0, 1, &CANCEL.to_be_bytes());
+        c.send(DATA, 0, 1, b"x");
+        c.get(3, "/");
+    } => [Reset(1, STREAM_CLOSED), Answered(3)];
+    reset_by_client_window_update_is_stream_closed: Behavior::Echo, |c| {
+        c.post(1, "/", None);
+        c.send(RST_STREAM, 0, 1, &CANCEL.to_be_bytes());
+        c.send(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes());
+        c.get(3, "/");
+    } => [Reset(1, STREAM_CLOSED), Answered(3)];
+    reset_by_client_rst_stream_and_priority_are_not_answered: Behavior::Echo, |c| {
+        c.post(1, "/", None);
+        c.send(RST_STREAM, 0, 1, &CANCEL.to_be_bytes());
+        c.send(RST_STREAM, 0, 1, &CANCEL.to_be_bytes());
+        c.send(PRIORITY, 0, 1, &priority(0));
+        c.get(3, "/");
+    } => [Answered(3)];
+
+    // 5.1 closed, after our RST_STREAM: what the client sent before it saw it is ignored.
+    reset_by_us_later_data_is_ignored: Behavior::Echo, |c| {
+        c.post(1, "/", Some("1"));
+        c.send(DATA, 0, 1, b"too long");
+        c.send(DATA, END_STREAM, 1, b"more");
+        c.get(3, "/");
+    } => [Reset(1, PROTOCOL_ERROR), Answered(3)];
+
+    // 5.1.1: a new stream's id is above every one before, and odd.
+    stream_id_going_backwards_is_a_connection_error: Behavior::Echo, |c| {
+        answered_get(c, 5);
+        c.post(3, "/", None);
+    } => [Goaway(PROTOCOL_ERROR)];
+    even_stream_id_is_a_connection_error: Behavior::Echo, |c| {
+        c.get(2, "/");
+    } => [Goaway(PROTOCOL_ERROR)];
+
+    // 5.3.1: a stream cannot depend on itself (stream error PROTOCOL_ERROR).
+    headers_depending_on_their_own_stream_are_a_stream_error: Behavior::Echo, |c| {
+        let mut p = priority(1);
+        p.extend(get_block());
+        c.send(HEADERS, END_HEADERS | END_STREAM | PRIORITY_FLAG, 1, &p);
+        c.get(3, "/");
+    } => [Reset(1, PROTOCOL_ERROR), Answered(3)];
+    priority_depending_on_its_own_stream_is_a_stream_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(PRIORITY, 0, 1, &priority(1));
+        c.get(3, "/");
+    } => [Reset(1, PROTOCOL_ERROR), Answered(3)];
+
+    // 6.3 PRIORITY: on stream 0 a connection error, of another length a stream error.
+    priority_on_stream_0_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(PRIORITY, 0, 0, &priority(1));
+    } => [Goaway(PROTOCOL_ERROR)];
+    priority_of_four_bytes_is_a_stream_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(PRIORITY, 0, 1, &[0, 0, 0, 0]);
+        c.get(3, "/");
+    } => [Reset(1, FRAME_SIZE_ERROR), Answered(3)];
+
+    // 4.2: a frame above SETTINGS_MAX_FRAME_SIZE.
+    frame_above_max_frame_size_is_a_connection_error: Behavior::Echo, |c| {
+        c.post(1, "/", None);
+        c.send(DATA, 0, 1, &vec![0; 16_385]);
+    } => [Goaway(FRAME_SIZE_ERROR)];
+
+    // 6.1 DATA.
+    data_on_stream_0_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(DATA, 0, 0, b"x");
+    } => [Goaway(PROTOCOL_ERROR)];
+    data_padding_as_long_as_the_frame_is_a_connection_error: Behavior::Echo, |c| {
+        c.post(1, "/", None);
+        c.send(DATA, PADDED, 1, &[4, 1, 2, 3]);
+    } => [Goaway(PROTOCOL_ERROR)];
+
+    // 6.2 HEADERS.
+    headers_on_stream_0_are_a_connection_error: Behavior::Echo, |c| {
+        c.send(HEADERS, END_HEADERS | END_STREAM, 0, &get_block());
+    } => [Goaway(PROTOCOL_ERROR)];
+    headers_padding_longer_than_the_frame_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(HEADERS, END_HEADERS | END_STREAM | PADDED, 1, &[200, 0x82]);
+    } => [Goaway(PROTOCOL_ERROR)];
+
+    // 6.4 RST_STREAM.
+    rst_stream_on_stream_0_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(RST_STREAM, 0, 0, &CANCEL.to_be_bytes());
+    } => [Goaway(PROTOCOL_ERROR)];
+    rst_stream_of_three_bytes_is_a_connection_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(RST_STREAM, 0, 1, &[0, 0, 8]);
+    } => [Goaway(FRAME_SIZE_ERROR)];
+
+    // 6.5 SETTINGS.
+    settings_on_a_stream_are_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, 0, 1, &[]);
+    } => [Goaway(PROTOCOL_ERROR)];
+    settings_of_five_bytes_are_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, 0, 0, &[0, 3, 0, 0, 1]);
+    } => [Goaway(FRAME_SIZE_ERROR)];
+    settings_ack_with_a_payload_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, ACK, 0, &[0, 3, 0, 0, 0, 1]);
+    } => [Goaway(FRAME_SIZE_ERROR)];
+    enable_push_of_2_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 2]);
+    } => [Goaway(PROTOCOL_ERROR)];
+    initial_window_above_2_31_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0]);
+    } => [Goaway(FLOW_CONTROL_ERROR)];
+    max_frame_size_below_16384_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(SETTINGS, 0, 0, &[0, 5, 0, 0, 0x3f, 0xff]);
+    } => [Goaway(PROTOCOL_ERROR)];
+    initial_window_pushing_a_stream_past_2_31_is_a_connection_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(WINDOW_UPDATE, 0, 1, &(0x7fff_ffffu32 - 65_535).to_be_bytes());
+        c.send(SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]);
+    } => [Goaway(FLOW_CONTROL_ERROR)];
+
+    // 6.6 PUSH_PROMISE: a client cannot send one.
+    push_promise_from_a_client_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(PUSH_PROMISE, END_HEADERS, 1, &[0, 0, 0, 2, 0x82]);
+    } => [Goaway(PROTOCOL_ERROR)];
+
+    // 6.7 PING.
+    ping_on_a_stream_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(PING, 0, 1, b"12345678");
+    } => [Goaway(PROTOCOL_ERROR)];
+    ping_of_seven_bytes_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(PING, 0, 0, b"1234567");
+    } => [Goaway(FRAME_SIZE_ERROR)];
+
+    // 6.8 GOAWAY.
+    goaway_on_a_stream_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(GOAWAY, 0, 1, &[0; 8]);
+    } => [Goaway(PROTOCOL_ERROR)];
+
+    // 6.9 WINDOW_UPDATE.
+    window_update_of_3_bytes_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(WINDOW_UPDATE, 0, 0, &[0, 0, 1]);
+    } => [Goaway(FRAME_SIZE_ERROR)];
+    window_update_of_0_on_the_connection_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(WINDOW_UPDATE, 0, 0, &0u32.to_be_bytes());
+    } => [Goaway(PROTOCOL_ERROR)];
+    window_update_of_0_on_a_stream_is_a_stream_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes());
+        c.get(3, "/");
+    } => [Reset(1, PROTOCOL_ERROR), Answered(3)];
+    connection_window_past_2_31_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(WINDOW_UPDATE, 0, 0, &0x7fff_ffffu32.to_be_bytes());
+    } => [Goaway(FLOW_CONTROL_ERROR)];
+    stream_window_past_2_31_is_a_stream_error: slow(), |c| {
+        c.get(1, "/");
+        c.send(WINDOW_UPDATE, 0, 1, &0x7fff_ffffu32.to_be_bytes());
+        c.get(3, "/");
+    } => [Reset(1, FLOW_CONTROL_ERROR), Answered(3)];
+
+    // 6.10 CONTINUATION: only right after HEADERS (or CONTINUATION) of the same stream.
+    continuation_without_headers_is_a_connection_error: Behavior::Echo, |c| {
+        answered_get(c, 1);
+        c.send(CONTINUATION, END_HEADERS, 1, &get_block());
+    } => [Goaway(PROTOCOL_ERROR)];
+    header_block_interrupted_by_another_frame_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(HEADERS, END_STREAM, 1, &get_block());
+        c.send(PING, 0, 0, b"12345678");
+    } => [Goaway(PROTOCOL_ERROR)];
+    continuation_on_another_stream_is_a_connection_error: Behavior::Echo, |c| {
+        c.send(HEADERS, END_STREAM, 1, &get_block());
+        c.send(CONTINUATION, END_HEADERS, 3, &[]);
+    } => [Goaway(PROTOCOL_ERROR)];
 }

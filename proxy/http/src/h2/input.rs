@@ -80,7 +80,7 @@ impl<S: Service> H2Connection<S> {
                 }
                 Ok(())
             }
-            PRIORITY if p.len() != 5 => Err(ConnError(FRAME_SIZE_ERROR, Fault::PriorityLength)),
+            PRIORITY => self.on_priority(id, p),
             RST_STREAM => self.on_reset(id, p),
             SETTINGS => self.on_settings(id, flags, p),
             PUSH_PROMISE => Err(ConnError(PROTOCOL_ERROR, Fault::PushPromiseFromAClient)),
@@ -111,8 +111,30 @@ impl<S: Service> H2Connection<S> {
                 Ok(())
             }
             WINDOW_UPDATE => self.on_window_update(id, p),
-            // PRIORITY is advisory; unknown frame types are ignored (RFC 9113 5.5).
+            // Unknown frame types are ignored (RFC 9113 5.5).
             _ => Ok(()),
+        }
+    }
+
+    /// PRIORITY is advisory and otherwise ignored, but its rules hold (RFC 9113 6.3, 5.3.1).
+    fn on_priority(&mut self, id: u32, p: &[u8]) -> Result<(), ConnError> {
+        if id == 0 {
+            return Err(ConnError(PROTOCOL_ERROR, Fault::PriorityOnStream0));
+        }
+        if p.len() != 5 {
+            self.stream_error(id, FRAME_SIZE_ERROR);
+        } else if depends_on(p) == id {
+            self.stream_error(id, PROTOCOL_ERROR);
+        }
+        Ok(())
+    }
+
+    /// A stream error on `id`, open or not: RST_STREAM, and the stream ends if it is open.
+    fn stream_error(&mut self, id: u32, code: u32) {
+        if self.streams.contains_key(&id) {
+            self.reset(id, code);
+        } else {
+            self.refuse(id, code);
         }
     }
 
@@ -144,6 +166,9 @@ impl<S: Service> H2Connection<S> {
                     self.peer_window = value;
                     for s in self.streams.values_mut() {
                         s.send_window += delta;
+                        if s.send_window > MAX_WINDOW {
+                            return Err(ConnError(FLOW_CONTROL_ERROR, Fault::StreamWindowOverflow));
+                        }
                         if delta > 0 {
                             s.wake.queue(false);
                         }
@@ -201,7 +226,13 @@ impl<S: Service> H2Connection<S> {
             None if id > self.last_id => {
                 return Err(ConnError(PROTOCOL_ERROR, Fault::WindowUpdateOnAnIdleStream))
             }
-            None => {}
+            // After the client's own RST_STREAM (5.1); after END_STREAM both ways it may
+            // still come for a while.
+            None => {
+                if self.closed_as(id) == Some(Closed::ClientReset) {
+                    self.refuse(id, STREAM_CLOSED)
+                }
+            }
         }
         Ok(())
     }
@@ -213,7 +244,9 @@ impl<S: Service> H2Connection<S> {
         if id == 0 || id > self.last_id {
             return Err(ConnError(PROTOCOL_ERROR, Fault::RstStreamOnAnIdleStream));
         }
+        // A reset of a stream already closed is ignored (never answered with a reset).
         if let Some(s) = self.streams.remove(&id) {
+            self.remember(id, Closed::ClientReset);
             if matches!(s.out, ResponseState::Waiting(_)) {
                 self.resets -= 1;
                 if self.resets < 0 {
@@ -241,10 +274,13 @@ impl<S: Service> H2Connection<S> {
             }
             p = &rest[..rest.len() - pad as usize];
         }
+        self.self_dependent = false;
         if flags & PRIORITY_FLAG != 0 {
-            p = p
-                .get(5..)
+            let signal = p
+                .get(..5)
                 .ok_or(ConnError(FRAME_SIZE_ERROR, Fault::HeadersPriority))?;
+            self.self_dependent = depends_on(signal) == id;
+            p = &p[5..];
         }
         self.block.clear();
         self.block_frames = 0;
@@ -280,6 +316,12 @@ impl<S: Service> H2Connection<S> {
         let decoded = self.decoder.decode(&block, |f| head.add(f));
         self.block = block;
         decoded.map_err(|_| ConnError(COMPRESSION_ERROR, Fault::HeaderBlockDoesNotDecode))?;
+        if self.self_dependent && self.streams.contains_key(&id) {
+            // A stream cannot depend on itself (5.3.1): a stream error.
+            self.self_dependent = false;
+            self.reset(id, PROTOCOL_ERROR);
+            return Ok(());
+        }
         if let Some(s) = self.streams.get(&id) {
             let Some(recv) = &s.recv else {
                 // HEADERS after the end of the stream.
@@ -305,14 +347,24 @@ impl<S: Service> H2Connection<S> {
             return Ok(());
         }
         if id <= self.last_id {
-            // Trailers racing our reset of the stream are dropped; any other head on an old
-            // stream id is the client's error (RFC 9113 5.1.1).
-            if self.reset_ids.contains(&id) {
-                return Ok(());
-            }
-            return Err(ConnError(PROTOCOL_ERROR, Fault::HeadersOnAClosedStream));
+            return match self.closed_as(id) {
+                // Trailers racing our reset of the stream are dropped.
+                Some(Closed::WeReset) => Ok(()),
+                Some(Closed::ClientReset) => {
+                    self.refuse(id, STREAM_CLOSED);
+                    Ok(())
+                }
+                Some(Closed::Ended) => Err(ConnError(STREAM_CLOSED, Fault::HeadersOnAClosedStream)),
+                // Any other head on an old stream id (5.1.1).
+                None => Err(ConnError(PROTOCOL_ERROR, Fault::HeadersOnAnOldStreamId)),
+            };
         }
         self.last_id = id;
+        if self.self_dependent {
+            self.self_dependent = false;
+            self.refuse_stream(id, Refusal::MalformedStream, PROTOCOL_ERROR);
+            return Ok(());
+        }
         if self.closing.is_some() || self.client_gone || self.streams.len() >= MAX_STREAMS {
             self.refuse_stream(id, Refusal::StreamRefused, REFUSED_STREAM);
             return Ok(());
@@ -413,8 +465,16 @@ impl<S: Service> H2Connection<S> {
             if id > self.last_id {
                 return Err(ConnError(PROTOCOL_ERROR, Fault::DataOnAnIdleStream));
             }
-            // A stream already reset or answered in full: dropped, credited.
+            // A closed stream's: dropped, credited, and answered as it closed (5.1).
             self.credit(len);
+            match self.closed_as(id) {
+                Some(Closed::Ended) => {
+                    return Err(ConnError(STREAM_CLOSED, Fault::DataOnAClosedStream))
+                }
+                Some(Closed::ClientReset) => self.refuse(id, STREAM_CLOSED),
+                // Sent before the client saw our reset, or closed too long ago to say.
+                Some(Closed::WeReset) | None => {}
+            }
             return Ok(());
         };
         let Some(recv) = &s.recv else {
@@ -507,10 +567,7 @@ impl<S: Service> H2Connection<S> {
     fn refuse(&mut self, id: u32, code: u32) {
         frame_head(&mut self.wbuf, 4, RST_STREAM, 0, id);
         self.wbuf.extend_from_slice(&code.to_be_bytes());
-        if self.reset_ids.len() == RECENT_RESETS {
-            self.reset_ids.pop_front();
-        }
-        self.reset_ids.push_back(id);
+        self.remember(id, Closed::WeReset);
     }
 
     /// Refuses a new stream with RST_STREAM, counted and logged by the service.
@@ -526,4 +583,10 @@ impl<S: Service> H2Connection<S> {
             self.close_recv(&s, BodyError::StreamReset(code));
         }
     }
+}
+
+/// The stream a priority signal (PRIORITY's payload, or the start of HEADERS with the
+/// PRIORITY flag) makes this one depend on.
+fn depends_on(signal: &[u8]) -> u32 {
+    u32::from_be_bytes([signal[0], signal[1], signal[2], signal[3]]) & 0x7fff_ffff
 }

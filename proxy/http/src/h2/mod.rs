@@ -52,8 +52,22 @@ const WRITE_HIGH: usize = 64 * 1024;
 const RESET_ALLOWANCE: i64 = 200;
 /// Frames one header block may span (HEADERS and CONTINUATION).
 const MAX_BLOCK_FRAMES: usize = 64;
-/// How many of the streams we reset are remembered (see `H2Connection::refuse`).
-const RECENT_RESETS: usize = 64;
+/// How many closed streams are remembered, with how they closed (see `Closed`).
+const RECENT_CLOSED: usize = 128;
+
+/// How a stream that left the table closed: what a frame arriving on it later means
+/// (RFC 9113 5.1, "closed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// We sent RST_STREAM: frames the client sent before it saw it are ignored.
+    WeReset,
+    /// The client sent RST_STREAM: anything but PRIORITY (and RST_STREAM) after it is a
+    /// stream error STREAM_CLOSED.
+    ClientReset,
+    /// Both sides sent END_STREAM: DATA or HEADERS after it is a connection error
+    /// STREAM_CLOSED; WINDOW_UPDATE and RST_STREAM are let pass.
+    Ended,
+}
 
 /// A connection error: GOAWAY with this code; the text goes in its debug data.
 #[derive(Debug)]
@@ -64,6 +78,8 @@ struct ConnError(u32, Fault);
 enum Fault {
     #[error("CONTINUATION without HEADERS")]
     ContinuationWithoutHeaders,
+    #[error("DATA on a closed stream")]
+    DataOnAClosedStream,
     #[error("DATA on an idle stream")]
     DataOnAnIdleStream,
     #[error("DATA on stream 0")]
@@ -76,6 +92,8 @@ enum Fault {
     GoawayOnAStream,
     #[error("HEADERS on a closed stream")]
     HeadersOnAClosedStream,
+    #[error("HEADERS on an old stream id")]
+    HeadersOnAnOldStreamId,
     #[error("HEADERS on a stream a client cannot open")]
     HeadersOnAStreamAClientCannotOpen,
     #[error("HEADERS padding")]
@@ -86,8 +104,8 @@ enum Fault {
     PingLength,
     #[error("PING on a stream")]
     PingOnAStream,
-    #[error("PRIORITY length")]
-    PriorityLength,
+    #[error("PRIORITY on stream 0")]
+    PriorityOnStream0,
     #[error("PUSH_PROMISE from a client")]
     PushPromiseFromAClient,
     #[error("RST_STREAM length")]
@@ -134,6 +152,8 @@ enum Fault {
     PaddingLongerThanTheFrame,
     #[error("shutting down")]
     ShuttingDown,
+    #[error("stream window overflow")]
+    StreamWindowOverflow,
     #[error("too many streams reset")]
     TooManyStreamsReset,
 }
@@ -310,8 +330,10 @@ struct H2Connection<S: Service> {
     /// The client sent GOAWAY: close once its open streams end.
     client_gone: bool,
     resets: i64,
-    /// Streams recently reset by us (see `refuse`).
-    reset_ids: VecDeque<u32>,
+    /// Streams recently closed, and how (see `Closed`).
+    closed: VecDeque<(u32, Closed)>,
+    /// The header block being received declared the stream dependent on itself.
+    self_dependent: bool,
     state: Arc<ConnState>,
     svc: Rc<S>,
     limits: HeadLimits,
@@ -365,7 +387,8 @@ impl<S: Service> H2Connection<S> {
             closing: None,
             client_gone: false,
             resets: RESET_ALLOWANCE,
-            reset_ids: VecDeque::new(),
+            closed: VecDeque::new(),
+            self_dependent: false,
             state,
             svc,
             limits,
@@ -463,11 +486,23 @@ impl<S: Service> H2Connection<S> {
     /// A stream done both ways leaves; each one that does earns back a reset allowance.
     fn finished(&mut self, id: u32) {
         self.streams.remove(&id);
+        self.remember(id, Closed::Ended);
         self.resets = (self.resets + 1).min(RESET_ALLOWANCE);
     }
 
-    /// Sends GOAWAY: NO_ERROR lets the open streams finish, any other code ends the
-    /// connection once it is written.
+    /// Notes how stream `id` closed, forgetting the oldest beyond `RECENT_CLOSED`.
+    fn remember(&mut self, id: u32, how: Closed) {
+        if self.closed.len() == RECENT_CLOSED {
+            self.closed.pop_front();
+        }
+        self.closed.push_back((id, how));
+    }
+
+    /// How stream `id` closed, if it is remembered.
+    fn closed_as(&self, id: u32) -> Option<Closed> {
+        self.closed.iter().rev().find(|c| c.0 == id).map(|c| c.1)
+    }
+
     /// The first GOAWAY of a graceful shutdown, with the largest stream id, and a PING whose
     /// ACK tells that every stream the client opened before it has arrived.
     fn announce_drain(&mut self) {
@@ -477,6 +512,8 @@ impl<S: Service> H2Connection<S> {
         self.drain_announced = true;
     }
 
+    /// Sends GOAWAY: NO_ERROR lets the open streams finish, any other code ends the
+    /// connection once it is written.
     fn go_away(&mut self, e: ConnError) {
         if self.closing.is_some_and(|c| c != NO_ERROR) {
             return;
