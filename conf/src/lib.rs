@@ -128,12 +128,19 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// An idle client connection is closed after this. Default 60 s.
     pub keepalive_timeout: Duration,
-    /// A client that takes no response bytes for this long is closed, and its upstream
-    /// request cancelled (HTTP/1.1). Default 20 s.
+    /// A client that takes no response bytes for this long is closed (HTTP/2: a stream whose
+    /// window stays shut this long is reset), and its upstream request cancelled.
+    /// Default 20 s.
     pub send_timeout: Duration,
-    /// An HTTP/1.1 client sending a request body that sends no byte of it for this long gets
-    /// 408 and is closed. Default 20 s.
+    /// A client sending a request body that sends no byte of it for this long (while it has
+    /// room to) gets 408 and is closed (HTTP/2: the stream is reset). Default 20 s.
     pub body_timeout: Duration,
+    /// The whole request, head and body, must arrive within this (as `body_timeout`'s
+    /// answer). Default: off.
+    pub request_timeout: Option<Duration>,
+    /// After a first `body_timeout`, a request body must have averaged at least this many
+    /// bytes per second (as `body_timeout`'s answer). Default: off.
+    pub body_min_rate: Option<u64>,
 }
 
 /// `[[listener]]`
@@ -288,6 +295,8 @@ struct RawHttp {
     keepalive_timeout: Option<Spanned<String>>,
     send_timeout: Option<Spanned<String>>,
     body_timeout: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    body_min_rate: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -618,6 +627,20 @@ impl Config {
                 &h.body_timeout,
                 Duration::from_secs(20),
             )?,
+            request_timeout: match &h.request_timeout {
+                None => None,
+                Some(_) => Some(src.duration(
+                    || "http.request_timeout".into(),
+                    &h.request_timeout,
+                    Duration::ZERO,
+                )?),
+            },
+            body_min_rate: match &h.body_min_rate {
+                None => None,
+                Some(_) => {
+                    Some(src.size(|| "http.body_min_rate".into(), &h.body_min_rate, 0, 1)? as u64)
+                }
+            },
         };
 
         let mut upstreams = Vec::with_capacity(raw.upstream.len());

@@ -5,6 +5,7 @@
 mod support;
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fluxgate_conf::IoMode;
@@ -52,6 +53,8 @@ on_both_acceptors!(
     absolute_form_without_a_path_goes_upstream_as_a_slash,
     a_client_that_stops_reading_is_closed_at_the_send_timeout,
     a_stalled_upload_gets_408_at_the_body_timeout,
+    a_trickling_upload_gets_408_at_the_request_deadline,
+    an_upload_below_the_minimum_rate_gets_408,
 );
 
 fn http1_is_proxied_with_forwarding_headers(io: IoMode) {
@@ -1060,39 +1063,8 @@ fn absolute_form_without_a_path_goes_upstream_as_a_slash(io: IoMode) {
     fg.shutdown();
 }
 
-/// The resident memory of this process (the gateway runs in it), in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 fn a_client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
-    const LEN: usize = 100 << 20;
-    // An upstream with 100 MB to send, which notes when its connection is cut.
-    let cut = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let noted = cut.clone();
-    let addr = serve_in_background(move |mut s| {
-        let noted = noted.clone();
-        async move {
-            use tokio::io::AsyncWriteExt;
-            let mut buf = Vec::new();
-            if read_head(&mut s, &mut buf).await.is_none() {
-                return;
-            }
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
-            if s.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
-            let chunk = vec![b'x'; 64 << 10];
-            for _ in 0..LEN / chunk.len() {
-                if s.write_all(&chunk).await.is_err() {
-                    *noted.lock().unwrap() = Some(Instant::now());
-                    return;
-                }
-            }
-        }
-    });
+    let (addr, cut) = big_upstream(BIG_RESPONSE);
     let fg = proxy_to(
         addr,
         "response_timeout = \"30s\"",
@@ -1105,7 +1077,7 @@ fn a_client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
     let asked = Instant::now();
     // The client reads nothing; the gateway gives up on it and cancels the upstream side.
     assert!(
-        eventually(Duration::from_secs(8), || cut.lock().unwrap().is_some()),
+        eventually(Duration::from_secs(8), || cut.load(Ordering::Relaxed)),
         "the upstream request was not cancelled"
     );
     let grown = rss_kib().saturating_sub(before);
@@ -1123,7 +1095,7 @@ fn a_client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
         }
     }
     assert!(
-        got < LEN / 2,
+        got < BIG_RESPONSE / 2,
         "{got} bytes came through a connection that was to be closed"
     );
     assert!(asked.elapsed() < Duration::from_secs(10));
@@ -1157,4 +1129,56 @@ fn a_stalled_upload_gets_408_at_the_body_timeout(io: IoMode) {
         t.elapsed()
     );
     fg.shutdown();
+}
+
+/// Sends `chunk` every 100 ms after `head` until the gateway answers; returns the answer's
+/// status and when it came, from the head on.
+fn trickle(http_extra: &str, io: IoMode, chunk: &[u8]) -> (u16, Duration) {
+    let fg = start(
+        &format!(
+            "[http]\n{http_extra}\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\nresponse_timeout = \"20s\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n",
+            stalled_upstream()
+        ),
+        io,
+    );
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    let t = Instant::now();
+    c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+    let mut b = [0u8; 1];
+    loop {
+        assert!(t.elapsed() < Duration::from_secs(5), "no answer");
+        c.send(chunk);
+        std::thread::sleep(Duration::from_millis(100));
+        c.stream.set_nonblocking(true).unwrap();
+        let answered = matches!(c.stream.peek(&mut b), Ok(1));
+        c.stream.set_nonblocking(false).unwrap();
+        if answered {
+            break;
+        }
+    }
+    let at = t.elapsed();
+    let r = c.read_response().expect("an answer");
+    fg.shutdown();
+    (r.status, at)
+}
+
+fn a_trickling_upload_gets_408_at_the_request_deadline(io: IoMode) {
+    // Never idle for the body timeout (20 s), never done.
+    let (status, at) = trickle("request_timeout = \"1s\"", io, b"x");
+    assert_eq!(status, 408);
+    assert!(at >= Duration::from_millis(900), "answered at {at:?}");
+}
+
+fn an_upload_below_the_minimum_rate_gets_408(io: IoMode) {
+    // 50 bytes per second against 100 after a first 500 ms: the deadline, 500 ms plus 1 s
+    // per 100 bytes, passes at 1 s.
+    let (status, at) = trickle(
+        "body_timeout = \"500ms\"\nbody_min_rate = 100",
+        io,
+        b"xxxxx",
+    );
+    assert_eq!(status, 408);
+    assert!(at >= Duration::from_millis(900), "answered at {at:?}");
 }

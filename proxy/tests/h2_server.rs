@@ -204,6 +204,10 @@ on_both_acceptors!(
     idle_connection_frees_its_buffers_and_serves_on,
     too_many_header_fields_get_431,
     stream_refusals_are_counted_by_reason,
+    stalled_upload_is_reset_at_the_body_timeout,
+    response_the_window_holds_is_reset_at_the_send_timeout,
+    client_that_stops_reading_is_closed_at_the_send_timeout,
+    trickling_upload_is_reset_at_the_request_deadline,
 );
 
 fn settings_are_acknowledged_and_pings_answered(io: IoMode) {
@@ -594,6 +598,146 @@ fn stream_refusals_are_counted_by_reason(io: IoMode) {
         assert_eq!(metric(&m, &series), Some(1.0), "{reason}: {m}");
     }
     assert_eq!(up.requests(), 0);
+    fg.shutdown();
+}
+
+/// Reads frames until RST_STREAM on `id`; returns its code and when it came.
+fn reset_of(c: &mut H2Raw, id: u32) -> (u32, Instant) {
+    let f = c.expect(RST_STREAM, id);
+    (f.code(), Instant::now())
+}
+
+fn stalled_upload_is_reset_at_the_body_timeout(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(
+        up.addr,
+        "response_timeout = \"20s\"",
+        "body_timeout = \"1s\"",
+        io,
+    );
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    c.post(1, "/up", Some("100"));
+    c.send(DATA, 0, 1, b"0123456789");
+    let t = Instant::now();
+    // Other streams are served meanwhile.
+    c.assert_serves(3);
+    let (code, at) = reset_of(&mut c, 1);
+    assert_eq!(code, CANCEL);
+    let waited = at - t;
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "reset at the 1 s body timeout: {waited:?}"
+    );
+    c.assert_serves(5);
+    fg.shutdown();
+}
+
+fn response_the_window_holds_is_reset_at_the_send_timeout(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(up.addr, "", "send_timeout = \"1s\"", io);
+    let mut c = H2Raw::connect_without_settings(fg.local_addrs()[0]);
+    // Each stream may get 100 bytes, and the client never widens the window.
+    c.send(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 100]);
+    c.post(1, "/echo", Some("300"));
+    c.send(DATA, END_STREAM, 1, &[7; 300]);
+    assert_eq!(c.expect(HEADERS, 1).status(), 200);
+    assert_eq!(c.expect(DATA, 1).payload.len(), 100);
+    let t = Instant::now();
+    let (code, at) = reset_of(&mut c, 1);
+    assert_eq!(code, CANCEL);
+    let waited = at - t;
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "reset at the 1 s send timeout: {waited:?}"
+    );
+    c.send(SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0]);
+    c.assert_serves(3);
+    fg.shutdown();
+}
+
+fn client_that_stops_reading_is_closed_at_the_send_timeout(io: IoMode) {
+    let (addr, cut) = big_upstream(BIG_RESPONSE);
+    let fg = proxy_to(
+        addr,
+        "response_timeout = \"30s\"",
+        "send_timeout = \"1s\"",
+        io,
+    );
+    let before = rss_kib();
+    let mut c = H2Raw::connect_without_settings(fg.local_addrs()[0]);
+    // All the window it can give, then no more reading.
+    c.send(SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    c.send(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    );
+    c.get(1, "/big");
+    assert!(
+        eventually(Duration::from_secs(8), || cut
+            .load(std::sync::atomic::Ordering::Relaxed)),
+        "the upstream request was not cancelled"
+    );
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "RSS grew {grown} KiB while the client stalled"
+    );
+    // What the socket buffers held arrives, then the close.
+    let mut got = 0;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match c.s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(
+        got < BIG_RESPONSE / 2,
+        "{got} bytes came through a connection to be closed"
+    );
+    fg.shutdown();
+}
+
+fn trickling_upload_is_reset_at_the_request_deadline(io: IoMode) {
+    let up = upstream(Behavior::Echo);
+    let fg = proxy_to(
+        up.addr,
+        "response_timeout = \"20s\"",
+        "request_timeout = \"1s\"",
+        io,
+    );
+    let mut c = H2Raw::connect(fg.local_addrs()[0]);
+    let t = Instant::now();
+    c.post(1, "/up", Some("100"));
+    // A byte every 100 ms: never idle for the body timeout (20 s), never done (the echo
+    // comes back as it goes).
+    let code = 'sending: loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no reset at the deadline"
+        );
+        c.send(DATA, 0, 1, b"x");
+        std::thread::sleep(Duration::from_millis(100));
+        c.s.set_nonblocking(true).unwrap();
+        let mut head = [0u8; 9];
+        while let Ok(9) = c.s.peek(&mut head) {
+            c.s.set_nonblocking(false).unwrap();
+            let f = c.read().unwrap();
+            if f.kind == RST_STREAM {
+                break 'sending f.code();
+            }
+            c.s.set_nonblocking(true).unwrap();
+        }
+        c.s.set_nonblocking(false).unwrap();
+    };
+    assert_eq!(code, CANCEL);
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
     fg.shutdown();
 }
 

@@ -45,6 +45,9 @@ pub struct ConnState {
     pub send_timeout: Duration,
     /// How long the client may send no bytes of a request body it is sending.
     pub body_timeout: Duration,
+    /// See `body_deadline`.
+    request_timeout: Option<Duration>,
+    body_min_rate: Option<u64>,
     /// The client's IP address, ready for X-Forwarded-For.
     pub peer_ip: http::HeaderValue,
     /// "http" or "https", for X-Forwarded-Proto.
@@ -426,6 +429,8 @@ impl ConnState {
             idle: idle_timeout,
             send: send_timeout,
             body: body_timeout,
+            request: request_timeout,
+            body_min_rate,
         } = timeouts;
         Arc::new(ConnState {
             in_flight: Count(AtomicU32::new(0)),
@@ -439,6 +444,8 @@ impl ConnState {
             idle_timeout,
             send_timeout,
             body_timeout,
+            request_timeout,
+            body_min_rate,
             scheme: http::HeaderValue::from_static(scheme),
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
@@ -457,6 +464,34 @@ pub struct Timeouts {
     pub send: Duration,
     /// `body_timeout`.
     pub body: Duration,
+    /// `request_timeout`.
+    pub request: Option<Duration>,
+    /// `body_min_rate`, bytes per second.
+    pub body_min_rate: Option<u64>,
+}
+
+impl ConnState {
+    /// When a request whose head began at `start`, with `received` body bytes so far, must
+    /// be whole: by the whole-request deadline, and by the minimum body rate (after a first
+    /// `body_timeout`, at least `body_min_rate` bytes per second on average). None when
+    /// neither is set. It only moves later as bytes come, so a timer set to it may fire
+    /// early and look again.
+    pub fn body_deadline(&self, start: Instant, received: u64) -> Option<Instant> {
+        let whole = self.request_timeout.map(|t| start + t);
+        let rate = self.body_min_rate.map(|r| {
+            let earned = Duration::from_secs_f64(received as f64 / r as f64);
+            start + self.body_timeout + earned.min(Duration::from_secs(86_400 * 365))
+        });
+        match (whole, rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the current request head began (HTTP/1.1).
+    pub fn head_started(&self) -> Instant {
+        self.head_started.get()
+    }
 }
 
 /// Watches one direction of a connection: true once nothing moved for a limit while
@@ -491,6 +526,34 @@ impl StallWatch {
             None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
         };
         timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A timer to a deadline that only moves later (see `ConnState::body_deadline`): armed at
+/// the first one given, it fires, looks again, and re-arms until the deadline it is given
+/// has passed. It exists only while a deadline is given.
+#[derive(Default)]
+pub struct LateDeadline {
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl LateDeadline {
+    /// True once `at`, the deadline as it is now, has passed; None stops the watch.
+    pub fn passed(&mut self, at: Option<Instant>, cx: &mut Context<'_>) -> bool {
+        let Some(at) = at else {
+            self.timer = None;
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= at {
+                return true;
+            }
+            timer.as_mut().reset(at);
+        }
+        false
     }
 }
 

@@ -23,7 +23,8 @@ use tokio::sync::watch;
 
 use crate::body::ClientBody;
 use crate::conn::{
-    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, StallWatch,
+    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, LateDeadline,
+    StallWatch,
 };
 use crate::headers::{connection_has, http_date};
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
@@ -66,6 +67,7 @@ pub fn serve<S: Service>(
         tunnel: None,
         send_watch: StallWatch::default(),
         body_watch: StallWatch::default(),
+        body_deadline: LateDeadline::default(),
     };
     let mut draining = draining;
     // An async block, not an async fn: the fn's arguments would be stored in the future and
@@ -121,6 +123,8 @@ struct H1Connection<S: Service> {
     send_watch: StallWatch,
     /// Request body bytes awaited from the client (see `http.body_timeout`).
     body_watch: StallWatch,
+    /// The request's deadline and minimum body rate (`http.request_timeout`, `body_min_rate`).
+    body_deadline: LateDeadline,
 }
 
 /// What a 101 answer hands over: the connection, and what it sent past the answer's head.
@@ -143,6 +147,8 @@ struct Current<S: Service> {
 struct Upload {
     recv: Arc<Mutex<Recv>>,
     framing: RequestFraming,
+    /// When the request's head began (see `ConnState::body_deadline`).
+    started: tokio::time::Instant,
 }
 
 /// Where the response is.
@@ -319,6 +325,7 @@ impl<S: Service> H1Connection<S> {
                 RequestFraming::Chunked(_) => None,
             }))),
             framing,
+            started: self.state.head_started(),
         });
         let body = match &upload {
             Some(u) => ClientBody::Stream(RecvBody {
@@ -405,9 +412,13 @@ impl<S: Service> H1Connection<S> {
         // timeout to send some.
         let waiting = !ended && failed.is_none() && !self.eof && !r.dropped && r.queued < RECV_HIGH;
         let limit = self.state.body_timeout;
+        let deadline = waiting
+            .then(|| self.state.body_deadline(up.started, r.received))
+            .flatten();
         let stalled = self
             .body_watch
-            .stalled(usize::from(waiting), progress, limit, cx);
+            .stalled(usize::from(waiting), progress, limit, cx)
+            | self.body_deadline.passed(deadline, cx);
         if let Some(why) = failed {
             // The rest of the connection cannot be told apart from this body.
             r.fail(BodyError::Framing(why));
@@ -432,6 +443,7 @@ impl<S: Service> H1Connection<S> {
         drop(r);
         c.upload = None;
         self.body_watch = StallWatch::default();
+        self.body_deadline = LateDeadline::default();
         true
     }
 

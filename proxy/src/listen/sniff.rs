@@ -23,10 +23,7 @@ pub(crate) struct ConnServer {
     draining: watch::Receiver<bool>,
     /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
     parks: Arc<AtomicU64>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    send_timeout: Duration,
-    body_timeout: Duration,
+    timeouts: Timeouts,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
@@ -40,10 +37,14 @@ impl ConnServer {
         ConnServer {
             draining,
             parks,
-            header_timeout: limits.header_read_timeout,
-            idle_timeout: limits.keepalive_timeout,
-            send_timeout: limits.send_timeout,
-            body_timeout: limits.body_timeout,
+            timeouts: Timeouts {
+                header: limits.header_read_timeout,
+                idle: limits.keepalive_timeout,
+                send: limits.send_timeout,
+                body: limits.body_timeout,
+                request: limits.request_timeout,
+                body_min_rate: limits.body_min_rate,
+            },
             limits: HeadLimits {
                 max_head: limits.max_header_bytes,
                 max_headers: limits.max_headers,
@@ -52,7 +53,7 @@ impl ConnServer {
     }
 
     pub(crate) fn header_timeout(&self) -> Duration {
-        self.header_timeout
+        self.timeouts.header
     }
 
     /// Serves one accepted connection to its end, each request by `svc`.
@@ -72,13 +73,7 @@ impl ConnServer {
             ClientStream::Plain(_) => "http",
             ClientStream::Tls(_) => "https",
         };
-        let timeouts = Timeouts {
-            header: self.header_timeout,
-            idle: self.idle_timeout,
-            send: self.send_timeout,
-            body: self.body_timeout,
-        };
-        let state = ConnState::new(h2, timeouts, scheme, peer);
+        let state = ConnState::new(h2, self.timeouts, scheme, peer);
         let io = ClientIo::new(stream, Arc::clone(&state), first);
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
@@ -115,9 +110,9 @@ impl ConnServer {
             }
             // Nothing yet: an idle connection; a start of the preface: a head being read.
             let limit = if got.is_empty() {
-                self.idle_timeout
+                self.timeouts.idle
             } else {
-                self.header_timeout
+                self.timeouts.header
             };
             got.reserve(4096);
             match tokio::time::timeout(limit, stream.read_buf(&mut got)).await {

@@ -605,3 +605,42 @@ pub fn dead_addr() -> DeadAddr {
     let addr = s.local_addr().unwrap().as_socket().unwrap();
     DeadAddr { addr, _bound: s }
 }
+
+/// Bytes `big_upstream` sends in one response.
+pub const BIG_RESPONSE: usize = 100 << 20;
+
+/// An upstream that answers every request with `len` bytes, and notes when a connection is
+/// cut before it sent them all.
+pub fn big_upstream(len: usize) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noted = cut.clone();
+    let addr = serve_in_background(move |mut s| {
+        let noted = noted.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..len / chunk.len() {
+                if s.write_all(&chunk).await.is_err() {
+                    noted.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    });
+    (addr, cut)
+}
+
+/// The resident memory of this process (the gateway runs in it), in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

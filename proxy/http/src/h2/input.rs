@@ -6,12 +6,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
 
+use tokio::time::Instant;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::request::StreamHead;
 use super::*;
 use crate::body::ClientBody;
-use crate::recv::{BodyError, Credit, Recv, RecvBody, WindowCredit, WindowRelease};
+use crate::recv::{Credit, RecvBody, WindowCredit, WindowRelease};
 use crate::service::{Refusal, Reply, Service};
 use fluxgate_wire::h2::frame::*;
 
@@ -386,6 +388,7 @@ impl<S: Service> H2Connection<S> {
         });
         let waker = Waker::from(Arc::clone(&wake));
         let inflight = self.state.begin_request();
+        let now = Instant::now();
         let too_large = if head.size > self.limits.max_head {
             Some(Refusal::HeadTooLarge)
         } else {
@@ -396,6 +399,11 @@ impl<S: Service> H2Connection<S> {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let recv = (!end_stream).then(|| Arc::new(Mutex::new(Recv::new(declared))));
+        if recv.is_some() {
+            let first = self.state.body_deadline(now, 0);
+            let idle = now + self.state.body_timeout;
+            sweep_by(&mut self.sweep, first.map_or(idle, |d| d.min(idle)));
+        }
         let body = match &recv {
             Some(r) => ClientBody::Stream(RecvBody {
                 recv: Arc::clone(r),
@@ -429,6 +437,9 @@ impl<S: Service> H2Connection<S> {
                 recv,
                 recv_window: STREAM_WINDOW as i64,
                 send_window: self.peer_window,
+                opened: now,
+                body_at: now,
+                send_blocked: None,
                 wake,
                 waker,
             },
@@ -484,6 +495,7 @@ impl<S: Service> H2Connection<S> {
             return Ok(());
         };
         s.recv_window -= len as i64;
+        s.body_at = Instant::now();
         let end = flags & END_STREAM != 0;
         let mut r = recv.lock().expect("recv lock");
         r.received += p.len() as u64;
@@ -540,6 +552,13 @@ impl<S: Service> H2Connection<S> {
     pub(super) fn credit(&mut self, n: usize) {
         self.conn_unacked += n;
         if self.conn_unacked >= CONN_WINDOW as usize / 4 {
+            if self.conn_recv <= 0 {
+                // The client had no room at all: its bodies' idle time starts again now.
+                let now = Instant::now();
+                for s in self.streams.values_mut() {
+                    s.body_at = now;
+                }
+            }
             self.conn_recv += self.conn_unacked as i64;
             frame_head(&mut self.wbuf, 4, WINDOW_UPDATE, 0, 0);
             self.wbuf
@@ -550,7 +569,7 @@ impl<S: Service> H2Connection<S> {
 
     /// The stream's request body ends here: the reader fails unless it had it all, and what
     /// it never read is credited back.
-    fn close_recv(&mut self, s: &Stream<S>, why: BodyError) {
+    pub(super) fn close_recv(&mut self, s: &Stream<S>, why: BodyError) {
         if let Some(recv) = &s.recv {
             let mut r = recv.lock().expect("recv lock");
             r.fail(why);
@@ -564,7 +583,7 @@ impl<S: Service> H2Connection<S> {
 
     /// Sends RST_STREAM, remembering the id for a while: frames the client sent before it
     /// saw the reset may still come.
-    fn refuse(&mut self, id: u32, code: u32) {
+    pub(super) fn refuse(&mut self, id: u32, code: u32) {
         frame_head(&mut self.wbuf, 4, RST_STREAM, 0, id);
         self.wbuf.extend_from_slice(&code.to_be_bytes());
         self.remember(id, Closed::WeReset);

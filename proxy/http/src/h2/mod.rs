@@ -23,10 +23,13 @@ use http::Response;
 use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
-use crate::conn::{free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits};
+use crate::conn::{
+    free_buffers, poll_drain, ClientIo, ClientStream, ConnState, HeadLimits, StallWatch,
+};
 use crate::headers::http_date;
-use crate::recv::Recv;
+use crate::recv::{BodyError, Recv};
 use crate::service::Service;
 pub use fluxgate_wire::h2::frame::PREFACE;
 use fluxgate_wire::h2::frame::*;
@@ -249,6 +252,12 @@ struct Stream<S: Service> {
     /// What the client may still send before we widen the window.
     recv_window: i64,
     send_window: i64,
+    /// When the stream opened (its HEADERS came).
+    opened: Instant,
+    /// When request body bytes last came, or the client last got room to send them.
+    body_at: Instant,
+    /// Since when response data has waited on a flow-control window.
+    send_blocked: Option<Instant>,
     wake: Arc<StreamWake>,
     waker: Waker,
 }
@@ -339,6 +348,10 @@ struct H2Connection<S: Service> {
     limits: HeadLimits,
     /// The worker's count of parked connections (see `slim`).
     parks: Arc<AtomicU64>,
+    /// Output the socket does not take (`http.send_timeout`).
+    send_watch: StallWatch,
+    /// When to look for stalled streams (see `sweep`); set while a stream may stall.
+    sweep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S: Service> H2Connection<S> {
@@ -393,6 +406,51 @@ impl<S: Service> H2Connection<S> {
             svc,
             limits,
             parks,
+            send_watch: StallWatch::default(),
+            sweep: None,
+        }
+    }
+
+    /// Resets the streams stalled past a limit (CANCEL; dropping the response cancels its
+    /// upstream side): a request body the client has room to send and does not
+    /// (`body_timeout`), or that misses the request deadline or minimum rate; a response the
+    /// client's window keeps waiting (`send_timeout`). Looks again at the next due time.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let st = &self.state;
+        let mut next: Option<Instant> = None;
+        let mut late = Vec::new();
+        for (&id, s) in &self.streams {
+            let mut due: Option<Instant> = None;
+            if let Some(recv) = &s.recv {
+                if s.recv_window > 0 && self.conn_recv > 0 {
+                    let received = recv.lock().expect("recv lock").received;
+                    let idle = s.body_at + st.body_timeout;
+                    due = Some(match st.body_deadline(s.opened, received) {
+                        Some(d) => d.min(idle),
+                        None => idle,
+                    });
+                }
+            }
+            if let Some(t) = s.send_blocked {
+                let d = t + st.send_timeout;
+                due = Some(due.map_or(d, |x| x.min(d)));
+            }
+            match due {
+                Some(d) if d <= now => late.push(id),
+                Some(d) => next = Some(next.map_or(d, |x| x.min(d))),
+                None => {}
+            }
+        }
+        for id in late {
+            self.refuse(id, CANCEL);
+            if let Some(s) = self.streams.remove(&id) {
+                self.close_recv(&s, BodyError::IdleTimeout);
+            }
+        }
+        self.sweep = None;
+        if let Some(at) = next {
+            sweep_by(&mut self.sweep, at);
         }
     }
 
@@ -402,6 +460,13 @@ impl<S: Service> H2Connection<S> {
             if !r.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 r.waker = Some(cx.waker().clone());
             }
+        }
+        if self
+            .sweep
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+        {
+            self.sweep();
         }
         loop {
             let mut progress = false;
@@ -435,10 +500,20 @@ impl<S: Service> H2Connection<S> {
             let released = self.shared.released.swap(0, Ordering::Relaxed);
             self.credit(released);
             progress |= self.run_ready();
-            match self
+            let before = self.unwritten();
+            let wrote = self
                 .io
-                .poll_write_buf(&mut self.wbuf, &mut self.written, WRITE_HIGH, cx)
+                .poll_write_buf(&mut self.wbuf, &mut self.written, WRITE_HIGH, cx);
+            // A client whose socket takes nothing for the send timeout is closed; dropping
+            // the streams cancels their upstream side.
+            let left = self.unwritten();
+            if self
+                .send_watch
+                .stalled(left, left < before, self.state.send_timeout, cx)
             {
+                return Poll::Ready(());
+            }
+            match wrote {
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(())) if !self.deferred.is_empty() => {
                     for id in self.deferred.drain(..) {
@@ -566,6 +641,7 @@ impl<S: Service> H2Connection<S> {
             if r.consumed >= STREAM_WINDOW as usize / 2 {
                 let n = std::mem::take(&mut r.consumed);
                 s.recv_window += n as i64;
+                s.body_at = Instant::now();
                 frame_head(&mut self.wbuf, 4, WINDOW_UPDATE, 0, id);
                 self.wbuf.extend_from_slice(&(n as u32).to_be_bytes());
             }
@@ -603,8 +679,14 @@ impl<S: Service> H2Connection<S> {
                         let n = data.len().min(room).min(self.peer_max_frame);
                         if n == 0 && !data.is_empty() {
                             // Blocked on a window: WINDOW_UPDATE queues the stream again.
+                            if s.send_blocked.is_none() {
+                                let now = Instant::now();
+                                s.send_blocked = Some(now);
+                                sweep_by(&mut self.sweep, now + self.state.send_timeout);
+                            }
                             return;
                         }
+                        s.send_blocked = None;
                         let last = *end && n == data.len();
                         frame_head(
                             &mut self.wbuf,
@@ -669,6 +751,15 @@ impl<S: Service> H2Connection<S> {
                 }
             }
         }
+    }
+}
+
+/// Makes sure the stalled streams are looked for by `at` (see `H2Connection::sweep`).
+fn sweep_by(sweep: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+    match sweep {
+        Some(t) if t.deadline() <= at => {}
+        Some(t) => t.as_mut().reset(at),
+        None => *sweep = Some(Box::pin(tokio::time::sleep_until(at))),
     }
 }
 
