@@ -158,6 +158,40 @@ pub struct Listener {
     pub routes: Vec<Route>,
     /// `[listener.tls]`: terminate TLS on this listener. Default: cleartext.
     pub tls: Option<Tls>,
+    /// `mode = "tcp"`: forward bytes, not requests (`routes` is then empty). Default http.
+    pub tcp: Option<TcpRoutes>,
+    /// `proxy_protocol = { trusted = [..] }`: every connection starts with a PROXY protocol
+    /// header (v1 or v2), taken only from these sources; a connection from anywhere else,
+    /// or with no or a malformed header, is closed. The client address it carries stands for
+    /// the peer's everywhere (X-Forwarded-For, balancing, logs). Default: off.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
+    /// Tunnels (TCP mode, upgraded connections) move bytes with splice(2); false copies them
+    /// through user space. Default true.
+    pub splice: bool,
+}
+
+/// Where a TCP-mode listener sends a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRoutes {
+    /// `[[listener.sni]]`, in order: a TLS client whose ClientHello names one of `names`
+    /// (exact, or `*.example.com` for one label) goes to that upstream, its TLS untouched.
+    pub sni: Vec<SniRoute>,
+    /// `upstream`: everything else (no TLS, no SNI, no match); None: closed.
+    pub default: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    pub names: Vec<String>,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+/// The PROXY protocol version an upstream is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 /// Lowest TLS version a listener accepts (TLS 1.0 and 1.1 never).
@@ -246,6 +280,11 @@ pub struct Upstream {
     pub prewarm: usize,
     /// Open connections per endpoint per worker; 0 is unlimited. Default 0.
     pub max_connections: usize,
+    /// `proxy_protocol = "v1" | "v2"`: each connection opened to an endpoint starts with a
+    /// PROXY protocol header naming the client. Such connections carry one client each: on
+    /// HTTP/1.1 they are not pooled (one per request); HTTP/2 upstreams cannot have it.
+    /// Default: off.
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 #[derive(Deserialize, Default)]
@@ -311,6 +350,24 @@ struct RawListener {
     #[serde(default)]
     route: Vec<route::RawRoute>,
     tls: Option<Spanned<RawTls>>,
+    mode: Option<Spanned<String>>,
+    splice: Option<bool>,
+    #[serde(default)]
+    sni: Vec<RawSniRoute>,
+    proxy_protocol: Option<Spanned<RawProxyIn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSniRoute {
+    names: Spanned<Vec<String>>,
+    upstream: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyIn {
+    trusted: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -350,6 +407,7 @@ struct RawUpstream {
     prewarm: Option<Spanned<i64>>,
     max_connections: Option<Spanned<i64>>,
     tls: Option<Spanned<RawUpstreamTls>>,
+    proxy_protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -705,7 +763,30 @@ impl Config {
                     })
                 }
             };
+            let proxy_protocol = match &u.proxy_protocol {
+                None => None,
+                Some(v) => Some(match v.get_ref().as_str() {
+                    "v1" => ProxyProtocol::V1,
+                    "v2" => ProxyProtocol::V2,
+                    other => {
+                        return Err(src.invalid(
+                            key("proxy_protocol"),
+                            v,
+                            format!("unknown PROXY protocol version {other:?} (v1 or v2)"),
+                        ))
+                    }
+                }),
+            };
+            if proxy_protocol.is_some() && protocol == UpstreamProtocol::H2c {
+                return Err(src.invalid(
+                    key("proxy_protocol"),
+                    u.proxy_protocol.as_ref().expect("set"),
+                    "an HTTP/2 connection is shared by every client: no PROXY header fits it \
+                     (use protocol = \"http1\" or a tcp listener)",
+                ));
+            }
             upstreams.push(Upstream {
+                proxy_protocol,
                 tls,
                 name,
                 endpoints,
@@ -760,7 +841,89 @@ impl Config {
                     format!("{address} is already a listener"),
                 ));
             }
+            let tcp = match l.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("http") => false,
+                Some("tcp") => true,
+                Some(other) => {
+                    return Err(src.invalid(
+                        key("mode"),
+                        l.mode.as_ref().expect("mode is set"),
+                        format!("unknown mode {other:?} (http or tcp)"),
+                    ))
+                }
+            };
+            if !tcp && !l.sni.is_empty() {
+                return Err(src.invalid(
+                    key("address"),
+                    &l.address,
+                    "[[listener.sni]] is for mode = \"tcp\" (HTTP listeners route with [[listener.route]])",
+                ));
+            }
+            let proxy_protocol = match &l.proxy_protocol {
+                None => None,
+                Some(p) => {
+                    let mut nets = Vec::new();
+                    for (j, t) in p.get_ref().trusted.iter().enumerate() {
+                        let text = t.get_ref();
+                        let net = text
+                            .parse::<ipnet::IpNet>()
+                            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                            .map_err(|_| {
+                                src.invalid(
+                                    key(&format!("proxy_protocol.trusted[{j}]")),
+                                    t,
+                                    format!("{text:?} is not an address or CIDR block"),
+                                )
+                            })?;
+                        nets.push(net);
+                    }
+                    if nets.is_empty() {
+                        return Err(src.invalid(
+                            key("proxy_protocol.trusted"),
+                            p,
+                            "list at least one trusted source",
+                        ));
+                    }
+                    Some(nets)
+                }
+            };
+            let tcp = if tcp {
+                if l.tls.is_some() || l.respond.is_some() || !l.route.is_empty() {
+                    return Err(src.invalid(
+                        key("mode"),
+                        l.mode.as_ref().expect("mode is set"),
+                        "a tcp listener forwards bytes: it takes `upstream` and [[listener.sni]], \
+                         not [listener.tls], `respond` or [[listener.route]]",
+                    ));
+                }
+                let default = match &l.upstream {
+                    None => None,
+                    Some(name) => Some(route::upstream_index(src, key("upstream"), name, &upstreams)?),
+                };
+                let mut sni = Vec::new();
+                for (j, r) in l.sni.iter().enumerate() {
+                    let k = key(&format!("sni[{j}]"));
+                    if r.names.get_ref().is_empty() {
+                        return Err(src.invalid(format!("{k}.names"), &r.names, "list at least one name"));
+                    }
+                    sni.push(SniRoute {
+                        names: r.names.get_ref().iter().map(|n| n.to_ascii_lowercase()).collect(),
+                        upstream: route::upstream_index(src, format!("{k}.upstream"), &r.upstream, &upstreams)?,
+                    });
+                }
+                if default.is_none() && sni.is_empty() {
+                    return Err(src.invalid(
+                        key("address"),
+                        &l.address,
+                        "a tcp listener needs `upstream` or [[listener.sni]]",
+                    ));
+                }
+                Some(TcpRoutes { sni, default })
+            } else {
+                None
+            };
             let routes = match (&l.upstream, &l.respond, l.route.is_empty()) {
+                _ if tcp.is_some() => Vec::new(),
                 (Some(name), None, true) => vec![route::catch_all(RouteAction::Forward(
                     route::upstream_index(src, key("upstream"), name, &upstreams)?,
                 ))],
@@ -802,6 +965,9 @@ impl Config {
                     None => None,
                     Some(t) => Some(tls_settings(src, &key("tls"), t)?),
                 },
+                tcp,
+                proxy_protocol,
+                splice: l.splice.unwrap_or(true),
             });
         }
         if listeners.is_empty() {

@@ -17,6 +17,7 @@ use crate::app::gateway::{Gateway, Handler};
 use crate::control::reload::{Apply, Phase};
 use crate::listen::accept::{Acceptor, ListenerCtx};
 use crate::listen::sniff::ConnServer;
+use crate::listen::tcp::TcpForward;
 use crate::telemetry::accesslog::AccessLog;
 use crate::upstream::pool::UpstreamPool;
 
@@ -98,10 +99,19 @@ impl Worker {
             });
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
+                l.proxy_protocol.clone(),
                 Arc::clone(&self.parks),
                 self.draining.clone(),
             ));
             let tls = g.tls[i].clone().map(tokio_rustls::TlsAcceptor::from);
+            let tcp = l.tcp.as_ref().map(|routes| {
+                Rc::new(TcpForward::new(
+                    routes,
+                    Rc::clone(&shared),
+                    g.config.http.header_read_timeout,
+                    l.splice,
+                ))
+            });
             let ctx = match sockets[i].take() {
                 Some(sock) => {
                     let (stop, stop_rx) = watch::channel(false);
@@ -112,6 +122,7 @@ impl Worker {
                         max_connections: Cell::new(l.max_connections),
                         active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
                         tls: RefCell::new(tls),
+                        tcp: RefCell::new(tcp),
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         stop,
                     });
@@ -140,6 +151,7 @@ impl Worker {
                     *ctx.server.borrow_mut() = server;
                     ctx.gateway.replace(handler);
                     *ctx.tls.borrow_mut() = tls;
+                    *ctx.tcp.borrow_mut() = tcp;
                     ctx.max_connections.set(l.max_connections);
                     ctx
                 }

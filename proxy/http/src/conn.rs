@@ -50,6 +50,10 @@ pub struct ConnState {
     body_min_rate: Option<u64>,
     /// The client's IP address, ready for X-Forwarded-For.
     pub peer_ip: http::HeaderValue,
+    /// The client's address, and the one it connected to (both as a PROXY protocol header
+    /// in front of the connection said, if one did).
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
     /// "http" or "https", for X-Forwarded-Proto.
     pub scheme: http::HeaderValue,
 }
@@ -422,6 +426,7 @@ impl ConnState {
         timeouts: Timeouts,
         scheme: &'static str,
         peer: SocketAddr,
+        local: SocketAddr,
     ) -> Arc<ConnState> {
         let now = Instant::now();
         let Timeouts {
@@ -449,6 +454,8 @@ impl ConnState {
             scheme: http::HeaderValue::from_static(scheme),
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
+            peer,
+            local,
         })
     }
 }

@@ -93,6 +93,9 @@ pub enum Refusal {
     MalformedStream,
     /// HTTP/2 RST_STREAM REFUSED_STREAM: the connection is closing or at its stream limit.
     StreamRefused,
+    /// Closed: the connection did not start with a well-formed PROXY protocol header from a
+    /// trusted source (`listener.proxy_protocol`).
+    ProxyHeader,
 }
 
 impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
@@ -111,7 +114,7 @@ impl From<fluxgate_wire::h1::request::HeadError> for Refusal {
 
 impl Refusal {
     /// Every refusal, in declaration order (`index` relies on it).
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::MalformedHead,
         Refusal::AmbiguousFraming,
         Refusal::BadHost,
@@ -121,6 +124,7 @@ impl Refusal {
         Refusal::TooManyFields,
         Refusal::MalformedStream,
         Refusal::StreamRefused,
+        Refusal::ProxyHeader,
     ];
 
     /// The status it is answered with; None for a stream reset without an answer.
@@ -134,7 +138,9 @@ impl Refusal {
             Refusal::HeadTooLarge | Refusal::TooManyFields => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
-            Refusal::MalformedStream | Refusal::StreamRefused => return None,
+            Refusal::MalformedStream | Refusal::StreamRefused | Refusal::ProxyHeader => {
+                return None
+            }
         })
     }
 
@@ -150,6 +156,7 @@ impl Refusal {
             Refusal::TooManyFields => "too_many_fields",
             Refusal::MalformedStream => "malformed_stream",
             Refusal::StreamRefused => "stream_refused",
+            Refusal::ProxyHeader => "proxy_header",
         }
     }
 

@@ -19,7 +19,7 @@ use crate::app::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
-use crate::upstream::pool::UpstreamPool;
+use crate::upstream::pool::{Proxied, UpstreamPool};
 use crate::upstream::send::{UpstreamBody, UpstreamRequest};
 use fluxgate_http::body::ClientBody;
 use fluxgate_http::conn::{ConnState, InFlight};
@@ -213,6 +213,13 @@ impl Handler {
                     head,
                     chunked,
                     body,
+                    proxied: pool.cfg.proxy_protocol.map(|_| {
+                        let st = inflight.state();
+                        Proxied {
+                            source: st.peer,
+                            destination: st.local,
+                        }
+                    }),
                 }
             }
             UpstreamProtocol::H2c => {
@@ -280,10 +287,18 @@ impl Service for Gateway {
     }
 
     fn reset(&self, why: Refusal, conn: &ConnState) {
+        self.refused_without_answer(why, &conn.peer_ip);
+    }
+}
+
+impl Gateway {
+    /// Counts and logs a refusal no answer goes with (a stream reset, a connection closed
+    /// before any request), from `peer_ip`.
+    pub(crate) fn refused_without_answer(&self, why: Refusal, peer_ip: &HeaderValue) {
         let handler = self.handler();
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &handler.access_log {
-            let mut p = Pending::new(log, std::time::Instant::now(), conn.peer_ip.clone());
+            let mut p = Pending::new(log, std::time::Instant::now(), peer_ip.clone());
             p.reason = Some(why.reason());
             p.finish();
         }

@@ -16,25 +16,56 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 
+/// Values by TLS server name: exact names, and `*.example.com` matching exactly one more
+/// label; the first entry for a name wins.
+#[derive(Debug)]
+pub(crate) struct SniMap<T> {
+    exact: HashMap<String, T>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, T>,
+}
+
+impl<T> SniMap<T> {
+    pub(crate) fn new() -> SniMap<T> {
+        SniMap {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn insert(&mut self, name: &str, v: T) {
+        let name = name.to_ascii_lowercase();
+        let map = match name.strip_prefix("*.") {
+            Some(parent) => self.wildcard.entry(parent.to_owned()),
+            None => self.exact.entry(name),
+        };
+        map.or_insert(v);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty()
+    }
+
+    /// The value for `name` (compared without case).
+    pub(crate) fn get(&self, name: &str) -> Option<&T> {
+        let name = name.to_ascii_lowercase();
+        self.exact.get(&name).or_else(|| {
+            name.split_once('.')
+                .and_then(|(_, parent)| self.wildcard.get(parent))
+        })
+    }
+}
+
 /// Picks the certificate for a handshake by its server name.
 #[derive(Debug)]
 struct SniResolver {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    /// Keyed by the part after `*.`: matches exactly one more label.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    names: SniMap<Arc<CertifiedKey>>,
     default: Arc<CertifiedKey>,
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let Some(name) = hello.server_name() else {
-            return Some(Arc::clone(&self.default));
-        };
-        let name = name.to_ascii_lowercase();
-        let found = self.exact.get(&name).or_else(|| {
-            name.split_once('.')
-                .and_then(|(_, parent)| self.wildcard.get(parent))
-        });
+        let found = hello.server_name().and_then(|n| self.names.get(n));
         Some(Arc::clone(found.unwrap_or(&self.default)))
     }
 }
@@ -70,22 +101,17 @@ fn load_key(
 /// The rustls server config for one listener's `[listener.tls]`.
 pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(aws_lc_rs::default_provider());
-    let mut exact = HashMap::new();
-    let mut wildcard = HashMap::new();
+    let mut names = SniMap::new();
     let mut default = None;
     for c in &t.certificates {
         let key = load_key(&provider, &c.cert, &c.key)?;
         default.get_or_insert_with(|| Arc::clone(&key));
         for n in &c.names {
-            match n.strip_prefix("*.") {
-                Some(parent) => wildcard.insert(parent.to_owned(), Arc::clone(&key)),
-                None => exact.insert(n.clone(), Arc::clone(&key)),
-            };
+            names.insert(n, Arc::clone(&key));
         }
     }
     let resolver = SniResolver {
-        exact,
-        wildcard,
+        names,
         default: default.ok_or("no certificate configured")?,
     };
     let versions: &[&'static rustls::SupportedProtocolVersion] = match t.min_version {
@@ -203,29 +229,12 @@ pub(crate) fn upstream_configs(
 }
 
 /// Whether the first bytes of a connection hold a TLS ClientHello with the early_data
-/// extension (type 42). Anything short or malformed reads as "no".
+/// extension. Anything short or malformed reads as "no".
 pub(crate) fn offers_early_data(b: &[u8]) -> bool {
-    fn find(b: &[u8]) -> Option<bool> {
-        // Record header (5), handshake header (4), version (2), random (32).
-        if *b.first()? != 0x16 || *b.get(5)? != 0x01 {
-            return None;
-        }
-        let mut i = 5 + 4 + 2 + 32;
-        i += 1 + usize::from(*b.get(i)?); // session id
-        i += 2 + usize::from(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])); // suites
-        i += 1 + usize::from(*b.get(i)?); // compression
-        let end = i + 2 + usize::from(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]));
-        i += 2;
-        while i + 4 <= end.min(b.len()) {
-            let kind = u16::from_be_bytes([b[i], b[i + 1]]);
-            if kind == 42 {
-                return Some(true);
-            }
-            i += 4 + usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
-        }
-        Some(false)
-    }
-    find(b).unwrap_or(false)
+    use fluxgate_wire::tls::{client_hello_extensions, EARLY_DATA};
+    let mut offered = false;
+    client_hello_extensions(b, |kind, _| offered |= kind == EARLY_DATA);
+    offered
 }
 
 /// TLS settings of every listener of `config` (None for cleartext ones).

@@ -17,9 +17,12 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use crate::app::gateway::Gateway;
+use crate::listen::proxied;
 use crate::listen::sniff::ConnServer;
+use crate::listen::tcp::TcpForward;
 use crate::telemetry::metrics;
 use fluxgate_http::conn::ClientStream;
+use fluxgate_http::service::Refusal;
 
 /// Binds one worker's socket for a listener (SO_REUSEPORT, TCP_NODELAY, backlog, TFO).
 pub(crate) fn bind(
@@ -125,10 +128,49 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
     metrics::inc(&ctx.active_gauge);
     let ctx = Rc::clone(ctx);
     let tls = ctx.tls.borrow().clone();
+    let tcp = ctx.tcp.borrow().clone();
     tokio::task::spawn_local(async move {
+        serve_conn(&ctx, stream, peer, tls, tcp).await;
+        ctx.active.set(ctx.active.get() - 1);
+        metrics::dec(&ctx.active_gauge);
+    });
+}
+
+/// One accepted connection, to its end: its PROXY protocol header when the listener takes
+/// one, then forwarded as bytes (TCP mode), or TLS if configured and served as HTTP.
+async fn serve_conn(
+    ctx: &ListenerCtx,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tcp: Option<Rc<TcpForward>>,
+) {
+    {
         // The limits and certificates in force when the connection arrived; routes are
         // looked up per request.
         let server = ctx.server.borrow().clone();
+        let Ok(local) = stream.local_addr() else {
+            return;
+        };
+        let (peer, local) = match server.proxy_protocol() {
+            None => (peer, local),
+            Some(trusted) => {
+                let limit = server.header_timeout();
+                match proxied::take_header(&stream, peer, local, trusted, limit).await {
+                    Some(addrs) => addrs,
+                    None => {
+                        let ip = http::HeaderValue::from_str(&peer.ip().to_string())
+                            .expect("an IP address is a valid header value");
+                        ctx.gateway.refused_without_answer(Refusal::ProxyHeader, &ip);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(tcp) = tcp {
+            tcp.forward(stream, peer, local).await;
+            return;
+        }
         let stream = match tls {
             None => Some((ClientStream::Plain(stream), None)),
             // A handshake gets as long as a request head would.
@@ -188,12 +230,10 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
         };
         if let Some((stream, early)) = stream {
             server
-                .serve(stream, early, peer, Rc::clone(&ctx.gateway))
+                .serve(stream, early, (peer, local), Rc::clone(&ctx.gateway))
                 .await;
         }
-        ctx.active.set(ctx.active.get() - 1);
-        metrics::dec(&ctx.active_gauge);
-    });
+    }
 }
 
 /// Which `metrics::TLS_ERRORS` entry a failed handshake counts as.
@@ -306,6 +346,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) tls_stats: Arc<crate::telemetry::metrics::TlsStats>,
     /// TLS termination for new connections, when the listener has `[listener.tls]`.
     pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
+    /// Forwarding for new connections, when the listener is `mode = "tcp"`.
+    pub(crate) tcp: RefCell<Option<Rc<TcpForward>>>,
     /// Stops this listener's acceptor.
     pub(crate) stop: watch::Sender<bool>,
 }

@@ -24,6 +24,8 @@ pub(crate) struct ConnServer {
     /// Connections parked so far on this worker (see `worker_housekeeping`); a metric.
     parks: Arc<AtomicU64>,
     timeouts: Timeouts,
+    /// Sources whose connections start with a PROXY protocol header (`listener.proxy_protocol`).
+    proxy_protocol: Option<Vec<ipnet::IpNet>>,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
@@ -31,12 +33,14 @@ pub(crate) struct ConnServer {
 impl ConnServer {
     pub(crate) fn new(
         limits: &fluxgate_conf::HttpLimits,
+        proxy_protocol: Option<Vec<ipnet::IpNet>>,
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
         ConnServer {
             draining,
             parks,
+            proxy_protocol,
             timeouts: Timeouts {
                 header: limits.header_read_timeout,
                 idle: limits.keepalive_timeout,
@@ -56,13 +60,18 @@ impl ConnServer {
         self.timeouts.header
     }
 
+    /// The sources trusted to send a PROXY protocol header, when the listener takes one.
+    pub(crate) fn proxy_protocol(&self) -> Option<&[ipnet::IpNet]> {
+        self.proxy_protocol.as_deref()
+    }
+
     /// Serves one accepted connection to its end, each request by `svc`.
     /// `early`: bytes that arrived as TLS 0-RTT data, read before the stream's own.
     pub(crate) async fn serve<S: Service>(
         &self,
         stream: ClientStream,
         early: Option<bytes::Bytes>,
-        peer: SocketAddr,
+        (peer, local): (SocketAddr, SocketAddr),
         svc: Rc<S>,
     ) {
         let mut stream = stream;
@@ -73,7 +82,7 @@ impl ConnServer {
             ClientStream::Plain(_) => "http",
             ClientStream::Tls(_) => "https",
         };
-        let state = ConnState::new(h2, self.timeouts, scheme, peer);
+        let state = ConnState::new(h2, self.timeouts, scheme, peer, local);
         let io = ClientIo::new(stream, Arc::clone(&state), first);
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);

@@ -168,6 +168,16 @@ pub(crate) struct Checkout {
     conn: Option<H1Conn>,
     /// Whether it came from the idle pool (and so may have gone stale).
     pub(crate) reused: bool,
+    /// Opened for one client (PROXY protocol): closed after use, never pooled.
+    private: bool,
+}
+
+/// A client connection's source and destination addresses, as a PROXY protocol header
+/// names them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Proxied {
+    pub(crate) source: SocketAddr,
+    pub(crate) destination: SocketAddr,
 }
 
 impl Checkout {
@@ -178,7 +188,11 @@ impl Checkout {
     /// Returns the connection to the idle pool, or closes it when the pool is full.
     pub(crate) fn release(mut self) {
         if let Some(conn) = self.conn.take() {
-            self.pool.checkin(self.endpoint, conn);
+            if self.private {
+                self.pool.endpoints[self.endpoint].live.busy_add(-1);
+            } else {
+                self.pool.checkin(self.endpoint, conn);
+            }
         }
     }
 
@@ -255,12 +269,13 @@ impl UpstreamPool {
     /// Opens `cfg.prewarm` idle connections to each endpoint. Failures are logged, not fatal:
     /// the upstream may come up later.
     pub(crate) async fn prewarm(self: Rc<Self>) {
-        if self.cfg.protocol != UpstreamProtocol::Http1 {
+        // A connection with a PROXY header is opened for its client, never ahead.
+        if self.cfg.protocol != UpstreamProtocol::Http1 || self.cfg.proxy_protocol.is_some() {
             return;
         }
         for ep in 0..self.endpoints.len() {
             for _ in 0..self.cfg.prewarm {
-                match self.connect_h1(ep).await {
+                match self.connect_h1(ep, None).await {
                     Ok(conn) => {
                         self.endpoints[ep].live.busy_add(1);
                         self.checkin(ep, conn);
@@ -276,11 +291,15 @@ impl UpstreamPool {
 
     /// Lends an HTTP/1.1 connection to `ep`: an idle one when there is one (unless `fresh`),
     /// else a new one (waiting for a free slot when the endpoint is at `max_connections`).
+    /// One for a `proxied` client is always new, starts with its PROXY header, and is closed
+    /// after the request.
     pub(crate) async fn checkout(
         self: &Rc<Self>,
         ep: usize,
         fresh: bool,
+        proxied: Option<Proxied>,
     ) -> Result<Checkout, ProxyError> {
+        let fresh = fresh || proxied.is_some();
         let live = &self.endpoints[ep].live;
         // Read the clock only when the wait for a free slot begins.
         let mut deadline = None;
@@ -297,6 +316,7 @@ impl UpstreamPool {
                     endpoint: ep,
                     conn: Some(conn),
                     reused: true,
+                    private: false,
                 });
             }
             let cap = self.cfg.max_connections;
@@ -314,7 +334,7 @@ impl UpstreamPool {
         }
         // Boxed: dialing (TCP, maybe TLS) is rare next to reuse and its state is large; it must
         // not grow every request's future.
-        let conn = Box::pin(self.connect_h1(ep)).await?;
+        let conn = Box::pin(self.connect_h1(ep, proxied)).await?;
         live.busy_add(1);
         self.stats.pool_misses.fetch_add(1, Ordering::Relaxed);
         Ok(Checkout {
@@ -322,6 +342,7 @@ impl UpstreamPool {
             endpoint: ep,
             conn: Some(conn),
             reused: false,
+            private: proxied.is_some(),
         })
     }
 
@@ -393,13 +414,13 @@ impl UpstreamPool {
         kept
     }
 
-    /// A connection to endpoint `ep`: TCP, then TLS when the upstream has `tls`, all within
+    /// A connection to endpoint `ep`: TCP, the PROXY protocol header for a `proxied` client
+    /// when the upstream has `proxy_protocol`, then TLS when it has `tls`, all within
     /// `connect_timeout`. Any failure is a connect failure (502).
-    async fn dial(&self, ep: usize) -> Result<UpstreamStream, ProxyError> {
+    async fn dial(&self, ep: usize, proxied: Option<Proxied>) -> Result<UpstreamStream, ProxyError> {
         let addr = self.endpoints[ep].addr;
         let connect = async {
-            let stream = TcpStream::connect(addr).await?;
-            let _ = stream.set_nodelay(true);
+            let stream = self.open_tcp(addr, proxied).await?;
             match &self.tls {
                 None => Ok(UpstreamStream::Plain(stream)),
                 Some((connector, name)) => {
@@ -409,6 +430,27 @@ impl UpstreamPool {
                 }
             }
         };
+        self.within_connect_timeout(addr, connect).await
+    }
+
+    /// A TCP connection to endpoint `ep` within `connect_timeout`, its PROXY protocol
+    /// header sent for a `proxied` client when the upstream has `proxy_protocol` (TCP mode).
+    pub(crate) async fn connect_tcp(
+        &self,
+        ep: usize,
+        proxied: Option<Proxied>,
+    ) -> Result<TcpStream, ProxyError> {
+        let addr = self.endpoints[ep].addr;
+        self.within_connect_timeout(addr, self.open_tcp(addr, proxied))
+            .await
+    }
+
+    /// `connect` within `connect_timeout`; any failure is a connect failure (502).
+    async fn within_connect_timeout<T>(
+        &self,
+        addr: SocketAddr,
+        connect: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, ProxyError> {
         match tokio::time::timeout(self.cfg.connect_timeout, connect).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(source)) => Err(ProxyError::Connect { addr, source }),
@@ -419,11 +461,39 @@ impl UpstreamPool {
         }
     }
 
-    async fn connect_h1(self: &Rc<Self>, ep: usize) -> Result<H1Conn, ProxyError> {
+    /// TCP to `addr`, then the PROXY protocol header for a `proxied` client when the
+    /// upstream has `proxy_protocol`.
+    async fn open_tcp(
+        &self,
+        addr: SocketAddr,
+        proxied: Option<Proxied>,
+    ) -> std::io::Result<TcpStream> {
+        use fluxgate_wire::proxy_protocol::{encode, Version};
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(addr).await?;
+        let _ = stream.set_nodelay(true);
+        let (Some(v), Some(p)) = (self.cfg.proxy_protocol, proxied) else {
+            return Ok(stream);
+        };
+        let version = match v {
+            fluxgate_conf::ProxyProtocol::V1 => Version::V1,
+            fluxgate_conf::ProxyProtocol::V2 => Version::V2,
+        };
+        let mut header = Vec::with_capacity(64);
+        encode(version, p.source, p.destination, &mut header);
+        stream.write_all(&header).await?;
+        Ok(stream)
+    }
+
+    async fn connect_h1(
+        self: &Rc<Self>,
+        ep: usize,
+        proxied: Option<Proxied>,
+    ) -> Result<H1Conn, ProxyError> {
         let live = &self.endpoints[ep].live;
         // Counted from the start of the dial, so concurrent requests see the slot taken.
         live.open_add(1);
-        let stream = match self.dial(ep).await {
+        let stream = match self.dial(ep, proxied).await {
             Ok(s) => s,
             Err(e) => {
                 live.open_add(-1);
@@ -452,7 +522,7 @@ impl UpstreamPool {
                 return Ok(s.clone());
             }
         }
-        let stream = Box::pin(self.dial(ep)).await?;
+        let stream = Box::pin(self.dial(ep, None)).await?;
         let (sender, connection) = http2::Builder::new(LocalExec)
             .handshake(TokioIo::new(stream))
             .await

@@ -14,7 +14,7 @@ use hyper::client::conn::TrySendError;
 
 use crate::error::ProxyError;
 use crate::upstream::h1::{Exchange, H1Body};
-use crate::upstream::pool::UpstreamPool;
+use crate::upstream::pool::{Proxied, UpstreamPool};
 use fluxgate_http::body::ClientBody;
 use fluxgate_policy::retry::AttemptFacts;
 
@@ -27,6 +27,9 @@ pub(crate) enum UpstreamRequest {
         body: Option<ClientBody>,
         idempotent: bool,
         head_request: bool,
+        /// The client's and the address it reached, for an upstream sent the PROXY
+        /// protocol: the request goes on a connection of its own.
+        proxied: Option<Proxied>,
     },
     /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
     H2(Box<Request<ClientBody>>),
@@ -59,14 +62,15 @@ impl UpstreamPool {
         timeout: Duration,
         fresh: bool,
     ) -> Result<Response<UpstreamBody>, Failed> {
-        let (head, chunked, body, idempotent, head_request) = match request {
+        let (head, chunked, body, idempotent, head_request, proxied) = match request {
             UpstreamRequest::H1 {
                 head,
                 chunked,
                 body,
                 idempotent,
                 head_request,
-            } => (head, chunked, body, idempotent, head_request),
+                proxied,
+            } => (head, chunked, body, idempotent, head_request, proxied),
             UpstreamRequest::H2(req) => {
                 // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
                 return Box::pin(send_over_h2(self, ep, *req, timeout, fresh)).await;
@@ -79,8 +83,9 @@ impl UpstreamPool {
             body: None,
             idempotent,
             head_request,
+            proxied,
         });
-        let conn = match self.checkout(ep, fresh).await {
+        let conn = match self.checkout(ep, fresh, proxied).await {
             Ok(conn) => conn,
             Err(error) => {
                 let facts = AttemptFacts {

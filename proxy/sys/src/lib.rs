@@ -1,5 +1,6 @@
-//! The system-call edge of fluxgate: the io_uring acceptor and the socket options socket2
-//! does not carry. Every `unsafe` block of the gateway lives here, each with a SAFETY note.
+//! The system-call edge of fluxgate: the io_uring acceptor, splice(2) and pipes, and the
+//! socket options socket2 does not carry. Every `unsafe` block of the gateway lives here,
+//! each with a SAFETY note.
 //! This crate never touches HTTP or config: it hands out file descriptors, and its only tie
 //! to tokio is registering the ring's descriptor with the reactor.
 
@@ -350,10 +351,75 @@ pub fn set_tcp_fastopen(fd: &impl AsRawFd, queue_len: u32) -> io::Result<()> {
     }
 }
 
+/// A nonblocking, close-on-exec pipe for splice(2): (read end, write end, capacity), its
+/// buffer grown to `size` bytes when the kernel allows (the default is 64 KiB).
+pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array it is given.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened by pipe2 and are owned by nothing else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ takes an int and returns the size set; a refusal (over
+    // /proc/sys/fs/pipe-max-size) leaves the default, asked for with F_GETPIPE_SZ.
+    let set = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    // SAFETY: F_GETPIPE_SZ takes no argument.
+    let cap = if set > 0 { set } else { unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) } };
+    Ok((r, w, cap.max(4096) as usize))
+}
+
+/// Moves up to `len` bytes from `from` to `to` in the kernel, one of them a pipe, without
+/// blocking (splice(2) with SPLICE_F_NONBLOCK): Ok(0) is the end of `from`, WouldBlock
+/// that one side is not ready.
+pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open for the call (borrowed); null offsets mean the
+    // files' own positions, as sockets and pipes require.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn splice_moves_bytes_through_a_pipe() {
+        use std::io::{Read, Write};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let (r, w, _) = pipe(1 << 20).unwrap();
+        a.write_all(b"through the kernel").unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut moved = 0;
+        while moved < 18 {
+            match splice(&b, &w, 1 << 16) {
+                Ok(n) => moved += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(splice(&b, &w, 1 << 16).unwrap(), 0, "the end of the stream");
+        let mut out = [0u8; 18];
+        std::fs::File::from(r).read_exact(&mut out).unwrap();
+        assert_eq!(&out, b"through the kernel");
+    }
 
     #[test]
     #[cfg_attr(
