@@ -898,17 +898,36 @@ impl Config {
                 }
                 let default = match &l.upstream {
                     None => None,
-                    Some(name) => Some(route::upstream_index(src, key("upstream"), name, &upstreams)?),
+                    Some(name) => Some(route::upstream_index(
+                        src,
+                        key("upstream"),
+                        name,
+                        &upstreams,
+                    )?),
                 };
                 let mut sni = Vec::new();
                 for (j, r) in l.sni.iter().enumerate() {
                     let k = key(&format!("sni[{j}]"));
                     if r.names.get_ref().is_empty() {
-                        return Err(src.invalid(format!("{k}.names"), &r.names, "list at least one name"));
+                        return Err(src.invalid(
+                            format!("{k}.names"),
+                            &r.names,
+                            "list at least one name",
+                        ));
                     }
                     sni.push(SniRoute {
-                        names: r.names.get_ref().iter().map(|n| n.to_ascii_lowercase()).collect(),
-                        upstream: route::upstream_index(src, format!("{k}.upstream"), &r.upstream, &upstreams)?,
+                        names: r
+                            .names
+                            .get_ref()
+                            .iter()
+                            .map(|n| n.to_ascii_lowercase())
+                            .collect(),
+                        upstream: route::upstream_index(
+                            src,
+                            format!("{k}.upstream"),
+                            &r.upstream,
+                            &upstreams,
+                        )?,
                     });
                 }
                 if default.is_none() && sni.is_empty() {

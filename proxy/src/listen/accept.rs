@@ -161,7 +161,8 @@ async fn serve_conn(
                     None => {
                         let ip = http::HeaderValue::from_str(&peer.ip().to_string())
                             .expect("an IP address is a valid header value");
-                        ctx.gateway.refused_without_answer(Refusal::ProxyHeader, &ip);
+                        ctx.gateway
+                            .refused_without_answer(Refusal::ProxyHeader, &ip);
                         return;
                     }
                 }

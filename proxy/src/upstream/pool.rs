@@ -417,7 +417,11 @@ impl UpstreamPool {
     /// A connection to endpoint `ep`: TCP, the PROXY protocol header for a `proxied` client
     /// when the upstream has `proxy_protocol`, then TLS when it has `tls`, all within
     /// `connect_timeout`. Any failure is a connect failure (502).
-    async fn dial(&self, ep: usize, proxied: Option<Proxied>) -> Result<UpstreamStream, ProxyError> {
+    async fn dial(
+        &self,
+        ep: usize,
+        proxied: Option<Proxied>,
+    ) -> Result<UpstreamStream, ProxyError> {
         let addr = self.endpoints[ep].addr;
         let connect = async {
             let stream = self.open_tcp(addr, proxied).await?;

@@ -366,7 +366,11 @@ pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     // /proc/sys/fs/pipe-max-size) leaves the default, asked for with F_GETPIPE_SZ.
     let set = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
     // SAFETY: F_GETPIPE_SZ takes no argument.
-    let cap = if set > 0 { set } else { unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) } };
+    let cap = if set > 0 {
+        set
+    } else {
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) }
+    };
     Ok((r, w, cap.max(4096) as usize))
 }
 

@@ -254,7 +254,9 @@ mod tests {
                 destination: sa("198.51.100.1:443")
             })
         );
-        let h = parse(b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n").unwrap().unwrap();
+        let h = parse(b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.addresses.unwrap().source, sa("[2001:db8::1]:1"));
         let h = parse(b"PROXY UNKNOWN whatever\r\n").unwrap().unwrap();
         assert_eq!((h.addresses, h.len), (None, 24));
@@ -280,7 +282,12 @@ mod tests {
     #[test]
     fn v2_headers() {
         let mut h = Vec::new();
-        encode(Version::V2, sa("192.0.2.1:56324"), sa("198.51.100.1:443"), &mut h);
+        encode(
+            Version::V2,
+            sa("192.0.2.1:56324"),
+            sa("198.51.100.1:443"),
+            &mut h,
+        );
         assert_eq!(h.len(), 28);
         for cut in 0..h.len() {
             assert_eq!(parse(&h[..cut]), Ok(None), "cut at {cut}");

@@ -12,7 +12,10 @@ pub fn client_hello_extensions<'a>(b: &'a [u8], mut f: impl FnMut(u16, &'a [u8])
     }
     let record_end = 5 + usize::from(u16::from_be_bytes([*b.get(3)?, *b.get(4)?]));
     let len16 = |i: usize| -> Option<usize> {
-        Some(usize::from(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])))
+        Some(usize::from(u16::from_be_bytes([
+            *b.get(i)?,
+            *b.get(i + 1)?,
+        ])))
     };
     let mut i = 5 + 4 + 2 + 32;
     i += 1 + usize::from(*b.get(i)?); // session id
@@ -110,7 +113,10 @@ mod tests {
         assert_eq!(sni_of(&h), (Some(true), Some("a.example".into())));
         // Cut short: not whole, and the name is not read from half an extension.
         assert_eq!(sni_of(&h[..h.len() - 3]), (Some(false), None));
-        assert_eq!(sni_of(&hello(&[(10, vec![0, 2, 0, 29])])), (Some(true), None));
+        assert_eq!(
+            sni_of(&hello(&[(10, vec![0, 2, 0, 29])])),
+            (Some(true), None)
+        );
         assert_eq!(sni_of(b"GET / HTTP/1.1\r\n"), (None, None));
         assert_eq!(sni_of(&hello(&[(SERVER_NAME, sni_ext("a/b"))])).1, None);
     }
