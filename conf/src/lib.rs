@@ -896,14 +896,21 @@ impl Config {
                          not [listener.tls], `respond` or [[listener.route]]",
                     ));
                 }
+                // Bytes go to an upstream as they came: it cannot add TLS of its own.
+                let plain = |k: String, name: &Spanned<String>| {
+                    let i = route::upstream_index(src, k.clone(), name, &upstreams)?;
+                    match upstreams[i].tls {
+                        Some(_) => Err(src.invalid(
+                            k,
+                            name,
+                            "a tcp listener's upstream cannot have `tls` (TLS passes through)",
+                        )),
+                        None => Ok(i),
+                    }
+                };
                 let default = match &l.upstream {
                     None => None,
-                    Some(name) => Some(route::upstream_index(
-                        src,
-                        key("upstream"),
-                        name,
-                        &upstreams,
-                    )?),
+                    Some(name) => Some(plain(key("upstream"), name)?),
                 };
                 let mut sni = Vec::new();
                 for (j, r) in l.sni.iter().enumerate() {
@@ -922,12 +929,7 @@ impl Config {
                             .iter()
                             .map(|n| n.to_ascii_lowercase())
                             .collect(),
-                        upstream: route::upstream_index(
-                            src,
-                            format!("{k}.upstream"),
-                            &r.upstream,
-                            &upstreams,
-                        )?,
+                        upstream: plain(format!("{k}.upstream"), &r.upstream)?,
                     });
                 }
                 if default.is_none() && sni.is_empty() {
@@ -1082,6 +1084,71 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn edge_settings_are_checked_with_their_key() {
+        let up = "[[upstream]]\nname = \"u\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        let bad = |listener: &str, upstream_extra: &str| {
+            let text = format!(
+                "[[listener]]\naddress = \"127.0.0.1:0\"\n{listener}\n{up}{upstream_extra}\n"
+            );
+            Config::from_toml(&text).unwrap_err().to_string()
+        };
+        for (listener, extra, key) in [
+            ("mode = \"udp\"\nupstream = \"u\"", "", "listener[0].mode"),
+            (
+                "upstream = \"u\"\nproxy_protocol = { trusted = [\"10.0.0.0/33\"] }",
+                "",
+                "listener[0].proxy_protocol.trusted[0]",
+            ),
+            (
+                "upstream = \"u\"\nproxy_protocol = { trusted = [] }",
+                "",
+                "listener[0].proxy_protocol.trusted",
+            ),
+            (
+                "upstream = \"u\"\n[[listener.sni]]\nnames = [\"a\"]\nupstream = \"u\"",
+                "",
+                "listener[0].address",
+            ),
+            ("mode = \"tcp\"", "", "listener[0].address"),
+            (
+                "mode = \"tcp\"\n[[listener.sni]]\nnames = [\"a\"]\nupstream = \"x\"",
+                "",
+                "listener[0].sni[0].upstream",
+            ),
+            (
+                "mode = \"tcp\"\nupstream = \"u\"",
+                "tls = { sni = \"a\" }",
+                "listener[0].upstream",
+            ),
+            (
+                "upstream = \"u\"",
+                "proxy_protocol = \"v3\"",
+                "upstream[0].proxy_protocol",
+            ),
+            (
+                "upstream = \"u\"",
+                "proxy_protocol = \"v1\"\nprotocol = \"h2c\"",
+                "upstream[0].proxy_protocol",
+            ),
+        ] {
+            let err = bad(listener, extra);
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let ok = format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"tcp\"\nupstream = \"u\"\n\
+             proxy_protocol = {{ trusted = [\"10.0.0.0/8\", \"192.0.2.1\", \"::1\"] }}\n\
+             [[listener.sni]]\nnames = [\"A.example\"]\nupstream = \"u\"\n{up}\
+             proxy_protocol = \"v2\"\n"
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.proxy_protocol.as_ref().unwrap().len(), 3);
+        assert_eq!(l.tcp.as_ref().unwrap().sni[0].names, ["a.example"]);
+        assert!(l.splice && l.routes.is_empty());
+        assert_eq!(c.upstreams[0].proxy_protocol, Some(ProxyProtocol::V2));
     }
 
     #[test]
