@@ -100,6 +100,7 @@ impl Worker {
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
                 l.proxy_protocol.clone(),
+                l.splice,
                 Arc::clone(&self.parks),
                 self.draining.clone(),
             ));

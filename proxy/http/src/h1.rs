@@ -29,6 +29,7 @@ use crate::conn::{
 use crate::headers::{connection_has, http_date};
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
 use crate::service::{Refusal, Reply, ResponseBody, Service};
+use crate::stream::TcpBacked;
 use fluxgate_wire::h1::request::{RequestFraming, RequestHead};
 use fluxgate_wire::h1::response::put_status_line;
 use fluxgate_wire::h1::{decode_chunk, put_fields, Span};
@@ -50,6 +51,7 @@ pub fn serve<S: Service>(
     draining: watch::Receiver<bool>,
     limits: HeadLimits,
     parks: Arc<AtomicU64>,
+    splice: bool,
 ) -> impl Future<Output = Option<ClientStream>> {
     let mut conn = H1Connection {
         io,
@@ -90,7 +92,7 @@ pub fn serve<S: Service>(
             Some(up) => {
                 // Boxed, and in its own statement (a temporary would live across the await):
                 // rare, and its state must not grow every connection's future.
-                let tunnel = Box::pin(tunnel_to(stream, conn.rbuf, up));
+                let tunnel = Box::pin(tunnel_to(stream, conn.rbuf, up, splice));
                 tunnel.await;
                 None
             }
@@ -573,10 +575,12 @@ fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
 
 /// Copies bytes both ways between the client and the upstream once both sides switched,
 /// starting with what each sent past the heads.
-async fn tunnel_to<U>(mut client: ClientStream, from_client: BytesMut, upgraded: (U, BytesMut))
-where
-    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+async fn tunnel_to<U: TcpBacked>(
+    mut client: ClientStream,
+    from_client: BytesMut,
+    upgraded: (U, BytesMut),
+    splice: bool,
+) {
     use tokio::io::AsyncWriteExt;
     let (mut upstream, early) = upgraded;
     if !early.is_empty() && client.write_all(&early).await.is_err() {
@@ -585,5 +589,5 @@ where
     if !from_client.is_empty() && upstream.write_all(&from_client).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let _ = crate::stream::pump(&mut client, &mut upstream, splice).await;
 }

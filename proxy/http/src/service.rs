@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response, StatusCode};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::ClientBody;
 use crate::conn::{ConnState, InFlight};
@@ -65,7 +64,7 @@ where
 /// A response body as the servers take it, and what a 101 answer hands over.
 pub trait ResponseBody: http_body::Body<Data = Bytes, Error = BoxError> + Unpin {
     /// The connection the client's is joined to after a 101.
-    type Upgraded: AsyncRead + AsyncWrite + Unpin;
+    type Upgraded: crate::stream::TcpBacked;
 
     /// A 101 answer's connection and the bytes already read from it past the answer's head;
     /// taken once (None for any other answer).

@@ -14,6 +14,54 @@ pub enum MaybeTls<T> {
     Tls(Box<T>),
 }
 
+impl<T> MaybeTls<T> {
+    /// The socket, if nothing is layered on it (a tunnel over it can be spliced).
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            MaybeTls::Plain(s) => Some(s),
+            MaybeTls::Tls(_) => None,
+        }
+    }
+}
+
+/// A connection a tunnel may carry: when it is plain TCP underneath, with nothing buffered
+/// above the socket, its bytes can move in the kernel.
+pub trait TcpBacked: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+/// Carries a tunnel's bytes both ways until both directions end: with splice(2) when
+/// `splice` and both sides are plain TCP, else copied through user space.
+pub async fn pump<A: TcpBacked, B: TcpBacked>(
+    a: &mut A,
+    b: &mut B,
+    splice: bool,
+) -> io::Result<(u64, u64)> {
+    if splice {
+        if let (Some(x), Some(y)) = (a.tcp(), b.tcp()) {
+            if let Some(moved) = fluxgate_sys::tunnel::splice_both(x, y).await? {
+                return Ok(moved);
+            }
+        }
+    }
+    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+}
+
+/// The copy path's buffer per direction.
+const COPY_BUF: usize = 64 << 10;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TcpBacked for MaybeTls<T> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        MaybeTls::tcp(self)
+    }
+}
+
+impl TcpBacked for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
 /// A client's connection to us.
 pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
 /// Our connection to an upstream endpoint.

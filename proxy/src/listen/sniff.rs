@@ -26,6 +26,8 @@ pub(crate) struct ConnServer {
     timeouts: Timeouts,
     /// Sources whose connections start with a PROXY protocol header (`listener.proxy_protocol`).
     proxy_protocol: Option<Vec<ipnet::IpNet>>,
+    /// Upgraded connections' tunnels use splice(2) (`listener.splice`).
+    splice: bool,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
@@ -34,6 +36,7 @@ impl ConnServer {
     pub(crate) fn new(
         limits: &fluxgate_conf::HttpLimits,
         proxy_protocol: Option<Vec<ipnet::IpNet>>,
+        splice: bool,
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
@@ -41,6 +44,7 @@ impl ConnServer {
             draining,
             parks,
             proxy_protocol,
+            splice,
             timeouts: Timeouts {
                 header: limits.header_read_timeout,
                 idle: limits.keepalive_timeout,
@@ -89,7 +93,8 @@ impl ConnServer {
         let left = if h2 {
             fluxgate_http::h2::serve(io, state, svc, draining, self.limits, parks).await
         } else {
-            fluxgate_http::h1::serve(io, state, svc, draining, self.limits, parks).await
+            fluxgate_http::h1::serve(io, state, svc, draining, self.limits, parks, self.splice)
+                .await
         };
         if let Some(s) = left {
             // Boxed, and in its own statement (a temporary would live across the await): the

@@ -74,8 +74,9 @@ impl TcpForward {
             let ep = pick.ep;
             let dialed = pool.connect_tcp(ep, Some(proxied)).await;
             pool.health.record(ep, dialed.is_err());
-            if let Ok(up) = dialed {
-                let _ = crate::io::splice::pump(client, up, self.splice).await;
+            if let Ok(mut up) = dialed {
+                let mut client = client;
+                let _ = fluxgate_http::stream::pump(&mut client, &mut up, self.splice).await;
                 pool.balancer.done(pick);
                 return;
             }

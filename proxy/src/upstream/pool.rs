@@ -68,6 +68,14 @@ pub struct H1Conn {
 }
 
 /// A connection handed over by a 101 answer reads and writes its socket directly.
+impl fluxgate_http::stream::TcpBacked for H1Conn {
+    /// Bytes read past a 101 answer's head are handed over before the tunnel starts
+    /// (`ProxyBody::take_upgrade`), so nothing is buffered above the socket.
+    fn tcp(&self) -> Option<&TcpStream> {
+        self.io.stream.tcp()
+    }
+}
+
 impl tokio::io::AsyncRead for H1Conn {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,

@@ -12,6 +12,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use io_uring::{opcode, squeue, types, IoUring};
 
 mod probe;
+pub mod tunnel;
 
 /// Tag of the multishot accept request.
 const ACCEPT_TAG: u64 = 0xacce;

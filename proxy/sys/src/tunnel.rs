@@ -1,41 +1,35 @@
-//! Moving a tunnel's bytes: splice(2) through a pipe per direction, so the bytes never enter
-//! user space, or a user-space copy where splice is refused or turned off.
+//! Moving a tunnel's bytes in the kernel: splice(2) through a pipe per direction, so the
+//! bytes never enter user space.
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::{pipe, splice};
+
 /// What a pipe is asked to hold per direction: what one splice moves at most.
 const PIPE: usize = 1 << 20;
-/// The copy path's buffer per direction.
-const COPY_BUF: usize = 64 << 10;
 
 /// Carries bytes both ways between `a` and `b` until both directions end (each end passed on
-/// as a half close) or one fails; `splice` chooses the kernel path. Returns the bytes moved
-/// from `a` to `b` and from `b` to `a`.
-pub(crate) async fn pump(
-    mut a: TcpStream,
-    mut b: TcpStream,
-    splice: bool,
-) -> io::Result<(u64, u64)> {
-    if splice {
-        if let (Ok(ab), Ok(ba)) = (fluxgate_sys::pipe(PIPE), fluxgate_sys::pipe(PIPE)) {
-            let started = Cell::new(false);
-            match tokio::try_join!(half(&a, &b, ab, &started), half(&b, &a, ba, &started)) {
-                Err(Refused::Splice) => {}
-                Err(Refused::Io(e)) => return Err(e),
-                Ok(moved) => return Ok(moved),
-            }
-        }
+/// as a half close) or one fails. Returns the bytes moved from `a` to `b` and from `b` to
+/// `a`, or Ok(None) when splice(2) does not take these sockets (found before any byte was
+/// read): the caller copies instead.
+pub async fn splice_both(a: &TcpStream, b: &TcpStream) -> io::Result<Option<(u64, u64)>> {
+    let (Ok(ab), Ok(ba)) = (pipe(PIPE), pipe(PIPE)) else {
+        return Ok(None);
+    };
+    let started = Cell::new(false);
+    match tokio::try_join!(half(a, b, ab, &started), half(b, a, ba, &started)) {
+        Ok(moved) => Ok(Some(moved)),
+        Err(Refused::Splice) => Ok(None),
+        Err(Refused::Io(e)) => Err(e),
     }
-    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await
 }
 
 enum Refused {
-    /// splice(2) does not take these descriptors (found before any byte was read).
     Splice,
     Io(io::Error),
 }
@@ -62,10 +56,7 @@ async fn half(
     loop {
         // Asked for no more than the pipe has room for, a WouldBlock here is the socket's.
         if !eof && held < cap {
-            let read = from.try_io(Interest::READABLE, || {
-                fluxgate_sys::splice(from, &into, cap - held)
-            });
-            match read {
+            match from.try_io(Interest::READABLE, || splice(from, &into, cap - held)) {
                 Ok(0) => eof = true,
                 Ok(n) => {
                     held += n;
@@ -81,7 +72,7 @@ async fn half(
             }
         }
         if held > 0 {
-            match to.try_io(Interest::WRITABLE, || fluxgate_sys::splice(&out, to, held)) {
+            match to.try_io(Interest::WRITABLE, || splice(&out, to, held)) {
                 Ok(n) => {
                     held -= n;
                     moved += n as u64;
@@ -93,7 +84,8 @@ async fn half(
             }
         } else if eof {
             // Passes the end on; the other direction may still run.
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            // SAFETY: shutdown(2) on a descriptor borrowed for the call.
+            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
             return Ok(moved);
         }
     }
