@@ -19,17 +19,28 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// A gateway whose listener takes PROXY headers from `trusted`, forwarding to `up`.
+/// A gateway whose listener takes PROXY headers from `trusted`, forwarding to `up`, its
+/// access log read by `access_log(up)`.
 fn proxied_gateway(up: SocketAddr, trusted: &str, upstream_extra: &str) -> fluxgate::Handle {
+    let log = scratch("l4-log").join(format!("access-{}.log", up.port()));
+    let _ = std::fs::remove_file(&log);
     start(
         &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n\
+            "[access_log]\npath = \"{}\"\nflush_interval = \"100ms\"\n\
+             [admin]\naddress = \"127.0.0.1:0\"\n\
              [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
              proxy_protocol = {{ trusted = [{trusted}] }}\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{up}\"]\n{upstream_extra}\n"
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{up}\"]\n{upstream_extra}\n",
+            log.display()
         ),
         IoMode::Epoll,
     )
+}
+
+/// The access log lines `proxied_gateway(up, ..)` wrote so far.
+fn access_log(up: SocketAddr) -> String {
+    let log = scratch("l4-log").join(format!("access-{}.log", up.port()));
+    std::fs::read_to_string(log).unwrap_or_default()
 }
 
 fn header(v: Version, src: &str, dst: &str) -> Vec<u8> {
@@ -77,6 +88,13 @@ fn proxy_headers_from_a_trusted_source_name_the_client() {
             Some("127.0.0.1")
         );
     }
+    // The access log names the client the header named.
+    assert!(
+        eventually(Duration::from_secs(3), || access_log(up.addr)
+            .contains("\"client\":\"203.0.113.9\"")),
+        "{}",
+        access_log(up.addr)
+    );
     fg.shutdown();
 }
 
@@ -84,9 +102,14 @@ fn proxy_headers_from_a_trusted_source_name_the_client() {
 fn proxy_headers_are_refused_from_untrusted_sources_and_when_malformed() {
     let up = upstream(Behavior::Echo);
     let untrusting = proxied_gateway(up.addr, "\"10.0.0.0/8\", \"192.0.2.1\"", "");
+    // (The gateway may close before the bytes are written: a failed write is no failure.)
     let mut c = RawClient::connect(untrusting.local_addrs()[0]);
-    c.send(&header(Version::V1, "192.0.2.7:1", "127.0.0.1:80"));
-    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let bytes = [
+        header(Version::V1, "192.0.2.7:1", "127.0.0.1:80"),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    ]
+    .concat();
+    let _ = c.stream.write_all(&bytes);
     assert!(c.closed(), "an untrusted source's header is not taken");
 
     let fg = proxied_gateway(up.addr, "\"127.0.0.1\"", "");
@@ -100,7 +123,7 @@ fn proxy_headers_are_refused_from_untrusted_sources_and_when_malformed() {
         bad_v2,
     ] {
         let mut c = RawClient::connect(addr);
-        c.send(&bytes);
+        let _ = c.stream.write_all(&bytes);
         assert!(c.closed(), "{:?}", String::from_utf8_lossy(&bytes));
     }
     assert_eq!(up.requests(), 0, "nothing reached the upstream");
