@@ -54,9 +54,17 @@ async fn half(
     let mut moved = 0u64;
     let mut eof = false;
     loop {
-        // Asked for no more than the pipe has room for, a WouldBlock here is the socket's.
         if !eof && held < cap {
-            match from.try_io(Interest::READABLE, || splice(from, &into, cap - held)) {
+            // A pipe counts its room in page slots, not bytes: with bytes in it, EAGAIN may
+            // mean the pipe is full while the socket still holds data. Only an empty pipe's
+            // EAGAIN says the socket is drained, so only then may the socket's readiness be
+            // cleared (else it would wait for bytes that are already there).
+            let read = if held == 0 {
+                from.try_io(Interest::READABLE, || splice(from, &into, cap))
+            } else {
+                splice(from, &into, cap - held)
+            };
+            match read {
                 Ok(0) => eof = true,
                 Ok(n) => {
                     held += n;
