@@ -168,6 +168,10 @@ pub struct Listener {
     /// Tunnels (TCP mode, upgraded connections) move bytes with splice(2); false copies them
     /// through user space. Default true.
     pub splice: bool,
+    /// HTTP/3 over QUIC on the same port number over UDP, with the same certificates; its
+    /// HTTP/1.1 and HTTP/2 answers carry `Alt-Svc`. Default true on TLS listeners (false
+    /// turns it off); only TLS listeners can have it.
+    pub http3: bool,
 }
 
 /// Where a TCP-mode listener sends a connection.
@@ -352,6 +356,7 @@ struct RawListener {
     tls: Option<Spanned<RawTls>>,
     mode: Option<Spanned<String>>,
     splice: Option<bool>,
+    http3: Option<Spanned<bool>>,
     #[serde(default)]
     sni: Vec<RawSniRoute>,
     proxy_protocol: Option<Spanned<RawProxyIn>>,
@@ -989,6 +994,17 @@ impl Config {
                 tcp,
                 proxy_protocol,
                 splice: l.splice.unwrap_or(true),
+                http3: match &l.http3 {
+                    Some(h) if *h.get_ref() && l.tls.is_none() => {
+                        return Err(src.invalid(
+                            key("http3"),
+                            h,
+                            "HTTP/3 needs [listener.tls] (QUIC is always encrypted)",
+                        ))
+                    }
+                    Some(h) => *h.get_ref(),
+                    None => l.tls.is_some(),
+                },
             });
         }
         if listeners.is_empty() {

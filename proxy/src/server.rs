@@ -13,7 +13,9 @@ use fluxgate_conf::{Config, IoMode};
 use tokio::sync::{mpsc, watch};
 
 use crate::control::admin::AdminState;
-use crate::control::reload::{bind_all, route_tables, Apply, Generation, Phase, Reloader};
+use crate::control::reload::{
+    bind_all, route_tables, Apply, Generation, ListenerSockets, Phase, Reloader,
+};
 use crate::listen::accept::Acceptor;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
@@ -126,11 +128,12 @@ impl Server {
     pub fn start_from(config: Config, source: Option<PathBuf>) -> io::Result<Handle> {
         let io = resolve_io(config.runtime.io)?;
         let tls = crate::io::tls::listener_configs(&config).map_err(io::Error::other)?;
+        let quic = crate::io::tls::quic_configs(&config).map_err(io::Error::other)?;
         let upstream_tls = crate::io::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let workers = config.runtime.workers.max(1);
         // Worker 0's sockets first: that resolves port 0 for the others.
         let mut addrs = Vec::with_capacity(config.listeners.len());
-        let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
+        let mut sockets: Vec<Vec<Option<ListenerSockets>>> =
             (0..workers).map(|_| Vec::new()).collect();
         for l in &config.listeners {
             let (bound, per_worker) = bind_all(l, workers)?;
@@ -150,6 +153,7 @@ impl Server {
             config: Arc::new(config),
             addrs,
             tls,
+            quic,
             upstream_tls,
         });
         let (phase, phase_rx) = watch::channel(Phase::Running);

@@ -99,8 +99,8 @@ impl Worker {
             });
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
-                l.proxy_protocol.clone(),
-                l.splice,
+                l,
+                g.addrs[i].port(),
                 Arc::clone(&self.parks),
                 self.draining.clone(),
             ));
@@ -125,12 +125,31 @@ impl Worker {
                         tls: RefCell::new(tls),
                         tcp: RefCell::new(tcp),
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
+                        quic: RefCell::new(None),
                         stop,
                     });
+                    if let (Some(udp), Some(cfg)) = (sock.udp, g.quic[i].clone()) {
+                        match crate::listen::quic::endpoint(udp, cfg) {
+                            Ok(ep) => {
+                                *ctx.quic.borrow_mut() = Some(ep.clone());
+                                tokio::task::spawn_local(crate::listen::quic::accept(
+                                    ep,
+                                    Rc::clone(&ctx),
+                                    stop_rx.clone(),
+                                ));
+                            }
+                            Err(e) => {
+                                eprintln!("fluxgate: HTTP/3 on {} not served: {e}", g.addrs[i]);
+                                if result.is_ok() {
+                                    result = Err(e);
+                                }
+                            }
+                        }
+                    }
                     let spawned = crate::listen::accept::spawn(
                         self.id,
                         self.io,
-                        sock,
+                        sock.tcp,
                         Rc::clone(&ctx),
                         stop_rx,
                     );
@@ -153,6 +172,10 @@ impl Worker {
                     ctx.gateway.replace(handler);
                     *ctx.tls.borrow_mut() = tls;
                     *ctx.tcp.borrow_mut() = tcp;
+                    if let (Some(ep), Some(cfg)) = (&*ctx.quic.borrow(), g.quic[i].clone()) {
+                        // New certificates for new HTTP/3 connections.
+                        ep.set_server_config(Some(cfg));
+                    }
                     ctx.max_connections.set(l.max_connections);
                     ctx
                 }

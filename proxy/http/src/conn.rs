@@ -54,6 +54,8 @@ pub struct ConnState {
     /// in front of the connection said, if one did).
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// `Alt-Svc` for the responses (a TLS listener that also serves HTTP/3).
+    pub alt_svc: Option<http::HeaderValue>,
     /// "http" or "https", for X-Forwarded-Proto.
     pub scheme: http::HeaderValue,
 }
@@ -427,6 +429,7 @@ impl ConnState {
         scheme: &'static str,
         peer: SocketAddr,
         local: SocketAddr,
+        alt_svc: Option<http::HeaderValue>,
     ) -> Arc<ConnState> {
         let now = Instant::now();
         let Timeouts {
@@ -456,6 +459,7 @@ impl ConnState {
                 .expect("an IP address is a valid header value"),
             peer,
             local,
+            alt_svc,
         })
     }
 }

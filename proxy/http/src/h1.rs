@@ -461,8 +461,14 @@ impl<S: Service> H1Connection<S> {
                     Poll::Pending => return progress,
                     Poll::Ready(resp) => {
                         let keep = c.keep_alive && !self.closing;
-                        let (out, keep) =
-                            write_head(&mut self.wbuf, &mut self.tunnel, c, resp, keep);
+                        let (out, keep) = write_head(
+                            &mut self.wbuf,
+                            &mut self.tunnel,
+                            c,
+                            resp,
+                            keep,
+                            &self.state,
+                        );
                         c.out = out;
                         c.keep_alive = keep;
                         progress = true;
@@ -523,6 +529,7 @@ fn write_head<S: Service>(
     c: &Current<S>,
     resp: Response<S::Body>,
     keep: bool,
+    state: &ConnState,
 ) -> (ResponseState<S>, bool) {
     use std::io::Write;
     let (parts, mut body) = resp.into_parts();
@@ -533,6 +540,13 @@ fn write_head<S: Service>(
     put_fields(w, headers);
     if !headers.contains_key(header::DATE) {
         put_fields(w, [(&header::DATE, &http_date())]);
+    }
+    if let Some(v) = state
+        .alt_svc
+        .as_ref()
+        .filter(|_| !headers.contains_key(header::ALT_SVC))
+    {
+        put_fields(w, [(&header::ALT_SVC, v)]);
     }
     let bodiless = c.head
         || status.is_informational()

@@ -12,6 +12,7 @@ pub mod body;
 pub mod conn;
 pub mod h1;
 pub mod h2;
+pub mod h3;
 pub mod headers;
 pub mod recv;
 pub mod service;

@@ -21,7 +21,7 @@ pub(crate) struct Apply {
     pub(crate) generation: Arc<Generation>,
     /// Per listener of the generation: this worker's socket when the listener is new, None
     /// when it continues a listener of the previous generation.
-    pub(crate) sockets: Vec<Option<std::net::TcpListener>>,
+    pub(crate) sockets: Vec<Option<ListenerSockets>>,
     /// Per listener: the index, in the previous generation, of the listener it continues.
     pub(crate) previous: Vec<Option<usize>>,
     /// Told once the worker has switched over: the acceptor its new listeners run (epoll if
@@ -49,6 +49,8 @@ pub(crate) struct Generation {
     pub(crate) metrics: Arc<Metrics>,
     /// TLS settings per listener (certificates read when the generation was built).
     pub(crate) tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// QUIC settings per listener that serves HTTP/3.
+    pub(crate) quic: Vec<Option<quinn::ServerConfig>>,
     /// TLS client settings per upstream.
     pub(crate) upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
 }
@@ -122,9 +124,10 @@ impl Reloader {
         // Read certificates and bind every new listener before touching anything, so a
         // failure changes nothing.
         let tls = crate::io::tls::listener_configs(&config).map_err(io::Error::other)?;
+        let quic = crate::io::tls::quic_configs(&config).map_err(io::Error::other)?;
         let upstream_tls = crate::io::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
-        let mut sockets: Vec<Vec<Option<std::net::TcpListener>>> =
+        let mut sockets: Vec<Vec<Option<ListenerSockets>>> =
             (0..workers).map(|_| Vec::new()).collect();
         for (l, keep) in config.listeners.iter().zip(&keep_listener) {
             match keep {
@@ -162,6 +165,7 @@ impl Reloader {
             health,
             metrics,
             tls,
+            quic,
             upstream_tls,
         });
         let (applied, acks) = std::sync::mpsc::channel::<io::Result<IoMode>>();
@@ -192,19 +196,34 @@ impl Reloader {
     }
 }
 
-/// One socket per worker for a listener. The first bind resolves port 0; the others join
-/// its SO_REUSEPORT group on the resolved port.
+/// One worker's sockets of one listener: TCP, and for HTTP/3 UDP on the same port number.
+pub(crate) struct ListenerSockets {
+    pub(crate) tcp: std::net::TcpListener,
+    pub(crate) udp: Option<std::net::UdpSocket>,
+}
+
+/// One socket per worker for a listener (two with HTTP/3). The first bind resolves port 0;
+/// the others join its SO_REUSEPORT group on the resolved port.
 pub(crate) fn bind_all(
     l: &fluxgate_conf::Listener,
     workers: usize,
-) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+) -> io::Result<(SocketAddr, Vec<ListenerSockets>)> {
     let first = crate::listen::accept::bind(l, l.address)?;
     let bound = first.local_addr()?;
-    let mut all = vec![first];
+    let mut tcp = vec![first];
     for _ in 1..workers {
-        all.push(crate::listen::accept::bind(l, bound)?);
+        tcp.push(crate::listen::accept::bind(l, bound)?);
     }
-    Ok((bound, all))
+    tcp.into_iter()
+        .map(|tcp| {
+            let udp = match l.http3 {
+                true => Some(crate::listen::quic::bind(bound)?),
+                false => None,
+            };
+            Ok(ListenerSockets { tcp, udp })
+        })
+        .collect::<io::Result<_>>()
+        .map(|all| (bound, all))
 }
 
 pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {

@@ -98,8 +98,48 @@ fn load_key(
     Ok(Arc::new(certified))
 }
 
-/// The rustls server config for one listener's `[listener.tls]`.
+/// The rustls server config for one listener's `[listener.tls]` over TCP.
 pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let mut cfg = rustls_server(t, versions)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // 0-RTT: rustls takes early data only on stateful resumption (the config guarantees
+    // tickets are off then). The data is handed to HTTP only once the handshake completes,
+    // so a replayed first flight, which cannot complete it, is never acted on (RFC 8470 3).
+    cfg.max_early_data_size = t.early_data as u32;
+    Ok(Arc::new(cfg))
+}
+
+/// The QUIC server config for one listener's HTTP/3: the same certificates, names, session
+/// cache and ticket keys as its TCP side, TLS 1.3 and ALPN h3 only; transport limits of
+/// 100 concurrent request streams, a 30 s idle timeout and keep-alive pings every 10 s.
+pub(crate) fn quic_config(t: &Tls) -> Result<quinn::ServerConfig, String> {
+    let mut cfg = rustls_server(t, &[&rustls::version::TLS13])?;
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    // 0-RTT over QUIC is not taken (yet).
+    cfg.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(cfg))
+        .map_err(|e| format!("QUIC: {e}"))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(100u32.into());
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("in range"),
+    ));
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// What the TCP and QUIC configs of a listener share: certificates by SNI, the session
+/// cache and the ticketer.
+fn rustls_server(
+    t: &Tls,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut names = SniMap::new();
     let mut default = None;
@@ -114,31 +154,22 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
         names,
         default: default.ok_or("no certificate configured")?,
     };
-    let versions: &[&'static rustls::SupportedProtocolVersion] = match t.min_version {
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-    };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     cfg.session_storage = if t.session_cache > 0 {
         ServerSessionMemoryCache::new(t.session_cache)
     } else {
         Arc::new(NoServerSessionStorage {})
     };
-    // 0-RTT: rustls takes early data only on stateful resumption (the config guarantees
-    // tickets are off then). The data is handed to HTTP only once the handshake completes,
-    // so a replayed first flight, which cannot complete it, is never acted on (RFC 8470 3).
-    cfg.max_early_data_size = t.early_data as u32;
     if let Some(path) = &t.ticket_keys {
         cfg.ticketer = Arc::new(crate::io::tickets::FileTicketer::load(path)?);
     } else if t.session_tickets {
         cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
     }
-    Ok(Arc::new(cfg))
+    Ok(cfg)
 }
 
 /// PEM certificates from a file.
@@ -254,8 +285,24 @@ pub(crate) fn listener_configs(
         .collect()
 }
 
+/// QUIC settings of every listener of `config` that serves HTTP/3 (None for the others).
+pub(crate) fn quic_configs(config: &Config) -> Result<Vec<Option<quinn::ServerConfig>>, String> {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match (&l.tls, l.http3) {
+            (Some(t), true) => quic_config(t)
+                .map(Some)
+                .map_err(|e| format!("listener[{i}].tls: {e}")),
+            _ => Ok(None),
+        })
+        .collect()
+}
+
 /// Loads every certificate and key `config` names, as `fluxgate check` and reloads do.
 pub fn validate(config: &Config) -> Result<(), String> {
     listener_configs(config)?;
+    quic_configs(config)?;
     upstream_configs(config).map(|_| ())
 }

@@ -349,6 +349,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     /// Forwarding for new connections, when the listener is `mode = "tcp"`.
     pub(crate) tcp: RefCell<Option<Rc<TcpForward>>>,
+    /// This worker's QUIC endpoint, when the listener serves HTTP/3.
+    pub(crate) quic: RefCell<Option<quinn::Endpoint>>,
     /// Stops this listener's acceptor.
     pub(crate) stop: watch::Sender<bool>,
 }

@@ -5,5 +5,6 @@
 
 pub(crate) mod accept;
 pub(crate) mod proxied;
+pub(crate) mod quic;
 pub(crate) mod sniff;
 pub(crate) mod tcp;

@@ -28,23 +28,30 @@ pub(crate) struct ConnServer {
     proxy_protocol: Option<Vec<ipnet::IpNet>>,
     /// Upgraded connections' tunnels use splice(2) (`listener.splice`).
     splice: bool,
+    /// `Alt-Svc` on HTTP/1.1 and HTTP/2 answers when the listener serves HTTP/3 too.
+    alt_svc: Option<http::HeaderValue>,
     /// HTTP/1.1 head limits; `max_head` is also HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE.
     limits: HeadLimits,
 }
 
 impl ConnServer {
+    /// The server side of listener `l`, bound on `port`.
     pub(crate) fn new(
         limits: &fluxgate_conf::HttpLimits,
-        proxy_protocol: Option<Vec<ipnet::IpNet>>,
-        splice: bool,
+        l: &fluxgate_conf::Listener,
+        port: u16,
         parks: Arc<AtomicU64>,
         draining: watch::Receiver<bool>,
     ) -> ConnServer {
         ConnServer {
             draining,
             parks,
-            proxy_protocol,
-            splice,
+            proxy_protocol: l.proxy_protocol.clone(),
+            splice: l.splice,
+            alt_svc: l.http3.then(|| {
+                http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
+                    .expect("a port makes a valid header value")
+            }),
             timeouts: Timeouts {
                 header: limits.header_read_timeout,
                 idle: limits.keepalive_timeout,
@@ -86,7 +93,7 @@ impl ConnServer {
             ClientStream::Plain(_) => "http",
             ClientStream::Tls(_) => "https",
         };
-        let state = ConnState::new(h2, self.timeouts, scheme, peer, local);
+        let state = ConnState::new(h2, self.timeouts, scheme, peer, local, self.alt_svc.clone());
         let io = ClientIo::new(stream, Arc::clone(&state), first);
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
@@ -102,6 +109,18 @@ impl ConnServer {
             let linger = Box::pin(linger(s));
             linger.await;
         }
+    }
+
+    /// Serves one QUIC connection's HTTP/3 requests to its end, each by `svc`.
+    pub(crate) async fn serve_h3<S: Service>(
+        &self,
+        conn: quinn::Connection,
+        local: SocketAddr,
+        svc: Rc<S>,
+    ) {
+        let peer = conn.remote_address();
+        let state = ConnState::new(true, self.timeouts, "https", peer, local, None);
+        fluxgate_http::h3::serve(conn, state, svc, self.draining.clone(), self.limits).await;
     }
 
     /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).

@@ -657,6 +657,7 @@ impl<S: Service> H2Connection<S> {
                             id,
                             *resp,
                             self.peer_max_frame,
+                            &self.state,
                         ),
                         None => ResponseState::Done,
                     }
@@ -670,6 +671,7 @@ impl<S: Service> H2Connection<S> {
                             id,
                             resp,
                             self.peer_max_frame,
+                            &self.state,
                         )
                     }
                 },
@@ -771,12 +773,18 @@ fn write_head<S: Service>(
     id: u32,
     resp: Response<S::Body>,
     max_frame: usize,
+    state: &ConnState,
 ) -> ResponseState<S> {
     let (parts, body) = resp.into_parts();
     let end = body.is_end_stream();
     let mut headers = parts.headers;
     if !headers.contains_key(http::header::DATE) {
         headers.insert(http::header::DATE, http_date());
+    }
+    if let Some(v) = &state.alt_svc {
+        headers
+            .entry(http::header::ALT_SVC)
+            .or_insert_with(|| v.clone());
     }
     block.clear();
     hpack::encode_response(parts.status, &headers, block);

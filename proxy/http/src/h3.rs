@@ -1,0 +1,237 @@
+//! The HTTP/3 server side (RFC 9114) over a QUIC connection quinn accepted: the h3 crate
+//! frames and QPACK-decodes, and each request goes through the same service as HTTP/1.1 and
+//! HTTP/2. One local task per request: its body is fed from the QUIC stream into the same
+//! queue the other servers fill (QUIC flow control holds the client while the queue is
+//! full), and its response streams back frame by frame.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use h3::server::RequestStream;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::sync::watch;
+
+use crate::body::ClientBody;
+use crate::conn::{ConnState, HeadLimits};
+use crate::headers::http_date;
+use crate::recv::{BodyError, Credit, Recv, RecvBody};
+use crate::service::{Reply, Service};
+
+/// A request body queued past this much stops being read from the stream.
+const RECV_HIGH: usize = 256 * 1024;
+
+type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
+type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Serves one QUIC connection's requests until it ends. On drain it sends GOAWAY and lets
+/// the requests it took finish.
+pub async fn serve<S: Service>(
+    conn: quinn::Connection,
+    state: Arc<ConnState>,
+    svc: Rc<S>,
+    mut draining: watch::Receiver<bool>,
+    limits: HeadLimits,
+) {
+    // No GREASE frames: aioquic 1.x drops a stream's end that follows one.
+    let built = h3::server::builder()
+        .max_field_section_size(limits.max_head as u64)
+        .send_grease(false)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await;
+    let Ok(mut h3) = built else {
+        return;
+    };
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => {
+                // GOAWAY; what was accepted finishes in its own task.
+                let _ = h3.shutdown(0).await;
+                return;
+            }
+            next = h3.accept() => next,
+        };
+        let resolver = match next {
+            Ok(Some(r)) => r,
+            // The client closed, or broke the connection's rules (h3 closed it with the
+            // code they call for).
+            Ok(None) | Err(_) => return,
+        };
+        let state = Arc::clone(&state);
+        let svc = Rc::clone(&svc);
+        tokio::task::spawn_local(async move {
+            // A malformed head resets its stream (h3 answers it) and reaches no one.
+            if let Ok((req, stream)) = resolver.resolve_request().await {
+                serve_request(req, stream, &state, &*svc, limits).await;
+            }
+        });
+    }
+}
+
+async fn serve_request<S: Service>(
+    req: Request<()>,
+    stream: RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    state: &Arc<ConnState>,
+    svc: &S,
+    limits: HeadLimits,
+) {
+    let (mut send, recv) = stream.split();
+    let inflight = state.begin_request();
+    let (parts, ()) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let queue = Arc::new(Mutex::new(Recv::new(declared)));
+    let body = ClientBody::Stream(RecvBody {
+        recv: Arc::clone(&queue),
+        credit: Credit::H1(RECV_HIGH / 2),
+    });
+    let fields = parts.headers.len();
+    let reply = if fields > limits.max_headers {
+        Reply::Ready(Some(Box::new(
+            svc.refuse(crate::service::Refusal::TooManyFields, inflight),
+        )))
+    } else {
+        svc.call(Request::from_parts(parts, body), inflight)
+    };
+    let respond = async {
+        let resp = match reply {
+            Reply::Ready(Some(resp)) => *resp,
+            Reply::Ready(None) => return,
+            Reply::Later(f) => f.await,
+        };
+        respond(&mut send, resp).await;
+    };
+    // The body is fed while the response is worked on; the response may end first.
+    let feed = feed(recv, &queue);
+    tokio::pin!(feed);
+    tokio::pin!(respond);
+    let mut fed = false;
+    std::future::poll_fn(|cx| {
+        if !fed && feed.as_mut().poll(cx).is_ready() {
+            fed = true;
+        }
+        respond.as_mut().poll(cx)
+    })
+    .await;
+    // Whatever of the body nobody read is refused (STOP_SENDING when dropped).
+    queue.lock().expect("recv lock").dropped = true;
+}
+
+/// Sends the response: head (with Date), data, trailers, the stream's end. A body that
+/// fails upstream resets the stream: the client must not take a part for the whole.
+async fn respond<B: Body<Data = Bytes> + Unpin>(send: &mut SendHalf, resp: Response<B>) {
+    let (mut parts, mut body) = resp.into_parts();
+    if !parts.headers.contains_key(http::header::DATE) {
+        parts.headers.insert(http::header::DATE, http_date());
+    }
+    // HTTP/3 forbids the connection-specific fields (RFC 9114 4.2).
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::HTTP_3;
+    if send
+        .send_response(Response::from_parts(parts, ()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => break,
+            Some(Ok(f)) => match f.into_data() {
+                Ok(data) => {
+                    if !data.is_empty() && send.send_data(data).await.is_err() {
+                        return;
+                    }
+                }
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        if send.send_trailers(t).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            },
+            Some(Err(_)) => {
+                send.stop_stream(Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        }
+    }
+    let _ = send.finish().await;
+}
+
+/// Moves the request body from the stream into its queue, holding off while the queue is
+/// full (QUIC flow control then holds the client), until the body ends, fails, or its
+/// reader is gone.
+async fn feed(mut recv: RecvHalf, queue: &Arc<Mutex<Recv>>) {
+    loop {
+        let room = std::future::poll_fn(|cx| {
+            let mut r = queue.lock().expect("recv lock");
+            if r.dropped {
+                Poll::Ready(false)
+            } else if r.queued < RECV_HIGH {
+                Poll::Ready(true)
+            } else {
+                r.producer = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+        if !room {
+            recv.stop_sending(Code::H3_NO_ERROR);
+            return;
+        }
+        let message_error = BodyError::StreamReset(Code::H3_MESSAGE_ERROR.value() as u32);
+        match recv.recv_data().await {
+            Ok(Some(mut data)) => {
+                let data = data.copy_to_bytes(data.remaining());
+                let mut r = queue.lock().expect("recv lock");
+                r.received += data.len() as u64;
+                if r.declared.is_some_and(|n| r.received > n) {
+                    // Longer than its Content-Length (RFC 9114 4.1.2).
+                    r.fail(message_error);
+                    drop(r);
+                    recv.stop_sending(Code::H3_MESSAGE_ERROR);
+                    return;
+                }
+                r.push(data);
+                r.wake();
+            }
+            Ok(None) => {
+                let short = {
+                    let r = queue.lock().expect("recv lock");
+                    r.declared.is_some_and(|n| r.received != n)
+                };
+                let trailers = match short {
+                    true => None,
+                    false => recv.recv_trailers().await.ok().flatten(),
+                };
+                let mut r = queue.lock().expect("recv lock");
+                if short {
+                    r.fail(message_error);
+                } else {
+                    r.trailers = trailers;
+                    r.end = true;
+                    r.wake();
+                }
+                return;
+            }
+            Err(_) => {
+                queue
+                    .lock()
+                    .expect("recv lock")
+                    .fail(BodyError::ClientReset);
+                return;
+            }
+        }
+    }
+}

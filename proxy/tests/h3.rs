@@ -1,0 +1,167 @@
+//! HTTP/3 over QUIC through real UDP sockets on 127.0.0.1, with an independent client
+//! (aioquic from PyPI, scripts/h3_client.py, in a venv scripts/h3-venv.sh makes): requests go
+//! through the same routes and upstreams as HTTP/1.1 and HTTP/2, bodies stream both ways, and
+//! the TCP side of the listener advertises HTTP/3 with Alt-Svc.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fluxgate_conf::IoMode;
+use support::*;
+
+/// The venv's python with aioquic (installed on first use).
+fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("bash")
+        .arg(root.join("scripts/h3-venv.sh"))
+        .output()
+        .expect("scripts/h3-venv.sh runs");
+    assert!(out.status.success(), "scripts/h3-venv.sh failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// One answer as scripts/h3_client.py prints it.
+#[derive(Debug)]
+struct Answer {
+    json: String,
+}
+
+impl Answer {
+    fn field(&self, key: &str) -> Option<String> {
+        let at = self.json.find(&format!("\"{key}\": "))? + key.len() + 4;
+        let rest = &self.json[at..];
+        let value = if let Some(s) = rest.strip_prefix('"') {
+            &s[..s.find('"')?]
+        } else {
+            &rest[..rest.find([',', '}'])?]
+        };
+        Some(value.to_owned())
+    }
+}
+
+/// Makes `requests` over one HTTP/3 connection to `port`, trusting `ca`.
+fn h3(port: u16, ca: &Path, requests: &[&str]) -> Vec<Answer> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(python())
+        .arg(root.join("scripts/h3_client.py"))
+        .args(["--port", &port.to_string(), "--ca"])
+        .arg(ca.join("ca.pem"))
+        .args(requests)
+        .output()
+        .expect("the HTTP/3 client runs");
+    assert!(
+        out.status.success(),
+        "h3_client.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<Answer> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| Answer { json: l.to_owned() })
+        .collect();
+    assert_eq!(answers.len(), requests.len(), "{answers:?}");
+    answers
+}
+
+/// A TLS listener (HTTP/3 on by default) forwarding to `up`, with certificates in `certs`.
+fn tls_gateway(up: SocketAddr, certs: &Path, extra: &str) -> fluxgate::Handle {
+    start(
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n{extra}\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{up}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display()
+        ),
+        IoMode::Epoll,
+    )
+}
+
+#[test]
+fn requests_over_http3_go_through_the_gateway_with_bodies_both_ways() {
+    let certs = test_certs(&scratch("h3-basic"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = tls_gateway(up.addr, &certs, "");
+    let port = fg.local_addrs()[0].port();
+    let a = h3(
+        port,
+        &certs,
+        &["GET /hello?x=1", "POST /echo 1048576", "GET /again"],
+    );
+    assert_eq!(a[0].field("status").as_deref(), Some("200"), "{:?}", a[0]);
+    assert_eq!(a[0].field("x-up-method").as_deref(), Some("GET"));
+    assert_eq!(a[0].field("x-up-path").as_deref(), Some("/hello?x=1"));
+    assert_eq!(a[0].field("x-up-xfp").as_deref(), Some("https"));
+    assert_eq!(a[0].field("x-up-xff").as_deref(), Some("127.0.0.1"));
+    // A megabyte up and back, streamed: the same bytes.
+    assert_eq!(a[1].field("status").as_deref(), Some("200"), "{:?}", a[1]);
+    assert_eq!(a[1].field("body_len").as_deref(), Some("1048576"));
+    assert_eq!(a[1].field("body_sha256"), a[1].field("sent_sha256"));
+    assert_eq!(a[2].field("status").as_deref(), Some("200"));
+    assert_eq!(up.requests(), 3);
+    fg.shutdown();
+}
+
+/// A GET over TLS (HTTP/1.1) to `addr`: the response head.
+fn tls_head(addr: SocketAddr, certs: &Path) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.split("\r\n\r\n").next().unwrap().to_ascii_lowercase()
+}
+
+#[test]
+fn tcp_answers_advertise_http3_unless_it_is_off() {
+    let certs = test_certs(&scratch("h3-altsvc"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = tls_gateway(up.addr, &certs, "");
+    let addr = fg.local_addrs()[0];
+    let head = tls_head(addr, &certs);
+    assert!(
+        head.contains(&format!("alt-svc: h3=\":{}\"; ma=86400", addr.port())),
+        "{head}"
+    );
+    fg.shutdown();
+
+    let off = tls_gateway(up.addr, &certs, "http3 = false");
+    let head = tls_head(off.local_addrs()[0], &certs);
+    assert!(
+        head.starts_with("http/1.1 200") && !head.contains("alt-svc"),
+        "{head}"
+    );
+    // Nothing listens for QUIC: the client gets no answer.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(python())
+        .arg(root.join("scripts/h3_client.py"))
+        .args(["--port", &off.local_addrs()[0].port().to_string(), "--ca"])
+        .arg(certs.join("ca.pem"))
+        .args(["--connect-timeout", "1", "GET /"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an HTTP/3 answer from a listener with http3 = false"
+    );
+    off.shutdown();
+}

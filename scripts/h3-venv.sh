@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The Python HTTP/3 client the tests use (aioquic from PyPI, in a venv under target/).
+# Idempotent; prints the venv's python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=target/venv-h3
+if ! "$VENV/bin/python" -c "import aioquic" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "aioquic>=1.2,<2" >&2
+fi
+echo "$PWD/$VENV/bin/python"
