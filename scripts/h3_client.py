@@ -1,8 +1,14 @@
 """An HTTP/3 client on aioquic (an implementation independent of fluxgate's quinn and h3)
 for the tests: makes requests on one QUIC connection and prints one JSON line per answer.
 
-Usage: h3_client.py --port P --ca CA.pem [--name localhost] [--connect-timeout S] REQUEST...
+Usage: h3_client.py --port P --ca CA.pem [--name localhost] [--connect-timeout S]
+                    [--resume [--hold-handshake MS]] REQUEST...
 REQUEST is "GET /path" or "POST /path BYTES" (BYTES of a repeating pattern as the body).
+--resume: a first connection (GET /) to get a session ticket, then the requests on a
+second one that resumes it and sends them as 0-RTT data, without waiting for its handshake;
+"early_data" in each line then says whether 0-RTT was accepted. --hold-handshake: the
+second connection goes through a UDP relay that holds the client's Handshake packets (its
+Finished) back this long, so the server's handshake ends that much later.
 Each line: {"sent_sha256": "...", "status": 200, "headers": {...}, "body_len": N, "body_sha256": "...",
 "trailers": {...}} or {"error": "..."} when the stream was reset or the connection closed.
 """
@@ -90,26 +96,120 @@ class Client(QuicConnectionProtocol):
         return await asyncio.wait_for(done, 20)
 
 
+def has_handshake_packet(d):
+    """Whether a datagram holds a long-header Handshake packet (RFC 9000 17.2)."""
+    i = 0
+    while i < len(d) and d[i] & 0x80:
+        kind = (d[i] & 0x30) >> 4
+        if kind == 2:
+            return True
+        j = i + 5
+        j += 1 + d[j]  # destination connection id
+        j += 1 + d[j]  # source connection id
+        if kind == 0:  # Initial: token
+            n, j = varint(d, j)
+            j += n
+        n, j = varint(d, j)
+        i = j + n
+    return False
+
+
+def varint(d, j):
+    first = d[j]
+    size = 1 << (first >> 6)
+    v = first & 0x3F
+    for k in range(1, size):
+        v = (v << 8) | d[j + k]
+    return v, j + size
+
+
+class Relay(asyncio.DatagramProtocol):
+    """Client <-> 127.0.0.1:server; holds the client's Handshake datagrams until `until`."""
+
+    def __init__(self, server_port, hold):
+        self.server = ("127.0.0.1", server_port)
+        self.hold = hold
+        self.until = None
+        self.client = None
+        self.upstream = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        loop = asyncio.get_running_loop()
+        if addr == self.server:
+            self.transport.sendto(data, self.client)
+            return
+        self.client = addr
+        if has_handshake_packet(data):
+            if self.until is None:
+                self.until = loop.time() + self.hold
+            wait = self.until - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self.transport.sendto, data, self.server)
+                return
+        self.transport.sendto(data, self.server)
+
+
 async def main():
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
     p.add_argument("--name", default="localhost")
     p.add_argument("--connect-timeout", type=float, help="give up on a silent server after this")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--hold-handshake", type=float, default=0)
     p.add_argument("requests", nargs="+")
     a = p.parse_args()
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=a.name)
     cfg.load_verify_locations(a.ca)
     if a.connect_timeout:
         cfg.idle_timeout = a.connect_timeout
-    async with connect("127.0.0.1", a.port, configuration=cfg, create_protocol=Client) as c:
-        for r in a.requests:
-            parts = r.split()
-            body = pattern(int(parts[2])) if parts[0] == "POST" else None
+    authority = f"{a.name}:{a.port}"
+    port = a.port
+    if a.resume:
+        tickets = []
+        async with connect(
+            "127.0.0.1", a.port, configuration=cfg, create_protocol=Client,
+            session_ticket_handler=tickets.append,
+        ) as c:
+            await c.request("GET", "/", authority, None)
+            for _ in range(50):
+                if tickets:
+                    break
+                await asyncio.sleep(0.02)
+        if not tickets:
+            sys.exit("no session ticket")
+        cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=a.name)
+        cfg.load_verify_locations(a.ca)
+        cfg.session_ticket = tickets[-1]
+        if a.hold_handshake:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: Relay(a.port, a.hold_handshake / 1000), local_addr=("127.0.0.1", 0)
+            )
+            port = transport.get_extra_info("sockname")[1]
+    async with connect(
+        "127.0.0.1", port, configuration=cfg, create_protocol=Client,
+        wait_connected=not a.resume,
+    ) as c:
+        sent = [
+            asyncio.ensure_future(
+                c.request(
+                    r.split()[0], r.split()[1], authority,
+                    pattern(int(r.split()[2])) if r.startswith("POST") else None,
+                )
+            )
+            for r in a.requests
+        ]
+        for f in sent:
             try:
-                out = await c.request(parts[0], parts[1], f"{a.name}:{a.port}", body)
+                out = await f
             except asyncio.TimeoutError:
                 out = {"error": "timeout"}
+            if a.resume:
+                out["early_data"] = c._quic.tls.early_data_accepted
             print(json.dumps(out), flush=True)
 
 

@@ -89,6 +89,26 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// `[access_log]`. Default: off.
     pub access_log: Option<AccessLog>,
+    /// `[http3]`: QUIC settings of every listener that serves HTTP/3.
+    pub http3: Http3,
+}
+
+/// `[http3]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http3 {
+    /// Request streams a client may have open at once on one connection. Default 100.
+    pub max_streams: u32,
+    /// A connection with nothing received for this long is closed. Default 30 s.
+    pub idle_timeout: Duration,
+    /// PING sent after this long without sending, to keep idle connections (and the NAT
+    /// bindings on their way) alive. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// Take 0-RTT data from resuming clients: early safe requests without a body go on with
+    /// `Early-Data: 1`; any other early request waits for the handshake. Default false.
+    pub early_data: bool,
+    /// Handshakes in progress per worker past which new clients must prove their address
+    /// with a Retry first. Default 256; 0 sends Retry to every new client.
+    pub retry_threshold: usize,
 }
 
 /// `[access_log]`: one JSON line per request, buffered per worker.
@@ -304,6 +324,18 @@ struct RawConfig {
     upstream: Vec<RawUpstream>,
     admin: Option<RawAdmin>,
     access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    http3: RawHttp3,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp3 {
+    max_streams: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<String>>,
+    keepalive_interval: Option<Spanned<String>>,
+    early_data: Option<bool>,
+    retry_threshold: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1030,6 +1062,33 @@ impl Config {
             admin: match &raw.admin {
                 None => None,
                 Some(a) => Some(src.addr("admin.address".into(), &a.address)?),
+            },
+            http3: Http3 {
+                max_streams: src.count(
+                    || "http3.max_streams".into(),
+                    &raw.http3.max_streams,
+                    100,
+                    1,
+                    10_000,
+                )? as u32,
+                idle_timeout: src.duration(
+                    || "http3.idle_timeout".into(),
+                    &raw.http3.idle_timeout,
+                    Duration::from_secs(30),
+                )?,
+                keepalive_interval: src.duration(
+                    || "http3.keepalive_interval".into(),
+                    &raw.http3.keepalive_interval,
+                    Duration::from_secs(10),
+                )?,
+                early_data: raw.http3.early_data.unwrap_or(false),
+                retry_threshold: src.count(
+                    || "http3.retry_threshold".into(),
+                    &raw.http3.retry_threshold,
+                    256,
+                    0,
+                    1 << 20,
+                )?,
             },
             access_log: match &raw.access_log {
                 None => None,

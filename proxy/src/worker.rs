@@ -126,6 +126,7 @@ impl Worker {
                         tcp: RefCell::new(tcp),
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         quic: RefCell::new(None),
+                        early_data: Cell::new(g.config.http3.early_data),
                         stop,
                     });
                     if let (Some(udp), Some(cfg)) = (sock.udp, g.quic[i].clone()) {
@@ -177,6 +178,7 @@ impl Worker {
                         ep.set_server_config(Some(cfg));
                     }
                     ctx.max_connections.set(l.max_connections);
+                    ctx.early_data.set(g.config.http3.early_data);
                     ctx
                 }
             };

@@ -47,11 +47,17 @@ impl Answer {
 
 /// Makes `requests` over one HTTP/3 connection to `port`, trusting `ca`.
 fn h3(port: u16, ca: &Path, requests: &[&str]) -> Vec<Answer> {
+    h3_with(port, ca, &[], requests)
+}
+
+/// As `h3`, with client options (`--resume`, `--hold-handshake MS`).
+fn h3_with(port: u16, ca: &Path, options: &[&str], requests: &[&str]) -> Vec<Answer> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new(python())
         .arg(root.join("scripts/h3_client.py"))
         .args(["--port", &port.to_string(), "--ca"])
         .arg(ca.join("ca.pem"))
+        .args(options)
         .args(requests)
         .output()
         .expect("the HTTP/3 client runs");
@@ -164,4 +170,63 @@ fn tcp_answers_advertise_http3_unless_it_is_off() {
         "an HTTP/3 answer from a listener with http3 = false"
     );
     off.shutdown();
+}
+
+#[test]
+fn zero_rtt_forwards_safe_requests_early_and_holds_the_rest_for_the_handshake() {
+    let certs = test_certs(&scratch("h3-0rtt"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[http3]\nearly_data = true\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let port = fg.local_addrs()[0].port();
+    // A resumed connection sends both as 0-RTT data; its Finished is held back 600 ms.
+    let a = h3_with(
+        port,
+        &certs,
+        &["--resume", "--hold-handshake", "600"],
+        &["GET /early", "POST /late 10"],
+    );
+    for x in &a {
+        assert_eq!(x.field("status").as_deref(), Some("200"), "{x:?}");
+        assert_eq!(x.field("early_data").as_deref(), Some("true"), "{x:?}");
+    }
+    let fields = |x: &Answer| x.field("x-up-fields").unwrap_or_default();
+    assert!(fields(&a[0]).contains("early-data=1"), "{:?}", a[0]);
+    assert!(!fields(&a[1]).contains("early-data"), "{:?}", a[1]);
+    // The first connection's GET, then the early GET at once, the POST only once the
+    // handshake ended.
+    let t = up.arrivals();
+    assert_eq!(t.len(), 3, "each request reached the upstream once");
+    assert!(
+        t[2] - t[1] >= Duration::from_millis(500),
+        "the POST went {:?} after the early GET, before the handshake ended",
+        t[2] - t[1]
+    );
+    fg.shutdown();
+}
+
+#[test]
+fn zero_rtt_is_refused_unless_turned_on() {
+    let certs = test_certs(&scratch("h3-no0rtt"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = tls_gateway(up.addr, &certs, "");
+    let port = fg.local_addrs()[0].port();
+    let a = h3_with(port, &certs, &["--resume"], &["GET /early", "POST /late 10"]);
+    for x in &a {
+        assert_eq!(x.field("status").as_deref(), Some("200"), "{x:?}");
+        assert_eq!(x.field("early_data").as_deref(), Some("false"), "{x:?}");
+        assert!(!x.field("x-up-fields").unwrap_or_default().contains("early-data"));
+    }
+    assert_eq!(up.requests(), 3);
+    fg.shutdown();
 }

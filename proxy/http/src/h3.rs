@@ -29,14 +29,48 @@ const RECV_HIGH: usize = 256 * 1024;
 type SendHalf = RequestStream<h3_quinn::SendStream<Bytes>, Bytes>;
 type RecvHalf = RequestStream<h3_quinn::RecvStream, Bytes>;
 
+/// Whether a connection's handshake has completed, for a connection taken before it did
+/// (0-RTT): a request whose head came before is early data, which an attacker may replay.
+#[derive(Clone, Default)]
+pub struct Handshake {
+    done: Rc<std::cell::Cell<bool>>,
+    notify: Rc<tokio::sync::Notify>,
+}
+
+impl Handshake {
+    /// The handshake completed: requests waiting for it go on.
+    pub fn complete(&self) {
+        self.done.set(true);
+        self.notify.notify_waiters();
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.get()
+    }
+
+    async fn wait(&self) {
+        while !self.done.get() {
+            let notified = self.notify.notified();
+            if self.done.get() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Serves one QUIC connection's requests until it ends. On drain it sends GOAWAY and lets
-/// the requests it took finish.
+/// the requests it took finish. `handshake` is given for a connection taken before its
+/// handshake completed (0-RTT): early safe requests without a body go on with
+/// `Early-Data: 1` (RFC 8470), any other early request waits for the handshake, so a
+/// replayed first flight, which cannot complete one, never has it acted on.
 pub async fn serve<S: Service>(
     conn: quinn::Connection,
     state: Arc<ConnState>,
     svc: Rc<S>,
     mut draining: watch::Receiver<bool>,
     limits: HeadLimits,
+    handshake: Option<Handshake>,
 ) {
     // No GREASE frames: aioquic 1.x drops a stream's end that follows one.
     let built = h3::server::builder()
@@ -65,13 +99,33 @@ pub async fn serve<S: Service>(
         };
         let state = Arc::clone(&state);
         let svc = Rc::clone(&svc);
+        let handshake = handshake.clone();
         tokio::task::spawn_local(async move {
             // A malformed head resets its stream (h3 answers it) and reaches no one.
-            if let Ok((req, stream)) = resolver.resolve_request().await {
-                serve_request(req, stream, &state, &*svc, limits).await;
+            let Ok((mut req, stream)) = resolver.resolve_request().await else {
+                return;
+            };
+            if let Some(h) = handshake.filter(|h| !h.is_done()) {
+                if replay_safe(&req) {
+                    req.headers_mut().insert(
+                        http::HeaderName::from_static("early-data"),
+                        http::HeaderValue::from_static("1"),
+                    );
+                } else {
+                    h.wait().await;
+                }
             }
+            serve_request(req, stream, &state, &*svc, limits).await;
         });
     }
+}
+
+/// An early request that may go before the handshake: a safe method and no body.
+fn replay_safe(req: &Request<()>) -> bool {
+    use http::Method;
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
+        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
 }
 
 async fn serve_request<S: Service>(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use fluxgate_conf::{Config, Tls, TlsVersion, UpstreamTls};
+use fluxgate_conf::{Config, Http3, Tls, TlsVersion, UpstreamTls};
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -104,7 +104,7 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let mut cfg = rustls_server(t, versions)?;
+    let mut cfg = rustls_server(t, versions, true)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // 0-RTT: rustls takes early data only on stateful resumption (the config guarantees
     // tickets are off then). The data is handed to HTTP only once the handshake completes,
@@ -114,31 +114,41 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
 }
 
 /// The QUIC server config for one listener's HTTP/3: the same certificates, names, session
-/// cache and ticket keys as its TCP side, TLS 1.3 and ALPN h3 only; transport limits of
-/// 100 concurrent request streams, a 30 s idle timeout and keep-alive pings every 10 s.
-pub(crate) fn quic_config(t: &Tls) -> Result<quinn::ServerConfig, String> {
-    let mut cfg = rustls_server(t, &[&rustls::version::TLS13])?;
+/// cache and ticket keys as its TCP side, TLS 1.3 and ALPN h3 only, with `[http3]`'s
+/// transport limits. With `early_data`, sessions resume from the cache only (rustls takes
+/// 0-RTT data only on stateful resumption, so no tickets are issued).
+pub(crate) fn quic_config(t: &Tls, h3: &Http3) -> Result<quinn::ServerConfig, String> {
+    let mut cfg = rustls_server(t, &[&rustls::version::TLS13], !h3.early_data)?;
     cfg.alpn_protocols = vec![b"h3".to_vec()];
-    // 0-RTT over QUIC is not taken (yet).
-    cfg.max_early_data_size = 0;
+    if h3.early_data {
+        if t.session_cache == 0 {
+            return Err("http3.early_data needs a session cache (session_cache > 0)".into());
+        }
+        // QUIC takes no less: early data is bounded by its flow control instead.
+        cfg.max_early_data_size = u32::MAX;
+    } else {
+        cfg.max_early_data_size = 0;
+    }
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(cfg))
         .map_err(|e| format!("QUIC: {e}"))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(100u32.into());
+    transport.max_concurrent_bidi_streams(h3.max_streams.into());
     transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("in range"),
+        quinn::IdleTimeout::try_from(h3.idle_timeout)
+            .map_err(|_| "http3.idle_timeout out of range")?,
     ));
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    transport.keep_alive_interval(Some(h3.keepalive_interval));
     server.transport_config(Arc::new(transport));
     Ok(server)
 }
 
 /// What the TCP and QUIC configs of a listener share: certificates by SNI, the session
-/// cache and the ticketer.
+/// cache and (`tickets`) the ticketer.
 fn rustls_server(
     t: &Tls,
     versions: &[&'static rustls::SupportedProtocolVersion],
+    tickets: bool,
 ) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut names = SniMap::new();
@@ -164,7 +174,9 @@ fn rustls_server(
     } else {
         Arc::new(NoServerSessionStorage {})
     };
-    if let Some(path) = &t.ticket_keys {
+    if !tickets {
+        // rustls's default: no tickets.
+    } else if let Some(path) = &t.ticket_keys {
         cfg.ticketer = Arc::new(crate::io::tickets::FileTicketer::load(path)?);
     } else if t.session_tickets {
         cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
@@ -292,7 +304,7 @@ pub(crate) fn quic_configs(config: &Config) -> Result<Vec<Option<quinn::ServerCo
         .iter()
         .enumerate()
         .map(|(i, l)| match (&l.tls, l.http3) {
-            (Some(t), true) => quic_config(t)
+            (Some(t), true) => quic_config(t, &config.http3)
                 .map(Some)
                 .map_err(|e| format!("listener[{i}].tls: {e}")),
             _ => Ok(None),

@@ -351,6 +351,8 @@ pub(crate) struct ListenerCtx {
     pub(crate) tcp: RefCell<Option<Rc<TcpForward>>>,
     /// This worker's QUIC endpoint, when the listener serves HTTP/3.
     pub(crate) quic: RefCell<Option<quinn::Endpoint>>,
+    /// `http3.early_data`.
+    pub(crate) early_data: Cell<bool>,
     /// Stops this listener's acceptor.
     pub(crate) stop: watch::Sender<bool>,
 }

@@ -66,15 +66,47 @@ pub(crate) async fn accept(
         let ctx = Rc::clone(&ctx);
         ctx.active.set(ctx.active.get() + 1);
         metrics::inc(&ctx.active_gauge);
+        let early_data = ctx.early_data.get();
         tokio::task::spawn_local(async move {
-            let server = ctx.server.borrow().clone();
-            // A handshake gets as long as a request head would.
-            let shaken = tokio::time::timeout(server.header_timeout(), incoming).await;
-            if let Ok(Ok(conn)) = shaken {
-                server.serve_h3(conn, local, Rc::clone(&ctx.gateway)).await;
-            }
+            serve_incoming(&ctx, incoming, local, early_data).await;
             ctx.active.set(ctx.active.get() - 1);
             metrics::dec(&ctx.active_gauge);
         });
     }
+}
+
+/// Completes one connection attempt and serves it as HTTP/3. With `early_data` it is taken
+/// at once, so 0-RTT requests are read before the handshake ends (and told apart).
+async fn serve_incoming(
+    ctx: &ListenerCtx,
+    incoming: quinn::Incoming,
+    local: SocketAddr,
+    early_data: bool,
+) {
+    let server = ctx.server.borrow().clone();
+    let gateway = Rc::clone(&ctx.gateway);
+    // A handshake gets as long as a request head would.
+    let limit = server.header_timeout();
+    let Ok(connecting) = incoming.accept() else {
+        return;
+    };
+    if !early_data {
+        if let Ok(Ok(conn)) = tokio::time::timeout(limit, connecting).await {
+            server.serve_h3(conn, local, gateway, None).await;
+        }
+        return;
+    }
+    // A server's connection always converts (quinn says so).
+    let Ok((conn, done)) = connecting.into_0rtt() else {
+        return;
+    };
+    let handshake = fluxgate_http::h3::Handshake::default();
+    let (h, c) = (handshake.clone(), conn.clone());
+    tokio::task::spawn_local(async move {
+        match tokio::time::timeout(limit, done).await {
+            Ok(_) => h.complete(),
+            Err(_) => c.close(0u32.into(), b"handshake timeout"),
+        }
+    });
+    server.serve_h3(conn, local, gateway, Some(handshake)).await;
 }

@@ -117,10 +117,12 @@ impl ConnServer {
         conn: quinn::Connection,
         local: SocketAddr,
         svc: Rc<S>,
+        handshake: Option<fluxgate_http::h3::Handshake>,
     ) {
         let peer = conn.remote_address();
         let state = ConnState::new(true, self.timeouts, "https", peer, local, None);
-        fluxgate_http::h3::serve(conn, state, svc, self.draining.clone(), self.limits).await;
+        let draining = self.draining.clone();
+        fluxgate_http::h3::serve(conn, state, svc, draining, self.limits, handshake).await;
     }
 
     /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).
