@@ -124,14 +124,18 @@ def varint(d, j):
 
 
 class Relay(asyncio.DatagramProtocol):
-    """Client <-> 127.0.0.1:server; holds the client's Handshake datagrams until `until`."""
+    """Client <-> 127.0.0.1:server; holds the client's Handshake datagrams until `until`.
+    With `first_only`, passes only the client's first datagram on (an address that never
+    answers) and counts the bytes each way."""
 
-    def __init__(self, server_port, hold):
+    def __init__(self, server_port, hold, first_only=False):
         self.server = ("127.0.0.1", server_port)
         self.hold = hold
         self.until = None
         self.client = None
-        self.upstream = None
+        self.first_only = first_only
+        self.sent = 0
+        self.received = 0
 
     def connection_made(self, transport):
         self.transport = transport
@@ -139,9 +143,16 @@ class Relay(asyncio.DatagramProtocol):
     def datagram_received(self, data, addr):
         loop = asyncio.get_running_loop()
         if addr == self.server:
-            self.transport.sendto(data, self.client)
+            self.received += len(data)
+            if not self.first_only:
+                self.transport.sendto(data, self.client)
             return
         self.client = addr
+        if self.first_only:
+            if self.sent == 0:
+                self.sent = len(data)
+                self.transport.sendto(data, self.server)
+            return
         if has_handshake_packet(data):
             if self.until is None:
                 self.until = loop.time() + self.hold
@@ -160,6 +171,10 @@ async def main():
     p.add_argument("--connect-timeout", type=float, help="give up on a silent server after this")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--hold-handshake", type=float, default=0)
+    p.add_argument(
+        "--amplification", type=float,
+        help="send one Initial, answer nothing for this many seconds, print bytes each way",
+    )
     p.add_argument("requests", nargs="+")
     a = p.parse_args()
     cfg = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=a.name)
@@ -168,6 +183,22 @@ async def main():
         cfg.idle_timeout = a.connect_timeout
     authority = f"{a.name}:{a.port}"
     port = a.port
+    if a.amplification:
+        loop = asyncio.get_running_loop()
+        transport, relay = await loop.create_datagram_endpoint(
+            lambda: Relay(a.port, 0, first_only=True), local_addr=("127.0.0.1", 0)
+        )
+        cfg.idle_timeout = a.amplification
+        try:
+            async with connect(
+                "127.0.0.1", transport.get_extra_info("sockname")[1], configuration=cfg,
+                create_protocol=Client,
+            ):
+                pass
+        except ConnectionError:
+            pass
+        print(json.dumps({"sent": relay.sent, "received": relay.received}), flush=True)
+        return
     if a.resume:
         tickets = []
         async with connect(
@@ -210,6 +241,7 @@ async def main():
                 out = {"error": "timeout"}
             if a.resume:
                 out["early_data"] = c._quic.tls.early_data_accepted
+            out["retried"] = c._quic._retry_count
             print(json.dumps(out), flush=True)
 
 

@@ -127,6 +127,9 @@ impl Worker {
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         quic: RefCell::new(None),
                         early_data: Cell::new(g.config.http3.early_data),
+                        handshaking: Rc::default(),
+                        retry_threshold: Cell::new(g.config.http3.retry_threshold),
+                        retries: Cell::new(0),
                         stop,
                     });
                     if let (Some(udp), Some(cfg)) = (sock.udp, g.quic[i].clone()) {
@@ -179,6 +182,7 @@ impl Worker {
                     }
                     ctx.max_connections.set(l.max_connections);
                     ctx.early_data.set(g.config.http3.early_data);
+                    ctx.retry_threshold.set(g.config.http3.retry_threshold);
                     ctx
                 }
             };

@@ -230,3 +230,49 @@ fn zero_rtt_is_refused_unless_turned_on() {
     assert_eq!(up.requests(), 3);
     fg.shutdown();
 }
+
+#[test]
+fn a_low_retry_threshold_makes_clients_prove_their_address_and_they_still_succeed() {
+    let certs = test_certs(&scratch("h3-retry"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[http3]\nretry_threshold = 0\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let a = h3(fg.local_addrs()[0].port(), &certs, &["GET /", "POST /echo 100000"]);
+    for x in &a {
+        assert_eq!(x.field("status").as_deref(), Some("200"), "{x:?}");
+        assert_eq!(x.field("retried").as_deref(), Some("1"), "a Retry came first: {x:?}");
+    }
+    assert_eq!(a[1].field("body_sha256"), a[1].field("sent_sha256"));
+    fg.shutdown();
+    // Under the default threshold, no Retry.
+    let fg = tls_gateway(up.addr, &certs, "");
+    let a = h3(fg.local_addrs()[0].port(), &certs, &["GET /"]);
+    assert_eq!(a[0].field("retried").as_deref(), Some("0"), "{:?}", a[0]);
+    fg.shutdown();
+}
+
+#[test]
+fn an_unvalidated_address_gets_at_most_three_times_what_it_sent() {
+    let certs = test_certs(&scratch("h3-amp"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = tls_gateway(up.addr, &certs, "");
+    // One Initial from an address that never answers; the server's flight and its
+    // retransmissions, 2 s of them, stay within 3x (RFC 9000 8.1).
+    let a = h3_with(fg.local_addrs()[0].port(), &certs, &["--amplification", "2"], &["GET /"]);
+    let sent: u64 = a[0].field("sent").unwrap().parse().unwrap();
+    let received: u64 = a[0].field("received").unwrap().parse().unwrap();
+    assert!(sent >= 1200, "a client Initial is padded to 1200 bytes: {sent}");
+    assert!(received > 0, "the server answered");
+    assert!(received <= 3 * sent, "{received} bytes sent back for {sent}");
+    fg.shutdown();
+}

@@ -353,6 +353,11 @@ pub(crate) struct ListenerCtx {
     pub(crate) quic: RefCell<Option<quinn::Endpoint>>,
     /// `http3.early_data`.
     pub(crate) early_data: Cell<bool>,
+    /// QUIC handshakes in progress on this worker, and past how many a Retry comes first
+    /// (`http3.retry_threshold`); Retry packets sent.
+    pub(crate) handshaking: Rc<Cell<usize>>,
+    pub(crate) retry_threshold: Cell<usize>,
+    pub(crate) retries: Cell<u64>,
     /// Stops this listener's acceptor.
     pub(crate) stop: watch::Sender<bool>,
 }

@@ -28,13 +28,22 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
-/// The endpoint on `sock`, serving with `config`.
+/// The endpoint on `sock`, serving with `config`. Every worker's endpoint signs stateless
+/// resets with one process-wide key, so a packet for a connection that lands on another
+/// worker's socket is answered with a reset its client accepts.
 pub(crate) fn endpoint(
     sock: std::net::UdpSocket,
     config: quinn::ServerConfig,
 ) -> io::Result<quinn::Endpoint> {
+    static RESET_KEY: std::sync::OnceLock<Arc<aws_lc_rs::hmac::Key>> = std::sync::OnceLock::new();
+    let key = RESET_KEY.get_or_init(|| {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = aws_lc_rs::hmac::Key::generate(aws_lc_rs::hmac::HMAC_SHA256, &rng)
+            .expect("the system's random source works");
+        Arc::new(key)
+    });
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(Arc::clone(key) as Arc<dyn quinn::crypto::HmacKey>),
         Some(config),
         sock,
         Arc::new(quinn::TokioRuntime),
@@ -61,6 +70,17 @@ pub(crate) async fn accept(
         };
         if ctx.active.get() >= ctx.max_connections.get() {
             incoming.refuse();
+            continue;
+        }
+        // Under a flood of handshakes, a new client first proves it owns its address (a
+        // Retry round trip): spoofed sources cannot, and cost no handshake state.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && ctx.handshaking.get() >= ctx.retry_threshold.get()
+        {
+            if incoming.retry().is_ok() {
+                ctx.retries.set(ctx.retries.get() + 1);
+            }
             continue;
         }
         let ctx = Rc::clone(&ctx);
@@ -90,8 +110,12 @@ async fn serve_incoming(
     let Ok(connecting) = incoming.accept() else {
         return;
     };
+    // Counted while the handshake runs (see `http3.retry_threshold`).
+    let counted = Handshaking::new(ctx);
     if !early_data {
-        if let Ok(Ok(conn)) = tokio::time::timeout(limit, connecting).await {
+        let shaken = tokio::time::timeout(limit, connecting).await;
+        drop(counted);
+        if let Ok(Ok(conn)) = shaken {
             server.serve_h3(conn, local, gateway, None).await;
         }
         return;
@@ -103,10 +127,29 @@ async fn serve_incoming(
     let handshake = fluxgate_http::h3::Handshake::default();
     let (h, c) = (handshake.clone(), conn.clone());
     tokio::task::spawn_local(async move {
-        match tokio::time::timeout(limit, done).await {
+        let shaken = tokio::time::timeout(limit, done).await;
+        drop(counted);
+        match shaken {
             Ok(_) => h.complete(),
             Err(_) => c.close(0u32.into(), b"handshake timeout"),
         }
     });
     server.serve_h3(conn, local, gateway, Some(handshake)).await;
+}
+
+/// One handshake in progress on a listener's worker, counted until dropped.
+struct Handshaking(Rc<std::cell::Cell<usize>>);
+
+impl Handshaking {
+    fn new(ctx: &ListenerCtx) -> Handshaking {
+        let n = Rc::clone(&ctx.handshaking);
+        n.set(n.get() + 1);
+        Handshaking(n)
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
