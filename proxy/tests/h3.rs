@@ -221,11 +221,19 @@ fn zero_rtt_is_refused_unless_turned_on() {
     let up = upstream(Behavior::Echo);
     let fg = tls_gateway(up.addr, &certs, "");
     let port = fg.local_addrs()[0].port();
-    let a = h3_with(port, &certs, &["--resume"], &["GET /early", "POST /late 10"]);
+    let a = h3_with(
+        port,
+        &certs,
+        &["--resume"],
+        &["GET /early", "POST /late 10"],
+    );
     for x in &a {
         assert_eq!(x.field("status").as_deref(), Some("200"), "{x:?}");
         assert_eq!(x.field("early_data").as_deref(), Some("false"), "{x:?}");
-        assert!(!x.field("x-up-fields").unwrap_or_default().contains("early-data"));
+        assert!(!x
+            .field("x-up-fields")
+            .unwrap_or_default()
+            .contains("early-data"));
     }
     assert_eq!(up.requests(), 3);
     fg.shutdown();
@@ -247,10 +255,18 @@ fn a_low_retry_threshold_makes_clients_prove_their_address_and_they_still_succee
         ),
         IoMode::Epoll,
     );
-    let a = h3(fg.local_addrs()[0].port(), &certs, &["GET /", "POST /echo 100000"]);
+    let a = h3(
+        fg.local_addrs()[0].port(),
+        &certs,
+        &["GET /", "POST /echo 100000"],
+    );
     for x in &a {
         assert_eq!(x.field("status").as_deref(), Some("200"), "{x:?}");
-        assert_eq!(x.field("retried").as_deref(), Some("1"), "a Retry came first: {x:?}");
+        assert_eq!(
+            x.field("retried").as_deref(),
+            Some("1"),
+            "a Retry came first: {x:?}"
+        );
     }
     assert_eq!(a[1].field("body_sha256"), a[1].field("sent_sha256"));
     fg.shutdown();
@@ -268,11 +284,22 @@ fn an_unvalidated_address_gets_at_most_three_times_what_it_sent() {
     let fg = tls_gateway(up.addr, &certs, "");
     // One Initial from an address that never answers; the server's flight and its
     // retransmissions, 2 s of them, stay within 3x (RFC 9000 8.1).
-    let a = h3_with(fg.local_addrs()[0].port(), &certs, &["--amplification", "2"], &["GET /"]);
+    let a = h3_with(
+        fg.local_addrs()[0].port(),
+        &certs,
+        &["--amplification", "2"],
+        &["GET /"],
+    );
     let sent: u64 = a[0].field("sent").unwrap().parse().unwrap();
     let received: u64 = a[0].field("received").unwrap().parse().unwrap();
-    assert!(sent >= 1200, "a client Initial is padded to 1200 bytes: {sent}");
+    assert!(
+        sent >= 1200,
+        "a client Initial is padded to 1200 bytes: {sent}"
+    );
     assert!(received > 0, "the server answered");
-    assert!(received <= 3 * sent, "{received} bytes sent back for {sent}");
+    assert!(
+        received <= 3 * sent,
+        "{received} bytes sent back for {sent}"
+    );
     fg.shutdown();
 }

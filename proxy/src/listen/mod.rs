@@ -4,6 +4,7 @@
 //! whose connections no server takes (forwarded as bytes).
 
 pub(crate) mod accept;
+pub(crate) mod amplification;
 pub(crate) mod proxied;
 pub(crate) mod quic;
 pub(crate) mod sniff;

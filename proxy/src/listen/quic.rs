@@ -46,7 +46,7 @@ pub(crate) fn endpoint(
         quinn::EndpointConfig::new(Arc::clone(key) as Arc<dyn quinn::crypto::HmacKey>),
         Some(config),
         sock,
-        Arc::new(quinn::TokioRuntime),
+        Arc::new(crate::listen::amplification::Guarded),
     )
 }
 
