@@ -23,7 +23,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StreamReset
+from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
 
 
 def pattern(n):
@@ -36,11 +36,37 @@ class Client(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.h3 = H3Connection(self._quic)
         self.streams = {}
+        self.goaway = None
+        self.closed = None
+        # aioquic drops GOAWAY's payload: the server's uni streams are read here too, and
+        # the control stream's (type 0x00) frames looked at.
+        self.uni = {}
+
+    def read_goaway(self, sid, data):
+        raw = self.uni.setdefault(sid, bytearray())
+        raw += data
+        if not raw or raw[0] != 0x00:
+            return
+        i = 1
+        try:
+            while i < len(raw):
+                kind, i = varint(raw, i)
+                size, i = varint(raw, i)
+                if i + size > len(raw):
+                    return
+                if kind == 0x7:
+                    self.goaway = varint(raw, i)[0]
+                i += size
+        except IndexError:
+            return
 
     def quic_event_received(self, event):
+        if isinstance(event, StreamDataReceived) and event.stream_id % 4 == 3:
+            self.read_goaway(event.stream_id, event.data)
         if isinstance(event, StreamReset) and event.stream_id in self.streams:
             self.finish(event.stream_id, error=f"stream reset {event.error_code}")
         if isinstance(event, ConnectionTerminated):
+            self.closed = {"closed": event.error_code, "reason": event.reason_phrase}
             for sid in list(self.streams):
                 self.finish(sid, error=f"connection closed {event.error_code} {event.reason_phrase}")
         for e in self.h3.handle_event(event):
@@ -172,6 +198,10 @@ async def main():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--hold-handshake", type=float, default=0)
     p.add_argument(
+        "--wait-close", type=float,
+        help="then wait this long for the server to close; print the GOAWAY and the close",
+    )
+    p.add_argument(
         "--amplification", type=float,
         help="send one Initial, answer nothing for this many seconds, print bytes each way",
     )
@@ -243,6 +273,12 @@ async def main():
                 out["early_data"] = c._quic.tls.early_data_accepted
             out["retried"] = c._quic._retry_count
             print(json.dumps(out), flush=True)
+        if a.wait_close:
+            for _ in range(int(a.wait_close / 0.02)):
+                if c.closed:
+                    break
+                await asyncio.sleep(0.02)
+            print(json.dumps({"goaway": c.goaway, **(c.closed or {"closed": None})}), flush=True)
 
 
 asyncio.run(main())

@@ -23,6 +23,11 @@ use crate::headers::http_date;
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
 use crate::service::{Reply, Service};
 
+/// How long a draining connection waits, once its requests are answered, for the client to
+/// acknowledge the answers (four round trips, within these bounds).
+const LINGER_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A request body queued past this much stops being read from the stream.
 const RECV_HIGH: usize = 256 * 1024;
 
@@ -76,17 +81,45 @@ pub async fn serve<S: Service>(
     let built = h3::server::builder()
         .max_field_section_size(limits.max_head as u64)
         .send_grease(false)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await;
     let Ok(mut h3) = built else {
         return;
     };
+    serve_connection(&mut h3, &conn, state, svc, &mut draining, limits, handshake).await;
+}
+
+/// The request loop of `serve`; returning closes the connection (when `h3` drops).
+async fn serve_connection<S: Service>(
+    h3: &mut h3::server::Connection<h3_quinn::Connection, Bytes>,
+    conn: &quinn::Connection,
+    state: Arc<ConnState>,
+    svc: Rc<S>,
+    draining: &mut watch::Receiver<bool>,
+    limits: HeadLimits,
+    handshake: Option<Handshake>,
+) {
+    // Requests in their tasks: the connection (closed when `h3` drops) outlives them.
+    let open = Open::default();
+    let mut shutting = false;
     loop {
         let next = tokio::select! {
             biased;
-            _ = draining.wait_for(|d| *d) => {
-                // GOAWAY; what was accepted finishes in its own task.
-                let _ = h3.shutdown(0).await;
+            _ = draining.wait_for(|d| *d), if !shutting => {
+                // GOAWAY naming the first stream not taken (RFC 9114 5.2); then on until
+                // what was taken is answered.
+                shutting = true;
+                if h3.shutdown(1).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = open.none(), if shutting => {
+                // Answered, but maybe not yet delivered: closing now would throw away what
+                // the client has not acknowledged. It may close first; else a few round
+                // trips (at most a second) go by before the close.
+                let linger = (conn.rtt() * 4).clamp(LINGER_MIN, LINGER_MAX);
+                let _ = tokio::time::timeout(linger, conn.closed()).await;
                 return;
             }
             next = h3.accept() => next,
@@ -100,7 +133,9 @@ pub async fn serve<S: Service>(
         let state = Arc::clone(&state);
         let svc = Rc::clone(&svc);
         let handshake = handshake.clone();
+        let taken = open.take();
         tokio::task::spawn_local(async move {
+            let _taken = taken;
             // A malformed head resets its stream (h3 answers it) and reaches no one.
             let Ok((mut req, stream)) = resolver.resolve_request().await else {
                 return;
@@ -117,6 +152,41 @@ pub async fn serve<S: Service>(
             }
             serve_request(req, stream, &state, &*svc, limits).await;
         });
+    }
+}
+
+/// The requests of a connection still in their tasks.
+#[derive(Default, Clone)]
+struct Open {
+    n: Rc<std::cell::Cell<usize>>,
+    ended: Rc<tokio::sync::Notify>,
+}
+
+/// One request in its task, counted until dropped.
+struct Taken(Open);
+
+impl Open {
+    fn take(&self) -> Taken {
+        self.n.set(self.n.get() + 1);
+        Taken(self.clone())
+    }
+
+    /// Resolves once no request is open.
+    async fn none(&self) {
+        while self.n.get() > 0 {
+            let ended = self.ended.notified();
+            if self.n.get() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.0.n.set(self.0.n.get() - 1);
+        self.0.ended.notify_waiters();
     }
 }
 
