@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p fluxgate
 log=$(mktemp)
-target/debug/fluxgate run >"$log" 2>&1 & pid=$!
+"${CARGO_TARGET_DIR:-target}/debug/fluxgate" run >"$log" 2>&1 & pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 50); do grep -q "accepting through" "$log" && break; sleep 0.1; done
 body=$(curl -sS --max-time 5 http://127.0.0.1:8080/)
