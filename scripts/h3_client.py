@@ -102,7 +102,7 @@ class Client(QuicConnectionProtocol):
         if not st["done"].done():
             st["done"].set_result(out)
 
-    async def request(self, method, path, authority, body):
+    async def request(self, method, path, authority, body, extra=()):
         sid = self._quic.get_next_available_stream_id()
         headers = [
             (b":method", method.encode()),
@@ -112,6 +112,7 @@ class Client(QuicConnectionProtocol):
         ]
         if body is not None:
             headers.append((b"content-length", str(len(body)).encode()))
+        headers += [tuple(h.encode().split(b"=", 1)) for h in extra]
         done = asyncio.get_running_loop().create_future()
         sent = hashlib.sha256(body or b"").hexdigest()
         self.streams[sid] = {"body": b"", "done": done, "sent": sent}
@@ -196,6 +197,7 @@ async def main():
     p.add_argument("--name", default="localhost")
     p.add_argument("--connect-timeout", type=float, help="give up on a silent server after this")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--header", action="append", default=[], help="NAME=VALUE on every request")
     p.add_argument("--hold-handshake", type=float, default=0)
     p.add_argument(
         "--wait-close", type=float,
@@ -260,6 +262,7 @@ async def main():
                 c.request(
                     r.split()[0], r.split()[1], authority,
                     pattern(int(r.split()[2])) if r.startswith("POST") else None,
+                    a.header,
                 )
             )
             for r in a.requests

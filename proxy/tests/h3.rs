@@ -327,3 +327,32 @@ fn drain_sends_goaway_and_lets_the_open_request_finish() {
     assert_eq!(a[1].field("closed").as_deref(), Some("256"), "{:?}", a[1]);
     assert!(drained, "drained within the grace time");
 }
+
+#[test]
+fn malformed_http3_heads_reset_their_stream_and_reach_no_upstream() {
+    let certs = test_certs(&scratch("h3-malformed"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = tls_gateway(up.addr, &certs, "");
+    let port = fg.local_addrs()[0].port();
+    for field in [
+        "connection=close",
+        "keep-alive=5",
+        "transfer-encoding=chunked",
+        "te=gzip",
+        "Upper=x",
+        ":bogus=1",
+    ] {
+        let a = h3_with(port, &certs, &["--header", field], &["GET /"]);
+        // H3_MESSAGE_ERROR (0x10e), on the stream alone.
+        assert_eq!(
+            a[0].field("error").as_deref(),
+            Some("stream reset 270"),
+            "{field}: {:?}",
+            a[0]
+        );
+    }
+    assert_eq!(up.requests(), 0, "nothing malformed reached the upstream");
+    let a = h3_with(port, &certs, &["--header", "te=trailers"], &["GET /"]);
+    assert_eq!(a[0].field("status").as_deref(), Some("200"), "{:?}", a[0]);
+    fg.shutdown();
+}

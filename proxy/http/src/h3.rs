@@ -137,9 +137,16 @@ async fn serve_connection<S: Service>(
         tokio::task::spawn_local(async move {
             let _taken = taken;
             // A malformed head resets its stream (h3 answers it) and reaches no one.
-            let Ok((mut req, stream)) = resolver.resolve_request().await else {
+            let Ok((mut req, mut stream)) = resolver.resolve_request().await else {
                 return;
             };
+            if malformed(&req) {
+                // What h3 lets pass but RFC 9114 4.2 calls malformed.
+                svc.reset(crate::service::Refusal::MalformedStream, &state);
+                stream.stop_sending(Code::H3_MESSAGE_ERROR);
+                stream.stop_stream(Code::H3_MESSAGE_ERROR);
+                return;
+            }
             if let Some(h) = handshake.filter(|h| !h.is_done()) {
                 if replay_safe(&req) {
                     req.headers_mut().insert(
@@ -188,6 +195,15 @@ impl Drop for Taken {
         self.0.n.set(self.0.n.get() - 1);
         self.0.ended.notify_waiters();
     }
+}
+
+/// A request head with a connection-specific field, or TE other than "trailers" (RFC 9114
+/// 4.2); h3 checks the rest (pseudo-fields, upper-case names).
+fn malformed(req: &Request<()>) -> bool {
+    req.headers().iter().any(|(name, value)| {
+        fluxgate_wire::h2::hpack::connection_specific(name)
+            || (name == http::header::TE && value != "trailers")
+    })
 }
 
 /// An early request that may go before the handshake: a safe method and no body.

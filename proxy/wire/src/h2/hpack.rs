@@ -410,7 +410,8 @@ fn huffman_decode(raw: &[u8]) -> Result<Vec<u8>, HpackError> {
     Ok(out)
 }
 
-/// Connection-specific fields, which an HTTP/2 message never carries (RFC 9113 8.2.2).
+/// Connection-specific fields, which an HTTP/2 or HTTP/3 message never carries (RFC 9113
+/// 8.2.2, RFC 9114 4.2).
 pub fn connection_specific(name: &HeaderName) -> bool {
     use http::header::{CONNECTION, TRANSFER_ENCODING, UPGRADE};
     name == CONNECTION
