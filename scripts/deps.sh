@@ -12,6 +12,7 @@ if [ "$what" = bench ]; then
   have h2load  || need+=(nghttp2-client)
 fi
 have curl || need+=(curl)
+have gtlsclient || need+=(ngtcp2-client)
 have openssl || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

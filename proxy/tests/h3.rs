@@ -356,3 +356,89 @@ fn malformed_http3_heads_reset_their_stream_and_reach_no_upstream() {
     assert_eq!(a[0].field("status").as_deref(), Some("200"), "{:?}", a[0]);
     fg.shutdown();
 }
+
+/// Runs Debian's ngtcp2 client (GnuTLS) with `args`; its output (the HTTP exchange).
+fn gtlsclient(args: &[&str]) -> String {
+    let out = Command::new("gtlsclient")
+        .args([
+            "--exit-on-all-streams-close",
+            "--no-quic-dump",
+            "--sni=localhost",
+            "--timeout=10s",
+        ])
+        .args(args)
+        .output()
+        .expect("gtlsclient (Debian's ngtcp2-client, scripts/deps.sh installs it) runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "gtlsclient failed: {text}");
+    text
+}
+
+#[test]
+fn ngtcp2_client_gets_posts_a_megabyte_resumes_and_sends_0rtt() {
+    let dir = scratch("h3-ngtcp2");
+    let certs = test_certs(&dir.join("c"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let fg = start(
+        &format!(
+            "[http3]\nearly_data = true\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let port = fg.local_addrs()[0].port().to_string();
+    let url = |path: &str| format!("https://localhost:{port}{path}");
+    let session = dir.join("session");
+    let tp = dir.join("tp");
+    let _ = std::fs::remove_file(&session);
+    let _ = std::fs::remove_file(&tp);
+    let session_arg = format!("--session-file={}", session.display());
+    let tp_arg = format!("--tp-file={}", tp.display());
+
+    let first = gtlsclient(&[&session_arg, &tp_arg, "127.0.0.1", &port, &url("/first")]);
+    assert!(first.contains("[:status: 200]"), "{first}");
+    assert!(first.contains("[x-up-path: /first]"), "{first}");
+
+    // A megabyte up and back.
+    let body: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
+    let sent = dir.join("mb.bin");
+    std::fs::write(&sent, &body).unwrap();
+    let down = dir.join("down");
+    std::fs::create_dir_all(&down).unwrap();
+    let data_arg = format!("--data={}", sent.display());
+    let down_arg = format!("--download={}", down.display());
+    let post = gtlsclient(&[
+        "-m",
+        "POST",
+        &data_arg,
+        &down_arg,
+        "127.0.0.1",
+        &port,
+        &url("/echo"),
+    ]);
+    assert!(post.contains("[:status: 200]"), "{post}");
+    assert_eq!(
+        std::fs::read(down.join("echo")).unwrap(),
+        body,
+        "the same megabyte back"
+    );
+
+    // Resumed with its session and transport parameters: the request goes as 0-RTT data
+    // and reaches the upstream with Early-Data: 1.
+    let early = gtlsclient(&[&session_arg, &tp_arg, "127.0.0.1", &port, &url("/early")]);
+    assert!(early.contains("[:status: 200]"), "{early}");
+    assert!(
+        early.contains("early-data=1"),
+        "the upstream saw no Early-Data: 1: {early}"
+    );
+    fg.shutdown();
+}
