@@ -129,7 +129,7 @@ impl Worker {
                         early_data: Cell::new(g.config.http3.early_data),
                         handshaking: Rc::default(),
                         retry_threshold: Cell::new(g.config.http3.retry_threshold),
-                        retries: Cell::new(0),
+                        quic_stats: Arc::clone(&g.metrics.quic[i]),
                         stop,
                     });
                     if let (Some(udp), Some(cfg)) = (sock.udp, g.quic[i].clone()) {

@@ -245,7 +245,7 @@ fn a_low_retry_threshold_makes_clients_prove_their_address_and_they_still_succee
     let up = upstream(Behavior::Echo);
     let fg = start(
         &format!(
-            "[http3]\nretry_threshold = 0\n\
+            "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nretry_threshold = 0\n\
              [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
              [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
              [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
@@ -269,6 +269,32 @@ fn a_low_retry_threshold_makes_clients_prove_their_address_and_they_still_succee
         );
     }
     assert_eq!(a[1].field("body_sha256"), a[1].field("sent_sha256"));
+    // Counted: the Retry, the handshake, and (once the client has closed) two streams and
+    // an RTT sample.
+    let admin = fg.admin_addr().unwrap();
+    let value = |text: &str, line: &str| metric(text, line).unwrap_or(-1.0);
+    let mut text = String::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            text = String::from_utf8_lossy(&get(admin, "/metrics").body).into_owned();
+            value(&text, "fluxgate_http3_streams_total{") == 2.0
+        }),
+        "{text}"
+    );
+    assert!(
+        value(&text, "fluxgate_http3_retries_total{") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value(&text, "fluxgate_http3_handshakes_total{") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "fluxgate_http3_rtt_seconds_count{"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(value(&text, "fluxgate_http3_connections{"), 0.0, "{text}");
     fg.shutdown();
     // Under the default threshold, no Retry.
     let fg = tls_gateway(up.addr, &certs, "");

@@ -64,6 +64,15 @@ impl Handshake {
     }
 }
 
+/// What a connection served, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Served {
+    pub requests: u64,
+    /// 0-RTT requests forwarded before the handshake, and held until it.
+    pub early_forwarded: u64,
+    pub early_held: u64,
+}
+
 /// Serves one QUIC connection's requests until it ends. On drain it sends GOAWAY and lets
 /// the requests it took finish. `handshake` is given for a connection taken before its
 /// handshake completed (0-RTT): early safe requests without a body go on with
@@ -76,7 +85,7 @@ pub async fn serve<S: Service>(
     mut draining: watch::Receiver<bool>,
     limits: HeadLimits,
     handshake: Option<Handshake>,
-) {
+) -> Served {
     // No GREASE frames: aioquic 1.x drops a stream's end that follows one.
     let built = h3::server::builder()
         .max_field_section_size(limits.max_head as u64)
@@ -84,82 +93,84 @@ pub async fn serve<S: Service>(
         .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await;
     let Ok(mut h3) = built else {
-        return;
+        return Served::default();
     };
-    serve_connection(&mut h3, &conn, state, svc, &mut draining, limits, handshake).await;
-}
-
-/// The request loop of `serve`; returning closes the connection (when `h3` drops).
-async fn serve_connection<S: Service>(
-    h3: &mut h3::server::Connection<h3_quinn::Connection, Bytes>,
-    conn: &quinn::Connection,
-    state: Arc<ConnState>,
-    svc: Rc<S>,
-    draining: &mut watch::Receiver<bool>,
-    limits: HeadLimits,
-    handshake: Option<Handshake>,
-) {
-    // Requests in their tasks: the connection (closed when `h3` drops) outlives them.
-    let open = Open::default();
-    let mut shutting = false;
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = draining.wait_for(|d| *d), if !shutting => {
-                // GOAWAY naming the first stream not taken (RFC 9114 5.2); then on until
-                // what was taken is answered.
-                shutting = true;
-                if h3.shutdown(1).await.is_err() {
+    let served = Rc::new(std::cell::Cell::new(Served::default()));
+    // The request loop; returning from it closes the connection (when `h3` drops).
+    let serve_requests = async {
+        // Requests in their tasks: the connection (closed when `h3` drops) outlives them.
+        let open = Open::default();
+        let mut shutting = false;
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = draining.wait_for(|d| *d), if !shutting => {
+                    // GOAWAY naming the first stream not taken (RFC 9114 5.2); then on until
+                    // what was taken is answered.
+                    shutting = true;
+                    if h3.shutdown(1).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = open.none(), if shutting => {
+                    // Answered, but maybe not yet delivered: closing now would throw away what
+                    // the client has not acknowledged. It may close first; else a few round
+                    // trips (at most a second) go by before the close.
+                    let linger = (conn.rtt() * 4).clamp(LINGER_MIN, LINGER_MAX);
+                    let _ = tokio::time::timeout(linger, conn.closed()).await;
                     return;
                 }
-                continue;
-            }
-            _ = open.none(), if shutting => {
-                // Answered, but maybe not yet delivered: closing now would throw away what
-                // the client has not acknowledged. It may close first; else a few round
-                // trips (at most a second) go by before the close.
-                let linger = (conn.rtt() * 4).clamp(LINGER_MIN, LINGER_MAX);
-                let _ = tokio::time::timeout(linger, conn.closed()).await;
-                return;
-            }
-            next = h3.accept() => next,
-        };
-        let resolver = match next {
-            Ok(Some(r)) => r,
-            // The client closed, or broke the connection's rules (h3 closed it with the
-            // code they call for).
-            Ok(None) | Err(_) => return,
-        };
-        let state = Arc::clone(&state);
-        let svc = Rc::clone(&svc);
-        let handshake = handshake.clone();
-        let taken = open.take();
-        tokio::task::spawn_local(async move {
-            let _taken = taken;
-            // A malformed head resets its stream (h3 answers it) and reaches no one.
-            let Ok((mut req, mut stream)) = resolver.resolve_request().await else {
-                return;
+                next = h3.accept() => next,
             };
-            if malformed(&req) {
-                // What h3 lets pass but RFC 9114 4.2 calls malformed.
-                svc.reset(crate::service::Refusal::MalformedStream, &state);
-                stream.stop_sending(Code::H3_MESSAGE_ERROR);
-                stream.stop_stream(Code::H3_MESSAGE_ERROR);
-                return;
-            }
-            if let Some(h) = handshake.filter(|h| !h.is_done()) {
-                if replay_safe(&req) {
-                    req.headers_mut().insert(
-                        http::HeaderName::from_static("early-data"),
-                        http::HeaderValue::from_static("1"),
-                    );
-                } else {
-                    h.wait().await;
+            let resolver = match next {
+                Ok(Some(r)) => r,
+                // The client closed, or broke the connection's rules (h3 closed it with the
+                // code they call for).
+                Ok(None) | Err(_) => return,
+            };
+            let state = Arc::clone(&state);
+            let svc = Rc::clone(&svc);
+            let handshake = handshake.clone();
+            let taken = open.take();
+            let served = Rc::clone(&served);
+            tokio::task::spawn_local(async move {
+                let _taken = taken;
+                let count = |f: fn(&mut Served)| {
+                    let mut s = served.get();
+                    f(&mut s);
+                    served.set(s);
+                };
+                count(|s| s.requests += 1);
+                // A malformed head resets its stream (h3 answers it) and reaches no one.
+                let Ok((mut req, mut stream)) = resolver.resolve_request().await else {
+                    return;
+                };
+                if malformed(&req) {
+                    // What h3 lets pass but RFC 9114 4.2 calls malformed.
+                    svc.reset(crate::service::Refusal::MalformedStream, &state);
+                    stream.stop_sending(Code::H3_MESSAGE_ERROR);
+                    stream.stop_stream(Code::H3_MESSAGE_ERROR);
+                    return;
                 }
-            }
-            serve_request(req, stream, &state, &*svc, limits).await;
-        });
-    }
+                if let Some(h) = handshake.filter(|h| !h.is_done()) {
+                    if replay_safe(&req) {
+                        count(|s| s.early_forwarded += 1);
+                        req.headers_mut().insert(
+                            http::HeaderName::from_static("early-data"),
+                            http::HeaderValue::from_static("1"),
+                        );
+                    } else {
+                        count(|s| s.early_held += 1);
+                        h.wait().await;
+                    }
+                }
+                serve_request(req, stream, &state, &*svc, limits).await;
+            });
+        }
+    };
+    serve_requests.await;
+    served.get()
 }
 
 /// The requests of a connection still in their tasks.

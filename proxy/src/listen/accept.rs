@@ -357,7 +357,8 @@ pub(crate) struct ListenerCtx {
     /// (`http3.retry_threshold`); Retry packets sent.
     pub(crate) handshaking: Rc<Cell<usize>>,
     pub(crate) retry_threshold: Cell<usize>,
-    pub(crate) retries: Cell<u64>,
+    /// This listener's HTTP/3 counters (shared by the workers, kept across reloads).
+    pub(crate) quic_stats: Arc<crate::telemetry::metrics::QuicStats>,
     /// Stops this listener's acceptor.
     pub(crate) stop: watch::Sender<bool>,
 }

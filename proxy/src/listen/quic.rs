@@ -13,6 +13,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use std::sync::atomic::Ordering;
+
 use tokio::sync::watch;
 
 use crate::listen::accept::ListenerCtx;
@@ -79,7 +81,7 @@ pub(crate) async fn accept(
             && ctx.handshaking.get() >= ctx.retry_threshold.get()
         {
             if incoming.retry().is_ok() {
-                ctx.retries.set(ctx.retries.get() + 1);
+                ctx.quic_stats.retries.fetch_add(1, Ordering::Relaxed);
             }
             continue;
         }
@@ -112,29 +114,45 @@ async fn serve_incoming(
     };
     // Counted while the handshake runs (see `http3.retry_threshold`).
     let counted = Handshaking::new(ctx);
-    if !early_data {
+    let stats = Arc::clone(&ctx.quic_stats);
+    let (conn, handshake) = if !early_data {
         let shaken = tokio::time::timeout(limit, connecting).await;
         drop(counted);
-        if let Ok(Ok(conn)) = shaken {
-            server.serve_h3(conn, local, gateway, None).await;
-        }
-        return;
-    }
-    // A server's connection always converts (quinn says so).
-    let Ok((conn, done)) = connecting.into_0rtt() else {
-        return;
+        let Ok(Ok(conn)) = shaken else {
+            stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        (conn, None)
+    } else {
+        // A server's connection always converts (quinn says so).
+        let Ok((conn, done)) = connecting.into_0rtt() else {
+            return;
+        };
+        let handshake = fluxgate_http::h3::Handshake::default();
+        let (h, c, stats) = (handshake.clone(), conn.clone(), Arc::clone(&stats));
+        tokio::task::spawn_local(async move {
+            let shaken = tokio::time::timeout(limit, done).await;
+            drop(counted);
+            match shaken {
+                Ok(_) => {
+                    stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+                    h.complete();
+                }
+                Err(_) => {
+                    stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                    c.close(0u32.into(), b"handshake timeout");
+                }
+            }
+        });
+        (conn, Some(handshake))
     };
-    let handshake = fluxgate_http::h3::Handshake::default();
-    let (h, c) = (handshake.clone(), conn.clone());
-    tokio::task::spawn_local(async move {
-        let shaken = tokio::time::timeout(limit, done).await;
-        drop(counted);
-        match shaken {
-            Ok(_) => h.complete(),
-            Err(_) => c.close(0u32.into(), b"handshake timeout"),
-        }
-    });
-    server.serve_h3(conn, local, gateway, Some(handshake)).await;
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let served = server
+        .serve_h3(conn.clone(), local, gateway, handshake)
+        .await;
+    stats.connections.fetch_sub(1, Ordering::Relaxed);
+    stats.closed(&conn, &served);
 }
 
 /// One handshake in progress on a listener's worker, counted until dropped.

@@ -118,11 +118,11 @@ impl ConnServer {
         local: SocketAddr,
         svc: Rc<S>,
         handshake: Option<fluxgate_http::h3::Handshake>,
-    ) {
+    ) -> fluxgate_http::h3::Served {
         let peer = conn.remote_address();
         let state = ConnState::new(true, self.timeouts, "https", peer, local, None);
         let draining = self.draining.clone();
-        fluxgate_http::h3::serve(conn, state, svc, draining, self.limits, handshake).await;
+        fluxgate_http::h3::serve(conn, state, svc, draining, self.limits, handshake).await
     }
 
     /// Reads until the first bytes tell the protocol: true for HTTP/2 (they are its preface).

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub(crate) active: Vec<Vec<Arc<AtomicI64>>>,
     /// [listener]: TLS handshakes (shared by the workers; kept across reloads).
     pub(crate) tls: Vec<Arc<TlsStats>>,
+    /// [listener]: HTTP/3 over QUIC (shared by the workers; kept across reloads).
+    pub(crate) quic: Vec<Arc<QuicStats>>,
     /// [listener][worker]
     pub(crate) routes: Vec<Vec<Arc<RouteSet>>>,
     /// [upstream][worker]
@@ -91,6 +93,45 @@ pub(crate) const TLS_ERRORS: [&str; 6] = [
     "misbehaved",
     "other",
 ];
+
+/// HTTP/3 over QUIC on one listener.
+#[derive(Debug, Default)]
+pub(crate) struct QuicStats {
+    /// Connections open now.
+    pub(crate) connections: AtomicI64,
+    pub(crate) handshakes_ok: AtomicU64,
+    pub(crate) handshakes_failed: AtomicU64,
+    /// Retry packets sent (address validation under load).
+    pub(crate) retries: AtomicU64,
+    /// Request streams served.
+    pub(crate) streams: AtomicU64,
+    /// 0-RTT requests forwarded before the handshake, and held until it.
+    pub(crate) early_forwarded: AtomicU64,
+    pub(crate) early_held: AtomicU64,
+    /// Of closed connections: their last smoothed RTT (sum, in µs, and count), and the
+    /// packets they sent and lost.
+    pub(crate) rtt_us_sum: AtomicU64,
+    pub(crate) rtt_count: AtomicU64,
+    pub(crate) packets_sent: AtomicU64,
+    pub(crate) packets_lost: AtomicU64,
+}
+
+impl QuicStats {
+    /// A connection ended: its counts go in.
+    pub(crate) fn closed(&self, conn: &quinn::Connection, served: &fluxgate_http::h3::Served) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.streams, served.requests);
+        add(&self.early_forwarded, served.early_forwarded);
+        add(&self.early_held, served.early_held);
+        let s = conn.stats();
+        add(&self.rtt_us_sum, s.path.rtt.as_micros() as u64);
+        add(&self.rtt_count, 1);
+        add(&self.packets_sent, s.path.sent_packets);
+        add(&self.packets_lost, s.path.lost_packets);
+    }
+}
 
 /// TLS handshakes of one listener. Index = kind * 6 + version * 3 + alpn.
 #[derive(Debug, Default)]
@@ -147,6 +188,106 @@ pub(crate) fn dec(a: &AtomicI64) {
 }
 
 impl Metrics {
+    /// The HTTP/3 families, for listeners that serve it.
+    fn render_quic(&self, o: &mut String, addrs: &[std::net::SocketAddr]) {
+        use std::fmt::Write;
+        let each = |o: &mut String,
+                    name: &str,
+                    kind: &str,
+                    help: &str,
+                    rows: &dyn Fn(&QuicStats) -> Vec<(String, u64)>| {
+            family(o, name, kind, help);
+            for (li, q) in self.quic.iter().enumerate() {
+                for (labels, n) in rows(q) {
+                    let _ = writeln!(o, "{name}{{listener=\"{}\"{labels}}} {n}", addrs[li]);
+                }
+            }
+        };
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        each(
+            o,
+            "fluxgate_http3_connections",
+            "gauge",
+            "HTTP/3 connections open.",
+            &|q| {
+                vec![(
+                    String::new(),
+                    q.connections.load(Ordering::Relaxed).max(0) as u64,
+                )]
+            },
+        );
+        each(
+            o,
+            "fluxgate_http3_handshakes_total",
+            "counter",
+            "QUIC handshakes, by result.",
+            &|q| {
+                vec![
+                    (",result=\"ok\"".into(), get(&q.handshakes_ok)),
+                    (",result=\"failed\"".into(), get(&q.handshakes_failed)),
+                ]
+            },
+        );
+        each(
+            o,
+            "fluxgate_http3_retries_total",
+            "counter",
+            "Retry packets sent to validate client addresses.",
+            &|q| vec![(String::new(), get(&q.retries))],
+        );
+        each(
+            o,
+            "fluxgate_http3_streams_total",
+            "counter",
+            "HTTP/3 requests served (of closed connections).",
+            &|q| vec![(String::new(), get(&q.streams))],
+        );
+        each(
+            o,
+            "fluxgate_http3_early_requests_total",
+            "counter",
+            "0-RTT requests: forwarded at once, or held for the handshake.",
+            &|q| {
+                vec![
+                    (",action=\"forwarded\"".into(), get(&q.early_forwarded)),
+                    (",action=\"held\"".into(), get(&q.early_held)),
+                ]
+            },
+        );
+        family(
+            o,
+            "fluxgate_http3_rtt_seconds",
+            "summary",
+            "Smoothed RTT of closed HTTP/3 connections.",
+        );
+        for (li, q) in self.quic.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "fluxgate_http3_rtt_seconds_sum{{listener=\"{}\"}} {}",
+                addrs[li],
+                get(&q.rtt_us_sum) as f64 / 1e6
+            );
+            let _ = writeln!(
+                o,
+                "fluxgate_http3_rtt_seconds_count{{listener=\"{}\"}} {}",
+                addrs[li],
+                get(&q.rtt_count)
+            );
+        }
+        each(
+            o,
+            "fluxgate_http3_packets_total",
+            "counter",
+            "QUIC packets of closed connections, sent and lost.",
+            &|q| {
+                vec![
+                    (",kind=\"sent\"".into(), get(&q.packets_sent)),
+                    (",kind=\"lost\"".into(), get(&q.packets_lost)),
+                ]
+            },
+        );
+    }
+
     /// A registry for `config`; `keep_listener[i]` / `keep_upstream[i]` name the entry of
     /// `previous` that listener / upstream `i` continues (same address / same settings).
     pub(crate) fn new(
@@ -169,6 +310,14 @@ impl Metrics {
             .map(|i| match previous {
                 Some((p, keep, _)) => {
                     keep[i].map_or_else(Default::default, |j| Arc::clone(&p.tls[j]))
+                }
+                None => Default::default(),
+            })
+            .collect();
+        let quic = (0..config.listeners.len())
+            .map(|i| match previous {
+                Some((p, keep, _)) => {
+                    keep[i].map_or_else(Default::default, |j| Arc::clone(&p.quic[j]))
                 }
                 None => Default::default(),
             })
@@ -214,6 +363,7 @@ impl Metrics {
         Arc::new(Metrics {
             active,
             tls,
+            quic,
             routes,
             upstreams,
             reloads_ok,
@@ -454,6 +604,8 @@ impl Metrics {
                 }
             }
         }
+
+        self.render_quic(&mut o, addrs);
 
         family(
             &mut o,
