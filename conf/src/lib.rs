@@ -275,6 +275,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 cleartext with prior knowledge; one multiplexed connection per endpoint per worker.
     H2c,
+    /// HTTP/3 over QUIC (needs `tls`); one multiplexed connection per endpoint per worker.
+    H3,
 }
 
 /// `[[upstream]]`
@@ -762,11 +764,12 @@ impl Config {
                 Some(p) => match p.get_ref().as_str() {
                     "http1" => UpstreamProtocol::Http1,
                     "h2c" | "h2" => UpstreamProtocol::H2c,
+                    "h3" => UpstreamProtocol::H3,
                     other => {
                         return Err(src.invalid(
                             key("protocol"),
                             p,
-                            format!("unknown protocol {other:?} (http1, h2c or h2)"),
+                            format!("unknown protocol {other:?} (http1, h2c, h2 or h3)"),
                         ))
                     }
                 },
@@ -814,7 +817,15 @@ impl Config {
                     }
                 }),
             };
-            if proxy_protocol.is_some() && protocol == UpstreamProtocol::H2c {
+            if protocol == UpstreamProtocol::H3 && u.tls.is_none() {
+                return Err(src.invalid(
+                    key("protocol"),
+                    u.protocol.as_ref().expect("set"),
+                    "HTTP/3 runs over QUIC, always encrypted: add tls = { .. } (`{}` for the \
+                     system roots)",
+                ));
+            }
+            if proxy_protocol.is_some() && protocol != UpstreamProtocol::Http1 {
                 return Err(src.invalid(
                     key("proxy_protocol"),
                     u.proxy_protocol.as_ref().expect("set"),

@@ -468,3 +468,70 @@ fn ngtcp2_client_gets_posts_a_megabyte_resumes_and_sends_0rtt() {
     );
     fg.shutdown();
 }
+
+#[test]
+fn an_http3_upstream_takes_requests_over_one_connection() {
+    let certs = test_certs(&scratch("h3-upstream"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    // The HTTP/3 origin: a fluxgate terminating QUIC, forwarding to the echo upstream.
+    let origin = start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let front = start(
+        &format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"o\"\n\
+             [[upstream]]\nname = \"o\"\nendpoints = [\"{}\"]\nprotocol = \"h3\"\n\
+             tls = {{ sni = \"localhost\", ca = \"{}\" }}\n",
+            origin.local_addrs()[0],
+            certs.join("ca.pem").display()
+        ),
+        IoMode::Epoll,
+    );
+    let addr = front.local_addrs()[0];
+    let mut c = RawClient::connect(addr);
+    c.send(b"GET /over-h3?q=1 HTTP/1.1\r\nHost: app.example\r\n\r\n");
+    let r = c.read_response().expect("answered");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-up-path"), Some("/over-h3?q=1"));
+    assert_eq!(
+        r.header("x-up-host"),
+        Some("app.example"),
+        "the authority went as :authority"
+    );
+    // A megabyte up and back through both gateways.
+    let body: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut req = format!(
+        "POST /echo HTTP/1.1\r\nHost: app.example\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    c.send(&req);
+    let r = c.read_response().expect("answered");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == body,
+        "the same megabyte back ({} bytes)",
+        r.body.len()
+    );
+    // Both went over one QUIC connection, which stays open for the next.
+    let metrics =
+        String::from_utf8_lossy(&get(origin.admin_addr().unwrap(), "/metrics").body).into_owned();
+    assert_eq!(
+        metric(&metrics, "fluxgate_http3_connections{"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(up.requests(), 2);
+    front.shutdown();
+    origin.shutdown();
+}

@@ -31,6 +31,7 @@ pub struct ProxyBody {
 enum Inner {
     H1(H1Body),
     H2(Incoming),
+    H3(crate::upstream::h3::H3Body),
     Full(Option<Bytes>),
     /// The empty body of a 101 answer, carrying the upstream connection the client's joins.
     Tunnel(Option<H1Conn>),
@@ -51,6 +52,7 @@ impl ProxyBody {
             inner: match body {
                 UpstreamBody::H1(b) => Inner::H1(b),
                 UpstreamBody::H2(b) => Inner::H2(b),
+                UpstreamBody::H3(b) => Inner::H3(b),
             },
             _inflight: inflight,
             log: None,
@@ -118,6 +120,7 @@ impl Body for ProxyBody {
             Inner::Tunnel(_) => true,
             Inner::H1(b) => b.is_end_stream(),
             Inner::H2(b) => b.is_end_stream(),
+            Inner::H3(b) => b.is_end_stream(),
         }
     }
 
@@ -127,6 +130,7 @@ impl Body for ProxyBody {
             Inner::Tunnel(_) => SizeHint::with_exact(0),
             Inner::H1(b) => b.size_hint(),
             Inner::H2(b) => b.size_hint(),
+            Inner::H3(b) => b.size_hint(),
         }
     }
 }
@@ -140,6 +144,7 @@ impl ProxyBody {
             Inner::H2(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| Box::new(e) as BoxError),
+            Inner::H3(b) => Pin::new(b).poll_frame(cx),
         }
     }
 }

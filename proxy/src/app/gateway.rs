@@ -225,6 +225,7 @@ impl Handler {
             UpstreamProtocol::H2c => {
                 UpstreamRequest::H2(Box::new(Request::from_parts(parts, body)))
             }
+            UpstreamProtocol::H3 => UpstreamRequest::H3(Box::new(Request::from_parts(parts, body))),
         };
         let out = Outgoing {
             handler: Rc::clone(self),
@@ -581,18 +582,26 @@ fn prepare(
                 }
             }
         }
-        UpstreamProtocol::H2c => {
-            parts.version = Version::HTTP_2;
-            if parts.uri.authority().is_none() {
+        UpstreamProtocol::H2c | UpstreamProtocol::H3 => {
+            let (version, scheme) = match protocol {
+                UpstreamProtocol::H3 => (Version::HTTP_3, http::uri::Scheme::HTTPS),
+                _ => (Version::HTTP_2, http::uri::Scheme::HTTP),
+            };
+            parts.version = version;
+            let h3_needs_https =
+                protocol == UpstreamProtocol::H3 && parts.uri.scheme() != Some(&scheme);
+            if parts.uri.authority().is_none() || h3_needs_https {
                 let mut p = http::uri::Parts::default();
-                p.scheme = Some(http::uri::Scheme::HTTP);
-                p.authority = host.and_then(|h| h.to_str().ok()?.parse().ok());
+                p.scheme = Some(scheme);
+                p.authority = host
+                    .and_then(|h| h.to_str().ok()?.parse().ok())
+                    .or_else(|| parts.uri.authority().cloned());
                 p.path_and_query = parts.uri.path_and_query().cloned();
                 if let Ok(u) = Uri::from_parts(p) {
                     parts.uri = u;
                 }
             }
-            // :authority carries it in HTTP/2.
+            // :authority carries it in HTTP/2 and HTTP/3.
             parts.headers.remove(header::HOST);
         }
     }

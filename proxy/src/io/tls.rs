@@ -213,8 +213,9 @@ fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
 /// in-memory cache, on by default).
 pub(crate) fn upstream_config(
     t: &UpstreamTls,
-    h2: bool,
+    protocol: fluxgate_conf::UpstreamProtocol,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
+    use fluxgate_conf::UpstreamProtocol;
     let provider = Arc::new(aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     let anchors = match &t.ca {
@@ -228,8 +229,13 @@ pub(crate) fn upstream_config(
             None => "no usable system CA certificate".into(),
         });
     }
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match protocol {
+        // QUIC carries TLS 1.3 only.
+        UpstreamProtocol::H3 => &[&rustls::version::TLS13],
+        _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
     let mut cfg = match &t.client {
@@ -243,10 +249,10 @@ pub(crate) fn upstream_config(
                 .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?
         }
     };
-    cfg.alpn_protocols = vec![if h2 {
-        b"h2".to_vec()
-    } else {
-        b"http/1.1".to_vec()
+    cfg.alpn_protocols = vec![match protocol {
+        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+        UpstreamProtocol::H2c => b"h2".to_vec(),
+        UpstreamProtocol::H3 => b"h3".to_vec(),
     }];
     Ok(Arc::new(cfg))
 }
@@ -263,8 +269,7 @@ pub(crate) fn upstream_configs(
             u.tls
                 .as_ref()
                 .map(|t| {
-                    upstream_config(t, u.protocol == fluxgate_conf::UpstreamProtocol::H2c)
-                        .map_err(|e| format!("upstream[{i}].tls: {e}"))
+                    upstream_config(t, u.protocol).map_err(|e| format!("upstream[{i}].tls: {e}"))
                 })
                 .transpose()
         })

@@ -147,6 +147,8 @@ struct Endpoint {
     addr: SocketAddr,
     live: Rc<Live>,
     h2: RefCell<Option<http2::SendRequest<ClientBody>>>,
+    /// The shared HTTP/3 connection, for `protocol = "h3"`.
+    h3: RefCell<Option<H3Sender>>,
     /// Idle connections up to `max_idle_per_host`, most recent on top, taken before pingora's.
     hot: RefCell<Vec<H1Conn>>,
 }
@@ -166,7 +168,14 @@ pub(crate) struct UpstreamPool {
     sweeping: Cell<bool>,
     /// TLS to the endpoints, with the configured server name (else each endpoint's IP).
     tls: Option<(tokio_rustls::TlsConnector, Option<ServerName<'static>>)>,
+    /// QUIC to the endpoints (`protocol = "h3"`): the client settings, and this worker's
+    /// client endpoint, opened on first use.
+    quic: Option<quinn::ClientConfig>,
+    quic_endpoint: RefCell<Option<quinn::Endpoint>>,
 }
+
+/// What sends requests on an endpoint's HTTP/3 connection.
+pub(crate) type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
 
 /// A connection lent to one request. Dropping it closes the connection; `release` returns it
 /// to the pool.
@@ -229,6 +238,14 @@ impl UpstreamPool {
         tls: Option<Arc<rustls::ClientConfig>>,
         seed: u64,
     ) -> Rc<UpstreamPool> {
+        let quic = tls
+            .as_ref()
+            .filter(|_| cfg.protocol == UpstreamProtocol::H3)
+            .and_then(|c| {
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::clone(c));
+                // (TLS 1.3 only and the initial suite: `upstream_config` makes it so.)
+                crypto.ok().map(|q| quinn::ClientConfig::new(Arc::new(q)))
+            });
         let tls = tls.map(|c| {
             let name = cfg
                 .tls
@@ -251,6 +268,7 @@ impl UpstreamPool {
                     stats: Arc::clone(&stats),
                 }),
                 h2: RefCell::new(None),
+                h3: RefCell::new(None),
                 hot: RefCell::new(Vec::new()),
             })
             .collect();
@@ -263,6 +281,8 @@ impl UpstreamPool {
             stats,
             sweeping: Cell::new(false),
             tls,
+            quic,
+            quic_endpoint: RefCell::new(None),
             cfg,
         })
     }
@@ -547,6 +567,70 @@ impl UpstreamPool {
         });
         *endpoint.h2.borrow_mut() = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// The shared HTTP/3 connection to `ep`, opened on first use or after it closed: QUIC
+    /// within `connect_timeout`, verified like the upstream's TLS, sessions resumed.
+    pub(crate) async fn h3_sender(self: &Rc<Self>, ep: usize) -> Result<H3Sender, ProxyError> {
+        let endpoint = &self.endpoints[ep];
+        if let Some(s) = endpoint.h3.borrow().as_ref() {
+            return Ok(s.clone());
+        }
+        let addr = endpoint.addr;
+        let connect_failed = |source: std::io::Error| ProxyError::Connect { addr, source };
+        let Some(config) = self.quic.clone() else {
+            return Err(connect_failed(std::io::Error::other(
+                "no QUIC client settings",
+            )));
+        };
+        let client = {
+            let mut slot = self.quic_endpoint.borrow_mut();
+            match slot.as_ref() {
+                Some(e) => e.clone(),
+                None => {
+                    let any: SocketAddr = match addr {
+                        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+                        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+                    };
+                    let e = quinn::Endpoint::client(any).map_err(connect_failed)?;
+                    slot.insert(e).clone()
+                }
+            }
+        };
+        let name = self
+            .cfg
+            .tls
+            .as_ref()
+            .and_then(|t| t.sni.clone())
+            .unwrap_or_else(|| addr.ip().to_string());
+        let connect = async {
+            let connecting = client
+                .connect_with(config, addr, &name)
+                .map_err(std::io::Error::other)?;
+            let conn = connecting.await.map_err(std::io::Error::other)?;
+            h3::client::new(h3_quinn::Connection::new(conn))
+                .await
+                .map_err(std::io::Error::other)
+        };
+        let (mut driver, sender) = self.within_connect_timeout(addr, connect).await?;
+        let live = Rc::clone(&endpoint.live);
+        live.open_add(1);
+        let pool = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            live.open_add(-1);
+            // Closed: the next request opens another.
+            if let Some(p) = pool.upgrade() {
+                *p.endpoints[ep].h3.borrow_mut() = None;
+            }
+        });
+        *endpoint.h3.borrow_mut() = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Drops the cached HTTP/3 connection of `ep`, so the next request opens another.
+    pub(crate) fn forget_h3(&self, ep: usize) {
+        *self.endpoints[ep].h3.borrow_mut() = None;
     }
 
     /// Drops the cached HTTP/2 connection of `ep` if it is `broken`, so the next request dials.

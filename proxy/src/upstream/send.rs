@@ -33,6 +33,8 @@ pub(crate) enum UpstreamRequest {
     },
     /// Boxed: the head is large and HTTP/2 upstreams are the less common case.
     H2(Box<Request<ClientBody>>),
+    /// Boxed, as HTTP/2's.
+    H3(Box<Request<ClientBody>>),
 }
 
 /// A response body as an upstream sends it.
@@ -42,6 +44,8 @@ pub(crate) enum UpstreamBody {
     H1(H1Body),
     /// A stream of a shared HTTP/2 connection.
     H2(Incoming),
+    /// A stream of a shared HTTP/3 connection.
+    H3(crate::upstream::h3::H3Body),
 }
 
 /// A failed attempt: why, its facts, and the request again when it is still whole.
@@ -74,6 +78,10 @@ impl UpstreamPool {
             UpstreamRequest::H2(req) => {
                 // Boxed: its state is large and must not grow every HTTP/1.1 request's future.
                 return Box::pin(send_over_h2(self, ep, *req, timeout, fresh)).await;
+            }
+            UpstreamRequest::H3(req) => {
+                let sent = crate::upstream::h3::send_over_h3(self, ep, *req, timeout, fresh);
+                return Box::pin(sent).await;
             }
         };
         // Moved into the exchange, a body is gone; a bodiless request keeps its head.
@@ -230,7 +238,7 @@ fn refused_unprocessed(e: &ProxyError) -> bool {
 
 /// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
 /// connection can be sent again.
-fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
+pub(crate) fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
     let mut r = Request::new(ClientBody::Empty);
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
