@@ -198,6 +198,7 @@ async def main():
     p.add_argument("--connect-timeout", type=float, help="give up on a silent server after this")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--header", action="append", default=[], help="NAME=VALUE on every request")
+    p.add_argument("--pause", type=float, help="one request at a time, this long between")
     p.add_argument("--hold-handshake", type=float, default=0)
     p.add_argument(
         "--wait-close", type=float,
@@ -257,17 +258,28 @@ async def main():
         "127.0.0.1", port, configuration=cfg, create_protocol=Client,
         wait_connected=not a.resume,
     ) as c:
-        sent = [
-            asyncio.ensure_future(
+        def start(r):
+            return asyncio.ensure_future(
                 c.request(
                     r.split()[0], r.split()[1], authority,
                     pattern(int(r.split()[2])) if r.startswith("POST") else None,
                     a.header,
                 )
             )
-            for r in a.requests
-        ]
-        for f in sent:
+
+        async def one_by_one():
+            for i, r in enumerate(a.requests):
+                if i:
+                    await asyncio.sleep(a.pause)
+                f = start(r)
+                await asyncio.wait([f])
+                yield f
+
+        async def all_at_once():
+            for f in [start(r) for r in a.requests]:
+                yield f
+
+        async for f in (one_by_one() if a.pause else all_at_once()):
             try:
                 out = await f
             except asyncio.TimeoutError:

@@ -535,3 +535,68 @@ fn an_http3_upstream_takes_requests_over_one_connection() {
     front.shutdown();
     origin.shutdown();
 }
+
+#[test]
+fn a_reload_keeps_http3_serving_and_its_open_connections() {
+    let certs = test_certs(&scratch("h3-reload"), &["localhost"]);
+    let up = upstream(Behavior::Echo);
+    let toml = |route: &str| {
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\npath = \"/gen\"\nrespond = {{ status = 200, body = \"{route}\" }}\n\
+             [[listener.route]]\nupstream = \"u\"\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+            up.addr
+        )
+    };
+    let fg = start(&toml("one"), IoMode::Epoll);
+    let addr = fg.local_addrs()[0];
+    let sha = |body: &str| {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body.as_bytes());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let b = h3(addr.port(), &certs, &["GET /gen"]);
+    assert_eq!(b[0].field("body_sha256"), Some(sha("one")), "{:?}", b[0]);
+    // One connection across the reload: a request before it, one after.
+    let client = {
+        let certs = certs.clone();
+        std::thread::spawn(move || {
+            h3_with(
+                addr.port(),
+                &certs,
+                &["--pause", "2"],
+                &["GET /first", "GET /gen"],
+            )
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || up.requests() == 1));
+    // The same configured address: the listener, its sockets and connections carry on.
+    let mut next = fluxgate_conf::Config::from_toml(&toml("two")).unwrap();
+    next.runtime.workers = 1;
+    next.runtime.io = IoMode::Epoll;
+    fg.reload(next).expect("reloads");
+    let a = client.join().unwrap();
+    assert_eq!(a[0].field("status").as_deref(), Some("200"), "{:?}", a[0]);
+    assert_eq!(
+        a[1].field("status").as_deref(),
+        Some("200"),
+        "the connection outlived the reload: {:?}",
+        a[1]
+    );
+    assert_eq!(
+        a[1].field("body_sha256"),
+        Some(sha("two")),
+        "served by the new routes: {:?}",
+        a[1]
+    );
+    // And new connections are served on the kept UDP socket.
+    let b = h3(addr.port(), &certs, &["GET /gen"]);
+    assert_eq!(b[0].field("body_sha256"), Some(sha("two")));
+    fg.shutdown();
+}
