@@ -21,7 +21,9 @@ fn main() {
     let addr: std::net::SocketAddr = args[1].parse().expect("ADDR is IP:PORT");
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&args[2]).expect("CA_PEM readable") {
-        roots.add(c.expect("a PEM certificate")).expect("a usable root");
+        roots
+            .add(c.expect("a PEM certificate"))
+            .expect("a usable root");
     }
     let path = args[3].clone();
     let seconds: f64 = args[4].parse().expect("SECONDS");

@@ -31,7 +31,7 @@ pub struct ProxyBody {
 enum Inner {
     H1(H1Body),
     H2(Incoming),
-    H3(crate::upstream::h3::H3Body),
+    H3(crate::upstream::send::H3Body),
     Full(Option<Bytes>),
     /// The empty body of a 101 answer, carrying the upstream connection the client's joins.
     Tunnel(Option<H1Conn>),

@@ -3,7 +3,6 @@
 
 pub(crate) mod conn;
 pub(crate) mod h1;
-pub(crate) mod h3;
 pub(crate) mod health;
 pub(crate) mod pool;
 pub(crate) mod send;

@@ -1,18 +1,22 @@
 //! The upstream side's one way to answer a request: `UpstreamPool::send`, one attempt over
-//! HTTP/1.1 or h2c, whose failure carries the facts the retry rule needs (was it sent, was
+//! HTTP/1.1, h2c or HTTP/3, whose failure carries the facts the retry rule needs (was it sent, was
 //! the connection reused, is the whole request still at hand) and the request to send again.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use h3::client::RequestStream;
 use http::{Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 
-use crate::error::ProxyError;
+use crate::error::{BoxError, ProxyError};
 use crate::upstream::h1::{Exchange, H1Body};
 use crate::upstream::pool::{Proxied, UpstreamPool};
 use fluxgate_http::body::ClientBody;
@@ -45,7 +49,7 @@ pub(crate) enum UpstreamBody {
     /// A stream of a shared HTTP/2 connection.
     H2(Incoming),
     /// A stream of a shared HTTP/3 connection.
-    H3(crate::upstream::h3::H3Body),
+    H3(H3Body),
 }
 
 /// A failed attempt: why, its facts, and the request again when it is still whole.
@@ -80,7 +84,7 @@ impl UpstreamPool {
                 return Box::pin(send_over_h2(self, ep, *req, timeout, fresh)).await;
             }
             UpstreamRequest::H3(req) => {
-                let sent = crate::upstream::h3::send_over_h3(self, ep, *req, timeout, fresh);
+                let sent = send_over_h3(self, ep, *req, timeout, fresh);
                 return Box::pin(sent).await;
             }
         };
@@ -245,4 +249,125 @@ pub(crate) fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
     *r.version_mut() = req.version();
     *r.headers_mut() = req.headers().clone();
     r
+}
+
+/// One attempt over the endpoint's shared HTTP/3 connection (a new one when `fresh`).
+pub(crate) async fn send_over_h3(
+    pool: &Rc<UpstreamPool>,
+    ep: usize,
+    req: Request<ClientBody>,
+    timeout: Duration,
+    fresh: bool,
+) -> Result<Response<UpstreamBody>, Failed> {
+    if fresh {
+        pool.forget_h3(ep);
+    }
+    let idempotent = fluxgate_policy::retry::idempotent(req.method());
+    // A bodiless request is kept whatever its method, to go again if it never went out.
+    let replay = req.body().is_end_stream().then(|| replay_copy(&req));
+    let fail = |error: ProxyError, sent: bool, replay: Option<Request<ClientBody>>| Failed {
+        facts: AttemptFacts {
+            connection_failed: matches!(error, ProxyError::Connect { .. }) || !sent,
+            maybe_received: sent,
+            replayable: replay.is_some(),
+            idempotent,
+            reused: !fresh,
+        },
+        error,
+        again: replay.map(|r| UpstreamRequest::H3(Box::new(r))),
+    };
+    let mut sender = match pool.h3_sender(ep).await {
+        Ok(s) => s,
+        Err(e) => return Err(fail(e, false, replay)),
+    };
+    let (parts, body) = req.into_parts();
+    let stream = match sender.send_request(Request::from_parts(parts, ())).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The connection is gone: the next request opens another.
+            pool.forget_h3(ep);
+            return Err(fail(ProxyError::Upstream(Box::new(e)), false, replay));
+        }
+    };
+    let (mut send, mut recv) = stream.split();
+    tokio::task::spawn_local(async move {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let sent = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(data) => send.send_data(data).await,
+                    Err(f) => match f.into_trailers() {
+                        Ok(t) => send.send_trailers(t).await,
+                        Err(_) => Ok(()),
+                    },
+                },
+                Err(_) => {
+                    // The client's body failed: the upstream must not take it for whole.
+                    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                    return;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish().await;
+    });
+    match tokio::time::timeout(timeout, recv.recv_response()).await {
+        Err(_) => Err(fail(ProxyError::ResponseTimeout, true, None)),
+        Ok(Err(e)) => Err(fail(ProxyError::Upstream(Box::new(e)), true, None)),
+        Ok(Ok(resp)) => Ok(resp.map(|()| {
+            UpstreamBody::H3(H3Body {
+                recv,
+                data_done: false,
+                ended: false,
+            })
+        })),
+    }
+}
+
+/// A response body from an HTTP/3 upstream: its DATA, then its trailers.
+pub(crate) struct H3Body {
+    recv: RequestStream<h3_quinn::RecvStream, Bytes>,
+    data_done: bool,
+    ended: bool,
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_recv_data(cx)) {
+                Ok(Some(mut data)) => {
+                    let data = data.copy_to_bytes(data.remaining());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) => this.data_done = true,
+                Err(e) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+        let trailers = ready!(this.recv.poll_recv_trailers(cx));
+        this.ended = true;
+        Poll::Ready(match trailers {
+            Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+            Ok(None) => None,
+            Err(e) => Some(Err(Box::new(e))),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
 }
