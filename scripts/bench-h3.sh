@@ -3,8 +3,7 @@
 # serving HTTP/2 over TLS (the same listener), and Caddy (Debian's, quic-go) serving HTTP/3
 # as a reverse proxy, all to the same nginx upstream; each proxy pinned to CPU 1 (one worker,
 # GOMAXPROCS=1), upstream and load on CPU 0. Load: benches/src/bin/h3load (quinn + h3: 10
-# connections x 5 streams) and h2load over TLS (50 connections x 10 streams), the same
-# duration, in alternation (the order turns each round). Prints the proxy's CPU microseconds per request and req/s
+# connections x 5 streams) and h2load over TLS (the same 10 x 5), the same duration, in alternation (the order turns each round). Prints the proxy's CPU microseconds per request and req/s
 # per run, then the means, and last:
 #   h3: fluxgate X us/req, fluxgate-h2tls Y us/req, caddy Z us/req
 # Usage: scripts/bench-h3.sh FLUXGATE_BIN [ROUNDS] [DURATION_S]   (defaults 3 rounds of 8 s)
@@ -60,7 +59,7 @@ run() { # NAME: prints requests done
   case $1 in
     fluxgate) taskset -c 0 "$H3LOAD" 127.0.0.1:18443 "$W/c/ca.pem" / $D 10 5 ;;
     caddy) taskset -c 0 "$H3LOAD" 127.0.0.1:18444 "$W/c/ca.pem" / $D 10 5 ;;
-    fluxgate-h2tls) taskset -c 0 h2load -c50 -m10 -D $D -t1 https://127.0.0.1:18443/ ;;
+    fluxgate-h2tls) taskset -c 0 h2load -c10 -m5 -D $D -t1 https://127.0.0.1:18443/ ;;
   esac
 }
 count() { # NAME OUTPUT: requests that succeeded; any failure makes the run invalid

@@ -128,9 +128,11 @@ impl Server {
     pub fn start_from(config: Config, source: Option<PathBuf>) -> io::Result<Handle> {
         let io = resolve_io(config.runtime.io)?;
         let tls = crate::io::tls::listener_configs(&config).map_err(io::Error::other)?;
-        let quic = crate::io::tls::quic_configs(&config).map_err(io::Error::other)?;
         let upstream_tls = crate::io::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let workers = config.runtime.workers.max(1);
+        let metrics = Metrics::new(&config, workers, None);
+        let quic = crate::io::tls::quic_configs(&config, &metrics.resumed_counters())
+            .map_err(io::Error::other)?;
         // Worker 0's sockets first: that resolves port 0 for the others.
         let mut addrs = Vec::with_capacity(config.listeners.len());
         let mut sockets: Vec<Vec<Option<ListenerSockets>>> =
@@ -149,7 +151,7 @@ impl Server {
                 .iter()
                 .map(|u| Arc::new(Health::new(u.endpoints.len(), u.passive.clone())))
                 .collect(),
-            metrics: Metrics::new(&config, workers, None),
+            metrics,
             config: Arc::new(config),
             addrs,
             tls,

@@ -178,7 +178,7 @@ fn zero_rtt_forwards_safe_requests_early_and_holds_the_rest_for_the_handshake() 
     let up = upstream(Behavior::Echo);
     let fg = start(
         &format!(
-            "[http3]\nearly_data = true\n\
+            "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nearly_data = true\n\
              [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
              [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
              [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
@@ -211,6 +211,23 @@ fn zero_rtt_forwards_safe_requests_early_and_holds_the_rest_for_the_handshake() 
         t[2] - t[1] >= Duration::from_millis(500),
         "the POST went {:?} after the early GET, before the handshake ended",
         t[2] - t[1]
+    );
+    // The second connection resumed the first one's session, and the early requests are
+    // counted.
+    let text =
+        String::from_utf8_lossy(&get(fg.admin_addr().unwrap(), "/metrics").body).into_owned();
+    assert_eq!(
+        metric(&text, "fluxgate_http3_resumed_total{"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let text = String::from_utf8_lossy(&get(fg.admin_addr().unwrap(), "/metrics").body)
+                .into_owned();
+            text.contains("action=\"forwarded\"} 1") && text.contains("action=\"held\"} 1")
+        }),
+        "early requests counted"
     );
     fg.shutdown();
 }

@@ -124,7 +124,6 @@ impl Reloader {
         // Read certificates and bind every new listener before touching anything, so a
         // failure changes nothing.
         let tls = crate::io::tls::listener_configs(&config).map_err(io::Error::other)?;
-        let quic = crate::io::tls::quic_configs(&config).map_err(io::Error::other)?;
         let upstream_tls = crate::io::tls::upstream_configs(&config).map_err(io::Error::other)?;
         let mut addrs = Vec::with_capacity(config.listeners.len());
         let mut sockets: Vec<Vec<Option<ListenerSockets>>> =
@@ -158,6 +157,8 @@ impl Reloader {
             workers,
             Some((&old.metrics, &keep_listener, &keep_upstream)),
         );
+        let quic = crate::io::tls::quic_configs(&config, &metrics.resumed_counters())
+            .map_err(io::Error::other)?;
         let generation = Arc::new(Generation {
             tables: route_tables(&config),
             config: Arc::new(config),

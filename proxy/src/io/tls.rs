@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fluxgate_conf::{Config, Http3, Tls, TlsVersion, UpstreamTls};
@@ -117,9 +118,24 @@ pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String
 /// cache and ticket keys as its TCP side, TLS 1.3 and ALPN h3 only, with `[http3]`'s
 /// transport limits. With `early_data`, sessions resume from the cache only (rustls takes
 /// 0-RTT data only on stateful resumption, so no tickets are issued).
-pub(crate) fn quic_config(t: &Tls, h3: &Http3) -> Result<quinn::ServerConfig, String> {
+pub(crate) fn quic_config(
+    t: &Tls,
+    h3: &Http3,
+    resumed: &Arc<AtomicU64>,
+) -> Result<quinn::ServerConfig, String> {
     let mut cfg = rustls_server(t, &[&rustls::version::TLS13], !h3.early_data)?;
     cfg.alpn_protocols = vec![b"h3".to_vec()];
+    // quinn does not tell whether a handshake resumed: what resumes sessions counts it.
+    cfg.session_storage = Arc::new(Counting {
+        inner: Arc::clone(&cfg.session_storage),
+        hits: Arc::clone(resumed),
+    });
+    if cfg.ticketer.enabled() {
+        cfg.ticketer = Arc::new(Counting {
+            inner: Arc::clone(&cfg.ticketer),
+            hits: Arc::clone(resumed),
+        });
+    }
     if h3.early_data {
         if t.session_cache == 0 {
             return Err("http3.early_data needs a session cache (session_cache > 0)".into());
@@ -141,6 +157,52 @@ pub(crate) fn quic_config(t: &Tls, h3: &Http3) -> Result<quinn::ServerConfig, St
     transport.keep_alive_interval(Some(h3.keepalive_interval));
     server.transport_config(Arc::new(transport));
     Ok(server)
+}
+
+/// A session cache or ticketer that counts the sessions it gives back (resumptions).
+#[derive(Debug)]
+struct Counting<T: ?Sized> {
+    inner: Arc<T>,
+    hits: Arc<AtomicU64>,
+}
+
+impl<T: ?Sized> Counting<T> {
+    fn hit<V>(&self, v: Option<V>) -> Option<V> {
+        if v.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        v
+    }
+}
+
+impl rustls::server::StoresServerSessions for Counting<dyn rustls::server::StoresServerSessions> {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(key, value)
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.hit(self.inner.get(key))
+    }
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.hit(self.inner.take(key))
+    }
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
+    }
+}
+
+impl rustls::server::ProducesTickets for Counting<dyn rustls::server::ProducesTickets> {
+    fn enabled(&self) -> bool {
+        self.inner.enabled()
+    }
+    fn lifetime(&self) -> u32 {
+        self.inner.lifetime()
+    }
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.inner.encrypt(plain)
+    }
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.hit(self.inner.decrypt(cipher))
+    }
 }
 
 /// What the TCP and QUIC configs of a listener share: certificates by SNI, the session
@@ -302,14 +364,18 @@ pub(crate) fn listener_configs(
         .collect()
 }
 
-/// QUIC settings of every listener of `config` that serves HTTP/3 (None for the others).
-pub(crate) fn quic_configs(config: &Config) -> Result<Vec<Option<quinn::ServerConfig>>, String> {
+/// QUIC settings of every listener of `config` that serves HTTP/3 (None for the others);
+/// `resumed[i]` counts listener i's resumed handshakes.
+pub(crate) fn quic_configs(
+    config: &Config,
+    resumed: &[Arc<AtomicU64>],
+) -> Result<Vec<Option<quinn::ServerConfig>>, String> {
     config
         .listeners
         .iter()
         .enumerate()
         .map(|(i, l)| match (&l.tls, l.http3) {
-            (Some(t), true) => quic_config(t, &config.http3)
+            (Some(t), true) => quic_config(t, &config.http3, &resumed[i])
                 .map(Some)
                 .map_err(|e| format!("listener[{i}].tls: {e}")),
             _ => Ok(None),
@@ -320,6 +386,7 @@ pub(crate) fn quic_configs(config: &Config) -> Result<Vec<Option<quinn::ServerCo
 /// Loads every certificate and key `config` names, as `fluxgate check` and reloads do.
 pub fn validate(config: &Config) -> Result<(), String> {
     listener_configs(config)?;
-    quic_configs(config)?;
+    let counters: Vec<_> = config.listeners.iter().map(|_| Arc::default()).collect();
+    quic_configs(config, &counters)?;
     upstream_configs(config).map(|_| ())
 }

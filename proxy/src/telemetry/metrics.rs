@@ -101,6 +101,9 @@ pub(crate) struct QuicStats {
     pub(crate) connections: AtomicI64,
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
+    /// Handshakes that resumed a session (found in the cache, or a ticket that opened); the
+    /// QUIC TLS config counts them (see `io::tls::quic_config`).
+    pub(crate) resumed: Arc<AtomicU64>,
     /// Retry packets sent (address validation under load).
     pub(crate) retries: AtomicU64,
     /// Request streams served.
@@ -188,6 +191,11 @@ pub(crate) fn dec(a: &AtomicI64) {
 }
 
 impl Metrics {
+    /// Per listener, the counter of its resumed QUIC handshakes.
+    pub(crate) fn resumed_counters(&self) -> Vec<Arc<AtomicU64>> {
+        self.quic.iter().map(|q| Arc::clone(&q.resumed)).collect()
+    }
+
     /// The HTTP/3 families, for listeners that serve it.
     fn render_quic(&self, o: &mut String, addrs: &[std::net::SocketAddr]) {
         use std::fmt::Write;
@@ -227,6 +235,13 @@ impl Metrics {
                     (",result=\"failed\"".into(), get(&q.handshakes_failed)),
                 ]
             },
+        );
+        each(
+            o,
+            "fluxgate_http3_resumed_total",
+            "counter",
+            "QUIC handshakes that resumed a TLS session.",
+            &|q| vec![(String::new(), get(&q.resumed))],
         );
         each(
             o,
