@@ -188,6 +188,9 @@ pub struct Listener {
     /// Tunnels (TCP mode, upgraded connections) move bytes with splice(2); false copies them
     /// through user space. Default true.
     pub splice: bool,
+    /// TCP mode: a tunnel where no byte moves either way for this long is closed. Default
+    /// 10 min (nginx's `proxy_timeout`).
+    pub tcp_idle_timeout: Duration,
     /// HTTP/3 over QUIC on the same port number over UDP, with the same certificates; its
     /// HTTP/1.1 and HTTP/2 answers carry `Alt-Svc`. Default true on TLS listeners (false
     /// turns it off); only TLS listeners can have it.
@@ -390,6 +393,7 @@ struct RawListener {
     tls: Option<Spanned<RawTls>>,
     mode: Option<Spanned<String>>,
     splice: Option<bool>,
+    tcp_idle_timeout: Option<Spanned<String>>,
     http3: Option<Spanned<bool>>,
     #[serde(default)]
     sni: Vec<RawSniRoute>,
@@ -1037,6 +1041,11 @@ impl Config {
                 tcp,
                 proxy_protocol,
                 splice: l.splice.unwrap_or(true),
+                tcp_idle_timeout: src.duration(
+                    || key("tcp_idle_timeout"),
+                    &l.tcp_idle_timeout,
+                    Duration::from_secs(600),
+                )?,
                 http3: match &l.http3 {
                     Some(h) if *h.get_ref() && l.tls.is_none() => {
                         return Err(src.invalid(

@@ -111,6 +111,7 @@ impl Worker {
                     Rc::clone(&shared),
                     g.config.http.header_read_timeout,
                     l.splice,
+                    l.tcp_idle_timeout,
                 ))
             });
             let ctx = match sockets[i].take() {

@@ -476,3 +476,35 @@ fn sni_passthrough_reaches_two_tls_origins_untouched() {
     a.shutdown();
     b.shutdown();
 }
+
+#[test]
+fn an_idle_tcp_tunnel_is_closed_at_its_idle_timeout_on_both_paths() {
+    for splice in ["true", "false"] {
+        let fg = tcp_gateway(
+            echo_server(),
+            &format!("splice = {splice}\ntcp_idle_timeout = \"500ms\""),
+            IoMode::Epoll,
+        );
+        let mut c = TcpStream::connect(fg.local_addrs()[0]).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Busy for longer than the timeout: bytes keep it open.
+        let t = std::time::Instant::now();
+        let mut b = [0u8; 1];
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(150));
+            c.write_all(b"x").unwrap();
+            c.read_exact(&mut b).unwrap();
+        }
+        assert!(t.elapsed() > Duration::from_millis(1000));
+        // Then idle: closed within a timeout or two.
+        let idle = std::time::Instant::now();
+        let n = c.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0, "splice = {splice}: closed, not answered");
+        let waited = idle.elapsed();
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+            "splice = {splice}: closed after {waited:?}"
+        );
+        fg.shutdown();
+    }
+}

@@ -603,5 +603,5 @@ async fn tunnel_to<U: TcpBacked>(
     if !from_client.is_empty() && upstream.write_all(&from_client).await.is_err() {
         return;
     }
-    let _ = crate::stream::pump(&mut client, &mut upstream, splice).await;
+    let _ = crate::stream::pump(&mut client, &mut upstream, splice, None).await;
 }

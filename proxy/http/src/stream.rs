@@ -31,20 +31,97 @@ pub trait TcpBacked: AsyncRead + AsyncWrite + Unpin {
 }
 
 /// Carries a tunnel's bytes both ways until both directions end: with splice(2) when
-/// `splice` and both sides are plain TCP, else copied through user space.
+/// `splice` and both sides are plain TCP, else copied through user space. With `idle`, a
+/// tunnel where no byte moves either way for that long ends with `TimedOut`.
 pub async fn pump<A: TcpBacked, B: TcpBacked>(
     a: &mut A,
     b: &mut B,
     splice: bool,
+    idle: Option<std::time::Duration>,
 ) -> io::Result<(u64, u64)> {
-    if splice {
-        if let (Some(x), Some(y)) = (a.tcp(), b.tcp()) {
-            if let Some(moved) = fluxgate_sys::tunnel::splice_both(x, y).await? {
-                return Ok(moved);
+    let last = std::cell::Cell::new(tokio::time::Instant::now());
+    let moved = || last.set(tokio::time::Instant::now());
+    let work = async {
+        if splice {
+            if let (Some(x), Some(y)) = (a.tcp(), b.tcp()) {
+                if let Some(moved) = fluxgate_sys::tunnel::splice_both(x, y, &moved).await? {
+                    return Ok(moved);
+                }
+            }
+        }
+        let mut a = Watched {
+            io: a,
+            moved: &moved,
+        };
+        let mut b = Watched {
+            io: b,
+            moved: &moved,
+        };
+        tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF).await
+    };
+    let Some(limit) = idle else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut deadline = last.get() + limit;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tokio::time::sleep_until(deadline) => {
+                // Bytes may have moved since the timer was set: look again from then.
+                let due = last.get() + limit;
+                if tokio::time::Instant::now() >= due {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                deadline = due;
             }
         }
     }
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUF, COPY_BUF).await
+}
+
+/// A tunnel side on the copy path, telling when bytes go through it.
+struct Watched<'a, T> {
+    io: &'a mut T,
+    moved: &'a dyn Fn(),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            (this.moved)();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.io).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            (this.moved)();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// The copy path's buffer per direction.

@@ -32,6 +32,8 @@ pub(crate) struct TcpForward {
     hello_timeout: Duration,
     /// splice(2), else the copy path (`listener.splice`).
     splice: bool,
+    /// `listener.tcp_idle_timeout`.
+    idle: Duration,
 }
 
 impl TcpForward {
@@ -40,6 +42,7 @@ impl TcpForward {
         pools: Rc<[Rc<UpstreamPool>]>,
         hello_timeout: Duration,
         splice: bool,
+        idle: Duration,
     ) -> TcpForward {
         let mut sni = SniMap::new();
         for r in &routes.sni {
@@ -53,6 +56,7 @@ impl TcpForward {
             pools,
             hello_timeout,
             splice,
+            idle,
         }
     }
 
@@ -76,7 +80,8 @@ impl TcpForward {
             pool.health.record(ep, dialed.is_err());
             if let Ok(mut up) = dialed {
                 let mut client = client;
-                let _ = fluxgate_http::stream::pump(&mut client, &mut up, self.splice).await;
+                let idle = Some(self.idle);
+                let _ = fluxgate_http::stream::pump(&mut client, &mut up, self.splice, idle).await;
                 pool.balancer.done(pick);
                 return;
             }

@@ -14,15 +14,22 @@ use crate::{pipe, splice};
 const PIPE: usize = 1 << 20;
 
 /// Carries bytes both ways between `a` and `b` until both directions end (each end passed on
-/// as a half close) or one fails. Returns the bytes moved from `a` to `b` and from `b` to
-/// `a`, or Ok(None) when splice(2) does not take these sockets (found before any byte was
-/// read): the caller copies instead.
-pub async fn splice_both(a: &TcpStream, b: &TcpStream) -> io::Result<Option<(u64, u64)>> {
+/// as a half close) or one fails, calling `moved` each time bytes go. Returns the bytes
+/// moved from `a` to `b` and from `b` to `a`, or Ok(None) when splice(2) does not take these
+/// sockets (found before any byte was read): the caller copies instead.
+pub async fn splice_both(
+    a: &TcpStream,
+    b: &TcpStream,
+    moved: &dyn Fn(),
+) -> io::Result<Option<(u64, u64)>> {
     let (Ok(ab), Ok(ba)) = (pipe(PIPE), pipe(PIPE)) else {
         return Ok(None);
     };
     let started = Cell::new(false);
-    match tokio::try_join!(half(a, b, ab, &started), half(b, a, ba, &started)) {
+    match tokio::try_join!(
+        half(a, b, ab, &started, moved),
+        half(b, a, ba, &started, moved)
+    ) {
         Ok(moved) => Ok(Some(moved)),
         Err(Refused::Splice) => Ok(None),
         Err(Refused::Io(e)) => Err(e),
@@ -41,6 +48,7 @@ async fn half(
     to: &TcpStream,
     pipe: (OwnedFd, OwnedFd, usize),
     started: &Cell<bool>,
+    on_move: &dyn Fn(),
 ) -> Result<u64, Refused> {
     let (out, into, cap) = pipe;
     let refused = |e: io::Error| {
@@ -84,6 +92,7 @@ async fn half(
                 Ok(n) => {
                     held -= n;
                     moved += n as u64;
+                    on_move();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     to.writable().await.map_err(Refused::Io)?;
