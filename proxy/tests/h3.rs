@@ -105,6 +105,9 @@ fn requests_over_http3_go_through_the_gateway_with_bodies_both_ways() {
     assert_eq!(a[0].field("x-up-path").as_deref(), Some("/hello?x=1"));
     assert_eq!(a[0].field("x-up-xfp").as_deref(), Some("https"));
     assert_eq!(a[0].field("x-up-xff").as_deref(), Some("127.0.0.1"));
+    // A GET whose stream ended with its head goes upstream without a body (no chunking).
+    assert_eq!(a[0].field("x-up-te").as_deref(), Some(""), "{:?}", a[0]);
+    assert_eq!(a[0].field("x-up-cl").as_deref(), Some(""), "{:?}", a[0]);
     // A megabyte up and back, streamed: the same bytes.
     assert_eq!(a[1].field("status").as_deref(), Some("200"), "{:?}", a[1]);
     assert_eq!(a[1].field("body_len").as_deref(), Some("1048576"));

@@ -232,18 +232,42 @@ async fn serve_request<S: Service>(
     svc: &S,
     limits: HeadLimits,
 ) {
-    let (mut send, recv) = stream.split();
+    let (mut send, mut recv) = stream.split();
     let inflight = state.begin_request();
     let (parts, ()) = req.into_parts();
     let declared = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // A stream that ended with its head (a GET, mostly: the FIN came with HEADERS) is a
+    // request without a body, and goes upstream as one; else its body streams.
+    let mut data_done = false;
+    let mut first = None;
+    match std::future::poll_fn(|cx| Poll::Ready(recv.poll_recv_data(cx))).await {
+        Poll::Ready(Ok(None)) => data_done = true,
+        Poll::Ready(Ok(Some(mut data))) => first = Some(data.copy_to_bytes(data.remaining())),
+        Poll::Ready(Err(_)) | Poll::Pending => {}
+    }
+    let bodiless = data_done
+        && declared.is_none_or(|n| n == 0)
+        && matches!(
+            std::future::poll_fn(|cx| Poll::Ready(recv.poll_recv_trailers(cx))).await,
+            Poll::Ready(Ok(None))
+        );
     let queue = Arc::new(Mutex::new(Recv::new(declared)));
-    let body = ClientBody::Stream(RecvBody {
-        recv: Arc::clone(&queue),
-        credit: Credit::H1(RECV_HIGH / 2),
-    });
+    let body = if bodiless {
+        ClientBody::Empty
+    } else {
+        if let Some(data) = first {
+            let mut r = queue.lock().expect("recv lock");
+            r.received += data.len() as u64;
+            r.push(data);
+        }
+        ClientBody::Stream(RecvBody {
+            recv: Arc::clone(&queue),
+            credit: Credit::H1(RECV_HIGH / 2),
+        })
+    };
     let fields = parts.headers.len();
     let reply = if fields > limits.max_headers {
         Reply::Ready(Some(Box::new(
@@ -261,10 +285,10 @@ async fn serve_request<S: Service>(
         respond(&mut send, resp).await;
     };
     // The body is fed while the response is worked on; the response may end first.
-    let feed = feed(recv, &queue);
+    let feed = feed(recv, &queue, data_done);
     tokio::pin!(feed);
     tokio::pin!(respond);
-    let mut fed = false;
+    let mut fed = bodiless;
     std::future::poll_fn(|cx| {
         if !fed && feed.as_mut().poll(cx).is_ready() {
             fed = true;
@@ -320,10 +344,36 @@ async fn respond<B: Body<Data = Bytes> + Unpin>(send: &mut SendHalf, resp: Respo
     let _ = send.finish().await;
 }
 
+/// The request's DATA has ended: checks its length, takes the trailers, ends the body.
+async fn finish_body(recv: &mut RecvHalf, queue: &Arc<Mutex<Recv>>) {
+    let short = {
+        let r = queue.lock().expect("recv lock");
+        r.declared.is_some_and(|n| r.received != n)
+    };
+    let trailers = match short {
+        true => None,
+        false => recv.recv_trailers().await.ok().flatten(),
+    };
+    let mut r = queue.lock().expect("recv lock");
+    if short {
+        // Shorter than its Content-Length (RFC 9114 4.1.2).
+        r.fail(BodyError::StreamReset(Code::H3_MESSAGE_ERROR.value() as u32));
+    } else {
+        r.trailers = trailers;
+        r.end = true;
+        r.wake();
+    }
+}
+
 /// Moves the request body from the stream into its queue, holding off while the queue is
 /// full (QUIC flow control then holds the client), until the body ends, fails, or its
 /// reader is gone.
-async fn feed(mut recv: RecvHalf, queue: &Arc<Mutex<Recv>>) {
+async fn feed(mut recv: RecvHalf, queue: &Arc<Mutex<Recv>>, data_done: bool) {
+    if data_done {
+        // Only trailers may still come.
+        finish_body(&mut recv, queue).await;
+        return;
+    }
     loop {
         let room = std::future::poll_fn(|cx| {
             let mut r = queue.lock().expect("recv lock");
@@ -358,22 +408,7 @@ async fn feed(mut recv: RecvHalf, queue: &Arc<Mutex<Recv>>) {
                 r.wake();
             }
             Ok(None) => {
-                let short = {
-                    let r = queue.lock().expect("recv lock");
-                    r.declared.is_some_and(|n| r.received != n)
-                };
-                let trailers = match short {
-                    true => None,
-                    false => recv.recv_trailers().await.ok().flatten(),
-                };
-                let mut r = queue.lock().expect("recv lock");
-                if short {
-                    r.fail(message_error);
-                } else {
-                    r.trailers = trailers;
-                    r.end = true;
-                    r.wake();
-                }
+                finish_body(&mut recv, queue).await;
                 return;
             }
             Err(_) => {
