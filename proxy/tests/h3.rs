@@ -77,9 +77,14 @@ fn h3_with(port: u16, ca: &Path, options: &[&str], requests: &[&str]) -> Vec<Ans
 
 /// A TLS listener (HTTP/3 on by default) forwarding to `up`, with certificates in `certs`.
 fn tls_gateway(up: SocketAddr, certs: &Path, extra: &str) -> fluxgate::Handle {
+    tls_gateway_with(up, certs, "", extra)
+}
+
+/// As `tls_gateway`, with `top` (sections such as `[http3]`) before the listener.
+fn tls_gateway_with(up: SocketAddr, certs: &Path, top: &str, extra: &str) -> fluxgate::Handle {
     start(
         &format!(
-            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n{extra}\n\
+            "{top}\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n{extra}\n\
              [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
              [[upstream]]\nname = \"u\"\nendpoints = [\"{up}\"]\n",
             certs.join("cert.pem").display(),
@@ -179,17 +184,11 @@ fn tcp_answers_advertise_http3_unless_it_is_off() {
 fn zero_rtt_forwards_safe_requests_early_and_holds_the_rest_for_the_handshake() {
     let certs = test_certs(&scratch("h3-0rtt"), &["localhost"]);
     let up = upstream(Behavior::Echo);
-    let fg = start(
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nearly_data = true\n\
-             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
-             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            certs.join("cert.pem").display(),
-            certs.join("key.pem").display(),
-            up.addr
-        ),
-        IoMode::Epoll,
+    let fg = tls_gateway_with(
+        up.addr,
+        &certs,
+        "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nearly_data = true\n",
+        "",
     );
     let port = fg.local_addrs()[0].port();
     // A resumed connection sends both as 0-RTT data; its Finished is held back 600 ms.
@@ -263,17 +262,11 @@ fn zero_rtt_is_refused_unless_turned_on() {
 fn a_low_retry_threshold_makes_clients_prove_their_address_and_they_still_succeed() {
     let certs = test_certs(&scratch("h3-retry"), &["localhost"]);
     let up = upstream(Behavior::Echo);
-    let fg = start(
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nretry_threshold = 0\n\
-             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
-             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            certs.join("cert.pem").display(),
-            certs.join("key.pem").display(),
-            up.addr
-        ),
-        IoMode::Epoll,
+    let fg = tls_gateway_with(
+        up.addr,
+        &certs,
+        "[admin]\naddress = \"127.0.0.1:0\"\n[http3]\nretry_threshold = 0\n",
+        "",
     );
     let a = h3(
         fg.local_addrs()[0].port(),
@@ -429,18 +422,7 @@ fn ngtcp2_client_gets_posts_a_megabyte_resumes_and_sends_0rtt() {
     let dir = scratch("h3-ngtcp2");
     let certs = test_certs(&dir.join("c"), &["localhost"]);
     let up = upstream(Behavior::Echo);
-    let fg = start(
-        &format!(
-            "[http3]\nearly_data = true\n\
-             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
-             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            certs.join("cert.pem").display(),
-            certs.join("key.pem").display(),
-            up.addr
-        ),
-        IoMode::Epoll,
-    );
+    let fg = tls_gateway_with(up.addr, &certs, "[http3]\nearly_data = true\n", "");
     let port = fg.local_addrs()[0].port().to_string();
     let url = |path: &str| format!("https://localhost:{port}{path}");
     let session = dir.join("session");
@@ -494,18 +476,7 @@ fn an_http3_upstream_takes_requests_over_one_connection() {
     let certs = test_certs(&scratch("h3-upstream"), &["localhost"]);
     let up = upstream(Behavior::Echo);
     // The HTTP/3 origin: a fluxgate terminating QUIC, forwarding to the echo upstream.
-    let origin = start(
-        &format!(
-            "[admin]\naddress = \"127.0.0.1:0\"\n\
-             [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
-             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
-             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
-            certs.join("cert.pem").display(),
-            certs.join("key.pem").display(),
-            up.addr
-        ),
-        IoMode::Epoll,
-    );
+    let origin = tls_gateway_with(up.addr, &certs, "[admin]\naddress = \"127.0.0.1:0\"\n", "");
     let front = start(
         &format!(
             "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"o\"\n\

@@ -254,19 +254,21 @@ async fn serve_request<S: Service>(
             std::future::poll_fn(|cx| Poll::Ready(recv.poll_recv_trailers(cx))).await,
             Poll::Ready(Ok(None))
         );
-    let queue = Arc::new(Mutex::new(Recv::new(declared)));
-    let body = if bodiless {
-        ClientBody::Empty
-    } else {
+    // The queue a body streams through; none for a request without one.
+    let queue = (!bodiless).then(|| {
+        let mut r = Recv::new(declared);
         if let Some(data) = first {
-            let mut r = queue.lock().expect("recv lock");
             r.received += data.len() as u64;
             r.push(data);
         }
-        ClientBody::Stream(RecvBody {
-            recv: Arc::clone(&queue),
+        Arc::new(Mutex::new(r))
+    });
+    let body = match &queue {
+        None => ClientBody::Empty,
+        Some(q) => ClientBody::Stream(RecvBody {
+            recv: Arc::clone(q),
             credit: Credit::H1(RECV_HIGH / 2),
-        })
+        }),
     };
     let fields = parts.headers.len();
     let reply = if fields > limits.max_headers {
@@ -284,11 +286,15 @@ async fn serve_request<S: Service>(
         };
         respond(&mut send, resp).await;
     };
+    let Some(queue) = queue else {
+        respond.await;
+        return;
+    };
     // The body is fed while the response is worked on; the response may end first.
     let feed = feed(recv, &queue, data_done);
     tokio::pin!(feed);
     tokio::pin!(respond);
-    let mut fed = bodiless;
+    let mut fed = false;
     std::future::poll_fn(|cx| {
         if !fed && feed.as_mut().poll(cx).is_ready() {
             fed = true;

@@ -236,12 +236,15 @@ fn rustls_server(
     } else {
         Arc::new(NoServerSessionStorage {})
     };
-    if !tickets {
-        // rustls's default: no tickets.
-    } else if let Some(path) = &t.ticket_keys {
-        cfg.ticketer = Arc::new(crate::io::tickets::FileTicketer::load(path)?);
-    } else if t.session_tickets {
-        cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    // Without `tickets`, rustls's default stays: none are issued.
+    match &t.ticket_keys {
+        Some(path) if tickets => {
+            cfg.ticketer = Arc::new(crate::io::tickets::FileTicketer::load(path)?);
+        }
+        None if tickets && t.session_tickets => {
+            cfg.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+        }
+        _ => {}
     }
     Ok(cfg)
 }

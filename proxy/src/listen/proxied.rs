@@ -7,9 +7,6 @@ use std::time::Duration;
 use fluxgate_wire::proxy_protocol::{parse, V2_MAX_BODY};
 use tokio::net::TcpStream;
 
-/// How long to wait before looking again at a header that came in pieces.
-const PIECES: Duration = Duration::from_millis(5);
-
 /// The client's address and the one it reached, as the header from `peer` says (the
 /// socket's own for a LOCAL or UNKNOWN header); None, to close the connection, when `peer`
 /// is not `trusted` or its header is missing, malformed or not whole within `limit`. Takes
@@ -26,28 +23,12 @@ pub(crate) async fn take_header(
     }
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = vec![0u8; 16 + V2_MAX_BODY];
-    let mut seen = 0;
-    let header = loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        match parse(&buf[..n]) {
-            Ok(Some(h)) => break h,
-            Ok(None) if n == buf.len() => return None,
-            Ok(None) => {
-                if n == seen {
-                    // Nothing new since the last look: the rest is on its way.
-                    tokio::time::sleep(PIECES).await;
-                }
-                seen = n;
-            }
-            Err(_) => return None,
-        }
-    };
+    let header = super::peek_until(stream, &mut buf, deadline, |b, full| match parse(b) {
+        Ok(Some(h)) => Some(Some(h)),
+        Ok(None) if !full => None,
+        _ => Some(None),
+    })
+    .await??;
     let mut got = 0;
     while got < header.len {
         tokio::time::timeout_at(deadline, stream.readable())

@@ -17,8 +17,6 @@ use crate::upstream::pool::{Proxied, UpstreamPool};
 
 /// The largest ClientHello record looked into (a TLS record's limit, and its head).
 const HELLO_MAX: usize = 5 + (1 << 14);
-/// How long to wait before looking again at a ClientHello that came in pieces.
-const PIECES: Duration = Duration::from_millis(5);
 /// Endpoints tried for one connection when connecting fails.
 const CONNECT_TRIES: usize = 3;
 
@@ -97,32 +95,21 @@ impl TcpForward {
         }
         let deadline = tokio::time::Instant::now() + self.hello_timeout;
         let mut buf = vec![0u8; HELLO_MAX];
-        let mut seen = 0;
-        loop {
-            let n = tokio::time::timeout_at(deadline, client.peek(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
+        super::peek_until(client, &mut buf, deadline, |b, full| {
             let mut name = None;
-            let whole = client_hello_extensions(&buf[..n], |kind, data| {
+            let whole = client_hello_extensions(b, |kind, data| {
                 if kind == SERVER_NAME {
                     name = server_name(data);
                 }
             });
             match whole {
-                Some(true) => return name.and_then(|n| self.sni.get(n)).copied().or(self.default),
-                Some(false) if n < buf.len() => {
-                    if n == seen {
-                        tokio::time::sleep(PIECES).await;
-                    }
-                    seen = n;
-                }
+                Some(true) => Some(name.and_then(|n| self.sni.get(n)).copied().or(self.default)),
+                Some(false) if !full => None,
                 // Not TLS, or a hello larger than one record.
-                _ => return self.default,
+                _ => Some(self.default),
             }
-        }
+        })
+        .await
+        .flatten()
     }
 }

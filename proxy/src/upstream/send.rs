@@ -242,7 +242,7 @@ fn refused_unprocessed(e: &ProxyError) -> bool {
 
 /// A copy of a bodiless request head, kept so an HTTP/2 request that reached a broken
 /// connection can be sent again.
-pub(crate) fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
+fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
     let mut r = Request::new(ClientBody::Empty);
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
@@ -252,7 +252,7 @@ pub(crate) fn replay_copy(req: &Request<ClientBody>) -> Request<ClientBody> {
 }
 
 /// One attempt over the endpoint's shared HTTP/3 connection (a new one when `fresh`).
-pub(crate) async fn send_over_h3(
+async fn send_over_h3(
     pool: &Rc<UpstreamPool>,
     ep: usize,
     req: Request<ClientBody>,

@@ -638,6 +638,32 @@ pub fn big_upstream(len: usize) -> (SocketAddr, Arc<std::sync::atomic::AtomicBoo
     (addr, cut)
 }
 
+/// The `big_upstream` request cut by the gateway within 8 s, this process's RSS grown by
+/// less than 64 MiB from `before` (KiB) meanwhile: a stalled client costs bounded memory.
+pub fn assert_cancelled_in_bounded_memory(cut: &std::sync::atomic::AtomicBool, before: u64) {
+    assert!(
+        eventually(Duration::from_secs(8), || cut.load(Ordering::Relaxed)),
+        "the upstream request was not cancelled"
+    );
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "RSS grew {grown} KiB while the client stalled"
+    );
+}
+
+/// Reads `s` to its end (a close, a reset or the read limit); the bytes that came.
+pub fn bytes_until_close(s: &mut TcpStream) -> usize {
+    let mut got = 0;
+    let mut chunk = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got += n,
+        }
+    }
+}
+
 /// The resident memory of this process (the gateway runs in it), in KiB.
 pub fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
