@@ -4,7 +4,7 @@
 //! ```text
 //! 0..2   magic "FG"
 //! 2      schema version (1)
-//! 3      message kind (1 = tick, 2 = new order)
+//! 3      message kind (1 = tick, 2 = new order, 3 = control: UTF-8 text, see `Kind`)
 //! 4..6   flags (bit 0: last in batch; others reserved, must be 0)
 //! 6..8   reserved, must be 0
 //! 8..12  payload length in bytes
@@ -32,6 +32,10 @@ pub enum Kind {
     Tick = 1,
     /// A Protobuf `NewOrder`.
     NewOrder = 2,
+    /// A control message of a feed session: one line of UTF-8 text (a subscriber's
+    /// `sub`/`unsub`/`resume`/`auth`, the gateway's notices); instrument and seq name what it
+    /// is about, or are 0.
+    Control = 3,
 }
 
 /// Why bytes are not a frame.
@@ -82,6 +86,7 @@ impl Header {
         let kind = match h.get_u8() {
             1 => Kind::Tick,
             2 => Kind::NewOrder,
+            3 => Kind::Control,
             k => return Err(FrameError::UnknownKind(k)),
         };
         let flags = h.get_u16_le();
@@ -258,8 +263,8 @@ mod tests {
         b[2] = 9;
         assert_eq!(p.parse(&mut b), Err(FrameError::UnsupportedVersion(9)));
         let mut b = frame(b"1");
-        b[3] = 3;
-        assert_eq!(p.parse(&mut b), Err(FrameError::UnknownKind(3)));
+        b[3] = 4;
+        assert_eq!(p.parse(&mut b), Err(FrameError::UnknownKind(4)));
         let mut b = frame(b"1");
         b[5] = 0x80;
         assert!(matches!(

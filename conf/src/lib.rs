@@ -13,8 +13,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod balance;
+mod feed;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
+pub use feed::{Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, SlowConsumer};
 pub use route::{
     HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
     ValueMatch,
@@ -91,6 +93,8 @@ pub struct Config {
     pub access_log: Option<AccessLog>,
     /// `[http3]`: QUIC settings of every listener that serves HTTP/3.
     pub http3: Http3,
+    /// `[[feed]]`: market-data feeds fanned out to subscribers. Default: none.
+    pub feeds: Vec<Feed>,
 }
 
 /// `[http3]`
@@ -195,6 +199,9 @@ pub struct Listener {
     /// HTTP/1.1 and HTTP/2 answers carry `Alt-Svc`. Default true on TLS listeners (false
     /// turns it off); only TLS listeners can have it.
     pub http3: bool,
+    /// `mode = "feed"`: every connection publishes to, or subscribes to, this feed (raw
+    /// TCP, TLS when [listener.tls] is set; `routes` is then empty).
+    pub feed: Option<FeedEndpoint>,
 }
 
 /// Where a TCP-mode listener sends a connection.
@@ -331,6 +338,8 @@ struct RawConfig {
     access_log: Option<RawAccessLog>,
     #[serde(default)]
     http3: RawHttp3,
+    #[serde(default)]
+    feed: Vec<feed::RawFeed>,
 }
 
 #[derive(Deserialize, Default)]
@@ -398,6 +407,8 @@ struct RawListener {
     #[serde(default)]
     sni: Vec<RawSniRoute>,
     proxy_protocol: Option<Spanned<RawProxyIn>>,
+    feed: Option<Spanned<String>>,
+    role: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -879,6 +890,7 @@ impl Config {
             });
         }
 
+        let feeds = feed::build(src, &raw.feed)?;
         let mut listeners = Vec::with_capacity(raw.listener.len());
         for (i, l) in raw.listener.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
@@ -893,16 +905,47 @@ impl Config {
                     format!("{address} is already a listener"),
                 ));
             }
-            let tcp = match l.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                None | Some("http") => false,
-                Some("tcp") => true,
+            let (tcp, feed) = match l.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("http") => (false, false),
+                Some("tcp") => (true, false),
+                Some("feed") => (false, true),
                 Some(other) => {
                     return Err(src.invalid(
                         key("mode"),
                         l.mode.as_ref().expect("mode is set"),
-                        format!("unknown mode {other:?} (http or tcp)"),
+                        format!("unknown mode {other:?} (http, tcp or feed)"),
                     ))
                 }
+            };
+            let feed = match (&l.feed, feed) {
+                (Some(name), true) => {
+                    if l.respond.is_some() || !l.route.is_empty() || l.upstream.is_some() {
+                        return Err(src.invalid(
+                            key("mode"),
+                            l.mode.as_ref().expect("mode is set"),
+                            "a feed listener takes `feed` and `role`, not `upstream`, `respond` or [[listener.route]]",
+                        ));
+                    }
+                    Some(FeedEndpoint {
+                        feed: feed::feed_index(src, key("feed"), name, &feeds)?,
+                        role: feed::role(src, key("role"), l.role.as_ref())?,
+                    })
+                }
+                (None, true) => {
+                    return Err(src.invalid(
+                        key("mode"),
+                        l.mode.as_ref().expect("mode is set"),
+                        "a feed listener needs `feed = \"NAME\"`",
+                    ))
+                }
+                (Some(f), false) => {
+                    return Err(src.invalid(
+                        key("feed"),
+                        f,
+                        "`feed` is for mode = \"feed\" (HTTP listeners serve feeds on routes)",
+                    ))
+                }
+                (None, false) => None,
             };
             if !tcp && !l.sni.is_empty() {
                 return Err(src.invalid(
@@ -996,7 +1039,7 @@ impl Config {
                 None
             };
             let routes = match (&l.upstream, &l.respond, l.route.is_empty()) {
-                _ if tcp.is_some() => Vec::new(),
+                _ if tcp.is_some() || feed.is_some() => Vec::new(),
                 (Some(name), None, true) => vec![route::catch_all(RouteAction::Forward(
                     route::upstream_index(src, key("upstream"), name, &upstreams)?,
                 ))],
@@ -1011,7 +1054,9 @@ impl Config {
                     .route
                     .iter()
                     .enumerate()
-                    .map(|(j, r)| route::build(src, &key(&format!("route[{j}]")), j, r, &upstreams))
+                    .map(|(j, r)| {
+                        route::build(src, &key(&format!("route[{j}]")), j, r, &upstreams, &feeds)
+                    })
                     .collect::<Result<_, _>>()?,
                 _ => {
                     return Err(src.invalid(
@@ -1054,9 +1099,13 @@ impl Config {
                             "HTTP/3 needs [listener.tls] (QUIC is always encrypted)",
                         ))
                     }
+                    Some(h) if *h.get_ref() && feed.is_some() => {
+                        return Err(src.invalid(key("http3"), h, "a feed listener is not HTTP"))
+                    }
                     Some(h) => *h.get_ref(),
-                    None => l.tls.is_some(),
+                    None => l.tls.is_some() && feed.is_none(),
                 },
+                feed,
             });
         }
         if listeners.is_empty() {
@@ -1110,6 +1159,7 @@ impl Config {
                     1 << 20,
                 )?,
             },
+            feeds,
             access_log: match &raw.access_log {
                 None => None,
                 Some(a) => {
@@ -1152,6 +1202,56 @@ mod tests {
         assert_eq!(full.http.max_request_line, 8192);
         assert_eq!(full.upstreams[0].prewarm, 4);
         assert_eq!(full.upstreams[0].idle_timeout, Duration::from_secs(30));
+        let fan = Config::from_toml(include_str!("../examples/fanout.toml")).unwrap();
+        let md = &fan.feeds[0];
+        assert_eq!((md.queue_bytes, md.replay), (4 << 20, 1024));
+        assert!(md.groups["majors"].contains(42) && !md.groups["majors"].contains(11));
+        assert!(md.entitle[0].instruments.contains(150));
+        assert_eq!(
+            fan.listeners[0].feed,
+            Some(FeedEndpoint {
+                feed: 0,
+                role: FeedRole::Publish
+            })
+        );
+        assert!(matches!(
+            fan.listeners[2].routes[0].action,
+            RouteAction::Feed(FeedEndpoint {
+                feed: 0,
+                role: FeedRole::Subscribe
+            })
+        ));
+    }
+
+    #[test]
+    fn feed_errors_name_the_key() {
+        let feed = "[[feed]]\nname = \"md\"\n";
+        let cases = [
+            (format!("{feed}slow_consumer = \"nope\"\n"), "feed[0].slow_consumer"),
+            (format!("{feed}[feed.groups]\na = [\"@b\"]\n"), "feed[0].groups.a"),
+            (format!("{feed}[[feed.entitle]]\nkey = \"k\"\ninstruments = [\"9-1\"]\n"), "feed[0].entitle[0].instruments"),
+            (format!("{feed}{feed}"), "feed[1].name"),
+            (
+                format!("{feed}[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"other\"\n"),
+                "listener[1].feed",
+            ),
+            (
+                format!("{feed}[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"md\"\nrole = \"watch\"\n"),
+                "listener[1].role",
+            ),
+            (
+                format!("{feed}[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.route]]\nfeed = {{ name = \"md\" }}\nrespond = {{ status = 200 }}\n"),
+                "listener[1].route[0].feed",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(&format!(
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = {{ status = 200 }}\n{text}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub enum RouteAction {
         location: String,
         keep_path: bool,
     },
+    /// Publish to or subscribe to a feed: a WebSocket upgrade, or (subscribing) a streaming
+    /// response of envelope frames.
+    Feed(crate::FeedEndpoint),
 }
 
 /// Header edits: `remove` first, then `set` (replace), then `add` (append).
@@ -131,11 +134,19 @@ pub(crate) struct RawRoute {
     upstream: Option<Spanned<String>>,
     respond: Option<Spanned<RawRespond>>,
     redirect: Option<Spanned<RawRedirect>>,
+    feed: Option<Spanned<RawFeedRoute>>,
     timeout: Option<Spanned<String>>,
     max_body: Option<Spanned<crate::RawSize>>,
     rewrite_prefix: Option<Spanned<String>>,
     request_headers: Option<Spanned<RawHeaderOps>>,
     response_headers: Option<Spanned<RawHeaderOps>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeedRoute {
+    name: Spanned<String>,
+    role: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +339,7 @@ pub(crate) fn build(
     index: usize,
     r: &RawRoute,
     upstreams: &[Upstream],
+    feeds: &[crate::Feed],
 ) -> Result<Route, ConfError> {
     let k = |f: &str| format!("{key}.{f}");
     let host = match &r.host {
@@ -414,6 +426,20 @@ pub(crate) fn build(
         })
         .collect::<Result<_, ConfError>>()?;
     let action = match (&r.upstream, &r.respond, &r.redirect) {
+        (None, None, None) if r.feed.is_some() => {
+            let f = r.feed.as_ref().expect("checked").get_ref();
+            RouteAction::Feed(crate::FeedEndpoint {
+                feed: crate::feed::feed_index(src, k("feed.name"), &f.name, feeds)?,
+                role: crate::feed::role(src, k("feed.role"), f.role.as_ref())?,
+            })
+        }
+        _ if r.feed.is_some() => {
+            return Err(src.invalid(
+                k("feed"),
+                r.feed.as_ref().expect("checked"),
+                "needs exactly one action: `upstream`, `respond`, `redirect` or `feed`",
+            ))
+        }
         (Some(u), None, None) => {
             RouteAction::Forward(upstream_index(src, k("upstream"), u, upstreams)?)
         }
@@ -441,7 +467,8 @@ pub(crate) fn build(
             return Err(ConfError::Invalid {
                 key: key.to_owned(),
                 line: src.line_of(at),
-                reason: "needs exactly one action: `upstream`, `respond` or `redirect`".into(),
+                reason: "needs exactly one action: `upstream`, `respond`, `redirect` or `feed`"
+                    .into(),
             });
         }
     };

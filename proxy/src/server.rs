@@ -151,6 +151,7 @@ impl Server {
                 .iter()
                 .map(|u| Arc::new(Health::new(u.endpoints.len(), u.passive.clone())))
                 .collect(),
+            feeds: crate::control::reload::feed_hubs(&config, &[]),
             metrics,
             config: Arc::new(config),
             addrs,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use fluxgate_conf::{IoMode, Upstream};
 use tokio::sync::{mpsc, watch};
 
+use crate::app::fanout::local::LocalFeed;
 use crate::app::gateway::{Gateway, Handler};
 use crate::control::reload::{Apply, Phase};
 use crate::listen::accept::{Acceptor, ListenerCtx};
@@ -32,6 +33,8 @@ struct Worker {
     draining: watch::Receiver<bool>,
     /// This worker's access log writer and the settings it was opened with.
     access_log: RefCell<Option<(fluxgate_conf::AccessLog, Rc<AccessLog>)>>,
+    /// This worker's side of each feed, by the generation's feeds.
+    feeds: RefCell<Vec<Rc<LocalFeed>>>,
 }
 
 impl Worker {
@@ -86,6 +89,20 @@ impl Worker {
             current.as_ref().map(|(_, log)| Rc::clone(log))
         };
 
+        let feeds: Rc<[Rc<LocalFeed>]> = {
+            let old = self.feeds.take();
+            let now: Vec<Rc<LocalFeed>> = g
+                .feeds
+                .iter()
+                .map(|h| match old.iter().find(|l| Arc::ptr_eq(&l.hub, h)) {
+                    Some(l) => Rc::clone(l),
+                    None => LocalFeed::start(Arc::clone(h)),
+                })
+                .collect();
+            *self.feeds.borrow_mut() = now.clone();
+            now.into()
+        };
+
         let old = self.listeners.take();
         let mut kept = Vec::with_capacity(g.config.listeners.len());
         let mut result = Ok(self.io.mode());
@@ -96,7 +113,9 @@ impl Worker {
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
                 max_request_line: g.config.http.max_request_line,
                 access_log: access_log.clone(),
+                feeds: Rc::clone(&feeds),
             });
+            let feed = l.feed.map(|e| (Rc::clone(&feeds[e.feed]), e.role));
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
                 l,
@@ -125,6 +144,7 @@ impl Worker {
                         active_gauge: Arc::clone(&g.metrics.active[i][self.id]),
                         tls: RefCell::new(tls),
                         tcp: RefCell::new(tcp),
+                        feed: RefCell::new(feed),
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         quic: RefCell::new(None),
                         early_data: Cell::new(g.config.http3.early_data),
@@ -177,6 +197,7 @@ impl Worker {
                     ctx.gateway.replace(handler);
                     *ctx.tls.borrow_mut() = tls;
                     *ctx.tcp.borrow_mut() = tcp;
+                    *ctx.feed.borrow_mut() = feed;
                     if let (Some(ep), Some(cfg)) = (&*ctx.quic.borrow(), g.quic[i].clone()) {
                         // New certificates for new HTTP/3 connections.
                         ep.set_server_config(Some(cfg));
@@ -260,6 +281,7 @@ pub(crate) fn run(
             parks,
             draining,
             access_log: RefCell::new(None),
+            feeds: RefCell::new(Vec::new()),
         };
         worker.apply(first);
         loop {

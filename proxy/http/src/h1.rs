@@ -28,8 +28,7 @@ use crate::conn::{
 };
 use crate::headers::{connection_has, http_date};
 use crate::recv::{BodyError, Credit, Recv, RecvBody};
-use crate::service::{Refusal, Reply, ResponseBody, Service};
-use crate::stream::TcpBacked;
+use crate::service::{Refusal, Reply, ResponseBody, Service, Upgraded as _};
 use fluxgate_wire::h1::request::{RequestFraming, RequestHead};
 use fluxgate_wire::h1::response::put_status_line;
 use fluxgate_wire::h1::{decode_chunk, put_fields, Span};
@@ -92,8 +91,8 @@ pub fn serve<S: Service>(
             Some(up) => {
                 // Boxed, and in its own statement (a temporary would live across the await):
                 // rare, and its state must not grow every connection's future.
-                let tunnel = Box::pin(tunnel_to(stream, conn.rbuf, up, splice));
-                tunnel.await;
+                let served = up.serve(stream, conn.rbuf, splice);
+                served.await;
                 None
             }
             None => Some(stream),
@@ -130,7 +129,7 @@ struct H1Connection<S: Service> {
 }
 
 /// What a 101 answer hands over: the connection, and what it sent past the answer's head.
-type Upgraded<S> = (<<S as Service>::Body as ResponseBody>::Upgraded, BytesMut);
+type Upgraded<S> = <<S as Service>::Body as ResponseBody>::Upgraded;
 
 /// One request in service.
 struct Current<S: Service> {
@@ -585,23 +584,4 @@ fn write_head<S: Service>(
 fn put_chunk_size(w: &mut Vec<u8>, n: usize) {
     use std::io::Write;
     let _ = write!(w, "{n:x}\r\n");
-}
-
-/// Copies bytes both ways between the client and the upstream once both sides switched,
-/// starting with what each sent past the heads.
-async fn tunnel_to<U: TcpBacked>(
-    mut client: ClientStream,
-    from_client: BytesMut,
-    upgraded: (U, BytesMut),
-    splice: bool,
-) {
-    use tokio::io::AsyncWriteExt;
-    let (mut upstream, early) = upgraded;
-    if !early.is_empty() && client.write_all(&early).await.is_err() {
-        return;
-    }
-    if !from_client.is_empty() && upstream.write_all(&from_client).await.is_err() {
-        return;
-    }
-    let _ = crate::stream::pump(&mut client, &mut upstream, splice, None).await;
 }

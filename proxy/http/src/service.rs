@@ -63,12 +63,25 @@ where
 
 /// A response body as the servers take it, and what a 101 answer hands over.
 pub trait ResponseBody: http_body::Body<Data = Bytes, Error = BoxError> + Unpin {
-    /// The connection the client's is joined to after a 101.
-    type Upgraded: crate::stream::TcpBacked;
+    /// What serves the client's connection after a 101.
+    type Upgraded: Upgraded;
 
-    /// A 101 answer's connection and the bytes already read from it past the answer's head;
-    /// taken once (None for any other answer).
-    fn take_upgrade(&mut self) -> Option<(Self::Upgraded, BytesMut)>;
+    /// What a 101 answer hands the connection to; taken once (None for any other answer).
+    fn take_upgrade(&mut self) -> Option<Self::Upgraded>;
+}
+
+/// What a client's connection becomes once a 101 answer is written: a tunnel to the
+/// upstream that switched protocols (`stream::tunnel`), or a protocol the service speaks
+/// itself.
+pub trait Upgraded: 'static {
+    /// Serves the connection to its end; `from_client` is what the client sent past its
+    /// request head, `splice` the listener's `splice` setting.
+    fn serve(
+        self,
+        client: crate::stream::ClientStream,
+        from_client: BytesMut,
+        splice: bool,
+    ) -> Pin<Box<dyn Future<Output = ()>>>;
 }
 
 /// Why a server refused a request or reset a stream itself.

@@ -242,3 +242,22 @@ pub fn poll_fill<S: AsyncRead + Unpin>(
     let read = stream.read_buf(buf);
     std::future::Future::poll(std::pin::pin!(read), cx)
 }
+
+/// Carries an upgraded connection's bytes both ways once both sides switched protocols,
+/// starting with what each sent past the heads (`early` from the upstream, `from_client`).
+pub async fn tunnel<U: TcpBacked>(
+    mut client: ClientStream,
+    from_client: BytesMut,
+    mut upstream: U,
+    early: BytesMut,
+    splice: bool,
+) {
+    use tokio::io::AsyncWriteExt;
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    if !from_client.is_empty() && upstream.write_all(&from_client).await.is_err() {
+        return;
+    }
+    let _ = pump(&mut client, &mut upstream, splice, None).await;
+}

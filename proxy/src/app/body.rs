@@ -3,13 +3,20 @@
 //! back to its pool only once the response body has been read to the end (see
 //! `upstream::h1`).
 
+use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use fluxgate_conf::{FeedRole, InstrumentSet};
+use fluxgate_http::stream::ClientStream;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::app::fanout::hub::Resume;
+use crate::app::fanout::local::LocalFeed;
+use crate::app::fanout::session::{self, FeedBody};
 use crate::error::BoxError;
 use crate::telemetry::accesslog::Pending;
 use crate::upstream::h1::H1Body;
@@ -33,8 +40,61 @@ enum Inner {
     H2(Incoming),
     H3(crate::upstream::send::H3Body),
     Full(Option<Bytes>),
-    /// The empty body of a 101 answer, carrying the upstream connection the client's joins.
-    Tunnel(Option<H1Conn>),
+    /// The empty body of a 101 answer, carrying what the client's connection becomes.
+    Tunnel(Option<Upgrade>),
+    /// A feed subscription streamed as the response.
+    Feed(Box<FeedBody>),
+}
+
+/// What a client's connection becomes after a 101 answer.
+pub enum Upgrade {
+    /// Joined to the upstream connection that switched protocols.
+    Upstream(H1Conn),
+    /// A WebSocket feed publisher or subscriber.
+    Feed(FeedSocket),
+}
+
+/// A WebSocket feed connection, as the upgrade request set it up.
+pub struct FeedSocket {
+    pub(crate) local: Rc<LocalFeed>,
+    pub(crate) role: FeedRole,
+    /// The subscriber's entitlement.
+    pub(crate) allowed: InstrumentSet,
+    /// A subscription the request's query made.
+    pub(crate) first: Option<(InstrumentSet, Option<Resume>)>,
+}
+
+impl fluxgate_http::service::Upgraded for Upgrade {
+    fn serve(
+        self,
+        client: ClientStream,
+        from_client: BytesMut,
+        splice: bool,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        match self {
+            Upgrade::Upstream(mut up) => {
+                let early = up.io.rbuf.split();
+                Box::pin(fluxgate_http::stream::tunnel(
+                    client,
+                    from_client,
+                    up,
+                    early,
+                    splice,
+                ))
+            }
+            Upgrade::Feed(f) => match f.role {
+                FeedRole::Publish => Box::pin(session::publish(client, f.local, true, from_client)),
+                FeedRole::Subscribe => Box::pin(session::subscribe(
+                    client,
+                    f.local,
+                    true,
+                    f.allowed,
+                    f.first,
+                    from_client,
+                )),
+            },
+        }
+    }
 }
 
 impl ProxyBody {
@@ -59,10 +119,19 @@ impl ProxyBody {
         }
     }
 
-    /// The body of a 101 answer: none, but the upstream connection for the tunnel.
-    pub(crate) fn tunnel(up: H1Conn, inflight: InFlight) -> Self {
+    /// The body of a 101 answer: none, but what the connection becomes.
+    pub(crate) fn tunnel(up: Upgrade, inflight: InFlight) -> Self {
         ProxyBody {
             inner: Inner::Tunnel(Some(up)),
+            _inflight: inflight,
+            log: None,
+        }
+    }
+
+    /// A feed subscription as a streaming response.
+    pub(crate) fn feed(body: FeedBody, inflight: InFlight) -> Self {
+        ProxyBody {
+            inner: Inner::Feed(Box::new(body)),
             _inflight: inflight,
             log: None,
         }
@@ -75,16 +144,12 @@ impl ProxyBody {
 }
 
 impl fluxgate_http::service::ResponseBody for ProxyBody {
-    type Upgraded = H1Conn;
+    type Upgraded = Upgrade;
 
-    /// The upstream connection of a 101 answer (see `tunnel`), with what it sent past the
-    /// answer's head.
-    fn take_upgrade(&mut self) -> Option<(H1Conn, bytes::BytesMut)> {
+    /// What a 101 answer hands the connection to (see `tunnel`).
+    fn take_upgrade(&mut self) -> Option<Upgrade> {
         match &mut self.inner {
-            Inner::Tunnel(up) => up.take().map(|mut c| {
-                let early = c.io.rbuf.split();
-                (c, early)
-            }),
+            Inner::Tunnel(up) => up.take(),
             _ => None,
         }
     }
@@ -118,6 +183,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(b) => b.is_none(),
             Inner::Tunnel(_) => true,
+            Inner::Feed(_) => false,
             Inner::H1(b) => b.is_end_stream(),
             Inner::H2(b) => b.is_end_stream(),
             Inner::H3(b) => b.is_end_stream(),
@@ -128,6 +194,7 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Tunnel(_) => SizeHint::with_exact(0),
+            Inner::Feed(b) => b.size_hint(),
             Inner::H1(b) => b.size_hint(),
             Inner::H2(b) => b.size_hint(),
             Inner::H3(b) => b.size_hint(),
@@ -140,6 +207,7 @@ impl ProxyBody {
         match &mut self.inner {
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Inner::Tunnel(_) => Poll::Ready(None),
+            Inner::Feed(b) => b.poll_frame(cx),
             Inner::H1(b) => Pin::new(b).poll_frame(cx),
             Inner::H2(b) => Pin::new(b)
                 .poll_frame(cx)

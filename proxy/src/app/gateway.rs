@@ -9,13 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fluxgate_conf::{Balance, HashKey, HeaderOps, Route, RouteAction, UpstreamProtocol};
+use fluxgate_conf::{
+    Balance, FeedEndpoint, FeedRole, HashKey, HeaderOps, Route, RouteAction, UpstreamProtocol,
+};
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 
-use crate::app::body::ProxyBody;
+use crate::app::body::{FeedSocket, ProxyBody, Upgrade};
+use crate::app::fanout::local::LocalFeed;
+use crate::app::fanout::session::{self, FeedBody};
 use crate::error::ProxyError;
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
@@ -43,6 +47,8 @@ pub(crate) struct Handler {
     pub(crate) max_request_line: usize,
     /// This worker's access log, when `[access_log]` is on.
     pub(crate) access_log: Option<Rc<AccessLog>>,
+    /// This worker's side of each feed, indexed like `Config::feeds`.
+    pub(crate) feeds: Rc<[Rc<LocalFeed>]>,
 }
 
 impl Handler {
@@ -148,6 +154,7 @@ impl Handler {
                 location,
                 keep_path,
             } => redirect(*status, location, *keep_path, req.uri(), inflight),
+            RouteAction::Feed(ep) => self.feed_answer(*ep, &req, inflight),
             RouteAction::Forward(pool) => {
                 let mut req = req;
                 if let Some(max) = route.max_body {
@@ -174,6 +181,120 @@ impl Handler {
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
         Routed::Answer(Some(index), resp)
+    }
+
+    /// A feed route's answer: a WebSocket upgrade (publisher or subscriber), or the
+    /// subscription as a streaming response of envelope frames; 403 without a key the feed
+    /// knows (when it has entitlements), 400 for a subscription that does not parse.
+    fn feed_answer(
+        &self,
+        ep: FeedEndpoint,
+        req: &Request<ClientBody>,
+        inflight: InFlight,
+    ) -> Response<ProxyBody> {
+        let local = &self.feeds[ep.feed];
+        let cfg = local.hub.config();
+        let text = |status: StatusCode, why: String, inflight| {
+            let mut resp = Response::new(ProxyBody::full(Bytes::from(why + "\n"), inflight));
+            *resp.status_mut() = status;
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            resp
+        };
+        let key = req
+            .headers()
+            .get(&cfg.api_key_header)
+            .map(HeaderValue::as_bytes);
+        let allowed = match (ep.role, session::entitled(&cfg, key)) {
+            (FeedRole::Subscribe, None) => {
+                let why = format!(
+                    "feed {:?}: not entitled (a known key in {})",
+                    cfg.name, cfg.api_key_header
+                );
+                return text(StatusCode::FORBIDDEN, why, inflight);
+            }
+            (_, allowed) => allowed.unwrap_or_default(),
+        };
+        let asked = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("sub=")));
+        let first = match (ep.role, asked) {
+            (FeedRole::Subscribe, true) => {
+                match session::http_subscription(req.uri().query(), &cfg) {
+                    Ok(s) => Some(s),
+                    Err(e) => return text(StatusCode::BAD_REQUEST, e, inflight),
+                }
+            }
+            _ => None,
+        };
+        let websocket =
+            upgrade_protocol(req).is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if websocket {
+            let h = req.headers();
+            let version = h
+                .get(header::SEC_WEBSOCKET_VERSION)
+                .map(HeaderValue::as_bytes);
+            let (Some(ws_key), Some(b"13"), &Method::GET) =
+                (h.get(header::SEC_WEBSOCKET_KEY), version, req.method())
+            else {
+                let mut resp = text(
+                    StatusCode::BAD_REQUEST,
+                    "a WebSocket upgrade is a GET with Sec-WebSocket-Key and Sec-WebSocket-Version: 13".into(),
+                    inflight,
+                );
+                resp.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                return resp;
+            };
+            let accept = session::websocket_accept(ws_key.as_bytes());
+            let socket = FeedSocket {
+                local: Rc::clone(local),
+                role: ep.role,
+                allowed,
+                first,
+            };
+            let mut resp = Response::new(ProxyBody::tunnel(Upgrade::Feed(socket), inflight));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+            );
+            return resp;
+        }
+        match (ep.role, first) {
+            (FeedRole::Subscribe, Some((set, resume))) => {
+                let body = FeedBody::new(Rc::clone(local), allowed, &set, resume.as_ref());
+                let mut resp = Response::new(ProxyBody::feed(body, inflight));
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-fluxgate-frames"),
+                );
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                resp
+            }
+            (FeedRole::Subscribe, None) => text(
+                StatusCode::BAD_REQUEST,
+                "name the instruments: ?sub=PATTERNS (e.g. 1-99,@group,*)".into(),
+                inflight,
+            ),
+            (FeedRole::Publish, _) => {
+                let mut resp = text(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "publishers connect with a WebSocket upgrade".into(),
+                    inflight,
+                );
+                resp.headers_mut()
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                resp
+            }
+        }
     }
 
     /// Prepares a routed request for its upstream: picks the endpoint and rewrites the head
@@ -392,7 +513,10 @@ impl Outgoing {
                         Some(up) => {
                             restore_upgrade(&mut parts.headers, proto);
                             // Our HTTP/1.1 server writes the 101, then joins the two sockets.
-                            Response::from_parts(parts, ProxyBody::tunnel(up, inflight))
+                            Response::from_parts(
+                                parts,
+                                ProxyBody::tunnel(Upgrade::Upstream(up), inflight),
+                            )
                         }
                         None => short_answer(StatusCode::BAD_GATEWAY, false, inflight),
                     },

@@ -3,4 +3,5 @@
 //! the service seam; never touches a client socket.
 
 pub(crate) mod body;
+pub(crate) mod fanout;
 pub(crate) mod gateway;

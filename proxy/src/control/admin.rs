@@ -97,11 +97,11 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
     }
     let g = state.reloader.current();
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            g.metrics.render(&g.config, &g.addrs, &g.health),
-        ),
+        "/metrics" => {
+            let mut m = g.metrics.render(&g.config, &g.addrs, &g.health);
+            crate::app::fanout::render_metrics(&mut m, &g.feeds);
+            text(StatusCode::OK, "text/plain; version=0.0.4", m)
+        }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if state.draining.load(Ordering::Relaxed) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -139,6 +139,14 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
                     format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
                 }
                 RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
+                RouteAction::Feed(e) => format!(
+                    "{{\"feed\":{},\"role\":\"{}\"}}",
+                    json::string(&c.feeds[e.feed].name),
+                    match e.role {
+                        fluxgate_conf::FeedRole::Publish => "publish",
+                        fluxgate_conf::FeedRole::Subscribe => "subscribe",
+                    }
+                ),
                 RouteAction::Redirect {
                     status, location, ..
                 } => {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use fluxgate_conf::{Config, IoMode};
 use tokio::sync::mpsc;
 
+use crate::app::fanout::hub::FeedHub;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
 use fluxgate_policy::route::RouteTable;
@@ -53,6 +54,8 @@ pub(crate) struct Generation {
     pub(crate) quic: Vec<Option<quinn::ServerConfig>>,
     /// TLS client settings per upstream.
     pub(crate) upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    /// Per feed: its shared state, kept across reloads while a feed of its name exists.
+    pub(crate) feeds: Vec<Arc<FeedHub>>,
 }
 
 /// Applies new configs to running workers; shared by the `Handle` and the admin listener.
@@ -160,6 +163,7 @@ impl Reloader {
         let quic = crate::io::tls::quic_configs(&config, &metrics.resumed_counters())
             .map_err(io::Error::other)?;
         let generation = Arc::new(Generation {
+            feeds: feed_hubs(&config, &old.feeds),
             tables: route_tables(&config),
             config: Arc::new(config),
             addrs,
@@ -225,6 +229,22 @@ pub(crate) fn bind_all(
         })
         .collect::<io::Result<_>>()
         .map(|all| (bound, all))
+}
+
+/// Each feed's hub: the one of the same name in `old` (its history and subscribers stay,
+/// with the new settings), else a new one.
+pub(crate) fn feed_hubs(config: &Config, old: &[Arc<FeedHub>]) -> Vec<Arc<FeedHub>> {
+    config
+        .feeds
+        .iter()
+        .map(|f| match old.iter().find(|h| h.name == f.name) {
+            Some(h) => {
+                h.set_config(f);
+                Arc::clone(h)
+            }
+            None => Arc::new(FeedHub::new(f)),
+        })
+        .collect()
 }
 
 pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {

@@ -16,11 +16,15 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
+use crate::app::fanout::local::LocalFeed;
+use crate::app::fanout::session;
 use crate::app::gateway::Gateway;
 use crate::listen::proxied;
 use crate::listen::sniff::ConnServer;
 use crate::listen::tcp::TcpForward;
 use crate::telemetry::metrics;
+use bytes::BytesMut;
+use fluxgate_conf::FeedRole;
 use fluxgate_http::conn::ClientStream;
 use fluxgate_http::service::Refusal;
 
@@ -229,10 +233,26 @@ async fn serve_conn(
                 }
             }
         };
-        if let Some((stream, early)) = stream {
-            server
-                .serve(stream, early, (peer, local), Rc::clone(&ctx.gateway))
-                .await;
+        let feed = ctx.feed.borrow().clone();
+        match (stream, feed) {
+            (Some((stream, early)), Some((feed, role))) => {
+                let buf = early.map_or_else(BytesMut::new, |e| BytesMut::from(&e[..]));
+                let allowed = session::entitled(&feed.hub.config(), None).unwrap_or_default();
+                // Boxed: rare, and either state must not grow every connection's task.
+                let served: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> = match role {
+                    FeedRole::Publish => Box::pin(session::publish(stream, feed, false, buf)),
+                    FeedRole::Subscribe => {
+                        Box::pin(session::subscribe(stream, feed, false, allowed, None, buf))
+                    }
+                };
+                served.await;
+            }
+            (Some((stream, early)), None) => {
+                server
+                    .serve(stream, early, (peer, local), Rc::clone(&ctx.gateway))
+                    .await;
+            }
+            (None, _) => {}
         }
     }
 }
@@ -349,6 +369,9 @@ pub(crate) struct ListenerCtx {
     pub(crate) tls: RefCell<Option<tokio_rustls::TlsAcceptor>>,
     /// Forwarding for new connections, when the listener is `mode = "tcp"`.
     pub(crate) tcp: RefCell<Option<Rc<TcpForward>>>,
+    /// The feed new connections publish to or subscribe to, when the listener is
+    /// `mode = "feed"`.
+    pub(crate) feed: RefCell<Option<(Rc<LocalFeed>, FeedRole)>>,
     /// This worker's QUIC endpoint, when the listener serves HTTP/3.
     pub(crate) quic: RefCell<Option<quinn::Endpoint>>,
     /// `http3.early_data`.

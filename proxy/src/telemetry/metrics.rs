@@ -652,7 +652,7 @@ impl Metrics {
 }
 
 /// Writes a metric family's HELP and TYPE lines.
-fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
+pub(crate) fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 

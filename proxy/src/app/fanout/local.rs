@@ -1,0 +1,359 @@
+//! One worker's side of a feed: its subscribers, the dispatcher that moves each batch from
+//! the worker's lane into their queues, and the queue with its slow-consumer policy.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Duration;
+
+use fluxgate_conf::{Feed, InstrumentSet, SlowConsumer};
+
+use super::hub::{FeedHub, Lane, Resume};
+use super::{Last, Msg, Transport};
+
+/// A feed as one worker serves it.
+pub(crate) struct LocalFeed {
+    pub(crate) hub: Arc<FeedHub>,
+    lane: Arc<Lane>,
+    subs: RefCell<Vec<Rc<Sub>>>,
+    /// Subscribers by instrument, filled as instruments are seen; cleared when any
+    /// subscription changes.
+    index: RefCell<HashMap<u32, Vec<Rc<Sub>>>>,
+    /// The stale alarm as this worker last told its subscribers.
+    stale: Cell<bool>,
+}
+
+impl LocalFeed {
+    /// This worker's side of `hub`, with its dispatcher running on the worker.
+    pub(crate) fn start(hub: Arc<FeedHub>) -> Rc<LocalFeed> {
+        let lane = Arc::new(Lane::default());
+        hub.add_lane(&lane);
+        let local = Rc::new(LocalFeed {
+            hub,
+            lane,
+            subs: RefCell::default(),
+            index: RefCell::default(),
+            stale: Cell::new(false),
+        });
+        tokio::task::spawn_local(dispatch(Rc::downgrade(&local)));
+        local
+    }
+
+    /// A new subscriber, allowed `allowed` (its entitlement), receiving nothing yet.
+    pub(crate) fn subscriber(
+        self: &Rc<Self>,
+        allowed: InstrumentSet,
+        transport: Transport,
+    ) -> Rc<Sub> {
+        let cfg = self.hub.config();
+        let sub = Rc::new(Sub {
+            q: RefCell::new(Queue::default()),
+            waker: Cell::new(None),
+            set: RefCell::default(),
+            late: RefCell::default(),
+            floor: Cell::new(u64::MAX),
+            allowed: RefCell::new(allowed),
+            cfg,
+            transport,
+            pending: Cell::new(false),
+        });
+        self.hub.stats.subscribers[transport as usize].fetch_add(1, Ordering::Relaxed);
+        self.subs.borrow_mut().push(Rc::clone(&sub));
+        sub
+    }
+
+    /// Adds `want` to what `sub` receives, within its entitlement: first its snapshot (or
+    /// its replay, with `resume`), then live ticks. Returns the part it may not have.
+    pub(crate) fn subscribe(
+        &self,
+        sub: &Rc<Sub>,
+        want: &InstrumentSet,
+        resume: Option<&Resume>,
+    ) -> InstrumentSet {
+        let granted = want.intersect(&sub.allowed.borrow());
+        let mut refused = want.clone();
+        refused.remove(&granted);
+        if granted.is_empty() {
+            return refused;
+        }
+        let (first, ordinal) = self.hub.join(&granted, resume, &self.lane);
+        if sub.floor.get() == u64::MAX {
+            sub.floor.set(ordinal);
+        } else {
+            // Already live for other instruments: only the new ones skip what the lane
+            // still holds from before their snapshot.
+            sub.late.borrow_mut().push((granted.clone(), ordinal));
+        }
+        sub.set.borrow_mut().union(&granted);
+        self.index.borrow_mut().clear();
+        for m in first {
+            sub.offer(m, &self.hub);
+        }
+        sub.wake();
+        refused
+    }
+
+    pub(crate) fn unsubscribe(&self, sub: &Sub, set: &InstrumentSet) {
+        sub.set.borrow_mut().remove(set);
+        self.index.borrow_mut().clear();
+    }
+
+    /// The subscriber is gone (its connection ended).
+    pub(crate) fn leave(&self, sub: &Rc<Sub>) {
+        let mut subs = self.subs.borrow_mut();
+        if let Some(i) = subs.iter().position(|s| Rc::ptr_eq(s, sub)) {
+            subs.swap_remove(i);
+            self.hub.stats.subscribers[sub.transport as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        if subs.is_empty() {
+            self.lane.active.store(false, Ordering::Relaxed);
+        }
+        self.index.borrow_mut().clear();
+    }
+
+    /// Hands one batch to the subscribers of each message's instrument, then wakes each
+    /// subscriber it gave something once.
+    fn deliver(&self, batch: Vec<Arc<Msg>>) {
+        let mut touched: Vec<Rc<Sub>> = Vec::new();
+        let mut index = self.index.borrow_mut();
+        for m in batch {
+            let subs = index.entry(m.instrument).or_insert_with(|| {
+                self.subs
+                    .borrow()
+                    .iter()
+                    .filter(|s| s.set.borrow().contains(m.instrument))
+                    .cloned()
+                    .collect()
+            });
+            for s in subs.iter() {
+                if m.ordinal <= s.floor.get() || s.late_skips(&m) {
+                    continue;
+                }
+                if !s.pending.replace(true) {
+                    touched.push(Rc::clone(s));
+                }
+                s.offer(Arc::clone(&m), &self.hub);
+            }
+        }
+        drop(index);
+        for s in touched {
+            s.pending.set(false);
+            s.wake();
+        }
+    }
+
+    /// Tells every subscriber, once, that the feed went stale or came back.
+    fn check_stale(&self) {
+        let cfg = self.hub.config();
+        let silent = self.hub.silent_for();
+        let stale = silent > cfg.stale_after;
+        if stale == self.stale.replace(stale) {
+            return;
+        }
+        let text = match stale {
+            true => format!("stale feed={} silent_ms={}", cfg.name, silent.as_millis()),
+            false => format!("live feed={}", cfg.name),
+        };
+        let notice = Msg::notice(&text, 0, 0, 0);
+        for s in self.subs.borrow().iter() {
+            s.offer(Arc::clone(&notice), &self.hub);
+            s.wake();
+        }
+    }
+}
+
+/// Moves batches from the lane to the subscribers until the feed is gone from this worker.
+async fn dispatch(local: Weak<LocalFeed>) {
+    let (lane, hub) = match local.upgrade() {
+        Some(l) => (Arc::clone(&l.lane), Arc::clone(&l.hub)),
+        None => return,
+    };
+    loop {
+        let every = (hub.config().stale_after / 2).max(Duration::from_millis(50));
+        let woken = tokio::time::timeout(every, lane.wake.notified())
+            .await
+            .is_ok();
+        let Some(local) = local.upgrade() else { return };
+        if woken {
+            let batch = std::mem::take(&mut *lane.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            local.deliver(batch);
+        }
+        local.check_stale();
+    }
+}
+
+/// One subscriber: what it receives, and its queue.
+pub(crate) struct Sub {
+    q: RefCell<Queue>,
+    waker: Cell<Option<Waker>>,
+    /// What it receives: subscribed and entitled.
+    set: RefCell<InstrumentSet>,
+    /// Instruments added while live, with the ordinal their snapshot was taken at.
+    late: RefCell<Vec<(InstrumentSet, u64)>>,
+    /// Live messages up to this ordinal were in its first snapshot (MAX: not joined yet).
+    floor: Cell<u64>,
+    /// Its entitlement.
+    allowed: RefCell<InstrumentSet>,
+    cfg: Arc<Feed>,
+    pub(crate) transport: Transport,
+    pending: Cell<bool>,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Arc<Msg>>,
+    bytes: usize,
+    /// Items taken off the front so far: `items[i]` is number `popped + i`.
+    popped: u64,
+    /// Where a conflatable message of each instrument and `Last` sits (its number).
+    slots: HashMap<(u32, Last), u64>,
+    /// Dropped since the subscriber was last told.
+    dropped: u64,
+    /// Cut off, and why.
+    cut: Option<String>,
+}
+
+/// What a writer takes from a subscriber's queue.
+pub(crate) enum Next {
+    /// Messages to write, in order (moved out of the queue).
+    Batch,
+    /// Nothing queued.
+    Empty,
+    /// Cut off: write this reason and close.
+    Cut(String),
+}
+
+impl Sub {
+    /// Queues `m`, applying the feed's slow-consumer policy when the queue is full.
+    fn offer(&self, m: Arc<Msg>, hub: &FeedHub) {
+        let mut q = self.q.borrow_mut();
+        if q.cut.is_some() {
+            return;
+        }
+        let conflate = self.cfg.slow_consumer == SlowConsumer::Conflate && m.conflatable();
+        if conflate {
+            let key = (
+                m.instrument,
+                m.last.expect("conflatable messages have a Last"),
+            );
+            if let Some(&n) = q.slots.get(&key) {
+                if let Some(i) = n.checked_sub(q.popped) {
+                    let i = i as usize;
+                    let old_len = q.items[i].frame.len();
+                    q.bytes = q.bytes - old_len + m.frame.len();
+                    q.items[i] = m;
+                    hub.stats.conflated.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let full = |q: &Queue, len: usize| {
+            q.items.len() >= self.cfg.queue_messages || q.bytes + len > self.cfg.queue_bytes
+        };
+        if full(&q, m.frame.len()) {
+            match self.cfg.slow_consumer {
+                SlowConsumer::DropOldest => {
+                    while full(&q, m.frame.len()) {
+                        let Some(old) = q.items.pop_front() else {
+                            break;
+                        };
+                        q.popped += 1;
+                        q.bytes -= old.frame.len();
+                        q.dropped += 1;
+                        hub.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                SlowConsumer::Conflate | SlowConsumer::Disconnect => {
+                    hub.stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                    q.cut = Some(format!(
+                        "slow consumer: {} messages, {} bytes queued (limits {}, {})",
+                        q.items.len(),
+                        q.bytes,
+                        self.cfg.queue_messages,
+                        self.cfg.queue_bytes
+                    ));
+                    q.items.clear();
+                    q.slots.clear();
+                    return;
+                }
+            }
+        }
+        if conflate {
+            let n = q.popped + q.items.len() as u64;
+            let key = (
+                m.instrument,
+                m.last.expect("conflatable messages have a Last"),
+            );
+            q.slots.insert(key, n);
+        }
+        q.bytes += m.frame.len();
+        q.items.push_back(m);
+    }
+
+    fn late_skips(&self, m: &Msg) -> bool {
+        let mut late = self.late.borrow_mut();
+        if late.is_empty() {
+            return false;
+        }
+        // Ordinals reach a lane in order: a snapshot point passed is passed for good.
+        late.retain(|(_, at)| m.ordinal <= *at);
+        late.iter().any(|(set, _)| set.contains(m.instrument))
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Wakes its writer with nothing queued (it has other work: bytes of its own to send).
+    pub(crate) fn poke(&self) {
+        self.wake();
+    }
+
+    /// Moves everything queued into `out` (a `dropped` notice first when messages were
+    /// dropped since the last batch); registers `waker` when there is nothing.
+    pub(crate) fn take(&self, out: &mut Vec<Arc<Msg>>, waker: &Waker) -> Next {
+        let mut q = self.q.borrow_mut();
+        if let Some(why) = q.cut.take() {
+            q.cut = Some(why.clone());
+            return Next::Cut(why);
+        }
+        if q.items.is_empty() {
+            self.waker.set(Some(waker.clone()));
+            return Next::Empty;
+        }
+        if q.dropped > 0 {
+            out.push(Msg::notice(
+                &format!("dropped count={}", q.dropped),
+                0,
+                0,
+                0,
+            ));
+            q.dropped = 0;
+        }
+        q.popped += q.items.len() as u64;
+        q.bytes = 0;
+        q.slots.clear();
+        out.extend(q.items.drain(..));
+        Next::Batch
+    }
+
+    /// Queues a message for this subscriber alone (its own notices).
+    pub(crate) fn tell(&self, text: &str, hub: &FeedHub) {
+        self.offer(Msg::notice(text, 0, 0, 0), hub);
+        self.wake();
+    }
+
+    /// A new entitlement (`auth KEY`), for subscriptions from now on.
+    pub(crate) fn entitle(&self, set: InstrumentSet) {
+        *self.allowed.borrow_mut() = set;
+    }
+
+    pub(crate) fn heartbeat(&self) -> Duration {
+        self.cfg.heartbeat
+    }
+}
