@@ -312,6 +312,10 @@ struct H2Connection<S: Service> {
     wbuf: Vec<u8>,
     /// How much of `wbuf` is written.
     written: usize,
+    /// The stream and `wbuf` offset of the last DATA frame queued: body chunks that follow
+    /// it at once go into the same frame while it is unsent and the last thing in `wbuf`
+    /// (a client may take a flood of tiny DATA frames for an attack).
+    last_data: Option<(u32, usize)>,
     /// Scratch for encoding a header block before it is cut into frames.
     block: Vec<u8>,
     /// The header block being received (HEADERS then CONTINUATION) and for which stream.
@@ -381,6 +385,7 @@ impl<S: Service> H2Connection<S> {
             rbuf: BytesMut::new(),
             wbuf,
             written: 0,
+            last_data: None,
             block: Vec::new(),
             partial: None,
             block_frames: 0,
@@ -690,13 +695,31 @@ impl<S: Service> H2Connection<S> {
                         }
                         s.send_blocked = None;
                         let last = *end && n == data.len();
-                        frame_head(
-                            &mut self.wbuf,
-                            n,
-                            DATA,
-                            if last { END_STREAM } else { 0 },
-                            id,
-                        );
+                        let w = &mut self.wbuf;
+                        let grow = match self.last_data {
+                            Some((sid, at))
+                                if sid == id && at >= self.written && at + 9 <= w.len() =>
+                            {
+                                let cur =
+                                    u32::from_be_bytes([0, w[at], w[at + 1], w[at + 2]]) as usize;
+                                (at + 9 + cur == w.len() && cur + n <= self.peer_max_frame)
+                                    .then_some((at, cur))
+                            }
+                            _ => None,
+                        };
+                        match grow {
+                            Some((at, cur)) => {
+                                w[at..at + 3]
+                                    .copy_from_slice(&((cur + n) as u32).to_be_bytes()[1..]);
+                                if last {
+                                    w[at + 4] |= END_STREAM;
+                                }
+                            }
+                            None => {
+                                self.last_data = Some((id, w.len()));
+                                frame_head(w, n, DATA, if last { END_STREAM } else { 0 }, id);
+                            }
+                        }
                         self.wbuf.extend_from_slice(&data[..n]);
                         data.advance(n);
                         self.conn_send -= n as i64;

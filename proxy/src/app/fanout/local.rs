@@ -59,6 +59,7 @@ impl LocalFeed {
             cfg,
             transport,
             pending: Cell::new(false),
+            busy: Cell::new(false),
         });
         self.hub.stats.subscribers[transport as usize].fetch_add(1, Ordering::Relaxed);
         self.subs.borrow_mut().push(Rc::clone(&sub));
@@ -200,6 +201,8 @@ pub(crate) struct Sub {
     cfg: Arc<Feed>,
     pub(crate) transport: Transport,
     pending: Cell<bool>,
+    /// Its writer holds a batch it has not finished writing.
+    busy: Cell<bool>,
 }
 
 #[derive(Default)]
@@ -233,7 +236,10 @@ impl Sub {
         if q.cut.is_some() {
             return;
         }
-        let conflate = self.cfg.slow_consumer == SlowConsumer::Conflate && m.conflatable();
+        // Only behind a write that is still going out: a batch that reaches an idle
+        // subscriber is written whole.
+        let conflate =
+            self.cfg.slow_consumer == SlowConsumer::Conflate && m.conflatable() && self.busy.get();
         if conflate {
             let key = (
                 m.instrument,
@@ -253,7 +259,9 @@ impl Sub {
         let full = |q: &Queue, len: usize| {
             q.items.len() >= self.cfg.queue_messages || q.bytes + len > self.cfg.queue_bytes
         };
-        if full(&q, m.frame.len()) {
+        // The policy is for a subscriber that is behind: one whose writer still holds a
+        // batch. An idle one takes whatever one dispatch hands it.
+        if self.busy.get() && full(&q, m.frame.len()) {
             match self.cfg.slow_consumer {
                 SlowConsumer::DropOldest => {
                     while full(&q, m.frame.len()) {
@@ -323,9 +331,11 @@ impl Sub {
             return Next::Cut(why);
         }
         if q.items.is_empty() {
+            self.busy.set(false);
             self.waker.set(Some(waker.clone()));
             return Next::Empty;
         }
+        self.busy.set(true);
         if q.dropped > 0 {
             out.push(Msg::notice(
                 &format!("dropped count={}", q.dropped),

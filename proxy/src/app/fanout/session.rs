@@ -495,6 +495,10 @@ fn answer_sub(local: &LocalFeed, sub: &Rc<Sub>, set: &InstrumentSet, resume: Opt
             &local.hub,
         );
     }
+    if &refused != set {
+        // After its snapshot or replay: what follows is live.
+        sub.tell("subscribed", &local.hub);
+    }
 }
 
 /// Writes the subscriber's queue, one vectored write per wake, with a heartbeat when idle;
