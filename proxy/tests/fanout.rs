@@ -46,9 +46,9 @@ fn quote(instrument: u32, seq: u64) -> TickMsg {
     TickMsg::Quote(Quote {
         instrument,
         seq,
-        bid_price: 100_00 + seq as i64,
+        bid_price: 10_000 + seq as i64,
         bid_size: 5,
-        ask_price: 100_05 + seq as i64,
+        ask_price: 10_005 + seq as i64,
         ask_size: 7,
         price_scale: 2,
         exchange_ts_ns: seq,
@@ -60,7 +60,7 @@ fn trade(instrument: u32, seq: u64) -> TickMsg {
     TickMsg::Trade(Trade {
         instrument,
         seq,
-        price: 100_01,
+        price: 10_001,
         size: 3,
         price_scale: 2,
         exchange_ts_ns: seq,
@@ -73,7 +73,7 @@ fn book(instrument: u32, seq: u64, level: u16) -> TickMsg {
         instrument,
         seq,
         level,
-        price: 99_00 - level as i64,
+        price: 9_900 - level as i64,
         size: 10,
         price_scale: 2,
         ..BookLevel::default()
@@ -469,7 +469,10 @@ fn one_publisher_to_100_subscribers_on_each_transport_in_sequence_order() {
 
 /// Publishes `n` quotes of instrument 1 with a trade of instrument 2 after every tenth,
 /// while one subscriber does not read; returns the stalled one and a reader that kept up.
-fn stall(f: &Fixture, n: u64) -> (FeedConn, Vec<(u32, u64)>, Vec<(u32, u64)>) {
+/// Instrument and sequence number of each tick, in order.
+type Seqs = Vec<(u32, u64)>;
+
+fn stall(f: &Fixture, n: u64) -> (FeedConn, Seqs, Seqs) {
     let mut stalled = {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         s.set_recv_buffer_size(4096).unwrap();

@@ -244,7 +244,8 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
     if feeds.is_empty() {
         return;
     }
-    let counters: [(&str, &str, fn(&FeedStats) -> u64); 6] = [
+    type Counter = (&'static str, &'static str, fn(&FeedStats) -> u64);
+    let counters: [Counter; 6] = [
         (
             "fluxgate_feed_ingested_total",
             "Ticks taken from publishers.",

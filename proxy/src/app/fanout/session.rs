@@ -53,7 +53,7 @@ fn command(text: &str, cfg: &Feed) -> Result<Command, String> {
     let mut words = text.split_ascii_whitespace();
     let verb = words.next().unwrap_or("");
     let patterns = |w: Option<&str>| {
-        InstrumentSet::parse(w.into_iter(), &cfg.groups).and_then(|s| match s.is_empty() {
+        InstrumentSet::parse(w, &cfg.groups).and_then(|s| match s.is_empty() {
             true => Err("no instruments named".to_owned()),
             false => Ok(s),
         })
