@@ -367,3 +367,60 @@ impl Sub {
         self.cfg.heartbeat
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use fluxgate_codecs::tick::Quote;
+    use fluxgate_codecs::{FrameParser, TickEncoder, TickMsg, VerifiedTick};
+
+    #[test]
+    fn every_subscriber_is_handed_the_same_memory() {
+        let cfg = fluxgate_conf::Config::from_toml(
+            "[[feed]]\nname = \"md\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = { status = 200 }\n",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let local = LocalFeed::start(Arc::new(FeedHub::new(&cfg.feeds[0])));
+            let subs: Vec<_> = (0..3)
+                .map(|_| {
+                    let s = local.subscriber(InstrumentSet::all(), Transport::Tcp);
+                    local.subscribe(&s, &InstrumentSet::all(), None);
+                    s
+                })
+                .collect();
+            let waker = std::task::Waker::noop();
+            for s in &subs {
+                // Nothing yet: no snapshot for a feed without ticks.
+                assert!(matches!(s.take(&mut Vec::new(), waker), Next::Empty));
+            }
+            let mut buf = BytesMut::new();
+            let quote = Quote {
+                instrument: 5,
+                seq: 1,
+                ..Quote::default()
+            };
+            TickEncoder::new().encode(&TickMsg::Quote(quote), 0, &mut buf);
+            let received_at = buf.as_ptr() as usize;
+            let tick =
+                VerifiedTick::verify(FrameParser::default().parse(&mut buf).unwrap().unwrap())
+                    .unwrap();
+            local.hub.ingest([tick], &mut Vec::new());
+            // Let the dispatcher move the batch.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            for s in &subs {
+                let mut out = Vec::new();
+                assert!(matches!(s.take(&mut out, waker), Next::Batch));
+                assert_eq!(out.len(), 1);
+                assert_eq!(out[0].frame.as_ptr() as usize, received_at, "not a copy");
+            }
+        });
+    }
+}
