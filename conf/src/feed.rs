@@ -42,7 +42,8 @@ pub struct Feed {
     pub api_key_header: http::HeaderName,
 }
 
-/// What happens when a subscriber's queue is full.
+/// What happens to a subscriber that is behind (its writer still sending an earlier batch):
+/// to its queued messages, and when its queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumer {
     /// A queued quote or book level is replaced by the newer one of the same instrument (and
