@@ -10,7 +10,7 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 cd fuzz
-for t in envelope tick_verify order_decode h1_request_head h1_response_head h1_chunked h2_frame hpack config route_match proxy_protocol; do
+for t in envelope tick_verify order_decode h1_request_head h1_response_head h1_chunked h2_frame hpack config route_match proxy_protocol ws_frame; do
   mkdir -p "$scratch/$t"
   if ! cargo fuzz run "$t" "$scratch/$t" "corpus/$t" -- -runs="$RUNS" -max_total_time=60 \
       -print_final_stats=1 >"$scratch/$t.log" 2>&1; then
