@@ -255,9 +255,7 @@ fn snapshot(inst: &Instrument, enc: &mut TickEncoder, out: &mut Vec<Arc<Msg>>) {
         let mut buf = BytesMut::new();
         enc.encode(&msg, 0, &mut buf);
         let Some(v) = verified(buf) else { continue };
-        let mut s = Msg::tick(v, 0, m.received);
-        s.last = m.last;
-        out.push(Arc::new(s));
+        out.push(Arc::new(Msg::tick(v, 0, m.received)));
     }
 }
 

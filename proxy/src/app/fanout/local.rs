@@ -311,24 +311,19 @@ impl Sub {
         late.iter().any(|(set, _)| set.contains(m.instrument))
     }
 
-    fn wake(&self) {
+    /// Wakes its writer (also with nothing queued: it may have bytes of its own to send).
+    pub(crate) fn wake(&self) {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
-    }
-
-    /// Wakes its writer with nothing queued (it has other work: bytes of its own to send).
-    pub(crate) fn poke(&self) {
-        self.wake();
     }
 
     /// Moves everything queued into `out` (a `dropped` notice first when messages were
     /// dropped since the last batch); registers `waker` when there is nothing.
     pub(crate) fn take(&self, out: &mut Vec<Arc<Msg>>, waker: &Waker) -> Next {
         let mut q = self.q.borrow_mut();
-        if let Some(why) = q.cut.take() {
-            q.cut = Some(why.clone());
-            return Next::Cut(why);
+        if let Some(why) = &q.cut {
+            return Next::Cut(why.clone());
         }
         if q.items.is_empty() {
             self.busy.set(false);

@@ -15,7 +15,7 @@ use fluxgate_codecs::envelope::{FrameError, Header, Kind, HEADER_LEN};
 use fluxgate_codecs::{FrameParser, VerifiedTick};
 use fluxgate_conf::{Feed, InstrumentSet};
 use fluxgate_wire::ws::{self, Opcode, WsError};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::hub::Resume;
@@ -409,7 +409,7 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
                         Ok(Some(WsEvent::Message(_, mut msg))) => frames.unsplit(msg.split()),
                         Ok(Some(WsEvent::Ping(p))) => {
                             raw.borrow_mut().push(ws_frame(Opcode::Pong, &p));
-                            sub.poke();
+                            sub.wake();
                         }
                         Ok(Some(WsEvent::Close)) | Err(_) => {
                             closing = true;
@@ -442,7 +442,8 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
                     // The writer sends the close reply, then ends the connection.
                     raw.borrow_mut()
                         .push(ws_frame(Opcode::Close, &ws::close_payload(1000, "")));
-                    closing_after_reply(&ending, &sub);
+                    ending.set(true);
+                    sub.wake();
                     std::future::pending::<()>().await;
                 }
                 return;
@@ -460,12 +461,6 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
         _ = writer => {}
     }
     local.leave(&sub);
-}
-
-/// Marks the connection as ending once the writer has sent what is queued raw.
-fn closing_after_reply(closing: &std::cell::Cell<bool>, sub: &Sub) {
-    closing.set(true);
-    sub.poke();
 }
 
 fn handle_command(local: &LocalFeed, sub: &Rc<Sub>, text: &str) {
@@ -697,10 +692,6 @@ impl FeedBody {
             }
         }
     }
-
-    pub(crate) fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
 impl Drop for FeedBody {
@@ -718,10 +709,6 @@ impl Body for FeedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         FeedBody::poll_frame(self.get_mut(), cx)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        FeedBody::size_hint(self)
     }
 }
 
