@@ -14,6 +14,7 @@ fi
 have curl || need+=(curl)
 have gtlsclient || need+=(ngtcp2-client)
 have openssl || need+=(openssl)
+have nats-server || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -q

@@ -40,6 +40,21 @@ pub struct Feed {
     pub entitle: Vec<Entitlement>,
     /// The request header carrying a subscriber's key. Default `x-api-key`.
     pub api_key_header: http::HeaderName,
+    /// `[feed.nats]`: ticks also taken from a NATS subject. Default: none.
+    pub nats: Option<NatsIngest>,
+}
+
+/// `[feed.nats]`: the feed subscribes to `subject` on a NATS server and ingests each
+/// message's payload (one or more envelope frames) as a publisher's, so several gateways fan
+/// out one feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsIngest {
+    /// `nats://IP:PORT` (or `IP:PORT`).
+    pub address: std::net::SocketAddr,
+    /// The subject or pattern (`*` a token, `>` the rest) subscribed to.
+    pub subject: String,
+    /// Wait between connection attempts while the server is unreachable. Default 1 s.
+    pub reconnect: Duration,
 }
 
 /// What happens to a subscriber that is behind (its writer still sending an earlier batch):
@@ -203,6 +218,15 @@ pub(crate) struct RawFeed {
     #[serde(default)]
     entitle: Vec<Spanned<RawEntitlement>>,
     api_key_header: Option<Spanned<String>>,
+    nats: Option<Spanned<RawNats>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNats {
+    url: Spanned<String>,
+    subject: Spanned<String>,
+    reconnect: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -262,6 +286,37 @@ pub(crate) fn build(src: &Source<'_>, raw: &[RawFeed]) -> Result<Vec<Feed>, Conf
             Some(h) => http::HeaderName::from_bytes(h.get_ref().as_bytes())
                 .map_err(|_| src.invalid(key("api_key_header"), h, "not a header name"))?,
         };
+        let nats = match &f.nats {
+            None => None,
+            Some(n) => {
+                let r = n.get_ref();
+                let url = r.url.get_ref();
+                let bare = url.strip_prefix("nats://").unwrap_or(url);
+                let address = bare.parse().map_err(|_| {
+                    src.invalid(
+                        key("nats.url"),
+                        &r.url,
+                        format!("{url:?} is not nats://IP:PORT"),
+                    )
+                })?;
+                if !fluxgate_wire::nats::valid_subject(r.subject.get_ref(), true) {
+                    return Err(src.invalid(
+                        key("nats.subject"),
+                        &r.subject,
+                        "a subject is dot-separated tokens (`*` a token, `>` the last)",
+                    ));
+                }
+                Some(NatsIngest {
+                    address,
+                    subject: r.subject.get_ref().clone(),
+                    reconnect: src.duration(
+                        || key("nats.reconnect"),
+                        &r.reconnect,
+                        Duration::from_secs(1),
+                    )?,
+                })
+            }
+        };
         feeds.push(Feed {
             name,
             slow_consumer,
@@ -291,6 +346,7 @@ pub(crate) fn build(src: &Source<'_>, raw: &[RawFeed]) -> Result<Vec<Feed>, Conf
             groups,
             entitle,
             api_key_header,
+            nats,
         });
     }
     Ok(feeds)

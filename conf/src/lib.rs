@@ -16,7 +16,9 @@ mod balance;
 mod feed;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
-pub use feed::{Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, SlowConsumer};
+pub use feed::{
+    Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, NatsIngest, SlowConsumer,
+};
 pub use route::{
     HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
     ValueMatch,
@@ -1231,6 +1233,9 @@ mod tests {
             (format!("{feed}[feed.groups]\na = [\"@b\"]\n"), "feed[0].groups.a"),
             (format!("{feed}[[feed.entitle]]\nkey = \"k\"\ninstruments = [\"9-1\"]\n"), "feed[0].entitle[0].instruments"),
             (format!("{feed}{feed}"), "feed[1].name"),
+            (format!("{feed}[feed.nats]\nurl = \"nats://host\"\nsubject = \"a\"\n"), "feed[0].nats.url"),
+            (format!("{feed}[feed.nats]\nurl = \"127.0.0.1:4222\"\nsubject = \"a.>.b\"\n"), "feed[0].nats.subject"),
+            (format!("{feed}[feed.nats]\nurl = \"127.0.0.1:4222\"\nsubject = \"a\"\nreconnect = \"0s\"\n"), "feed[0].nats.reconnect"),
             (
                 format!("{feed}[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"other\"\n"),
                 "listener[1].feed",

@@ -895,3 +895,90 @@ fn idle_subscribers_get_heartbeats_and_a_silent_feed_raises_the_stale_alarm() {
     c.until("live feed=md");
     assert_eq!(stale(), Some(0.0));
 }
+
+/// A NATS publisher: the test's own client, speaking the protocol with `fluxgate_wire::nats`.
+fn nats_publisher(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut out = Vec::new();
+    fluxgate_wire::nats::connect(&mut out, "test-publisher");
+    s.write_all(&out).unwrap();
+    s
+}
+
+fn nats_publish(s: &mut TcpStream, subject: &str, payload: &[u8]) {
+    let mut out = Vec::new();
+    fluxgate_wire::nats::pub_head(&mut out, subject, payload.len());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    s.write_all(&out).unwrap();
+}
+
+fn nats_connected(f: &Fixture) -> bool {
+    metric(&f.metrics(), "fluxgate_feed_nats_connected{feed=\"md\"}") == Some(1.0)
+}
+
+#[test]
+fn two_gateways_fan_out_one_feed_from_a_real_nats_server_and_reconnect_after_it_restarts() {
+    let nats = support::NatsServer::start();
+    let follow = format!(
+        "[feed.nats]\nurl = \"nats://{}\"\nsubject = \"md.>\"\nreconnect = \"100ms\"\n",
+        nats.addr
+    );
+    let (a, b) = (fixture(&follow), fixture(&follow));
+    for f in [&a, &b] {
+        assert!(eventually(LIMIT, || nats_connected(f)), "{}", f.metrics());
+    }
+    let (mut sa, _) = a.tcp_subscriber("1-2");
+    let (mut sb, _) = b.tcp_subscriber("1-2");
+    let mut p = nats_publisher(nats.addr);
+    // Messages of one frame and of several; a subject outside the pattern never arrives.
+    nats_publish(&mut p, "md.eq", &frames(&[quote(1, 1)]));
+    nats_publish(&mut p, "other", &frames(&[quote(1, 2)]));
+    nats_publish(
+        &mut p,
+        "md.eq.x",
+        &frames(&[trade(2, 1), quote(1, 2), book(2, 2, 0)]),
+    );
+    // A corrupt tick in a message is refused; the good ones around it go on.
+    let mut bad = BytesMut::new();
+    write_frame(&mut bad, Kind::Tick, 0, 1, 3, &[0xAB; 40]);
+    let mut mixed = frames(&[quote(2, 3)]);
+    mixed.extend_from_slice(&bad);
+    mixed.extend_from_slice(&frames(&[quote(1, 4)]));
+    nats_publish(&mut p, "md.eq", &mixed);
+    let want = vec![(1, 1), (2, 1), (1, 2), (2, 2), (2, 3), (1, 4)];
+    let mut notes = Vec::new();
+    assert_eq!(seqs(&sa.ticks(want.len(), &mut notes)), want);
+    assert_eq!(seqs(&sb.ticks(want.len(), &mut notes)), want);
+    for f in [&a, &b] {
+        let m = f.metrics();
+        assert_eq!(
+            metric(&m, "fluxgate_feed_ingested_total{feed=\"md\"}"),
+            Some(6.0),
+            "{m}"
+        );
+        let corrupt = "fluxgate_feed_rejected_total{feed=\"md\",reason=\"corrupt\"}";
+        assert_eq!(metric(&m, corrupt), Some(1.0), "{m}");
+    }
+    // The server restarts on the same port: both gateways subscribe again on their own, and
+    // the feed goes on where it was.
+    let port = nats.addr.port() as i32;
+    drop(p);
+    drop(nats);
+    for f in [&a, &b] {
+        assert!(eventually(LIMIT, || !nats_connected(f)));
+    }
+    let nats = support::NatsServer::on_port(port);
+    for f in [&a, &b] {
+        assert!(eventually(LIMIT, || nats_connected(f)), "{}", f.metrics());
+        let m = f.metrics();
+        assert_eq!(
+            metric(&m, "fluxgate_feed_nats_connects_total{feed=\"md\"}"),
+            Some(2.0)
+        );
+    }
+    let mut p = nats_publisher(nats.addr);
+    nats_publish(&mut p, "md.eq", &frames(&[quote(1, 5)]));
+    assert_eq!(seqs(&sa.ticks(1, &mut notes)), vec![(1, 5)]);
+    assert_eq!(seqs(&sb.ticks(1, &mut notes)), vec![(1, 5)]);
+}

@@ -234,7 +234,7 @@ pub(crate) fn bind_all(
 /// Each feed's hub: the one of the same name in `old` (its history and subscribers stay,
 /// with the new settings), else a new one.
 pub(crate) fn feed_hubs(config: &Config, old: &[Arc<FeedHub>]) -> Vec<Arc<FeedHub>> {
-    config
+    let hubs: Vec<_> = config
         .feeds
         .iter()
         .map(|f| match old.iter().find(|h| h.name == f.name) {
@@ -244,7 +244,16 @@ pub(crate) fn feed_hubs(config: &Config, old: &[Arc<FeedHub>]) -> Vec<Arc<FeedHu
             }
             None => Arc::new(FeedHub::new(f)),
         })
-        .collect()
+        .collect();
+    // Feeds gone from the config stop following NATS; the others follow their settings.
+    for h in old
+        .iter()
+        .filter(|h| !hubs.iter().any(|n| Arc::ptr_eq(h, n)))
+    {
+        h.nats.stop();
+    }
+    hubs.iter().for_each(crate::app::fanout::nats::follow);
+    hubs
 }
 
 pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {

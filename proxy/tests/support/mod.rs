@@ -670,3 +670,48 @@ pub fn rss_kib() -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A real `nats-server` (Debian's) on 127.0.0.1, on a port it picked itself (or `port`),
+/// killed when dropped.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        NatsServer::on_port(-1)
+    }
+
+    /// `-1`: a free port of the server's choosing.
+    pub fn on_port(port: i32) -> NatsServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (scripts/deps.sh installs it)");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let marker = "Listening for client connections on ";
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("nats-server said where it listens")
+                .unwrap();
+            if let Some(i) = line.find(marker) {
+                break line[i + marker.len()..].trim().parse().expect("IP:port");
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        NatsServer { child, addr }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -22,6 +22,8 @@ pub(crate) struct FeedHub {
     pub(crate) epoch: u64,
     state: Mutex<State>,
     pub(crate) stats: FeedStats,
+    /// The thread taking ticks from NATS (`[feed.nats]`), if any.
+    pub(crate) nats: super::nats::Follower,
     started: Instant,
     /// Milliseconds after `started` of the last tick taken.
     last_ingest_ms: AtomicU64,
@@ -79,6 +81,7 @@ impl FeedHub {
                 lanes: Vec::new(),
             }),
             stats: FeedStats::default(),
+            nats: Default::default(),
             started,
             last_ingest_ms: AtomicU64::new(0),
         }

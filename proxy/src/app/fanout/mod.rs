@@ -21,6 +21,7 @@
 
 pub(crate) mod hub;
 pub(crate) mod local;
+pub(crate) mod nats;
 pub(crate) mod session;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -210,6 +211,9 @@ pub(crate) struct FeedStats {
     /// Per transport: lag histogram buckets (one more for +Inf), sum in microseconds, count.
     pub(crate) lag: [[AtomicU64; 11]; 3],
     pub(crate) lag_sum_us: [AtomicU64; 3],
+    /// 1 while subscribed on the NATS server (`[feed.nats]`).
+    pub(crate) nats_up: AtomicU64,
+    pub(crate) nats_connects: AtomicU64,
 }
 
 impl FeedStats {
@@ -330,6 +334,37 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
             "fluxgate_feed_stale{{feed=\"{}\"}} {}",
             f.name, stale as u8
         );
+    }
+    let followed: Vec<_> = feeds.iter().filter(|f| f.config().nats.is_some()).collect();
+    if !followed.is_empty() {
+        family(
+            o,
+            "fluxgate_feed_nats_connected",
+            "gauge",
+            "1 while the feed is subscribed on its NATS server.",
+        );
+        for f in &followed {
+            let up = f.stats.nats_up.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "fluxgate_feed_nats_connected{{feed=\"{}\"}} {up}",
+                f.name
+            );
+        }
+        family(
+            o,
+            "fluxgate_feed_nats_connects_total",
+            "counter",
+            "Subscriptions made on the NATS server (the first, then each reconnect).",
+        );
+        for f in &followed {
+            let n = f.stats.nats_connects.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "fluxgate_feed_nats_connects_total{{feed=\"{}\"}} {n}",
+                f.name
+            );
+        }
     }
     family(
         o,

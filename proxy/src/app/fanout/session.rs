@@ -18,7 +18,7 @@ use fluxgate_wire::ws::{self, Opcode, WsError};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::hub::Resume;
+use super::hub::{FeedHub, Resume};
 use super::local::{LocalFeed, Next, Sub};
 use super::{control_frame, Msg, Rejected, Transport};
 use crate::error::BoxError;
@@ -118,34 +118,51 @@ pub(crate) fn http_subscription(
     }
 }
 
-/// Cuts ticks off a publisher's byte stream and hands each batch to the feed.
-struct Ingest {
+/// Cuts ticks off a publisher's byte stream (or a NATS message's payload) and hands each
+/// batch to the feed.
+pub(crate) struct Ingest {
     parser: FrameParser,
     /// Payload bytes of an oversized frame still to skip.
     skip: usize,
     rejected: Vec<(u32, u64, Rejected)>,
+    /// Verified ticks not yet handed to the feed.
+    ticks: Vec<VerifiedTick>,
 }
 
 impl Ingest {
-    fn new(cfg: &Feed) -> Ingest {
+    pub(crate) fn new(cfg: &Feed) -> Ingest {
         Ingest {
             parser: FrameParser::new(cfg.max_payload),
             skip: 0,
             rejected: Vec::new(),
+            ticks: Vec::new(),
         }
     }
 
-    /// Takes every whole frame in `buf` (a partial one stays); the notices for the
-    /// publisher go to `reply`. Err: the stream is not a frame stream; close it with this.
+    /// Takes every whole frame in `buf` (a partial one stays) and hands them to the feed
+    /// (one lock); the notices for the publisher go to `reply`. Err: the stream is not a
+    /// frame stream; close it with this.
     fn take(
         &mut self,
         buf: &mut BytesMut,
-        local: &LocalFeed,
+        hub: &FeedHub,
         reply: &mut Vec<Bytes>,
     ) -> Result<(), String> {
-        let hub = &local.hub;
-        let mut ticks = Vec::new();
-        let result = loop {
+        let result = self.verify(buf, hub, reply);
+        self.commit(hub, reply);
+        result
+    }
+
+    /// Verifies every whole frame in `buf` (a partial one stays) and keeps the ticks for
+    /// `commit`, so that several buffers may go to the feed as one batch.
+    pub(crate) fn verify(
+        &mut self,
+        buf: &mut BytesMut,
+        hub: &FeedHub,
+        reply: &mut Vec<Bytes>,
+    ) -> Result<(), String> {
+        let ticks = &mut self.ticks;
+        loop {
             if self.skip > 0 {
                 let n = self.skip.min(buf.len());
                 let _ = buf.split_to(n);
@@ -189,9 +206,19 @@ impl Ingest {
                     break Err(format!("not a frame stream: {e}"));
                 }
             }
-        };
-        if !ticks.is_empty() {
-            hub.ingest(ticks, &mut self.rejected);
+        }
+    }
+
+    /// The end of a message that holds whole frames (WebSocket, NATS): a frame being
+    /// skipped ends with it.
+    pub(crate) fn message_end(&mut self) {
+        self.skip = 0;
+    }
+
+    /// Hands the verified ticks to the feed, one lock for all of them.
+    pub(crate) fn commit(&mut self, hub: &FeedHub, reply: &mut Vec<Bytes>) {
+        if !self.ticks.is_empty() {
+            hub.ingest(self.ticks.drain(..), &mut self.rejected);
             for (i, s, why) in self.rejected.drain(..) {
                 reply.push(rejection(
                     i,
@@ -201,7 +228,6 @@ impl Ingest {
                 ));
             }
         }
-        result
     }
 }
 
@@ -307,14 +333,15 @@ pub(crate) async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(None) => break,
                     Ok(Some(WsEvent::Message(Opcode::Binary, mut msg))) => {
                         frames.unsplit(msg.split());
-                        if let Err(e) = ingest.take(&mut frames, &local, &mut reply) {
+                        if let Err(e) = ingest.take(&mut frames, &local.hub, &mut reply) {
                             closing = Some((1007, e));
                             break;
                         }
                         if !frames.is_empty() {
                             frames.clear();
-                            hub_reject(&local, &mut reply, "a message ended inside a frame");
+                            hub_reject(&local.hub, &mut reply, "a message ended inside a frame");
                         }
+                        ingest.message_end();
                     }
                     Ok(Some(WsEvent::Message(..))) => {
                         closing = Some((1003, "feed messages are binary".to_owned()));
@@ -331,7 +358,7 @@ pub(crate) async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-        } else if let Err(e) = ingest.take(&mut buf, &local, &mut reply) {
+        } else if let Err(e) = ingest.take(&mut buf, &local.hub, &mut reply) {
             reply.push(control_frame(&format!("disconnect reason={e:?}"), 0, 0));
             closing = Some((0, e));
         }
@@ -361,8 +388,8 @@ pub(crate) async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn hub_reject(local: &LocalFeed, reply: &mut Vec<Bytes>, detail: &str) {
-    local.hub.stats.reject(Rejected::Malformed);
+pub(crate) fn hub_reject(hub: &FeedHub, reply: &mut Vec<Bytes>, detail: &str) {
+    hub.stats.reject(Rejected::Malformed);
     reply.push(rejection(0, 0, Rejected::Malformed, detail));
 }
 
