@@ -35,6 +35,7 @@ on_both_acceptors!(
     conflicting_content_lengths_give_400,
     invalid_chunk_size_gives_400_and_close,
     connections_over_the_worker_cap_are_closed,
+    a_burst_of_connections_past_the_completion_queue_is_all_served,
     idle_connection_is_parked_and_serves_the_next_request,
     pipelined_bytes_held_while_idle_are_not_lost,
     upstream_connection_cap_queues_then_gives_503,
@@ -627,6 +628,28 @@ fn connections_over_the_worker_cap_are_closed(io: IoMode) {
         200,
         "the first still works"
     );
+    fg.shutdown();
+}
+
+/// More connections at once than the io_uring acceptor's completion queue holds (the
+/// kernel keeps the surplus on its overflow list, and may end the multishot accept there):
+/// every one is accepted and answered.
+fn a_burst_of_connections_past_the_completion_queue_is_all_served(io: IoMode) {
+    let fg = start(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nrespond = { status = 200 }\n",
+        io,
+    );
+    let addr = fg.local_addrs()[0];
+    for round in 0..3 {
+        let mut clients: Vec<_> = (0..700).map(|_| RawClient::connect(addr)).collect();
+        for c in &mut clients {
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        }
+        for (i, c) in clients.iter_mut().enumerate() {
+            let status = c.read_response().map(|r| r.status);
+            assert_eq!(status, Some(200), "round {round}: connection {i} of 700");
+        }
+    }
     fg.shutdown();
 }
 

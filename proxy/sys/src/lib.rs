@@ -120,9 +120,10 @@ impl AcceptRing {
         Ok(())
     }
 
-    /// Clears the eventfd, runs deferred completion work, takes every completion and re-arms
-    /// the accept if the kernel ended it (after an error or a full completion queue). Call it
-    /// after the eventfd polled readable.
+    /// Clears the eventfd, runs deferred completion work, takes every completion (also those
+    /// the kernel held back while the completion queue was full) and re-arms the accept if
+    /// the kernel ended it (after an error or a full completion queue). Call it after the
+    /// eventfd polled readable.
     pub fn drain(&mut self, out: &mut Drained) -> io::Result<()> {
         let mut counter = [0u8; 8];
         // SAFETY: reads 8 bytes into a live 8-byte buffer from a descriptor we own; EAGAIN
@@ -134,15 +135,35 @@ impl AcceptRing {
                 counter.len(),
             );
         }
-        if self.deferred {
-            // IORING_ENTER_GETEVENTS without waiting: runs the deferred accept completions.
-            // SAFETY: no submission entries and no argument pointer are passed.
-            unsafe {
-                self.ring
-                    .submitter()
-                    .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)?;
+        let mut flush = self.deferred;
+        loop {
+            if flush {
+                // IORING_ENTER_GETEVENTS without waiting: runs the deferred accept completions
+                // and moves completions held back on overflow into the queue.
+                // SAFETY: no submission entries and no argument pointer are passed.
+                unsafe {
+                    self.ring
+                        .submitter()
+                        .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)?;
+                }
             }
+            self.take_completions(out);
+            // A burst larger than the completion queue: the rest waits in the kernel's
+            // overflow list, which raises no new eventfd signal. Fetch it now, or the ending
+            // of the multishot accept (among those held back) is never seen, and accepting
+            // stops while the listen queue fills.
+            if !self.ring.submission().cq_overflow() {
+                break;
+            }
+            flush = true;
         }
+        if !self.armed {
+            self.arm()?;
+        }
+        Ok(())
+    }
+
+    fn take_completions(&mut self, out: &mut Drained) {
         for cqe in self.ring.completion() {
             if cqe.user_data() != ACCEPT_TAG {
                 continue;
@@ -164,10 +185,6 @@ impl AcceptRing {
                 out.accepted.push(Err(io::Error::from_raw_os_error(-res)));
             }
         }
-        if !self.armed {
-            self.arm()?;
-        }
-        Ok(())
     }
 }
 

@@ -36,6 +36,8 @@ struct State {
     ordinal: u64,
     instruments: HashMap<u32, Instrument>,
     lanes: Vec<Arc<Lane>>,
+    /// One batch on its way to the lanes (kept for its capacity).
+    out: Vec<Arc<Msg>>,
 }
 
 #[derive(Default)]
@@ -79,6 +81,7 @@ impl FeedHub {
                 ordinal: 0,
                 instruments: HashMap::new(),
                 lanes: Vec::new(),
+                out: Vec::new(),
             }),
             stats: FeedStats::default(),
             nats: Default::default(),
@@ -123,14 +126,15 @@ impl FeedHub {
         rejected: &mut Vec<(u32, u64, Rejected)>,
     ) {
         let now = Instant::now();
-        let mut out = Vec::new();
         let mut st = self.lock();
         let State {
             cfg,
             ordinal,
             instruments,
             lanes,
+            out,
         } = &mut *st;
+        out.clear();
         for t in ticks {
             let (id, seq) = (t.instrument(), t.seq());
             let room = instruments.len() < cfg.max_instruments;
@@ -184,6 +188,7 @@ impl FeedHub {
                 .extend(out.iter().cloned());
             lane.wake.notify_one();
         }
+        out.clear();
     }
 
     /// What a subscriber joining for `set` gets before live messages, and the ordinal live

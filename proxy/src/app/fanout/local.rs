@@ -24,6 +24,8 @@ pub(crate) struct LocalFeed {
     index: RefCell<HashMap<u32, Vec<Rc<Sub>>>>,
     /// The stale alarm as this worker last told its subscribers.
     stale: Cell<bool>,
+    /// Subscribers one batch reached (kept for its capacity).
+    touched: RefCell<Vec<Rc<Sub>>>,
 }
 
 impl LocalFeed {
@@ -37,6 +39,7 @@ impl LocalFeed {
             subs: RefCell::default(),
             index: RefCell::default(),
             stale: Cell::new(false),
+            touched: RefCell::default(),
         });
         tokio::task::spawn_local(dispatch(Rc::downgrade(&local)));
         local
@@ -116,11 +119,11 @@ impl LocalFeed {
     }
 
     /// Hands one batch to the subscribers of each message's instrument, then wakes each
-    /// subscriber it gave something once.
-    fn deliver(&self, batch: Vec<Arc<Msg>>) {
-        let mut touched: Vec<Rc<Sub>> = Vec::new();
+    /// subscriber it gave something once. The batch is left empty, its capacity kept.
+    fn deliver(&self, batch: &mut Vec<Arc<Msg>>) {
+        let mut touched = self.touched.borrow_mut();
         let mut index = self.index.borrow_mut();
-        for m in batch {
+        for m in batch.drain(..) {
             let subs = index.entry(m.instrument).or_insert_with(|| {
                 self.subs
                     .borrow()
@@ -140,7 +143,7 @@ impl LocalFeed {
             }
         }
         drop(index);
-        for s in touched {
+        for s in touched.drain(..) {
             s.pending.set(false);
             s.wake();
         }
@@ -172,6 +175,9 @@ async fn dispatch(local: Weak<LocalFeed>) {
         Some(l) => (Arc::clone(&l.lane), Arc::clone(&l.hub)),
         None => return,
     };
+    // The lane's queue and this one trade places at each wake, so neither allocates once
+    // both have grown to the usual batch.
+    let mut batch = Vec::new();
     loop {
         let every = (hub.config().stale_after / 2).max(Duration::from_millis(50));
         let woken = tokio::time::timeout(every, lane.wake.notified())
@@ -179,8 +185,11 @@ async fn dispatch(local: Weak<LocalFeed>) {
             .is_ok();
         let Some(local) = local.upgrade() else { return };
         if woken {
-            let batch = std::mem::take(&mut *lane.queue.lock().unwrap_or_else(|e| e.into_inner()));
-            local.deliver(batch);
+            std::mem::swap(
+                &mut *lane.queue.lock().unwrap_or_else(|e| e.into_inner()),
+                &mut batch,
+            );
+            local.deliver(&mut batch);
         }
         local.check_stale();
     }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::hub::FeedHub;
-use super::session::{hub_reject, Ingest};
+use super::session::{hub_reject, read_room, Ingest};
 
 /// Largest NATS message taken (the server's own default `max_payload` is 1 MiB).
 const MAX_MESSAGE: usize = 8 << 20;
@@ -139,9 +139,7 @@ async fn session(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if buf.capacity() - buf.len() < 16 << 10 {
-            buf.reserve(64 << 10);
-        }
+        read_room(&mut buf);
         let n = match tokio::time::timeout(Duration::from_secs(1), io.read_buf(&mut buf)).await {
             Ok(Ok(0)) => return Err("the server closed the connection".into()),
             Ok(Ok(n)) => n,

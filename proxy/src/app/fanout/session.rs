@@ -380,11 +380,20 @@ pub(crate) async fn publish<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = io.shutdown().await;
             return;
         }
-        buf.reserve(64 * 1024);
+        read_room(&mut buf);
         match io.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+    }
+}
+
+/// Keeps room in an ingest read buffer: ticks cut from it keep their part of it alive, so a
+/// new 64 KiB block is taken only when less than 16 KiB is left, not at every read (one
+/// allocation per block, not per read).
+pub(crate) fn read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 16 << 10 {
+        buf.reserve(64 << 10);
     }
 }
 
