@@ -196,7 +196,7 @@ async fn subscribers(peer: Peer, addr: SocketAddr, n: usize, shared: &Arc<Shared
             shared.closed.fetch_add(1, Ordering::Relaxed);
         });
     }
-    let _ = ready.acquire_many(n as u32).await.expect("open").forget();
+    ready.acquire_many(n as u32).await.expect("open").forget();
 }
 
 /// One receiver: subscribe, tell `ready`, then record every tick until the end.
