@@ -25,8 +25,9 @@ use crate::error::BoxError;
 
 /// Largest control frame a subscriber may send, and largest WebSocket message from one.
 const CONTROL_MAX: usize = 4096;
-/// Messages gathered into one vectored write (two slices each on WebSocket).
-const WRITE_BATCH: usize = 512;
+/// Messages gathered into one vectored write (two slices each on WebSocket). The slice
+/// array is filled at every write, so it is kept small: 64 ticks are already 8 KiB.
+const WRITE_BATCH: usize = 64;
 
 /// What an entitlement key allows (everything when the feed has no entitlements); None: a
 /// key is needed and this one is not known.
