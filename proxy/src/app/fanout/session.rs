@@ -25,9 +25,11 @@ use crate::error::BoxError;
 
 /// Largest control frame a subscriber may send, and largest WebSocket message from one.
 const CONTROL_MAX: usize = 4096;
-/// Messages gathered into one vectored write (two slices each on WebSocket). The slice
-/// array is filled at every write, so it is kept small: 64 ticks are already 8 KiB.
-const WRITE_BATCH: usize = 64;
+/// Messages gathered into one vectored write (two slices each on WebSocket).
+const WRITE_BATCH: usize = 512;
+/// Up to this many messages left, a write fills a small slice array rather than the whole
+/// `WRITE_BATCH` one (the usual case at low rates: one tick per write).
+const WRITE_SMALL: usize = 16;
 
 /// What an entitlement key allows (everything when the feed has no entitlements); None: a
 /// key is needed and this one is not known.
@@ -605,24 +607,21 @@ async fn write_batch<W: AsyncWrite + Unpin>(
     // Position: message, part (WebSocket head or frame), offset into it.
     let (mut m, mut part, mut off) = (0usize, if websocket { 0 } else { 1 }, 0usize);
     while m < batch.len() {
-        let mut slices: [IoSlice<'_>; 2 * WRITE_BATCH] = [IoSlice::new(&[]); 2 * WRITE_BATCH];
-        let mut n = 0;
-        let (mut mm, mut pp, mut oo) = (m, part, off);
-        while mm < batch.len() && n < slices.len() {
-            let p = batch[mm].parts(websocket)[pp];
-            if oo < p.len() {
-                slices[n] = IoSlice::new(&p[oo..]);
-                n += 1;
+        // The slices are built inside each poll, on the stack: held across the await they
+        // would grow every subscriber's task by the whole array.
+        let mut wrote = poll_fn(|cx| {
+            let at = (m, part, off);
+            if batch.len() - m <= WRITE_SMALL {
+                let mut slices = [IoSlice::new(&[]); 2 * WRITE_SMALL];
+                let n = fill(&mut slices, batch, websocket, at);
+                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+            } else {
+                let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
+                let n = fill(&mut slices, batch, websocket, at);
+                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
             }
-            oo = 0;
-            pp += 1;
-            if pp == 2 {
-                pp = if websocket { 0 } else { 1 };
-                mm += 1;
-            }
-        }
-        let mut wrote =
-            poll_fn(|cx| Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])).await?;
+        })
+        .await?;
         if wrote == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -645,6 +644,31 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         }
     }
     wr.flush().await
+}
+
+/// Fills `slices` with what is left of `batch` from position `(message, part, offset)`;
+/// returns how many it filled.
+fn fill<'a>(
+    slices: &mut [IoSlice<'a>],
+    batch: &'a [Arc<Msg>],
+    websocket: bool,
+    (mut m, mut part, mut off): (usize, usize, usize),
+) -> usize {
+    let mut n = 0;
+    while m < batch.len() && n < slices.len() {
+        let p = batch[m].parts(websocket)[part];
+        if off < p.len() {
+            slices[n] = IoSlice::new(&p[off..]);
+            n += 1;
+        }
+        off = 0;
+        part += 1;
+        if part == 2 {
+            part = if websocket { 0 } else { 1 };
+            m += 1;
+        }
+    }
+    n
 }
 
 /// A subscriber as a streaming HTTP response body: one data frame per message (the servers
