@@ -34,9 +34,10 @@ pub struct Feed {
     pub stale_after: Duration,
     /// `[feed.groups]`: names for instrument sets, used as `@name` in patterns.
     pub groups: BTreeMap<String, InstrumentSet>,
-    /// `[[feed.entitle]]`: when any is given, a subscriber must present one of these keys
-    /// (the `api_key_header` on HTTP, `auth KEY` on a raw TCP subscription) and may only
-    /// receive its instruments. Default: none, every subscriber may receive everything.
+    /// `[[feed.entitle]]`: when any is given, a subscriber must present one of these
+    /// identities, a key (the `api_key_header` on HTTP, `auth KEY` on a raw TCP
+    /// subscription) or a client certificate (its common name), and may only receive its
+    /// instruments. Default: none, every subscriber may receive everything.
     pub entitle: Vec<Entitlement>,
     /// The request header carrying a subscriber's key. Default `x-api-key`.
     pub api_key_header: http::HeaderName,
@@ -73,7 +74,11 @@ pub enum SlowConsumer {
 /// A key and the instruments it may receive.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entitlement {
-    pub key: String,
+    /// An API key (the `api_key_header` on HTTP, `auth KEY` on raw TCP).
+    pub key: Option<String>,
+    /// Or the subject common name of a client certificate verified by the listener's
+    /// `client_ca` (`[listener.tls]`).
+    pub client_cn: Option<String>,
     pub instruments: InstrumentSet,
 }
 
@@ -232,7 +237,8 @@ struct RawNats {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEntitlement {
-    key: String,
+    key: Option<String>,
+    client_cn: Option<String>,
     instruments: Vec<String>,
 }
 
@@ -266,18 +272,36 @@ pub(crate) fn build(src: &Source<'_>, raw: &[RawFeed]) -> Result<Vec<Feed>, Conf
         let mut entitle = Vec::new();
         for (j, e) in f.entitle.iter().enumerate() {
             let r = e.get_ref();
-            if r.key.is_empty() || http::HeaderValue::from_str(&r.key).is_err() {
-                return Err(src.invalid(
-                    key(&format!("entitle[{j}].key")),
-                    e,
-                    "a key is a non-empty header value",
-                ));
+            match (&r.key, &r.client_cn) {
+                (Some(k), None) if k.is_empty() || http::HeaderValue::from_str(k).is_err() => {
+                    return Err(src.invalid(
+                        key(&format!("entitle[{j}].key")),
+                        e,
+                        "a key is a non-empty header value",
+                    ));
+                }
+                (None, Some(cn)) if cn.is_empty() => {
+                    return Err(src.invalid(
+                        key(&format!("entitle[{j}].client_cn")),
+                        e,
+                        "a client certificate's common name is not empty",
+                    ));
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return Err(src.invalid(
+                        key(&format!("entitle[{j}]")),
+                        e,
+                        "an entitlement names one identity: `key` or `client_cn`",
+                    ));
+                }
             }
             let instruments =
                 InstrumentSet::parse(r.instruments.iter().map(String::as_str), &groups)
                     .map_err(|m| src.invalid(key(&format!("entitle[{j}].instruments")), e, m))?;
             entitle.push(Entitlement {
                 key: r.key.clone(),
+                client_cn: r.client_cn.clone(),
                 instruments,
             });
         }

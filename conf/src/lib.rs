@@ -268,6 +268,19 @@ pub struct Tls {
     /// Needs the session cache and no tickets (rustls offers 0-RTT only on stateful
     /// resumption). Default 0.
     pub early_data: usize,
+    /// `client_ca`: PEM roots that client certificates are verified against (mutual TLS);
+    /// with `client_certificate = "optional"` a client without one is let in too. A verified
+    /// certificate's subject common name is the client's identity (feed entitlements).
+    /// Default: no client certificates asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Client certificates on a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub ca: std::path::PathBuf,
+    /// Clients without a certificate are refused in the handshake. Default true.
+    pub required: bool,
 }
 
 /// TLS to an upstream's endpoints.
@@ -435,6 +448,8 @@ struct RawTls {
     ticket_keys: Option<String>,
     early_data: Option<RawSize>,
     session_cache: Option<i64>,
+    client_ca: Option<String>,
+    client_certificate: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -617,8 +632,33 @@ fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls,
             "0-RTT needs the session cache and no session tickets (rustls offers it only on stateful resumption)",
         ));
     }
+    let client_auth = match (&r.client_ca, r.client_certificate.as_deref()) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(src.invalid(
+                format!("{key}.client_certificate"),
+                t,
+                "needs `client_ca` (the roots client certificates are verified against)",
+            ))
+        }
+        (Some(ca), how) => Some(ClientAuth {
+            ca: ca.into(),
+            required: match how {
+                None | Some("required") => true,
+                Some("optional") => false,
+                Some(other) => {
+                    return Err(src.invalid(
+                        format!("{key}.client_certificate"),
+                        t,
+                        format!("{other:?}: \"required\" or \"optional\""),
+                    ))
+                }
+            },
+        }),
+    };
     Ok(Tls {
         early_data,
+        client_auth,
         certificates: r
             .certificates
             .iter()
@@ -1233,6 +1273,7 @@ mod tests {
             (format!("{feed}[feed.groups]\na = [\"@b\"]\n"), "feed[0].groups.a"),
             (format!("{feed}[[feed.entitle]]\nkey = \"k\"\ninstruments = [\"9-1\"]\n"), "feed[0].entitle[0].instruments"),
             (format!("{feed}{feed}"), "feed[1].name"),
+            (format!("{feed}[[feed.entitle]]\nkey = \"k\"\nclient_cn = \"c\"\ninstruments = [\"1\"]\n"), "feed[0].entitle[0]"),
             (format!("{feed}[feed.nats]\nurl = \"nats://host\"\nsubject = \"a\"\n"), "feed[0].nats.url"),
             (format!("{feed}[feed.nats]\nurl = \"127.0.0.1:4222\"\nsubject = \"a.>.b\"\n"), "feed[0].nats.subject"),
             (format!("{feed}[feed.nats]\nurl = \"127.0.0.1:4222\"\nsubject = \"a\"\nreconnect = \"0s\"\n"), "feed[0].nats.reconnect"),

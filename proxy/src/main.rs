@@ -122,6 +122,7 @@ fn run(args: Args) -> Result<()> {
                     ticket_keys: None,
                     session_cache: 1024,
                     early_data: 0,
+                    client_auth: None,
                 }),
                 (None, None) => None,
                 _ => bail!("--tls-cert and --tls-key go together"),

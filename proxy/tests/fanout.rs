@@ -95,9 +95,13 @@ fn control(text: &str) -> Vec<u8> {
     out.to_vec()
 }
 
+/// A byte stream a test client talks over: plain TCP, or TLS over it.
+trait Io: Read + Write + Send {}
+impl<T: Read + Write + Send> Io for T {}
+
 /// A feed connection seen from the client side: raw TCP frames, or WebSocket messages.
 struct FeedConn {
-    s: TcpStream,
+    s: Box<dyn Io>,
     /// Bytes read and not yet parsed (WebSocket: frames; then `frames`).
     raw: BytesMut,
     frames: BytesMut,
@@ -109,7 +113,21 @@ impl FeedConn {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         FeedConn {
-            s,
+            s: Box::new(s),
+            raw: BytesMut::new(),
+            frames: BytesMut::new(),
+            ws: false,
+        }
+    }
+
+    /// Raw frames over TLS with `cfg` (the server is `localhost`).
+    fn tls(addr: SocketAddr, cfg: &std::sync::Arc<rustls::ClientConfig>) -> FeedConn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+        FeedConn {
+            s: Box::new(rustls::StreamOwned::new(conn, s)),
             raw: BytesMut::new(),
             frames: BytesMut::new(),
             ws: false,
@@ -148,7 +166,7 @@ impl FeedConn {
         );
         let _ = raw.split_to(end);
         Ok(FeedConn {
-            s,
+            s: Box::new(s),
             raw,
             frames: BytesMut::new(),
             ws: true,
@@ -480,7 +498,7 @@ fn stall(f: &Fixture, n: u64) -> (FeedConn, Seqs, Seqs) {
         let s: TcpStream = s.into();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         FeedConn {
-            s,
+            s: Box::new(s),
             raw: BytesMut::new(),
             frames: BytesMut::new(),
             ws: false,
@@ -981,4 +999,115 @@ fn two_gateways_fan_out_one_feed_from_a_real_nats_server_and_reconnect_after_it_
     nats_publish(&mut p, "md.eq", &frames(&[quote(1, 5)]));
     assert_eq!(seqs(&sa.ticks(1, &mut notes)), vec![(1, 5)]);
     assert_eq!(seqs(&sb.ticks(1, &mut notes)), vec![(1, 5)]);
+}
+
+/// A rustls client trusting `server_ca`, presenting `client` (cert.pem, key.pem) if given.
+fn tls_client(
+    server_ca: &std::path::Path,
+    client: Option<&std::path::Path>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(server_ca.join("ca.pem")).unwrap())
+        .unwrap();
+    let b = rustls::ClientConfig::builder().with_root_certificates(roots);
+    std::sync::Arc::new(match client {
+        None => b.with_no_client_auth(),
+        Some(c) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(c.join("cert.pem"))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(c.join("key.pem")).unwrap(),
+            )
+            .unwrap(),
+    })
+}
+
+#[test]
+fn a_client_certificate_is_an_identity_its_common_name_entitled() {
+    let dir = support::scratch("feed-mtls");
+    let server = support::test_certs(&dir.join("server"), &["localhost"]);
+    // Two clients' certificates from one client CA; a third from a CA nobody trusts.
+    let desk = support::test_certs(&dir.join("desk"), &["desk-a"]);
+    let other = support::test_certs(&dir.join("other"), &["desk-b"]);
+    let tls = format!(
+        "[listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n\
+         client_ca = \"{}\"\nclient_certificate = \"optional\"\n",
+        server.join("cert.pem").display(),
+        server.join("key.pem").display(),
+        desk.join("ca.pem").display(),
+    );
+    let fg = support::start(
+        &format!(
+            "[[feed]]\nname = \"md\"\n\
+             [[feed.entitle]]\nclient_cn = \"desk-a\"\ninstruments = [\"1-3\"]\n\
+             [[feed.entitle]]\nkey = \"ops\"\ninstruments = [\"*\"]\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"md\"\nrole = \"publish\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"md\"\nrole = \"subscribe\"\n{tls}\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nhttp3 = false\n\
+             [[listener.route]]\npath = \"/md\"\nfeed = {{ name = \"md\" }}\n{tls}"
+        ),
+        IoMode::Epoll,
+    );
+    let a = fg.local_addrs();
+    let (publish, subscribe, http) = (a[0], a[1], a[2]);
+    // Raw TCP over TLS with desk-a's certificate: entitled to 1-3 without a word.
+    let mut c = FeedConn::tls(subscribe, &tls_client(&server, Some(&desk)));
+    c.command("sub 1-9");
+    let first = c.until("subscribed");
+    assert!(
+        first.iter().any(|g| g
+            .note()
+            .is_some_and(|n| n.starts_with("refused") && n.contains("not entitled"))),
+        "4-9 refused: {first:?}"
+    );
+    // Without a certificate: nothing until a key.
+    let mut anon = FeedConn::tls(subscribe, &tls_client(&server, None));
+    anon.command("sub 1");
+    assert!(anon
+        .until("refused")
+        .last()
+        .unwrap()
+        .note()
+        .unwrap()
+        .contains("not entitled"));
+    // A certificate from a CA the listener does not trust: the handshake fails.
+    let mut stranger = FeedConn::tls(subscribe, &tls_client(&server, Some(&other)));
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stranger.command("sub 1");
+        stranger.next()
+    }));
+    assert!(
+        !matches!(refused, Ok(Some(_))),
+        "an untrusted certificate is refused"
+    );
+    // HTTP over TLS: the certificate entitles a streaming subscription; none gets 403.
+    let get = |cfg: &std::sync::Arc<rustls::ClientConfig>| {
+        let mut s = FeedConn::tls(http, cfg);
+        s.s.write_all(b"GET /md?sub=1-3 HTTP/1.1\r\nHost: feed\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.s.read(&mut byte).unwrap(),
+                1,
+                "{}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    };
+    assert!(get(&tls_client(&server, Some(&desk))).starts_with("HTTP/1.1 200"));
+    assert!(get(&tls_client(&server, None)).starts_with("HTTP/1.1 403"));
+    // And the entitled subscriber receives its instruments only.
+    let mut p = TcpStream::connect(publish).unwrap();
+    p.write_all(&frames(&[quote(5, 1), quote(2, 1)])).unwrap();
+    let mut notes = Vec::new();
+    assert_eq!(seqs(&c.ticks(1, &mut notes)), vec![(2, 1)]);
 }

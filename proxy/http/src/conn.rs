@@ -58,6 +58,8 @@ pub struct ConnState {
     pub alt_svc: Option<http::HeaderValue>,
     /// "http" or "https", for X-Forwarded-Proto.
     pub scheme: http::HeaderValue,
+    /// The common name of the client certificate the TLS handshake verified, if any.
+    pub client_cn: Option<Box<str>>,
 }
 
 // The fields of `ConnState` are touched by one thread only, but the response body holds them
@@ -430,6 +432,7 @@ impl ConnState {
         peer: SocketAddr,
         local: SocketAddr,
         alt_svc: Option<http::HeaderValue>,
+        client_cn: Option<Box<str>>,
     ) -> Arc<ConnState> {
         let now = Instant::now();
         let Timeouts {
@@ -455,6 +458,7 @@ impl ConnState {
             request_timeout,
             body_min_rate,
             scheme: http::HeaderValue::from_static(scheme),
+            client_cn,
             peer_ip: http::HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             peer,

@@ -205,10 +205,11 @@ impl Handler {
             .headers()
             .get(&cfg.api_key_header)
             .map(HeaderValue::as_bytes);
-        let allowed = match (ep.role, session::entitled(&cfg, key)) {
+        let cn = inflight.state().client_cn.as_deref();
+        let allowed = match (ep.role, session::entitled(&cfg, key, cn)) {
             (FeedRole::Subscribe, None) => {
                 let why = format!(
-                    "feed {:?}: not entitled (a known key in {})",
+                    "feed {:?}: not entitled (a known key in {}, or client certificate)",
                     cfg.name, cfg.api_key_header
                 );
                 return text(StatusCode::FORBIDDEN, why, inflight);

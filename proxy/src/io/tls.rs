@@ -99,6 +99,16 @@ fn load_key(
     Ok(Arc::new(certified))
 }
 
+/// The common name of the certificate a client presented (rustls verified it against the
+/// listener's `client_ca` during the handshake): the client's identity.
+pub(crate) fn client_identity(stream: &fluxgate_http::conn::ClientStream) -> Option<Box<str>> {
+    let fluxgate_http::stream::MaybeTls::Tls(s) = stream else {
+        return None;
+    };
+    let cert = s.get_ref().1.peer_certificates()?.first()?;
+    fluxgate_wire::tls::subject_common_name(cert).map(Into::into)
+}
+
 /// The rustls server config for one listener's `[listener.tls]` over TCP.
 pub(crate) fn server_config(t: &Tls) -> Result<Arc<rustls::ServerConfig>, String> {
     let versions: &[&'static rustls::SupportedProtocolVersion] = match t.min_version {
@@ -226,11 +236,33 @@ fn rustls_server(
         names,
         default: default.ok_or("no certificate configured")?,
     };
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| e.to_string())?;
+    let builder = match &t.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs(&auth.ca)?);
+            if added == 0 {
+                return Err(format!("{}: no usable CA certificate", auth.ca.display()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = match auth.required {
+                true => verifier,
+                false => verifier.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| format!("{}: {e}", auth.ca.display()))?,
+            )
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.session_storage = if t.session_cache > 0 {
         ServerSessionMemoryCache::new(t.session_cache)
     } else {

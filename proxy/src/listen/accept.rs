@@ -237,7 +237,9 @@ async fn serve_conn(
         match (stream, feed) {
             (Some((stream, early)), Some((feed, role))) => {
                 let buf = early.map_or_else(BytesMut::new, |e| BytesMut::from(&e[..]));
-                let allowed = session::entitled(&feed.hub.config(), None).unwrap_or_default();
+                let cn = crate::io::tls::client_identity(&stream);
+                let allowed =
+                    session::entitled(&feed.hub.config(), None, cn.as_deref()).unwrap_or_default();
                 // Boxed: rare, and either state must not grow every connection's task.
                 let served: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> = match role {
                     FeedRole::Publish => Box::pin(session::publish(stream, feed, false, buf)),

@@ -93,7 +93,9 @@ impl ConnServer {
             ClientStream::Plain(_) => "http",
             ClientStream::Tls(_) => "https",
         };
-        let state = ConnState::new(h2, self.timeouts, scheme, peer, local, self.alt_svc.clone());
+        let cn = crate::io::tls::client_identity(&stream);
+        let alt_svc = self.alt_svc.clone();
+        let state = ConnState::new(h2, self.timeouts, scheme, peer, local, alt_svc, cn);
         let io = ClientIo::new(stream, Arc::clone(&state), first);
         let draining = self.draining.clone();
         let parks = Arc::clone(&self.parks);
@@ -120,7 +122,7 @@ impl ConnServer {
         handshake: Option<fluxgate_http::h3::Handshake>,
     ) -> fluxgate_http::h3::Served {
         let peer = conn.remote_address();
-        let state = ConnState::new(true, self.timeouts, "https", peer, local, None);
+        let state = ConnState::new(true, self.timeouts, "https", peer, local, None, None);
         let draining = self.draining.clone();
         fluxgate_http::h3::serve(conn, state, svc, draining, self.limits, handshake).await
     }

@@ -1,5 +1,6 @@
 //! What a proxy reads of a TLS ClientHello without terminating TLS: its extensions, and the
-//! server name (SNI) among them (RFC 8446 4.1.2, RFC 6066 3).
+//! server name (SNI) among them (RFC 8446 4.1.2, RFC 6066 3). And what it reads of a
+//! client certificate rustls has verified: the subject's common name (RFC 5280 4.1).
 
 /// Walks the extensions of the ClientHello at the start of `b`, as far as `b` goes, calling
 /// `f(kind, data)` for each one that is whole in `b`. None when `b` does not start like a
@@ -61,6 +62,73 @@ pub fn server_name(data: &[u8]) -> Option<&str> {
 pub const SERVER_NAME: u16 = 0;
 pub const EARLY_DATA: u16 = 42;
 
+/// One DER element at the front of `b`: (tag, contents, the rest after it).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = match first {
+        n if n < 0x80 => (usize::from(n), b),
+        0x81..=0x84 => {
+            let k = usize::from(first & 0x7f);
+            let len = b
+                .get(..k)?
+                .iter()
+                .fold(0usize, |a, d| (a << 8) | usize::from(*d));
+            (len, &b[k..])
+        }
+        _ => return None,
+    };
+    (len <= b.len()).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// The subject's common name (OID 2.5.4.3; the last one when there are several) of an X.509
+/// certificate in DER, when it is a UTF8String, PrintableString or IA5String. Only for
+/// certificates already verified: it checks structure, not signatures.
+pub fn subject_common_name(cert: &[u8]) -> Option<&str> {
+    const SEQUENCE: u8 = 0x30;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    let (SEQUENCE, cert, _) = der(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = der(cert)? else {
+        return None;
+    };
+    // [0] version (optional), serial, signature algorithm, issuer, validity, subject.
+    let mut rest = tbs;
+    let (tag, _, after) = der(rest)?;
+    if tag == 0xa0 {
+        rest = after;
+    }
+    for _ in 0..4 {
+        rest = der(rest)?.2;
+    }
+    let (SEQUENCE, mut rdns, _) = der(rest)? else {
+        return None;
+    };
+    let mut found = None;
+    while !rdns.is_empty() {
+        let (set_tag, mut set, next) = der(rdns)?;
+        rdns = next;
+        if set_tag != 0x31 {
+            return None;
+        }
+        while !set.is_empty() {
+            let (_, atv, next) = der(set)?;
+            set = next;
+            let (0x06, oid, value) = der(atv)? else {
+                return None;
+            };
+            if oid == CN {
+                let (kind, text, _) = der(value)?;
+                if matches!(kind, 0x0c | 0x13 | 0x16) {
+                    found = Some(std::str::from_utf8(text).ok()?);
+                }
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +187,18 @@ mod tests {
         );
         assert_eq!(sni_of(b"GET / HTTP/1.1\r\n"), (None, None));
         assert_eq!(sni_of(&hello(&[(SERVER_NAME, sni_ext("a/b"))])).1, None);
+    }
+
+    #[test]
+    fn common_name_of_a_certificate() {
+        // openssl req -x509 -subj "/C=GB/O=Example Desk/CN=desk-a.example/OU=trading"
+        let cert = include_bytes!("testdata/client-cert.der");
+        assert_eq!(subject_common_name(cert), Some("desk-a.example"));
+        // Cut anywhere, or not a certificate: no name, no panic.
+        for cut in 0..cert.len() {
+            let _ = subject_common_name(&cert[..cut]);
+        }
+        assert_eq!(subject_common_name(b"\x30\x82\xff\xff"), None);
+        assert_eq!(subject_common_name(&[]), None);
     }
 }

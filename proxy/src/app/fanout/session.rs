@@ -31,17 +31,24 @@ const WRITE_BATCH: usize = 512;
 /// `WRITE_BATCH` one (the usual case at low rates: one tick per write).
 const WRITE_SMALL: usize = 16;
 
-/// What an entitlement key allows (everything when the feed has no entitlements); None: a
-/// key is needed and this one is not known.
-pub(crate) fn entitled(cfg: &Feed, key: Option<&[u8]>) -> Option<InstrumentSet> {
+/// What a subscriber's identity allows: its key, or the common name of its verified client
+/// certificate (everything when the feed has no entitlements; the union when both are
+/// known). None: an identity is needed and neither is known.
+pub(crate) fn entitled(cfg: &Feed, key: Option<&[u8]>, cn: Option<&str>) -> Option<InstrumentSet> {
     if cfg.entitle.is_empty() {
         return Some(InstrumentSet::all());
     }
-    let key = key?;
-    cfg.entitle
-        .iter()
-        .find(|e| e.key.as_bytes() == key)
-        .map(|e| e.instruments.clone())
+    let mut allowed: Option<InstrumentSet> = None;
+    for e in &cfg.entitle {
+        let by_key = key.is_some_and(|k| e.key.as_deref().is_some_and(|x| x.as_bytes() == k));
+        let by_cn = cn.is_some_and(|c| e.client_cn.as_deref() == Some(c));
+        if by_key || by_cn {
+            allowed
+                .get_or_insert_with(InstrumentSet::default)
+                .union(&e.instruments);
+        }
+    }
+    allowed
 }
 
 /// A subscriber's command.
@@ -505,7 +512,7 @@ pub(crate) async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
 fn handle_command(local: &LocalFeed, sub: &Rc<Sub>, text: &str) {
     let cfg = local.hub.config();
     match command(text, &cfg) {
-        Ok(Command::Auth(key)) => match entitled(&cfg, Some(key.as_bytes())) {
+        Ok(Command::Auth(key)) => match entitled(&cfg, Some(key.as_bytes()), None) {
             Some(set) => {
                 sub.entitle(set);
                 sub.tell("authenticated", &local.hub);
