@@ -627,6 +627,13 @@ fn a_stalled_subscriber_under_drop_oldest_is_told_what_it_lost() {
     const N: u64 = 100_000;
     let (mut stalled, kept, want) = stall(&f, N);
     assert!(kept == want, "the reader that kept up lost ticks");
+    // Its queue shows in the metrics: full, while the keeper's is empty.
+    let deepest = "fluxgate_feed_queue_deepest_messages{feed=\"md\",transport=\"tcp\"}";
+    assert!(
+        eventually(LIMIT, || metric(&f.metrics(), deepest) >= Some(1000.0)),
+        "{}",
+        f.metrics()
+    );
     let mut got = Vec::new();
     let dropped: u64 = loop {
         match stalled.next().expect("not cut off") {

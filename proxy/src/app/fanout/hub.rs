@@ -56,6 +56,10 @@ pub(crate) struct Lane {
     pub(crate) wake: tokio::sync::Notify,
     /// The worker has subscribers; ingest skips the lane otherwise.
     pub(crate) active: AtomicBool,
+    /// Per transport, as the worker last counted them (at most every 100 ms): messages
+    /// queued for its subscribers in all, and in its deepest queue.
+    pub(crate) queued: [AtomicU64; 3],
+    pub(crate) deepest: [AtomicU64; 3],
 }
 
 /// A subscriber's resume point: the feed epoch it last saw and, per instrument, the last
@@ -105,6 +109,19 @@ impl FeedHub {
         if *st.cfg != *cfg {
             st.cfg = Arc::new(cfg.clone());
         }
+    }
+
+    /// Per transport: messages queued for subscribers on every worker, and the deepest
+    /// single queue.
+    pub(crate) fn queue_depths(&self) -> ([u64; 3], [u64; 3]) {
+        let (mut all, mut deepest) = ([0; 3], [0; 3]);
+        for lane in &self.lock().lanes {
+            for t in 0..3 {
+                all[t] += lane.queued[t].load(Ordering::Relaxed);
+                deepest[t] = deepest[t].max(lane.deepest[t].load(Ordering::Relaxed));
+            }
+        }
+        (all, deepest)
     }
 
     pub(crate) fn add_lane(&self, lane: &Arc<Lane>) {

@@ -149,6 +149,21 @@ impl LocalFeed {
         }
     }
 
+    /// Counts what is queued for this worker's subscribers, for the metrics.
+    fn count_queues(&self) {
+        let (mut all, mut deepest) = ([0u64; 3], [0u64; 3]);
+        for s in self.subs.borrow().iter() {
+            let n = s.q.borrow().items.len() as u64;
+            let t = s.transport as usize;
+            all[t] += n;
+            deepest[t] = deepest[t].max(n);
+        }
+        for t in 0..3 {
+            self.lane.queued[t].store(all[t], Ordering::Relaxed);
+            self.lane.deepest[t].store(deepest[t], Ordering::Relaxed);
+        }
+    }
+
     /// Tells every subscriber, once, that the feed went stale or came back.
     fn check_stale(&self) {
         let cfg = self.hub.config();
@@ -178,6 +193,7 @@ async fn dispatch(local: Weak<LocalFeed>) {
     // The lane's queue and this one trade places at each wake, so neither allocates once
     // both have grown to the usual batch.
     let mut batch = Vec::new();
+    let mut counted = std::time::Instant::now();
     loop {
         let every = (hub.config().stale_after / 2).max(Duration::from_millis(50));
         let woken = tokio::time::timeout(every, lane.wake.notified())
@@ -192,6 +208,10 @@ async fn dispatch(local: Weak<LocalFeed>) {
             local.deliver(&mut batch);
         }
         local.check_stale();
+        if counted.elapsed() >= Duration::from_millis(100) {
+            local.count_queues();
+            counted = std::time::Instant::now();
+        }
     }
 }
 

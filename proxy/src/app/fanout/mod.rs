@@ -335,6 +335,41 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
             f.name, stale as u8
         );
     }
+    family(
+        o,
+        "fluxgate_feed_queued_messages",
+        "gauge",
+        "Messages queued for subscribers, by transport (counted every 100 ms).",
+    );
+    let depths: Vec<_> = feeds.iter().map(|f| f.queue_depths()).collect();
+    for (f, (all, _)) in feeds.iter().zip(&depths) {
+        for t in Transport::ALL {
+            let _ = writeln!(
+                o,
+                "fluxgate_feed_queued_messages{{feed=\"{}\",transport=\"{}\"}} {}",
+                f.name,
+                t.label(),
+                all[t as usize]
+            );
+        }
+    }
+    family(
+        o,
+        "fluxgate_feed_queue_deepest_messages",
+        "gauge",
+        "Messages in the deepest single subscriber queue, by transport.",
+    );
+    for (f, (_, deepest)) in feeds.iter().zip(&depths) {
+        for t in Transport::ALL {
+            let _ = writeln!(
+                o,
+                "fluxgate_feed_queue_deepest_messages{{feed=\"{}\",transport=\"{}\"}} {}",
+                f.name,
+                t.label(),
+                deepest[t as usize]
+            );
+        }
+    }
     let followed: Vec<_> = feeds.iter().filter(|f| f.config().nats.is_some()).collect();
     if !followed.is_empty() {
         family(
