@@ -1118,3 +1118,94 @@ fn a_client_certificate_is_an_identity_its_common_name_entitled() {
     let mut notes = Vec::new();
     assert_eq!(seqs(&c.ticks(1, &mut notes)), vec![(2, 1)]);
 }
+
+#[test]
+fn http3_subscribers_get_a_streaming_response_of_frames() {
+    use rustls::pki_types::pem::PemObject;
+    let dir = support::scratch("feed-h3");
+    let certs = support::test_certs(&dir, &["localhost"]);
+    let fg = support::start(
+        &format!(
+            "[[feed]]\nname = \"md\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\nfeed = \"md\"\nrole = \"publish\"\n\
+             [[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\npath = \"/md\"\nfeed = {{ name = \"md\" }}\n\
+             [listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+            certs.join("cert.pem").display(),
+            certs.join("key.pem").display(),
+        ),
+        IoMode::Epoll,
+    );
+    let (publish, https) = (fg.local_addrs()[0], fg.local_addrs()[1]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+        let conn = ep.connect(https, "localhost").unwrap().await.unwrap();
+        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let uri = format!("https://localhost:{}/md?sub=1-2", https.port());
+        let req = http::Request::get(uri).body(()).unwrap();
+        let mut s = sender.send_request(req).await.unwrap();
+        s.finish().await.unwrap();
+        let resp = s.recv_response().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"],
+            "application/x-fluxgate-frames"
+        );
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut published = false;
+        let limit = tokio::time::Instant::now() + LIMIT;
+        while got.len() < 3 {
+            let chunk = tokio::time::timeout_at(limit, s.recv_data())
+                .await
+                .expect("ticks in time")
+                .unwrap()
+                .expect("the stream goes on");
+            buf.extend_from_slice(bytes::Buf::chunk(&chunk));
+            while let Some(f) = FrameParser::default().parse(&mut buf).unwrap() {
+                match f.header().kind {
+                    Kind::Control => {
+                        let note = String::from_utf8_lossy(f.payload_slice()).into_owned();
+                        if note.starts_with("subscribed") && !published {
+                            // Live now: publish two ticks of ours and one of another's.
+                            let mut p = TcpStream::connect(publish).unwrap();
+                            p.write_all(&frames(&[
+                                quote(1, 1),
+                                quote(7, 1),
+                                trade(2, 1),
+                                quote(1, 2),
+                            ]))
+                            .unwrap();
+                            published = true;
+                        }
+                    }
+                    _ => {
+                        let t = VerifiedTick::verify(f).unwrap();
+                        got.push((t.instrument(), t.seq()));
+                    }
+                }
+            }
+        }
+        got
+    });
+    assert_eq!(got, vec![(1, 1), (2, 1), (1, 2)]);
+}
