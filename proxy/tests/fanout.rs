@@ -262,6 +262,16 @@ impl FeedConn {
         }
     }
 
+    /// Whether `command` is refused as not entitled.
+    fn refused(&mut self, command: &str) -> bool {
+        self.command(command);
+        let notes = self.until("refused");
+        notes
+            .last()
+            .and_then(Got::note)
+            .is_some_and(|n| n.contains("not entitled"))
+    }
+
     /// The next `n` ticks (notes skipped, but returned in `notes`).
     fn ticks(&mut self, n: usize, notes: &mut Vec<String>) -> Vec<Got> {
         let mut got = Vec::with_capacity(n);
@@ -862,14 +872,7 @@ fn subscribers_get_only_what_their_key_entitles() {
         .is_some_and(|n| n.starts_with("refused reason=\"not entitled\""))));
     // Raw TCP: nothing until `auth`.
     let mut c = FeedConn::tcp(f.subscribe);
-    c.command("sub 1");
-    assert!(c
-        .until("refused")
-        .last()
-        .unwrap()
-        .note()
-        .unwrap()
-        .contains("not entitled"));
+    assert!(c.refused("sub 1"));
     c.command("auth desk");
     c.until("authenticated");
     c.command("sub 1-9");
@@ -1074,14 +1077,7 @@ fn a_client_certificate_is_an_identity_its_common_name_entitled() {
     );
     // Without a certificate: nothing until a key.
     let mut anon = FeedConn::tls(subscribe, &tls_client(&server, None));
-    anon.command("sub 1");
-    assert!(anon
-        .until("refused")
-        .last()
-        .unwrap()
-        .note()
-        .unwrap()
-        .contains("not entitled"));
+    assert!(anon.refused("sub 1"));
     // A certificate from a CA the listener does not trust: the handshake fails.
     let mut stranger = FeedConn::tls(subscribe, &tls_client(&server, Some(&other)));
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

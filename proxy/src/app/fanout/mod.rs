@@ -282,10 +282,7 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
         ),
     ];
     for (name, help, get) in counters {
-        family(o, name, "counter", help);
-        for f in feeds {
-            let _ = writeln!(o, "{name}{{feed=\"{}\"}} {}", f.name, get(&f.stats));
-        }
+        per_feed(o, name, "counter", help, feeds, |f| get(&f.stats));
     }
     family(
         o,
@@ -304,102 +301,58 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
             );
         }
     }
-    family(
+    per_transport(
         o,
         "fluxgate_feed_subscribers",
-        "gauge",
         "Subscribers connected, by transport.",
+        feeds,
+        |i, t| feeds[i].stats.subscribers[t].load(Ordering::Relaxed).max(0) as u64,
     );
-    for f in feeds {
-        for t in Transport::ALL {
-            let n = f.stats.subscribers[t as usize].load(Ordering::Relaxed);
-            let _ = writeln!(
-                o,
-                "fluxgate_feed_subscribers{{feed=\"{}\",transport=\"{}\"}} {n}",
-                f.name,
-                t.label()
-            );
-        }
-    }
-    family(
+    let depths: Vec<_> = feeds.iter().map(|f| f.queue_depths()).collect();
+    per_transport(
+        o,
+        "fluxgate_feed_queued_messages",
+        "Messages queued for subscribers, by transport (counted every 100 ms).",
+        feeds,
+        |i, t| depths[i].0[t],
+    );
+    per_transport(
+        o,
+        "fluxgate_feed_queue_deepest_messages",
+        "Messages in the deepest single subscriber queue, by transport.",
+        feeds,
+        |i, t| depths[i].1[t],
+    );
+    per_feed(
         o,
         "fluxgate_feed_stale",
         "gauge",
         "1 while no tick came for longer than stale_after.",
+        feeds,
+        |f| (f.silent_for() > f.config().stale_after) as u64,
     );
-    for f in feeds {
-        let stale = f.silent_for() > f.config().stale_after;
-        let _ = writeln!(
-            o,
-            "fluxgate_feed_stale{{feed=\"{}\"}} {}",
-            f.name, stale as u8
-        );
-    }
-    family(
-        o,
-        "fluxgate_feed_queued_messages",
-        "gauge",
-        "Messages queued for subscribers, by transport (counted every 100 ms).",
-    );
-    let depths: Vec<_> = feeds.iter().map(|f| f.queue_depths()).collect();
-    for (f, (all, _)) in feeds.iter().zip(&depths) {
-        for t in Transport::ALL {
-            let _ = writeln!(
-                o,
-                "fluxgate_feed_queued_messages{{feed=\"{}\",transport=\"{}\"}} {}",
-                f.name,
-                t.label(),
-                all[t as usize]
-            );
-        }
-    }
-    family(
-        o,
-        "fluxgate_feed_queue_deepest_messages",
-        "gauge",
-        "Messages in the deepest single subscriber queue, by transport.",
-    );
-    for (f, (_, deepest)) in feeds.iter().zip(&depths) {
-        for t in Transport::ALL {
-            let _ = writeln!(
-                o,
-                "fluxgate_feed_queue_deepest_messages{{feed=\"{}\",transport=\"{}\"}} {}",
-                f.name,
-                t.label(),
-                deepest[t as usize]
-            );
-        }
-    }
-    let followed: Vec<_> = feeds.iter().filter(|f| f.config().nats.is_some()).collect();
+    let followed: Vec<_> = feeds
+        .iter()
+        .filter(|f| f.config().nats.is_some())
+        .cloned()
+        .collect();
     if !followed.is_empty() {
-        family(
+        per_feed(
             o,
             "fluxgate_feed_nats_connected",
             "gauge",
             "1 while the feed is subscribed on its NATS server.",
+            &followed,
+            |f| f.stats.nats_up.load(Ordering::Relaxed),
         );
-        for f in &followed {
-            let up = f.stats.nats_up.load(Ordering::Relaxed);
-            let _ = writeln!(
-                o,
-                "fluxgate_feed_nats_connected{{feed=\"{}\"}} {up}",
-                f.name
-            );
-        }
-        family(
+        per_feed(
             o,
             "fluxgate_feed_nats_connects_total",
             "counter",
             "Subscriptions made on the NATS server (the first, then each reconnect).",
+            &followed,
+            |f| f.stats.nats_connects.load(Ordering::Relaxed),
         );
-        for f in &followed {
-            let n = f.stats.nats_connects.load(Ordering::Relaxed);
-            let _ = writeln!(
-                o,
-                "fluxgate_feed_nats_connects_total{{feed=\"{}\"}} {n}",
-                f.name
-            );
-        }
     }
     family(
         o,
@@ -432,6 +385,45 @@ pub(crate) fn render_metrics(o: &mut String, feeds: &[Arc<hub::FeedHub>]) {
             let _ = writeln!(
                 o,
                 "fluxgate_feed_delivery_lag_seconds_count{{{labels}}} {cumulative}"
+            );
+        }
+    }
+}
+
+/// One family with a value per feed.
+fn per_feed(
+    o: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    feeds: &[Arc<hub::FeedHub>],
+    get: impl Fn(&hub::FeedHub) -> u64,
+) {
+    use std::fmt::Write;
+    crate::telemetry::metrics::family(o, name, kind, help);
+    for f in feeds {
+        let _ = writeln!(o, "{name}{{feed=\"{}\"}} {}", f.name, get(f));
+    }
+}
+
+/// One gauge family with a value per feed and transport: `get(feed index, transport)`.
+fn per_transport(
+    o: &mut String,
+    name: &str,
+    help: &str,
+    feeds: &[Arc<hub::FeedHub>],
+    get: impl Fn(usize, usize) -> u64,
+) {
+    use std::fmt::Write;
+    crate::telemetry::metrics::family(o, name, "gauge", help);
+    for (i, f) in feeds.iter().enumerate() {
+        for t in Transport::ALL {
+            let _ = writeln!(
+                o,
+                "{name}{{feed=\"{}\",transport=\"{}\"}} {}",
+                f.name,
+                t.label(),
+                get(i, t as usize)
             );
         }
     }
