@@ -21,6 +21,7 @@ mod telemetry;
 mod upstream;
 mod worker;
 
+pub use app::orders::journal;
 pub use error::ProxyError;
 pub use io::tls;
 pub use server::{Handle, Server};

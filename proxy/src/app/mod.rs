@@ -5,3 +5,4 @@
 pub(crate) mod body;
 pub(crate) mod fanout;
 pub(crate) mod gateway;
+pub(crate) mod orders;
