@@ -42,7 +42,7 @@ fn journal_child() {
             let seq = j.append(id.as_bytes());
             appended.push((seq, id));
         }
-        let settled: Vec<_> = to_settle.drain(..).collect();
+        let settled = std::mem::take(&mut to_settle);
         for (seq, _) in &settled {
             j.settle(*seq);
         }
