@@ -16,8 +16,6 @@
 //!     `allocs/tick X (N subscribers, TICKS ticks)`: heap allocations made by fluxgate's
 //!     threads while the ticks were fanned out, per tick.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,39 +29,8 @@ use fluxgate_wire::nats::{self, ServerOp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Counts heap allocations made by threads other than this tool's own.
-struct Counting;
-
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-thread_local! {
-    /// Set on the tool's own threads, whose allocations are not fluxgate's.
-    static OURS: Cell<bool> = const { Cell::new(false) };
-}
-
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if !OURS.with(Cell::get) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if !OURS.with(Cell::get) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: as above.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static ALLOC: fluxgate_sys::CountingAlloc = fluxgate_sys::CountingAlloc;
 
 /// Publish times, nanoseconds after `Shared::base`, by sequence number (modulo the size).
 const STAMPS: usize = 1 << 22;
@@ -153,7 +120,7 @@ fn tick_frame(enc: &mut TickEncoder, seq: u64, out: &mut BytesMut) {
 }
 
 fn main() {
-    OURS.with(|o| o.set(true));
+    fluxgate_sys::exclude_this_thread();
     let args: Vec<String> = std::env::args().collect();
     let usage = "usage: fanout-load fluxgate PUB SUB RATE SECONDS N | nats ADDR RATE SECONDS N | allocs N TICKS";
     let arg = |i: usize| -> &str {
@@ -362,7 +329,7 @@ fn load(peer: Peer, pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, secs:
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let recv_shared = Arc::clone(&shared);
     let receivers = std::thread::spawn(move || {
-        OURS.with(|o| o.set(true));
+        fluxgate_sys::exclude_this_thread();
         runtime().block_on(async {
             subscribers(peer, sub_addr, n, &recv_shared).await;
             let _ = ready_tx.send(());
@@ -414,7 +381,7 @@ fn allocs(n: usize, ticks: u64) {
     let recv_shared = Arc::clone(&shared);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receivers = std::thread::spawn(move || {
-        OURS.with(|o| o.set(true));
+        fluxgate_sys::exclude_this_thread();
         runtime().block_on(async {
             subscribers(Peer::Fluxgate, subscribe_at, n, &recv_shared).await;
             let _ = ready_tx.send(());
@@ -431,7 +398,7 @@ fn allocs(n: usize, ticks: u64) {
     let mut seq = 0;
     let mut count = |ticks: u64| {
         let before_delivered = shared.delivered.load(Ordering::Relaxed);
-        let before = ALLOCS.load(Ordering::Relaxed);
+        let before = fluxgate_sys::count_process_allocations();
         let run = (1000.0, ticks as f64 / 1000.0 + 0.0015);
         let sent = rt.block_on(publish(&mut s, Peer::Fluxgate, run, &shared, &mut seq));
         let want = before_delivered + sent * n as u64;
@@ -441,7 +408,7 @@ fn allocs(n: usize, ticks: u64) {
         }
         let got = shared.delivered.load(Ordering::Relaxed) - before_delivered;
         assert_eq!(got, sent * n as u64, "every tick reached every subscriber");
-        (ALLOCS.load(Ordering::Relaxed) - before, sent)
+        (fluxgate_sys::count_process_allocations() - before, sent)
     };
     let _ = count(ticks / 4);
     let (made, sent) = count(ticks);

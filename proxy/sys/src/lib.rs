@@ -301,6 +301,9 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// A global allocator that counts allocations made on threads that asked to be counted:
 /// how tests and benchmarks check "no allocation on this path". Wraps the system allocator.
+/// Two ways: `count_allocations` around work on this thread; or, for work spread over
+/// threads one does not own (a gateway in the process), `count_process_allocations` counts
+/// on every thread except those that called `exclude_this_thread` (the measuring ones).
 ///
 /// ```ignore
 /// #[global_allocator]
@@ -312,15 +315,40 @@ pub struct CountingAlloc;
 thread_local! {
     static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static EXCLUDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+static PROCESS_COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PROCESS_ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    if COUNTING.with(|c| c.get()) {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+    }
+    if PROCESS_COUNTING.load(Relaxed) && !EXCLUDED.with(|e| e.get()) {
+        PROCESS_ALLOCATIONS.fetch_add(1, Relaxed);
+    }
+}
+
+/// Leaves this thread's allocations out of `count_process_allocations`.
+pub fn exclude_this_thread() {
+    EXCLUDED.with(|e| e.set(true));
+}
+
+/// Starts counting allocations on every thread not excluded; returns the count so far (take
+/// the difference of two calls).
+pub fn count_process_allocations() -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    PROCESS_COUNTING.store(true, Relaxed);
+    PROCESS_ALLOCATIONS.load(Relaxed)
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the counting touches
 // only const-initialised thread-locals, which never allocate.
 unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        }
+        counted();
         // SAFETY: same contract as the caller's.
         unsafe { std::alloc::System.alloc(layout) }
     }
@@ -331,9 +359,7 @@ unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCATIONS.with(|n| n.set(n.get() + 1));
-        }
+        counted();
         // SAFETY: same contract as the caller's.
         unsafe { std::alloc::System.realloc(ptr, layout, new) }
     }
