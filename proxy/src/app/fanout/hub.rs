@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use fluxgate_codecs::gen::md::TickFlags;
 use fluxgate_codecs::{TickEncoder, TickMsg, VerifiedTick};
-use fluxgate_conf::{Feed, InstrumentSet};
+use fluxgate_conf::{Feed, InstrumentSet, NatsIngest};
 
 use super::{FeedStats, Msg, Rejected};
 
@@ -23,7 +23,7 @@ pub(crate) struct FeedHub {
     state: Mutex<State>,
     pub(crate) stats: FeedStats,
     /// The thread taking ticks from NATS (`[feed.nats]`), if any.
-    pub(crate) nats: super::nats::Follower,
+    pub(crate) nats: Follower,
     started: Instant,
     /// Milliseconds after `started` of the last tick taken.
     last_ingest_ms: AtomicU64,
@@ -290,4 +290,18 @@ fn verified(mut buf: BytesMut) -> Option<VerifiedTick> {
         .parse(&mut buf)
         .ok()??;
     VerifiedTick::verify(frame).ok()
+}
+
+/// The thread following a hub's subject, if any: its settings and its stop flag.
+#[derive(Default)]
+pub(crate) struct Follower(pub(crate) Mutex<Option<(NatsIngest, Arc<AtomicBool>)>>);
+
+impl Follower {
+    /// Stops the thread (a feed removed by a reload).
+    pub(crate) fn stop(&self) {
+        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, stop)) = cur.take() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
 }

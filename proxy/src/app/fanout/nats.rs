@@ -9,7 +9,7 @@
 //! copied, and every message of one read goes to the hub as one batch (one lock).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -26,20 +26,6 @@ const MAX_MESSAGE: usize = 8 << 20;
 /// Silence after which the server is pinged, and after which it is taken for dead.
 const PING_AFTER: Duration = Duration::from_secs(10);
 const DEAD_AFTER: Duration = Duration::from_secs(30);
-
-/// The thread following a hub's subject, if any: its settings and its stop flag.
-#[derive(Default)]
-pub(crate) struct Follower(Mutex<Option<(NatsIngest, Arc<AtomicBool>)>>);
-
-impl Follower {
-    /// Stops the thread (a feed removed by a reload).
-    pub(crate) fn stop(&self) {
-        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, stop)) = cur.take() {
-            stop.store(true, Ordering::Relaxed);
-        }
-    }
-}
 
 /// Makes the hub's NATS ingest match its config: started, restarted on new settings, or
 /// stopped. Called whenever a generation is built.
