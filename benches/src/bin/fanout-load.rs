@@ -131,29 +131,25 @@ fn main() {
     };
     let addr = |s: &str| -> SocketAddr { s.parse().expect("IP:PORT") };
     let num = |s: &str| -> f64 { s.parse().expect("a number") };
-    match arg(1) {
-        "fluxgate" => load(
-            Peer::Fluxgate,
-            addr(arg(2)),
-            addr(arg(3)),
-            num(arg(4)),
-            num(arg(5)),
-            num(arg(6)) as usize,
-        ),
-        "nats" => load(
-            Peer::Nats,
-            addr(arg(2)),
-            addr(arg(2)),
-            num(arg(3)),
-            num(arg(4)),
-            num(arg(5)) as usize,
-        ),
-        "allocs" => allocs(num(arg(2)) as usize, num(arg(3)) as u64),
+    // fluxgate takes a publisher and a subscriber address, nats-server one for both.
+    let (peer, sub_at) = match arg(1) {
+        "fluxgate" => (Peer::Fluxgate, 3),
+        "nats" => (Peer::Nats, 2),
+        "allocs" => return allocs(num(arg(2)) as usize, num(arg(3)) as u64),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2)
         }
-    }
+    };
+    let at = |k: usize| num(arg(sub_at + k));
+    load(
+        peer,
+        addr(arg(2)),
+        addr(arg(sub_at)),
+        at(1),
+        at(2),
+        at(3) as usize,
+    );
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -318,6 +314,39 @@ async fn publish(
     }
 }
 
+/// Starts `n` receivers on a thread of their own (left out of allocation counts); returns
+/// once every one is subscribed. They stop when `shared.stop` is set.
+fn receivers(
+    peer: Peer,
+    addr: SocketAddr,
+    n: usize,
+    shared: &Arc<Shared>,
+) -> std::thread::JoinHandle<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let shared = Arc::clone(shared);
+    let thread = std::thread::spawn(move || {
+        fluxgate_sys::exclude_this_thread();
+        runtime().block_on(async {
+            subscribers(peer, addr, n, &shared).await;
+            let _ = ready_tx.send(());
+            while !shared.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    });
+    ready_rx.recv().expect("subscribers ready");
+    thread
+}
+
+/// Waits until `want` deliveries in all arrived, for up to `limit`; returns how many did.
+fn delivered_by(shared: &Shared, want: u64, limit: Duration) -> u64 {
+    let end = Instant::now() + limit;
+    while shared.delivered.load(Ordering::Relaxed) < want && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    shared.delivered.load(Ordering::Relaxed)
+}
+
 fn load(peer: Peer, pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, secs: f64, n: usize) {
     let shared = Shared::new();
     // Numbered on from the clock, so a gateway that saw an earlier run's ticks takes these
@@ -326,20 +355,8 @@ fn load(peer: Peer, pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, secs:
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
     shared.first_seq.store(seq + 1, Ordering::Relaxed);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let recv_shared = Arc::clone(&shared);
-    let receivers = std::thread::spawn(move || {
-        fluxgate_sys::exclude_this_thread();
-        runtime().block_on(async {
-            subscribers(peer, sub_addr, n, &recv_shared).await;
-            let _ = ready_tx.send(());
-            while !recv_shared.stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-    });
     // nats-server: each subscription is in place once the PING after it was answered.
-    ready_rx.recv().expect("subscribers ready");
+    let receivers = receivers(peer, sub_addr, n, &shared);
     let rt = runtime();
     let started = Instant::now();
     let offered = rt.block_on(async {
@@ -350,12 +367,7 @@ fn load(peer: Peer, pub_addr: SocketAddr, sub_addr: SocketAddr, rate: f64, secs:
     // What is still in flight arrives, or never will.
     let want = offered * n as u64;
     let drain = Instant::now();
-    while shared.delivered.load(Ordering::Relaxed) < want
-        && drain.elapsed() < Duration::from_secs(3)
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let delivered = delivered_by(&shared, want, Duration::from_secs(3));
     let busy = spent + drain.elapsed().as_secs_f64();
     shared.stop.store(true, Ordering::Relaxed);
     let _ = receivers.join();
@@ -378,19 +390,7 @@ fn allocs(n: usize, ticks: u64) {
     let fg = fluxgate::Server::start(config).expect("fluxgate starts");
     let (publish_at, subscribe_at) = (fg.local_addrs()[0], fg.local_addrs()[1]);
     let shared = Shared::new();
-    let recv_shared = Arc::clone(&shared);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let receivers = std::thread::spawn(move || {
-        fluxgate_sys::exclude_this_thread();
-        runtime().block_on(async {
-            subscribers(Peer::Fluxgate, subscribe_at, n, &recv_shared).await;
-            let _ = ready_tx.send(());
-            while !recv_shared.stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-    });
-    ready_rx.recv().expect("subscribers ready");
+    let receivers = receivers(Peer::Fluxgate, subscribe_at, n, &shared);
     // A warm-up, so buffers and queues have their working size; then the measured run, at
     // the same rate (1,000 ticks per second).
     let rt = runtime();
@@ -402,11 +402,7 @@ fn allocs(n: usize, ticks: u64) {
         let run = (1000.0, ticks as f64 / 1000.0 + 0.0015);
         let sent = rt.block_on(publish(&mut s, Peer::Fluxgate, run, &shared, &mut seq));
         let want = before_delivered + sent * n as u64;
-        let end = Instant::now() + Duration::from_secs(10);
-        while shared.delivered.load(Ordering::Relaxed) < want && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let got = shared.delivered.load(Ordering::Relaxed) - before_delivered;
+        let got = delivered_by(&shared, want, Duration::from_secs(10)) - before_delivered;
         assert_eq!(got, sent * n as u64, "every tick reached every subscriber");
         (fluxgate_sys::count_process_allocations() - before, sent)
     };

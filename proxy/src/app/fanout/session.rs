@@ -619,13 +619,9 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         let mut wrote = poll_fn(|cx| {
             let at = (m, part, off);
             if batch.len() - m <= WRITE_SMALL {
-                let mut slices = [IoSlice::new(&[]); 2 * WRITE_SMALL];
-                let n = fill(&mut slices, batch, websocket, at);
-                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+                poll_write_from::<_, { 2 * WRITE_SMALL }>(&mut *wr, cx, batch, websocket, at)
             } else {
-                let mut slices = [IoSlice::new(&[]); 2 * WRITE_BATCH];
-                let n = fill(&mut slices, batch, websocket, at);
-                Pin::new(&mut *wr).poll_write_vectored(cx, &slices[..n])
+                poll_write_from::<_, { 2 * WRITE_BATCH }>(&mut *wr, cx, batch, websocket, at)
             }
         })
         .await?;
@@ -651,6 +647,19 @@ async fn write_batch<W: AsyncWrite + Unpin>(
         }
     }
     wr.flush().await
+}
+
+/// One vectored write of what is left of `batch` from `at`, through an array of `K` slices.
+fn poll_write_from<W: AsyncWrite + Unpin, const K: usize>(
+    wr: &mut W,
+    cx: &mut Context<'_>,
+    batch: &[Arc<Msg>],
+    websocket: bool,
+    at: (usize, usize, usize),
+) -> Poll<std::io::Result<usize>> {
+    let mut slices = [IoSlice::new(&[]); K];
+    let n = fill(&mut slices, batch, websocket, at);
+    Pin::new(wr).poll_write_vectored(cx, &slices[..n])
 }
 
 /// Fills `slices` with what is left of `batch` from position `(message, part, offset)`;
