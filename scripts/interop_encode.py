@@ -11,7 +11,7 @@ from fluxgate.md import BookLevel, Quote, Tick, Trade
 import orders_pb2
 
 HEADER = struct.Struct("<2sBBHHIIQ")  # magic, version, kind, flags, reserved, len, instrument, seq
-KIND_TICK, KIND_ORDER = 1, 2
+KIND_TICK, KIND_ORDER, KIND_CANCEL, KIND_ACK = 1, 2, 4, 5
 
 
 def frame(kind, instrument, seq, payload):
@@ -87,12 +87,43 @@ def order(rng):
     return frame(KIND_ORDER, o.instrument, o.seq, o.SerializeToString()), line
 
 
+def cancel(rng):
+    c = orders_pb2.CancelOrder(
+        client_order_id=f"cx-{rng.randrange(10**9)}".encode(),
+        account=b"acct-py",
+        orig_client_order_id=f"py-{rng.randrange(10**9)}".encode(),
+        instrument=rng.choice([1, 2]),
+        seq=rng.randrange(1 << 64),
+    )
+    line = (f"cancel {c.client_order_id.decode()} {c.account.decode()} "
+            f"{c.orig_client_order_id.decode()} {c.instrument} {c.seq}")
+    return frame(KIND_CANCEL, c.instrument, c.seq, c.SerializeToString()), line
+
+
+def ack(rng):
+    """An acknowledgement as an order service's client would read it: every field set."""
+    a = orders_pb2.OrderAck(
+        client_order_id=f"py-{rng.randrange(10**9)}".encode(),
+        account=b"acct-py",
+        status=rng.choice([orders_pb2.ACK_STATUS_ACCEPTED, orders_pb2.ACK_STATUS_REJECTED,
+                           orders_pb2.ACK_STATUS_UPSTREAM_ACCEPTED]),
+        reason=rng.choice([orders_pb2.REJECT_REASON_PRICE_BAND, orders_pb2.REJECT_REASON_RATE_LIMIT]),
+        text=f"why-{rng.randrange(1000)}",
+        upstream_status=rng.choice([200, 409]),
+        upstream_body=f"body-{rng.randrange(1000)}".encode(),
+        seq=rng.randrange(1 << 64),
+    )
+    line = (f"ack {a.client_order_id.decode()} {a.status} {a.reason} {a.text} "
+            f"{a.upstream_status} {a.upstream_body.decode()} {a.seq}")
+    return frame(KIND_ACK, 3, a.seq, a.SerializeToString()), line
+
+
 def main():
     rng = random.Random(20261121)
-    makers = [trade, quote, book, order]
+    makers = [trade, quote, book, order, cancel, ack]
     frames, lines = [], []
-    for i in range(400):
-        f, line = makers[i % 4](rng)
+    for i in range(600):
+        f, line = makers[i % 6](rng)
         frames.append(f)
         lines.append(line)
     with open(sys.argv[1], "wb") as out:

@@ -4,7 +4,8 @@
 //! ```text
 //! 0..2   magic "FG"
 //! 2      schema version (1)
-//! 3      message kind (1 = tick, 2 = new order, 3 = control: UTF-8 text, see `Kind`)
+//! 3      message kind (1 = tick, 2 = new order, 3 = control: UTF-8 text, 4 = cancel,
+//!        5 = order acknowledgement; see `Kind`)
 //! 4..6   flags (bit 0: last in batch; others reserved, must be 0)
 //! 6..8   reserved, must be 0
 //! 8..12  payload length in bytes
@@ -36,6 +37,10 @@ pub enum Kind {
     /// `sub`/`unsub`/`resume`/`auth`, the gateway's notices); instrument and seq name what it
     /// is about, or are 0.
     Control = 3,
+    /// A Protobuf `CancelOrder`.
+    CancelOrder = 4,
+    /// A Protobuf `OrderAck`: the gateway's answer to an order or a cancel.
+    OrderAck = 5,
 }
 
 /// Why bytes are not a frame.
@@ -87,6 +92,8 @@ impl Header {
             1 => Kind::Tick,
             2 => Kind::NewOrder,
             3 => Kind::Control,
+            4 => Kind::CancelOrder,
+            5 => Kind::OrderAck,
             k => return Err(FrameError::UnknownKind(k)),
         };
         let flags = h.get_u16_le();
@@ -263,8 +270,8 @@ mod tests {
         b[2] = 9;
         assert_eq!(p.parse(&mut b), Err(FrameError::UnsupportedVersion(9)));
         let mut b = frame(b"1");
-        b[3] = 4;
-        assert_eq!(p.parse(&mut b), Err(FrameError::UnknownKind(4)));
+        b[3] = 6;
+        assert_eq!(p.parse(&mut b), Err(FrameError::UnknownKind(6)));
         let mut b = frame(b"1");
         b[5] = 0x80;
         assert!(matches!(

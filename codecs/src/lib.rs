@@ -24,6 +24,7 @@ pub mod gen {
 
 pub use envelope::{Frame, FrameError, FrameParser, Header, Kind};
 pub use order::{
-    decode_order, InstrumentRule, OrderEncoder, OrderError, OrderValidator, ValidOrder,
+    decode_ack, decode_cancel, decode_order, validate_cancel, InstrumentRule, OrderEncoder,
+    OrderError, OrderValidator, ValidCancel, ValidOrder,
 };
 pub use tick::{TickEncoder, TickError, TickMsg, TickView, VerifiedTick};

@@ -1,5 +1,6 @@
-//! Orders: Protobuf `NewOrder` decoded from the frame's bytes (bytes fields point into them),
-//! then validated into typed values. Validation never allocates on success; its errors are
+//! Orders: Protobuf `NewOrder` and `CancelOrder` decoded from the frame's bytes (bytes fields
+//! point into them), then validated into typed values; `OrderAck`, the gateway's answer.
+//! Orders are validated into typed values. Validation never allocates on success; its errors are
 //! plain values naming the field or rule at fault.
 
 use std::collections::HashMap;
@@ -8,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use prost::Message;
 
 use crate::envelope::{write_frame, Frame, Kind};
-use crate::gen::orders::{NewOrder, OrderType, Side, TimeInForce};
+use crate::gen::orders::{CancelOrder, NewOrder, OrderAck, OrderType, Side, TimeInForce};
 
 /// The most decimal places a price may carry (after trailing zeros are dropped).
 pub const MAX_PRICE_DECIMALS: u32 = 4;
@@ -28,6 +29,7 @@ pub enum Field {
     Quantity,
     TimeInForce,
     Seq,
+    OrigClientOrderId,
 }
 
 /// Why an order is refused.
@@ -96,6 +98,16 @@ pub struct ValidOrder {
     pub client_ts_ns: Option<u64>,
 }
 
+/// A cancel that passed validation; the ids are views of the frame's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidCancel {
+    pub client_order_id: Bytes,
+    pub account: Bytes,
+    pub orig_client_order_id: Bytes,
+    pub instrument: u32,
+    pub seq: u64,
+}
+
 /// What the allow-list knows about one instrument.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InstrumentRule {
@@ -116,6 +128,39 @@ pub fn decode_order(frame: &Frame) -> Result<NewOrder, OrderError> {
         return Err(OrderError::WrongKind(h.kind));
     }
     Ok(NewOrder::decode(frame.payload())?)
+}
+
+/// Decodes the `CancelOrder` in a cancel frame.
+pub fn decode_cancel(frame: &Frame) -> Result<CancelOrder, OrderError> {
+    let h = frame.header();
+    if h.kind != Kind::CancelOrder {
+        return Err(OrderError::WrongKind(h.kind));
+    }
+    Ok(CancelOrder::decode(frame.payload())?)
+}
+
+/// Decodes the `OrderAck` in an acknowledgement frame.
+pub fn decode_ack(frame: &Frame) -> Result<OrderAck, OrderError> {
+    let h = frame.header();
+    if h.kind != Kind::OrderAck {
+        return Err(OrderError::WrongKind(h.kind));
+    }
+    Ok(OrderAck::decode(frame.payload())?)
+}
+
+fn header_matches(frame: Option<&Frame>, instrument: u32, seq: u64) -> Result<(), OrderError> {
+    if let Some(f) = frame {
+        let h = f.header();
+        if (h.instrument, h.seq) != (instrument, seq) {
+            return Err(OrderError::HeaderMismatch {
+                header_instrument: h.instrument,
+                header_seq: h.seq,
+                instrument,
+                seq,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn require<T>(v: Option<T>, f: Field) -> Result<T, OrderError> {
@@ -173,17 +218,7 @@ impl OrderValidator {
         let account = identifier(&o.account, Field::Account)?;
         let instrument = require(o.instrument, Field::Instrument)?;
         let seq = require(o.seq, Field::Seq)?;
-        if let Some(f) = frame {
-            let h = f.header();
-            if (h.instrument, h.seq) != (instrument, seq) {
-                return Err(OrderError::HeaderMismatch {
-                    header_instrument: h.instrument,
-                    header_seq: h.seq,
-                    instrument,
-                    seq,
-                });
-            }
-        }
+        header_matches(frame, instrument, seq)?;
         let side: Side = enum_field(o.side, Field::Side)?;
         let order_type: OrderType = enum_field(o.r#type, Field::Type)?;
         let time_in_force: TimeInForce = enum_field(o.time_in_force, Field::TimeInForce)?;
@@ -233,7 +268,25 @@ impl OrderValidator {
     }
 }
 
-/// Encodes orders into frames, reusing one scratch buffer.
+/// Checks a decoded cancel (and, when given, the frame header it came in). Its instrument
+/// need not be in the allow-list: cancelling is always allowed.
+pub fn validate_cancel(c: &CancelOrder, frame: Option<&Frame>) -> Result<ValidCancel, OrderError> {
+    let client_order_id = identifier(&c.client_order_id, Field::ClientOrderId)?;
+    let account = identifier(&c.account, Field::Account)?;
+    let orig_client_order_id = identifier(&c.orig_client_order_id, Field::OrigClientOrderId)?;
+    let instrument = require(c.instrument, Field::Instrument)?;
+    let seq = require(c.seq, Field::Seq)?;
+    header_matches(frame, instrument, seq)?;
+    Ok(ValidCancel {
+        client_order_id,
+        account,
+        orig_client_order_id,
+        instrument,
+        seq,
+    })
+}
+
+/// Encodes order messages into frames, reusing one scratch buffer.
 #[derive(Debug, Default)]
 pub struct OrderEncoder {
     scratch: Vec<u8>,
@@ -249,18 +302,35 @@ impl OrderEncoder {
     /// Appends one framed order to `out`; the header's routing metadata comes from the order
     /// (zero where absent).
     pub fn encode(&mut self, order: &NewOrder, frame_flags: u16, out: &mut BytesMut) {
+        let (instrument, seq) = (order.instrument.unwrap_or(0), order.seq.unwrap_or(0));
+        self.message(Kind::NewOrder, order, frame_flags, instrument, seq, out);
+    }
+
+    /// Appends one framed cancel to `out`, its header from the cancel.
+    pub fn encode_cancel(&mut self, cancel: &CancelOrder, frame_flags: u16, out: &mut BytesMut) {
+        let (instrument, seq) = (cancel.instrument.unwrap_or(0), cancel.seq.unwrap_or(0));
+        self.message(Kind::CancelOrder, cancel, frame_flags, instrument, seq, out);
+    }
+
+    /// Appends one framed acknowledgement to `out`; the header carries the instrument and
+    /// the client's sequence number of what it answers.
+    pub fn encode_ack(&mut self, ack: &OrderAck, instrument: u32, out: &mut BytesMut) {
+        self.message(Kind::OrderAck, ack, 0, instrument, ack.seq.unwrap_or(0), out);
+    }
+
+    fn message(
+        &mut self,
+        kind: Kind,
+        msg: &impl Message,
+        frame_flags: u16,
+        instrument: u32,
+        seq: u64,
+        out: &mut BytesMut,
+    ) {
         self.scratch.clear();
-        order
-            .encode(&mut self.scratch)
+        msg.encode(&mut self.scratch)
             .expect("a Vec grows as needed");
-        write_frame(
-            out,
-            Kind::NewOrder,
-            frame_flags,
-            order.instrument.unwrap_or(0),
-            order.seq.unwrap_or(0),
-            &self.scratch,
-        );
+        write_frame(out, kind, frame_flags, instrument, seq, &self.scratch);
     }
 }
 

@@ -92,10 +92,28 @@ fn python_encoded_ticks_and_orders_decode_and_validate() {
                 assert_eq!(v.time_in_force, TimeInForce::try_from(i(8) as i32).unwrap());
                 assert_eq!(v.seq, u(9));
             }
+            "cancel" => {
+                let decoded = decode_cancel(&frame).expect("Python cancel decodes");
+                let v = validate_cancel(&decoded, Some(&frame)).expect("Python cancel validates");
+                assert_eq!(&v.client_order_id[..], f[1].as_bytes());
+                assert_eq!(&v.account[..], f[2].as_bytes());
+                assert_eq!(&v.orig_client_order_id[..], f[3].as_bytes());
+                assert_eq!((v.instrument, v.seq), (u(4) as u32, u(5)));
+            }
+            "ack" => {
+                let a = decode_ack(&frame).expect("Python ack decodes");
+                assert_eq!(a.client_order_id.as_deref(), Some(f[1].as_bytes()));
+                assert_eq!(a.status, Some(i(2) as i32));
+                assert_eq!(a.reason, Some(i(3) as i32));
+                assert_eq!(a.text.as_deref(), Some(f[4]));
+                assert_eq!(a.upstream_status, Some(u(5) as u32));
+                assert_eq!(a.upstream_body.as_deref(), Some(f[6].as_bytes()));
+                assert_eq!((frame.header().seq, a.seq), (u(7), Some(u(7))));
+            }
             other => panic!("unknown line kind {other}"),
         }
         n += 1;
     }
     assert!(buf.is_empty(), "frames left over");
-    assert_eq!(n, 400);
+    assert_eq!(n, 600);
 }

@@ -29,6 +29,48 @@ pub struct NewOrder {
     #[prost(uint64, optional, tag = "11")]
     pub client_ts_ns: ::core::option::Option<u64>,
 }
+/// Asks the order service to cancel an order of the same account. It has an id of its own
+/// (idempotent like an order's) and names the order it cancels.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CancelOrder {
+    /// This cancel's id, 1 to 32 printable ASCII bytes.
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub client_order_id: ::core::option::Option<::prost::bytes::Bytes>,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub account: ::core::option::Option<::prost::bytes::Bytes>,
+    /// The order to cancel.
+    #[prost(bytes = "bytes", optional, tag = "3")]
+    pub orig_client_order_id: ::core::option::Option<::prost::bytes::Bytes>,
+    #[prost(uint32, optional, tag = "4")]
+    pub instrument: ::core::option::Option<u32>,
+    #[prost(uint64, optional, tag = "5")]
+    pub seq: ::core::option::Option<u64>,
+}
+/// The gateway's answer to an order or a cancel, sent once it is accepted (journaled) or
+/// rejected, and again with the order service's answer.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OrderAck {
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    pub client_order_id: ::core::option::Option<::prost::bytes::Bytes>,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    pub account: ::core::option::Option<::prost::bytes::Bytes>,
+    #[prost(enumeration = "AckStatus", optional, tag = "3")]
+    pub status: ::core::option::Option<i32>,
+    #[prost(enumeration = "RejectReason", optional, tag = "4")]
+    pub reason: ::core::option::Option<i32>,
+    /// Detail for people: the failed field or rule, the limit passed.
+    #[prost(string, optional, tag = "5")]
+    pub text: ::core::option::Option<::prost::alloc::string::String>,
+    /// The order service's HTTP status, when it answered.
+    #[prost(uint32, optional, tag = "6")]
+    pub upstream_status: ::core::option::Option<u32>,
+    /// The order service's answer body (at most 4 KiB), relayed as it came.
+    #[prost(bytes = "bytes", optional, tag = "7")]
+    pub upstream_body: ::core::option::Option<::prost::bytes::Bytes>,
+    /// The client's sequence number of the order or cancel this answers.
+    #[prost(uint64, optional, tag = "8")]
+    pub seq: ::core::option::Option<u64>,
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Side {
@@ -118,6 +160,108 @@ impl TimeInForce {
             "TIME_IN_FORCE_IOC" => Some(Self::Ioc),
             "TIME_IN_FORCE_FOK" => Some(Self::Fok),
             "TIME_IN_FORCE_GTC" => Some(Self::Gtc),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AckStatus {
+    Unspecified = 0,
+    /// Checked and journaled: the gateway will deliver it to the order service.
+    Accepted = 1,
+    /// Refused by the gateway; `reason` says why. Never forwarded.
+    Rejected = 2,
+    /// The order service took it; its answer is in `upstream_status` and `upstream_body`.
+    UpstreamAccepted = 3,
+    /// The order service refused it; its answer is in `upstream_status` and `upstream_body`.
+    UpstreamRejected = 4,
+}
+impl AckStatus {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "ACK_STATUS_UNSPECIFIED",
+            Self::Accepted => "ACK_STATUS_ACCEPTED",
+            Self::Rejected => "ACK_STATUS_REJECTED",
+            Self::UpstreamAccepted => "ACK_STATUS_UPSTREAM_ACCEPTED",
+            Self::UpstreamRejected => "ACK_STATUS_UPSTREAM_REJECTED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "ACK_STATUS_UNSPECIFIED" => Some(Self::Unspecified),
+            "ACK_STATUS_ACCEPTED" => Some(Self::Accepted),
+            "ACK_STATUS_REJECTED" => Some(Self::Rejected),
+            "ACK_STATUS_UPSTREAM_ACCEPTED" => Some(Self::UpstreamAccepted),
+            "ACK_STATUS_UPSTREAM_REJECTED" => Some(Self::UpstreamRejected),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RejectReason {
+    Unspecified = 0,
+    /// Not a well-formed order (decode or validation); `text` names the field or rule.
+    Invalid = 1,
+    MaxQuantity = 2,
+    MaxNotional = 3,
+    /// The price is outside the band around the instrument's last trade or reference price.
+    PriceBand = 4,
+    /// No last trade and no reference price to check the price band or notional against.
+    NoReferencePrice = 5,
+    RateLimit = 6,
+    OpenOrders = 7,
+    /// The account has no limits configured (and there is no default).
+    UnknownAccount = 8,
+    /// A cancel of an order the gateway does not know as open.
+    UnknownOrder = 9,
+    /// The journal could not make the order durable.
+    Journal = 10,
+    /// The gateway is shutting down or the desk is gone.
+    Unavailable = 11,
+}
+impl RejectReason {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REJECT_REASON_UNSPECIFIED",
+            Self::Invalid => "REJECT_REASON_INVALID",
+            Self::MaxQuantity => "REJECT_REASON_MAX_QUANTITY",
+            Self::MaxNotional => "REJECT_REASON_MAX_NOTIONAL",
+            Self::PriceBand => "REJECT_REASON_PRICE_BAND",
+            Self::NoReferencePrice => "REJECT_REASON_NO_REFERENCE_PRICE",
+            Self::RateLimit => "REJECT_REASON_RATE_LIMIT",
+            Self::OpenOrders => "REJECT_REASON_OPEN_ORDERS",
+            Self::UnknownAccount => "REJECT_REASON_UNKNOWN_ACCOUNT",
+            Self::UnknownOrder => "REJECT_REASON_UNKNOWN_ORDER",
+            Self::Journal => "REJECT_REASON_JOURNAL",
+            Self::Unavailable => "REJECT_REASON_UNAVAILABLE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REJECT_REASON_UNSPECIFIED" => Some(Self::Unspecified),
+            "REJECT_REASON_INVALID" => Some(Self::Invalid),
+            "REJECT_REASON_MAX_QUANTITY" => Some(Self::MaxQuantity),
+            "REJECT_REASON_MAX_NOTIONAL" => Some(Self::MaxNotional),
+            "REJECT_REASON_PRICE_BAND" => Some(Self::PriceBand),
+            "REJECT_REASON_NO_REFERENCE_PRICE" => Some(Self::NoReferencePrice),
+            "REJECT_REASON_RATE_LIMIT" => Some(Self::RateLimit),
+            "REJECT_REASON_OPEN_ORDERS" => Some(Self::OpenOrders),
+            "REJECT_REASON_UNKNOWN_ACCOUNT" => Some(Self::UnknownAccount),
+            "REJECT_REASON_UNKNOWN_ORDER" => Some(Self::UnknownOrder),
+            "REJECT_REASON_JOURNAL" => Some(Self::Journal),
+            "REJECT_REASON_UNAVAILABLE" => Some(Self::Unavailable),
             _ => None,
         }
     }
