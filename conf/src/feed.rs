@@ -106,6 +106,16 @@ impl InstrumentSet {
         self.ranges.is_empty()
     }
 
+    /// How many ids it holds.
+    pub fn len(&self) -> u64 {
+        self.ranges.iter().map(|&(a, b)| u64::from(b - a) + 1).sum()
+    }
+
+    /// Its inclusive ranges, in order.
+    pub fn ranges(&self) -> &[(u32, u32)] {
+        &self.ranges
+    }
+
     /// The ids in both.
     pub fn intersect(&self, other: &InstrumentSet) -> InstrumentSet {
         let mut out = InstrumentSet::default();

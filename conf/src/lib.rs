@@ -14,8 +14,10 @@ use toml::Spanned;
 
 mod balance;
 mod feed;
+mod orders;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
+pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use feed::{
     Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, NatsIngest, SlowConsumer,
 };
@@ -97,6 +99,8 @@ pub struct Config {
     pub http3: Http3,
     /// `[[feed]]`: market-data feeds fanned out to subscribers. Default: none.
     pub feeds: Vec<Feed>,
+    /// `[[orders]]`: order desks. Default: none.
+    pub desks: Vec<Desk>,
 }
 
 /// `[http3]`
@@ -204,6 +208,9 @@ pub struct Listener {
     /// `mode = "feed"`: every connection publishes to, or subscribes to, this feed (raw
     /// TCP, TLS when [listener.tls] is set; `routes` is then empty).
     pub feed: Option<FeedEndpoint>,
+    /// `mode = "orders"`: every connection is an order session of this desk (index into
+    /// `Config::desks`): envelope frames over raw TCP, TLS when [listener.tls] is set.
+    pub orders: Option<usize>,
 }
 
 /// Where a TCP-mode listener sends a connection.
@@ -355,6 +362,8 @@ struct RawConfig {
     http3: RawHttp3,
     #[serde(default)]
     feed: Vec<feed::RawFeed>,
+    #[serde(default)]
+    orders: Vec<orders::RawDesk>,
 }
 
 #[derive(Deserialize, Default)]
@@ -424,6 +433,7 @@ struct RawListener {
     proxy_protocol: Option<Spanned<RawProxyIn>>,
     feed: Option<Spanned<String>>,
     role: Option<Spanned<String>>,
+    orders: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -933,6 +943,7 @@ impl Config {
         }
 
         let feeds = feed::build(src, &raw.feed)?;
+        let desks = orders::build(src, &raw.orders, &upstreams, &feeds)?;
         let mut listeners = Vec::with_capacity(raw.listener.len());
         for (i, l) in raw.listener.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
@@ -947,17 +958,45 @@ impl Config {
                     format!("{address} is already a listener"),
                 ));
             }
-            let (tcp, feed) = match l.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                None | Some("http") => (false, false),
-                Some("tcp") => (true, false),
-                Some("feed") => (false, true),
+            let (tcp, feed, order_mode) = match l.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                None | Some("http") => (false, false, false),
+                Some("tcp") => (true, false, false),
+                Some("feed") => (false, true, false),
+                Some("orders") => (false, false, true),
                 Some(other) => {
                     return Err(src.invalid(
                         key("mode"),
                         l.mode.as_ref().expect("mode is set"),
-                        format!("unknown mode {other:?} (http, tcp or feed)"),
+                        format!("unknown mode {other:?} (http, tcp, feed or orders)"),
                     ))
                 }
+            };
+            let orders = match (&l.orders, order_mode) {
+                (Some(name), true) => {
+                    if l.respond.is_some() || !l.route.is_empty() || l.upstream.is_some() {
+                        return Err(src.invalid(
+                            key("mode"),
+                            l.mode.as_ref().expect("mode is set"),
+                            "an orders listener takes `orders`, not `upstream`, `respond` or [[listener.route]]",
+                        ));
+                    }
+                    Some(orders::desk_index(src, key("orders"), name, &desks)?)
+                }
+                (None, true) => {
+                    return Err(src.invalid(
+                        key("mode"),
+                        l.mode.as_ref().expect("mode is set"),
+                        "an orders listener needs `orders = \"NAME\"`",
+                    ))
+                }
+                (Some(o), false) => {
+                    return Err(src.invalid(
+                        key("orders"),
+                        o,
+                        "`orders` is for mode = \"orders\" (HTTP listeners take orders on routes)",
+                    ))
+                }
+                (None, false) => None,
             };
             let feed = match (&l.feed, feed) {
                 (Some(name), true) => {
@@ -1081,7 +1120,7 @@ impl Config {
                 None
             };
             let routes = match (&l.upstream, &l.respond, l.route.is_empty()) {
-                _ if tcp.is_some() || feed.is_some() => Vec::new(),
+                _ if tcp.is_some() || feed.is_some() || orders.is_some() => Vec::new(),
                 (Some(name), None, true) => vec![route::catch_all(RouteAction::Forward(
                     route::upstream_index(src, key("upstream"), name, &upstreams)?,
                 ))],
@@ -1097,7 +1136,8 @@ impl Config {
                     .iter()
                     .enumerate()
                     .map(|(j, r)| {
-                        route::build(src, &key(&format!("route[{j}]")), j, r, &upstreams, &feeds)
+                        let at = key(&format!("route[{j}]"));
+                        route::build(src, &at, j, r, &upstreams, &feeds, &desks)
                     })
                     .collect::<Result<_, _>>()?,
                 _ => {
@@ -1141,13 +1181,14 @@ impl Config {
                             "HTTP/3 needs [listener.tls] (QUIC is always encrypted)",
                         ))
                     }
-                    Some(h) if *h.get_ref() && feed.is_some() => {
-                        return Err(src.invalid(key("http3"), h, "a feed listener is not HTTP"))
+                    Some(h) if *h.get_ref() && (feed.is_some() || orders.is_some()) => {
+                        return Err(src.invalid(key("http3"), h, "a feed or orders listener is not HTTP"))
                     }
                     Some(h) => *h.get_ref(),
-                    None => l.tls.is_some() && feed.is_none(),
+                    None => l.tls.is_some() && feed.is_none() && orders.is_none(),
                 },
                 feed,
+                orders,
             });
         }
         if listeners.is_empty() {
@@ -1202,6 +1243,7 @@ impl Config {
                 )?,
             },
             feeds,
+            desks,
             access_log: match &raw.access_log {
                 None => None,
                 Some(a) => {

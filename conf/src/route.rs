@@ -101,6 +101,9 @@ pub enum RouteAction {
     /// Publish to or subscribe to a feed: a WebSocket upgrade, or (subscribing) a streaming
     /// response of envelope frames.
     Feed(crate::FeedEndpoint),
+    /// Order entry for a desk (index into `Config::desks`): a WebSocket upgrade to an order
+    /// session, or one order per `POST` of `application/x-protobuf`.
+    Orders(usize),
 }
 
 /// Header edits: `remove` first, then `set` (replace), then `add` (append).
@@ -135,6 +138,7 @@ pub(crate) struct RawRoute {
     respond: Option<Spanned<RawRespond>>,
     redirect: Option<Spanned<RawRedirect>>,
     feed: Option<Spanned<RawFeedRoute>>,
+    orders: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     max_body: Option<Spanned<crate::RawSize>>,
     rewrite_prefix: Option<Spanned<String>>,
@@ -340,6 +344,7 @@ pub(crate) fn build(
     r: &RawRoute,
     upstreams: &[Upstream],
     feeds: &[crate::Feed],
+    desks: &[crate::Desk],
 ) -> Result<Route, ConfError> {
     let k = |f: &str| format!("{key}.{f}");
     let host = match &r.host {
@@ -426,6 +431,17 @@ pub(crate) fn build(
         })
         .collect::<Result<_, ConfError>>()?;
     let action = match (&r.upstream, &r.respond, &r.redirect) {
+        (None, None, None) if r.orders.is_some() && r.feed.is_none() => {
+            let name = r.orders.as_ref().expect("checked");
+            RouteAction::Orders(crate::orders::desk_index(src, k("orders"), name, desks)?)
+        }
+        _ if r.orders.is_some() => {
+            return Err(src.invalid(
+                k("orders"),
+                r.orders.as_ref().expect("checked"),
+                "needs exactly one action: `upstream`, `respond`, `redirect`, `feed` or `orders`",
+            ))
+        }
         (None, None, None) if r.feed.is_some() => {
             let f = r.feed.as_ref().expect("checked").get_ref();
             RouteAction::Feed(crate::FeedEndpoint {

@@ -1,6 +1,6 @@
 //! fluxgate's traffic decisions, as plain functions and state over the config: which route a
 //! request takes (`route`), which endpoint serves it and which are ejected (`balance`), and
-//! whether a failed attempt is sent again (`retry`). Breakers, rate limits and canary rules
+//! whether a failed attempt is sent again (`retry`), and an order desk's pre-trade checks (`risk`). Breakers, rate limits and canary rules
 //! join them here.
 //!
 //! Never does I/O and never touches a socket, a task or a request body; `balance` reads the
@@ -10,4 +10,5 @@
 
 pub mod balance;
 pub mod retry;
+pub mod risk;
 pub mod route;
