@@ -24,7 +24,7 @@ pub mod gen {
 
 pub use envelope::{Frame, FrameError, FrameParser, Header, Kind};
 pub use order::{
-    decode_ack, decode_cancel, decode_order, validate_cancel, InstrumentRule, OrderEncoder,
-    OrderError, OrderValidator, ValidCancel, ValidOrder,
+    decode_ack, decode_cancel, decode_order, frame_bare, validate_cancel, InstrumentRule,
+    OrderEncoder, OrderError, OrderValidator, ValidCancel, ValidOrder,
 };
 pub use tick::{TickEncoder, TickError, TickMsg, TickView, VerifiedTick};

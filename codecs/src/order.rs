@@ -286,6 +286,25 @@ pub fn validate_cancel(c: &CancelOrder, frame: Option<&Frame>) -> Result<ValidCa
     })
 }
 
+/// Frames a bare `NewOrder` or `CancelOrder` message (an HTTP body), the header's routing
+/// metadata taken from the message; one that does not decode is framed with zeros, and its
+/// decoder then names the fault.
+pub fn frame_bare(kind: Kind, message: &[u8], out: &mut BytesMut) {
+    let (instrument, seq) = match kind {
+        Kind::CancelOrder => CancelOrder::decode(message).map(|c| (c.instrument, c.seq)),
+        _ => NewOrder::decode(message).map(|o| (o.instrument, o.seq)),
+    }
+    .unwrap_or_default();
+    write_frame(
+        out,
+        kind,
+        0,
+        instrument.unwrap_or(0),
+        seq.unwrap_or(0),
+        message,
+    );
+}
+
 /// Encodes order messages into frames, reusing one scratch buffer.
 #[derive(Debug, Default)]
 pub struct OrderEncoder {
@@ -315,7 +334,14 @@ impl OrderEncoder {
     /// Appends one framed acknowledgement to `out`; the header carries the instrument and
     /// the client's sequence number of what it answers.
     pub fn encode_ack(&mut self, ack: &OrderAck, instrument: u32, out: &mut BytesMut) {
-        self.message(Kind::OrderAck, ack, 0, instrument, ack.seq.unwrap_or(0), out);
+        self.message(
+            Kind::OrderAck,
+            ack,
+            0,
+            instrument,
+            ack.seq.unwrap_or(0),
+            out,
+        );
     }
 
     fn message(

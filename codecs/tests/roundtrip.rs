@@ -454,7 +454,10 @@ fn cancels_and_acks_round_trip() {
         let back = decode_cancel(&frame).expect("decodes");
         assert_eq!(back, cancel);
         let valid = validate_cancel(&back, Some(&frame)).expect("valid");
-        assert_eq!(valid.orig_client_order_id, cancel.orig_client_order_id.unwrap());
+        assert_eq!(
+            valid.orig_client_order_id,
+            cancel.orig_client_order_id.unwrap()
+        );
         assert!(decode_order(&frame).is_err(), "a cancel is not an order");
 
         let ack = OrderAck {
@@ -471,7 +474,11 @@ fn cancels_and_acks_round_trip() {
         enc.encode_ack(&ack, 7, &mut buf);
         let frame = one_frame(&mut buf);
         assert_eq!(
-            (frame.header().kind, frame.header().instrument, frame.header().seq),
+            (
+                frame.header().kind,
+                frame.header().instrument,
+                frame.header().seq
+            ),
             (Kind::OrderAck, 7, ack.seq.unwrap())
         );
         assert_eq!(decode_ack(&frame).expect("decodes"), ack);
@@ -495,11 +502,17 @@ fn cancels_and_acks_round_trip() {
     for f in missing {
         let mut c = good.clone();
         f(&mut c);
-        assert!(matches!(validate_cancel(&c, None), Err(OrderError::Missing(_))));
+        assert!(matches!(
+            validate_cancel(&c, None),
+            Err(OrderError::Missing(_))
+        ));
     }
     let mut c = good.clone();
     c.orig_client_order_id = Some(Bytes::from_static(b"has space"));
-    assert!(matches!(validate_cancel(&c, None), Err(OrderError::BadIdentifier(_))));
+    assert!(matches!(
+        validate_cancel(&c, None),
+        Err(OrderError::BadIdentifier(_))
+    ));
     assert_eq!(AckStatus::try_from(3), Ok(AckStatus::UpstreamAccepted));
     assert_eq!(RejectReason::try_from(6), Ok(RejectReason::RateLimit));
 }

@@ -17,10 +17,10 @@ mod feed;
 mod orders;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
-pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use feed::{
     Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, NatsIngest, SlowConsumer,
 };
+pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use route::{
     HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
     ValueMatch,
@@ -1182,7 +1182,11 @@ impl Config {
                         ))
                     }
                     Some(h) if *h.get_ref() && (feed.is_some() || orders.is_some()) => {
-                        return Err(src.invalid(key("http3"), h, "a feed or orders listener is not HTTP"))
+                        return Err(src.invalid(
+                            key("http3"),
+                            h,
+                            "a feed or orders listener is not HTTP",
+                        ))
                     }
                     Some(h) => *h.get_ref(),
                     None => l.tls.is_some() && feed.is_none() && orders.is_none(),

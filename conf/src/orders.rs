@@ -174,7 +174,7 @@ struct RawJournal {
 /// decimals, in range).
 fn e4(v: f64) -> Option<i64> {
     let scaled = (v * 1e4).round();
-    ((scaled - v * 1e4).abs() < 1e-6 * scaled.abs().max(1.0) && scaled >= 1.0 && scaled < 9e18)
+    ((scaled - v * 1e4).abs() < 1e-6 * scaled.abs().max(1.0) && (1.0..9e18).contains(&scaled))
         .then_some(scaled as i64)
 }
 
@@ -244,7 +244,11 @@ pub(crate) fn build(
                 ));
             }
             let tick_e4 = e4(ri.tick).ok_or_else(|| {
-                src.invalid(format!("{}.tick", at()), r, "a positive price with at most 4 decimals")
+                src.invalid(
+                    format!("{}.tick", at()),
+                    r,
+                    "a positive price with at most 4 decimals",
+                )
             })?;
             let reference_e4 = match ri.reference_price {
                 None => None,
@@ -285,7 +289,10 @@ pub(crate) fn build(
             };
             let band = ra.price_band.unwrap_or(0.05);
             if !(band > 0.0 && band <= 1.0) {
-                return bad("price_band", "a fraction above 0 and at most 1 (0.05 is 5%)");
+                return bad(
+                    "price_band",
+                    "a fraction above 0 and at most 1 (0.05 is 5%)",
+                );
             }
             if !(ra.rate > 0.0 && ra.rate <= 1e7) {
                 return bad("rate", "orders per second, above 0");
@@ -380,7 +387,13 @@ pub(crate) fn desk_index(
     desks
         .iter()
         .position(|d| &d.name == name.get_ref())
-        .ok_or_else(|| src.invalid(key, name, format!("no [[orders]] named {:?}", name.get_ref())))
+        .ok_or_else(|| {
+            src.invalid(
+                key,
+                name,
+                format!("no [[orders]] named {:?}", name.get_ref()),
+            )
+        })
 }
 
 #[cfg(test)]

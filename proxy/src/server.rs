@@ -144,14 +144,17 @@ impl Server {
                 s.push(Some(sock));
             }
         }
+        let feeds = crate::control::reload::feed_hubs(&config, &[]);
+        let desks = crate::app::orders::desk::desks(&config, &[], &feeds)?;
         let generation = Arc::new(Generation {
+            desks,
             tables: route_tables(&config),
             health: config
                 .upstreams
                 .iter()
                 .map(|u| Arc::new(Health::new(u.endpoints.len(), u.passive.clone())))
                 .collect(),
-            feeds: crate::control::reload::feed_hubs(&config, &[]),
+            feeds,
             metrics,
             config: Arc::new(config),
             addrs,

@@ -103,6 +103,12 @@ impl Worker {
             now.into()
         };
 
+        let desks: Rc<[Arc<crate::app::orders::desk::Desk>]> = g.desks.iter().cloned().collect();
+        // Orders a journal held unsettled at start go out once, from the first worker here.
+        for d in desks.iter() {
+            crate::app::orders::session::resend(d, &shared);
+        }
+
         let old = self.listeners.take();
         let mut kept = Vec::with_capacity(g.config.listeners.len());
         let mut result = Ok(self.io.mode());
@@ -114,8 +120,10 @@ impl Worker {
                 max_request_line: g.config.http.max_request_line,
                 access_log: access_log.clone(),
                 feeds: Rc::clone(&feeds),
+                desks: Rc::clone(&desks),
             });
             let feed = l.feed.map(|e| (Rc::clone(&feeds[e.feed]), e.role));
+            let orders = l.orders.map(|d| Arc::clone(&desks[d]));
             let server = Rc::new(ConnServer::new(
                 &g.config.http,
                 l,
@@ -145,6 +153,7 @@ impl Worker {
                         tls: RefCell::new(tls),
                         tcp: RefCell::new(tcp),
                         feed: RefCell::new(feed),
+                        orders: RefCell::new(orders),
                         tls_stats: Arc::clone(&g.metrics.tls[i]),
                         quic: RefCell::new(None),
                         early_data: Cell::new(g.config.http3.early_data),
@@ -198,6 +207,7 @@ impl Worker {
                     *ctx.tls.borrow_mut() = tls;
                     *ctx.tcp.borrow_mut() = tcp;
                     *ctx.feed.borrow_mut() = feed;
+                    *ctx.orders.borrow_mut() = orders;
                     if let (Some(ep), Some(cfg)) = (&*ctx.quic.borrow(), g.quic[i].clone()) {
                         // New certificates for new HTTP/3 connections.
                         ep.set_server_config(Some(cfg));

@@ -17,6 +17,8 @@ pub enum ClientBody {
     /// None: an HTTP/2 request that ended with its head, or a retry of a bodiless request
     /// (whose original body the failed attempt consumed).
     Empty,
+    /// A whole body the gateway made (an order it forwards); None once sent.
+    Full(Option<Bytes>),
 }
 
 impl Body for ClientBody {
@@ -30,6 +32,7 @@ impl Body for ClientBody {
         match self.get_mut() {
             ClientBody::Stream(b) => Pin::new(b).poll_frame(cx),
             ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -37,6 +40,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Stream(b) => b.is_end_stream(),
             ClientBody::Empty => true,
+            ClientBody::Full(b) => b.is_none(),
         }
     }
 
@@ -44,6 +48,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Stream(b) => b.size_hint(),
             ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }

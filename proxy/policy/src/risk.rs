@@ -162,9 +162,15 @@ mod tests {
             check_order(&l, s, q, p, r, at).map_err(|e| e.0)
         };
         assert_eq!(go(&mut s, 10, Some(100 * 10_000)), Ok(()));
-        assert_eq!(go(&mut s, 101, Some(100 * 10_000)), Err(Refusal::MaxQuantity));
+        assert_eq!(
+            go(&mut s, 101, Some(100 * 10_000)),
+            Err(Refusal::MaxQuantity)
+        );
         // 100 at 101 is 10,100 > 10,000.
-        assert_eq!(go(&mut s, 100, Some(101 * 10_000)), Err(Refusal::MaxNotional));
+        assert_eq!(
+            go(&mut s, 100, Some(101 * 10_000)),
+            Err(Refusal::MaxNotional)
+        );
         assert_eq!(go(&mut s, 1, Some(106 * 10_000)), Err(Refusal::PriceBand));
         assert_eq!(go(&mut s, 1, Some(94 * 10_000)), Err(Refusal::PriceBand));
         assert_eq!(go(&mut s, 1, Some(95 * 10_000)), Ok(()));

@@ -52,6 +52,14 @@ pub enum Upgrade {
     Upstream(H1Conn),
     /// A WebSocket feed publisher or subscriber.
     Feed(FeedSocket),
+    /// A WebSocket order session.
+    Orders(OrderSocket),
+}
+
+/// A WebSocket order session: its desk, and the worker's pools its orders go through.
+pub struct OrderSocket {
+    pub(crate) desk: std::sync::Arc<crate::app::orders::desk::Desk>,
+    pub(crate) pools: Rc<[Rc<crate::upstream::pool::UpstreamPool>]>,
 }
 
 /// A WebSocket feed connection, as the upgrade request set it up.
@@ -82,6 +90,13 @@ impl fluxgate_http::service::Upgraded for Upgrade {
                     splice,
                 ))
             }
+            Upgrade::Orders(o) => Box::pin(crate::app::orders::session::serve(
+                client,
+                o.desk,
+                o.pools,
+                true,
+                from_client,
+            )),
             Upgrade::Feed(f) => match f.role {
                 FeedRole::Publish => Box::pin(session::publish(client, f.local, true, from_client)),
                 FeedRole::Subscribe => Box::pin(session::subscribe(

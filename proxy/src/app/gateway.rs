@@ -17,7 +17,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 
-use crate::app::body::{FeedSocket, ProxyBody, Upgrade};
+use crate::app::body::{FeedSocket, OrderSocket, ProxyBody, Upgrade};
 use crate::app::fanout::local::LocalFeed;
 use crate::app::fanout::session::{self, FeedBody};
 use crate::error::ProxyError;
@@ -49,6 +49,8 @@ pub(crate) struct Handler {
     pub(crate) access_log: Option<Rc<AccessLog>>,
     /// This worker's side of each feed, indexed like `Config::feeds`.
     pub(crate) feeds: Rc<[Rc<LocalFeed>]>,
+    /// Every order desk, indexed like `Config::desks`.
+    pub(crate) desks: Rc<[Arc<crate::app::orders::desk::Desk>]>,
 }
 
 impl Handler {
@@ -70,6 +72,13 @@ impl Handler {
             Routed::Forward(f) => {
                 let (out, request) = self.outgoing(f, started, logged);
                 Reply::Later(Box::pin(out.run(request)))
+            }
+            Routed::Later(index, answer) => {
+                let handler = Rc::clone(self);
+                Reply::Later(Box::pin(async move {
+                    let resp = answer.await;
+                    handler.finish(started, logged, Some(index), None, resp)
+                }))
             }
         }
     }
@@ -155,6 +164,22 @@ impl Handler {
                 keep_path,
             } => redirect(*status, location, *keep_path, req.uri(), inflight),
             RouteAction::Feed(ep) => self.feed_answer(*ep, &req, inflight),
+            RouteAction::Orders(d) => {
+                let desk = Arc::clone(&self.desks[*d]);
+                let pools = Rc::clone(&self.pools);
+                if upgrade_protocol(&req).is_some() {
+                    let socket = Upgrade::Orders(OrderSocket { desk, pools });
+                    return Routed::Answer(Some(index), websocket_switch(&req, socket, inflight));
+                }
+                if req.method() != Method::POST {
+                    let mut resp = short_answer(StatusCode::METHOD_NOT_ALLOWED, false, inflight);
+                    resp.headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                    return Routed::Answer(Some(index), resp);
+                }
+                let answer = crate::app::orders::session::post(desk, pools, req, inflight);
+                return Routed::Later(index, Box::pin(answer));
+            }
             RouteAction::Forward(pool) => {
                 let mut req = req;
                 if let Some(max) = route.max_body {
@@ -232,41 +257,13 @@ impl Handler {
         let websocket =
             upgrade_protocol(req).is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
         if websocket {
-            let h = req.headers();
-            let version = h
-                .get(header::SEC_WEBSOCKET_VERSION)
-                .map(HeaderValue::as_bytes);
-            let (Some(ws_key), Some(b"13"), &Method::GET) =
-                (h.get(header::SEC_WEBSOCKET_KEY), version, req.method())
-            else {
-                let mut resp = text(
-                    StatusCode::BAD_REQUEST,
-                    "a WebSocket upgrade is a GET with Sec-WebSocket-Key and Sec-WebSocket-Version: 13".into(),
-                    inflight,
-                );
-                resp.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-                return resp;
-            };
-            let accept = session::websocket_accept(ws_key.as_bytes());
             let socket = FeedSocket {
                 local: Rc::clone(local),
                 role: ep.role,
                 allowed,
                 first,
             };
-            let mut resp = Response::new(ProxyBody::tunnel(Upgrade::Feed(socket), inflight));
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = resp.headers_mut();
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(
-                header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-            );
-            return resp;
+            return websocket_switch(req, Upgrade::Feed(socket), inflight);
         }
         match (ep.role, first) {
             (FeedRole::Subscribe, Some((set, resume))) => {
@@ -385,7 +382,7 @@ impl Gateway {
         *self.current.borrow_mut() = handler;
     }
 
-    fn handler(&self) -> Rc<Handler> {
+    pub(crate) fn handler(&self) -> Rc<Handler> {
         Rc::clone(&self.current.borrow())
     }
 }
@@ -531,11 +528,55 @@ impl Outgoing {
     }
 }
 
+/// The 101 answer to a WebSocket upgrade (RFC 6455 4.2.2) that makes the connection `up`;
+/// 400 when the request is not a valid upgrade.
+fn websocket_switch<B>(req: &Request<B>, up: Upgrade, inflight: InFlight) -> Response<ProxyBody> {
+    let h = req.headers();
+    let version = h
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes);
+    let websocket =
+        upgrade_protocol(req).is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let (true, Some(ws_key), Some(b"13"), &Method::GET) = (
+        websocket,
+        h.get(header::SEC_WEBSOCKET_KEY),
+        version,
+        req.method(),
+    ) else {
+        let why = "a WebSocket upgrade is a GET with Upgrade: websocket, Sec-WebSocket-Key and Sec-WebSocket-Version: 13\n";
+        let mut resp = Response::new(ProxyBody::full(
+            Bytes::from_static(why.as_bytes()),
+            inflight,
+        ));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return resp;
+    };
+    let accept = session::websocket_accept(ws_key.as_bytes());
+    let mut resp = Response::new(ProxyBody::tunnel(up, inflight));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    resp
+}
+
 /// What routing decided.
 enum Routed<'a> {
     /// Answered here (refused, unmatched, a direct answer or a redirect).
     Answer(Option<usize>, Response<ProxyBody>),
     Forward(Forward<'a>),
+    /// Answered by a future of its own (an order POST), for route `.0`.
+    Later(usize, Forwarding),
 }
 
 /// A request on its way to an upstream.

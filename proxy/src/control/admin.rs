@@ -100,6 +100,7 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
         "/metrics" => {
             let mut m = g.metrics.render(&g.config, &g.addrs, &g.health);
             crate::app::fanout::render_metrics(&mut m, &g.feeds);
+            crate::app::orders::desk::Desk::render_metrics(&mut m, &g.desks);
             text(StatusCode::OK, "text/plain; version=0.0.4", m)
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -139,6 +140,9 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
                     format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
                 }
                 RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
+                RouteAction::Orders(d) => {
+                    format!("{{\"orders\":{}}}", json::string(&c.desks[*d].name))
+                }
                 RouteAction::Feed(e) => format!(
                     "{{\"feed\":{},\"role\":\"{}\"}}",
                     json::string(&c.feeds[e.feed].name),

@@ -56,6 +56,8 @@ pub(crate) struct Generation {
     pub(crate) upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     /// Per feed: its shared state, kept across reloads while a feed of its name exists.
     pub(crate) feeds: Vec<Arc<FeedHub>>,
+    /// Per order desk: its shared state and journal, kept across reloads by name.
+    pub(crate) desks: Vec<Arc<crate::app::orders::desk::Desk>>,
 }
 
 /// Applies new configs to running workers; shared by the `Handle` and the admin listener.
@@ -162,8 +164,11 @@ impl Reloader {
         );
         let quic = crate::io::tls::quic_configs(&config, &metrics.resumed_counters())
             .map_err(io::Error::other)?;
+        let feeds = feed_hubs(&config, &old.feeds);
+        let desks = crate::app::orders::desk::desks(&config, &old.desks, &feeds)?;
         let generation = Arc::new(Generation {
-            feeds: feed_hubs(&config, &old.feeds),
+            feeds,
+            desks,
             tables: route_tables(&config),
             config: Arc::new(config),
             addrs,

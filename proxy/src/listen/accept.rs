@@ -234,8 +234,9 @@ async fn serve_conn(
             }
         };
         let feed = ctx.feed.borrow().clone();
-        match (stream, feed) {
-            (Some((stream, early)), Some((feed, role))) => {
+        let desk = ctx.orders.borrow().clone();
+        match (stream, feed, desk) {
+            (Some((stream, early)), Some((feed, role)), _) => {
                 let buf = early.map_or_else(BytesMut::new, |e| BytesMut::from(&e[..]));
                 let cn = crate::io::tls::client_identity(&stream);
                 let allowed =
@@ -249,12 +250,21 @@ async fn serve_conn(
                 };
                 served.await;
             }
-            (Some((stream, early)), None) => {
+            (Some((stream, early)), None, Some(desk)) => {
+                let buf = early.map_or_else(BytesMut::new, |e| BytesMut::from(&e[..]));
+                let pools = Rc::clone(&ctx.gateway.handler().pools);
+                // Boxed, as a feed's.
+                Box::pin(crate::app::orders::session::serve(
+                    stream, desk, pools, false, buf,
+                ))
+                .await;
+            }
+            (Some((stream, early)), None, None) => {
                 server
                     .serve(stream, early, (peer, local), Rc::clone(&ctx.gateway))
                     .await;
             }
-            (None, _) => {}
+            (None, ..) => {}
         }
     }
 }
@@ -374,6 +384,9 @@ pub(crate) struct ListenerCtx {
     /// The feed new connections publish to or subscribe to, when the listener is
     /// `mode = "feed"`.
     pub(crate) feed: RefCell<Option<(Rc<LocalFeed>, FeedRole)>>,
+    /// The desk new connections are order sessions of, when the listener is
+    /// `mode = "orders"`.
+    pub(crate) orders: RefCell<Option<Arc<crate::app::orders::desk::Desk>>>,
     /// This worker's QUIC endpoint, when the listener serves HTTP/3.
     pub(crate) quic: RefCell<Option<quinn::Endpoint>>,
     /// `http3.early_data`.

@@ -17,6 +17,44 @@ const BUCKETS_US: [u64; 14] = [
     2_500_000, 5_000_000, 10_000_000,
 ];
 
+/// Upper bounds of the finer histograms (order acknowledgement, journal), in microseconds.
+const FINE_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000,
+];
+
+/// A latency histogram over `FINE_BUCKETS_US`, written from any thread (relaxed atomics).
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    /// Per-bucket counts, the last one +Inf; made cumulative when rendered.
+    buckets: [AtomicU64; FINE_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn record(&self, elapsed: Duration) {
+        let us = elapsed.as_micros() as u64;
+        let b = FINE_BUCKETS_US.partition_point(|&limit| limit < us);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Its `_bucket`, `_sum` and `_count` lines, with `labels` (`k="v",..`) on each.
+    pub(crate) fn render(&self, o: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = FINE_BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(o, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(o, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(o, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
 /// Requests of one route (or of no route) on one worker.
 #[derive(Debug, Default)]
 pub(crate) struct RouteStats {

@@ -52,6 +52,34 @@ pub(crate) enum UpstreamBody {
     H3(H3Body),
 }
 
+impl UpstreamBody {
+    /// Reads the whole body, keeping its first `max` bytes (the rest is read and dropped, so
+    /// an HTTP/1.1 connection goes back to its pool).
+    pub(crate) async fn read_up_to(self, max: usize) -> Result<Bytes, BoxError> {
+        async fn read<B: Body<Data = Bytes> + Unpin>(
+            mut b: B,
+            max: usize,
+        ) -> Result<Bytes, BoxError>
+        where
+            B::Error: Into<BoxError>,
+        {
+            let mut kept = bytes::BytesMut::new();
+            while let Some(frame) = b.frame().await {
+                if let Ok(data) = frame.map_err(Into::into)?.into_data() {
+                    let room = max.saturating_sub(kept.len());
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Ok(kept.freeze())
+        }
+        match self {
+            UpstreamBody::H1(b) => read(b, max).await,
+            UpstreamBody::H2(b) => read(b, max).await,
+            UpstreamBody::H3(b) => read(b, max).await,
+        }
+    }
+}
+
 /// A failed attempt: why, its facts, and the request again when it is still whole.
 pub(crate) struct Failed {
     pub(crate) error: ProxyError,

@@ -124,6 +124,25 @@ impl FeedHub {
         (all, deepest)
     }
 
+    /// The price of the instrument's last trade, in units of 10^-4 (an order desk's price
+    /// band centre); None before its first trade.
+    pub(crate) fn last_trade_e4(&self, instrument: u32) -> Option<i64> {
+        let st = self.lock();
+        let msg = st
+            .instruments
+            .get(&instrument)?
+            .last
+            .get(&super::Last::Trade)?;
+        let fluxgate_codecs::TickView::Trade(t) = msg.tick.as_ref()?.view() else {
+            return None;
+        };
+        let scale = u32::from(t.price_scale());
+        match scale.checked_sub(4) {
+            None => t.price().checked_mul(10i64.pow(4 - scale)),
+            Some(extra) => 10i64.checked_pow(extra).map(|d| t.price() / d),
+        }
+    }
+
     pub(crate) fn add_lane(&self, lane: &Arc<Lane>) {
         self.lock().lanes.push(Arc::clone(lane));
     }

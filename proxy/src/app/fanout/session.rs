@@ -253,13 +253,13 @@ fn rejection(instrument: u32, seq: u64, why: Rejected, detail: &str) -> Bytes {
 }
 
 /// Reads WebSocket messages off a client's byte stream.
-struct WsReader {
-    max: usize,
+pub(crate) struct WsReader {
+    pub(crate) max: usize,
     /// A fragmented message so far, and its opcode.
-    partial: Option<(Opcode, BytesMut)>,
+    pub(crate) partial: Option<(Opcode, BytesMut)>,
 }
 
-enum WsEvent {
+pub(crate) enum WsEvent {
     /// A whole data message.
     Message(Opcode, BytesMut),
     Ping(Bytes),
@@ -268,7 +268,7 @@ enum WsEvent {
 }
 
 impl WsReader {
-    fn next(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
+    pub(crate) fn next(&mut self, buf: &mut BytesMut) -> Result<Option<WsEvent>, WsError> {
         loop {
             let Some(h) = ws::parse_head(buf, true, self.max as u64)? else {
                 return Ok(None);
@@ -309,7 +309,7 @@ impl WsReader {
     }
 }
 
-fn ws_frame(op: Opcode, payload: &[u8]) -> Bytes {
+pub(crate) fn ws_frame(op: Opcode, payload: &[u8]) -> Bytes {
     let (h, n) = ws::server_head(op, payload.len());
     let mut out = BytesMut::with_capacity(n + payload.len());
     out.extend_from_slice(&h[..n]);
