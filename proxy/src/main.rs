@@ -154,14 +154,26 @@ fn run(args: Args) -> Result<()> {
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
         eprintln!("fluxgate: cannot raise the open-file limit: {e}");
     }
-    let tls_flags: Vec<bool> = config.listeners.iter().map(|l| l.tls.is_some()).collect();
+    let kinds: Vec<&str> = config
+        .listeners
+        .iter()
+        .map(|l| {
+            match (
+                l.tls.is_some(),
+                l.tcp.is_some(),
+                l.feed.is_some(),
+                l.orders.is_some(),
+            ) {
+                (_, _, true, _) => "feed sessions",
+                (_, _, _, true) => "order sessions",
+                (_, true, _, _) => "TCP",
+                (true, ..) => "TLS: h2 and HTTP/1.1 by ALPN",
+                _ => "HTTP/1.1 and h2c",
+            }
+        })
+        .collect();
     let handle = Server::start_from(config, source)?;
-    for (a, tls) in handle.local_addrs().iter().zip(&tls_flags) {
-        let proto = if *tls {
-            "TLS: h2 and HTTP/1.1 by ALPN"
-        } else {
-            "HTTP/1.1 and h2c"
-        };
+    for (a, proto) in handle.local_addrs().iter().zip(&kinds) {
         eprintln!("fluxgate: listening on {a} ({proto})");
     }
     eprintln!(
