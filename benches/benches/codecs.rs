@@ -1,5 +1,5 @@
 //! Codec hot paths, per message: frame parse; tick parse + verify + routing metadata; tick
-//! field read; order decode + validate; encode of each. Also prints heap allocations per
+//! field read; order decode + validate, and with the desk's pre-trade checks; encode of each. Also prints heap allocations per
 //! message, counted by `fluxgate_sys::CountingAlloc`.
 //!
 //! Run: `cargo bench -p fluxgate-benches --bench codecs`
@@ -112,6 +112,36 @@ fn bench(c: &mut Criterion) {
             over_stream(n + 1, order_stream, |f| {
                 let o = decode_order(&f).unwrap();
                 black_box(v.validate(&o, Some(&f)).unwrap());
+            })
+        })
+    });
+    // The whole per-order path before the journal: decode, validate, then the account's
+    // checks (rate, quantity, notional, price band, open orders) against a reference price.
+    let limits = fluxgate_conf::AccountLimits {
+        name: "ACCT-0042".into(),
+        max_quantity: 10_000,
+        max_notional_e4: 10_000_000 * 10_000,
+        price_band_bps: 500,
+        rate: 1e9,
+        burst: 1_000_000_000,
+        max_open: usize::MAX,
+    };
+    let mut account = fluxgate_policy::risk::AccountState::new(&limits, Instant::now());
+    g.bench_function("order_decode_validate_check", |b| {
+        b.iter_custom(|n| {
+            over_stream(n + 1, order_stream, |f| {
+                let o = decode_order(&f).unwrap();
+                let v = v.validate(&o, Some(&f)).unwrap();
+                let now = Instant::now();
+                let checked = fluxgate_policy::risk::check_order(
+                    &limits,
+                    &mut account,
+                    v.quantity,
+                    v.price_e4,
+                    Some(1_012_500),
+                    now,
+                );
+                black_box((v, checked.unwrap()));
             })
         })
     });
