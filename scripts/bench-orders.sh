@@ -3,7 +3,7 @@
 # one run: one raw TCP order session (benches/src/bin/orders-load.rs) and the order service
 # it delivers to (an HTTP/1.1 server in the same tool), the tool pinned to CPU 0 and fluxgate
 # to CPU 1. The journal lives in a directory under target/ (the repository's disk).
-# 1. Peak: as many orders as a window of 512 in flight allows, for SECONDS: orders/s
+# 1. Peak: as many orders as a window of 512 in flight allows (WINDOW=), for SECONDS: orders/s
 #    answered end to end (accepted, delivered, the service's answer relayed), and the
 #    acceptance latency p50 / p99 (order sent to its first acknowledgement).
 # 2. Open loop at RATE orders/s (default 10,000): acceptance latency p50 / p99.
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
-BIN=$1 D=${2:-5} RATE=${3:-10000}
+BIN=$1 D=${2:-5} RATE=${3:-10000} WINDOW=${WINDOW:-512}
 cargo build --release -q -p fluxgate-benches --bin orders-load
 LOAD=$PWD/target/release/orders-load
 W=$(mktemp -d -p "$PWD/target" bench-orders.XXXX)
@@ -35,9 +35,8 @@ endpoints = ["127.0.0.1:17310"]
 [[orders]]
 name = "desk"
 upstream = "oms"
-session_in_flight = 1024
-account_in_flight = 4096
-remember = 200000
+session_in_flight = 4096
+account_in_flight = 8192
 TOML
   [ "$2" = off ] || printf '[orders.journal]\ndir = "%s"\n' "$W/journal-$1"
   cat <<TOML
@@ -61,7 +60,7 @@ sleep 1
 field() { echo "$1" | awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) {print $(i + 1); exit}}'; }
 run() { # LABEL PORT RATE: one line of orders-load, checked
   local line
-  line=$(taskset -c 0 "$LOAD" send "127.0.0.1:$2" "$3" "$D")
+  line=$(taskset -c 0 "$LOAD" send "127.0.0.1:$2" "$3" "$D" "$WINDOW")
   [ "$(field "$line" rejected)" = 0 ] || failed_run "$1: refusals: $line"
   [ "$(field "$line" answered)" = "$(field "$line" sent)" ] || failed_run "$1: not all answered: $line"
   echo "$line"
@@ -73,7 +72,7 @@ for mode in on off; do
   port=17311; [ $mode = on ] || port=17312
   line=$(run "journal $mode peak" $port 0)
   PEAK[$mode]=$(field "$line" orders/s)
-  echo "| $mode | peak (512 in flight) | ${PEAK[$mode]} | $(field "$line" p50) | $(field "$line" p99) |"
+  echo "| $mode | peak ($WINDOW in flight) | ${PEAK[$mode]} | $(field "$line" p50) | $(field "$line" p99) |"
   line=$(run "journal $mode at $RATE/s" $port "$RATE")
   P99[$mode]=$(field "$line" p99)
   echo "| $mode | $RATE/s | $(field "$line" orders/s) | $(field "$line" p50) | ${P99[$mode]} |"

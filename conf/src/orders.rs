@@ -46,7 +46,8 @@ pub struct Desk {
     pub upstream_timeout: Duration,
     /// Wait before sending an order again after its upstream failed. Default 200 ms.
     pub retry_backoff: Duration,
-    /// Orders remembered for idempotency (the newest so many). Default 1000000.
+    /// Orders remembered for idempotency: a repeated client order id is known for at least
+    /// half this many newer orders, at most this many. Default 200000.
     pub remember: usize,
     /// Largest order frame payload; a larger one closes the session. Default 16 KiB.
     pub max_payload: usize,
@@ -370,7 +371,7 @@ pub(crate) fn build(
                 &d.retry_backoff,
                 Duration::from_millis(200),
             )?,
-            remember: src.count(|| key("remember"), &d.remember, 1_000_000, 1, 1 << 26)?,
+            remember: src.count(|| key("remember"), &d.remember, 200_000, 2, 1 << 26)?,
             max_payload: src.size(|| key("max_payload"), &d.max_payload, 16 << 10, 64)?,
         });
     }

@@ -2,7 +2,8 @@
 //! fluxgate orders listener, and the order service it delivers to (an HTTP/1.1 server that
 //! answers every POST 200), both in this process (one clock).
 //!
-//! Each order is an IOC limit order whose envelope sequence number is its index; the
+//! Each order is an IOC limit order, its client order id new to the gateway (the run's
+//! process id and its index), its envelope sequence number its index; the
 //! acknowledgement carries it back, so the reader looks up the send time without decoding
 //! more than the acknowledgement's status. Latency is send to acceptance (the first
 //! acknowledgement, sent once the order is journaled); throughput counts orders the service
@@ -67,10 +68,7 @@ async fn service(addr: SocketAddr) {
             loop {
                 // Answer every whole request in the buffer, then read more.
                 let mut answered = 0;
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        break;
-                    };
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
                     let len: usize = head
                         .lines()
@@ -111,6 +109,8 @@ struct Stats {
     answered: AtomicU64,
     rejected: AtomicU64,
     last_answer_ns: AtomicU64,
+    /// Wakes the closed-loop sender when answers came.
+    room: tokio::sync::Notify,
 }
 
 impl Stats {
@@ -136,7 +136,8 @@ impl Stats {
 
 fn frame_of(enc: &mut OrderEncoder, i: u64, out: &mut BytesMut) {
     let o = NewOrder {
-        client_order_id: Some(Bytes::from(format!("b-{i}"))),
+        // Distinct across runs (a repeated id would be answered from the desk's memory).
+        client_order_id: Some(Bytes::from(format!("b{}-{i}", std::process::id()))),
         account: Some(Bytes::from_static(b"bench")),
         instrument: Some(1),
         side: Some(Side::Buy as i32),
@@ -155,7 +156,11 @@ async fn send(gateway: SocketAddr, rate: u64, seconds: u64, window: u64) {
     let s = TcpStream::connect(gateway).await.unwrap();
     s.set_nodelay(true).unwrap();
     let (mut r, mut w) = s.into_split();
-    let cap = if rate == 0 { 4_000_000 } else { (rate * seconds + 1) as usize };
+    let cap = if rate == 0 {
+        4_000_000
+    } else {
+        (rate * seconds + 1) as usize
+    };
     let stats = Arc::new(Stats {
         base: Instant::now(),
         sent_at: (0..cap).map(|_| AtomicU64::new(0)).collect(),
@@ -164,6 +169,7 @@ async fn send(gateway: SocketAddr, rate: u64, seconds: u64, window: u64) {
         answered: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
         last_answer_ns: AtomicU64::new(0),
+        room: tokio::sync::Notify::new(),
     });
     let st = Arc::clone(&stats);
     let reader = tokio::spawn(async move {
@@ -190,6 +196,7 @@ async fn send(gateway: SocketAddr, rate: u64, seconds: u64, window: u64) {
                     }
                 }
             }
+            st.room.notify_one();
             if buf.capacity() - buf.len() < 64 << 10 {
                 buf.reserve(1 << 20);
             }
@@ -208,7 +215,8 @@ async fn send(gateway: SocketAddr, rate: u64, seconds: u64, window: u64) {
     while start.elapsed() < end && (sent as usize) < cap {
         let allowed = match rate {
             0 => {
-                let done = stats.answered.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
+                let done =
+                    stats.answered.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
                 (done + window).saturating_sub(sent)
             }
             r => (start.elapsed().as_micros() as u64 * r / 1_000_000).saturating_sub(sent),
@@ -225,7 +233,12 @@ async fn send(gateway: SocketAddr, rate: u64, seconds: u64, window: u64) {
             w.write_all(&out).await.unwrap();
         }
         match rate {
-            0 if allowed == 0 => tokio::task::yield_now().await,
+            // The window is full: wait for answers (never spin: the order service shares
+            // this CPU).
+            0 if allowed == 0 => {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(10), stats.room.notified()).await;
+            }
             0 => {}
             _ => {
                 tick.tick().await;

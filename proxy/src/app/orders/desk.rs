@@ -3,7 +3,7 @@
 //! A session takes the lock once per order (`admit`) and once per upstream answer
 //! (`finish`); fsync happens on the journal thread, never under the lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Instant;
@@ -31,8 +31,12 @@ pub(crate) struct Desk {
     pub(crate) name: String,
     settings: Mutex<Arc<Settings>>,
     state: Mutex<State>,
-    /// To the journal thread, when the desk has a journal.
-    journal: Option<mpsc::Sender<Op>>,
+    /// To the journal thread, when the desk has a journal: one message per session batch
+    /// (each message may wake the thread, which then preempts the worker that sent it).
+    journal: Option<mpsc::Sender<Vec<Op>>>,
+    /// Journal records whose orders the upstream answered, settled at the next commit (or
+    /// within `SETTLE_EVERY`); no message, so no wake-up, per answer.
+    settled: Mutex<Vec<u64>>,
     pub(crate) stats: DeskStats,
     /// Orders the journal held unsettled at start, to send again; taken by one worker.
     recovered: Mutex<Vec<Job>>,
@@ -50,14 +54,26 @@ pub(crate) struct Settings {
     upstreams: Vec<String>,
 }
 
-#[derive(Default)]
 struct State {
     accounts: HashMap<Bytes, AccountState>,
+    /// Remembered orders in two generations: new ones go into `orders`; when it holds half
+    /// of `remember`, it becomes `older` and the generation before is forgotten (freed off
+    /// the lock). No map ever grows past its first size, so none is rehashed under the lock.
     orders: HashMap<OrderKey, Entry>,
-    /// Remembered orders, oldest first, forgotten past `remember`.
-    remembered: VecDeque<OrderKey>,
+    older: HashMap<OrderKey, Entry>,
+    /// The next generation's map, emptied, its memory already touched: the first writes
+    /// to fresh memory are slow (milliseconds per huge page on a virtual machine), too slow
+    /// for the lock. The forgotten generation becomes the next spare.
+    spare: Arc<Mutex<Option<HashMap<OrderKey, Entry>>>>,
+    /// New orders accepted and not yet closed (never forgotten while open).
+    open: HashSet<OrderKey>,
     /// Orders sent and not yet answered, per upstream name.
     upstream_in_flight: HashMap<String, i64>,
+}
+
+/// Orders one generation of remembered orders holds.
+fn generation(cfg: &fluxgate_conf::Desk) -> usize {
+    (cfg.remember / 2).max(1)
 }
 
 /// What the desk remembers of one order or cancel.
@@ -67,8 +83,6 @@ struct Entry {
     first: Option<Bytes>,
     /// The upstream's answer, relayed, once it came.
     last: Option<Bytes>,
-    /// An accepted order not yet closed (cancelled, refused upstream, or done: IOC/FOK).
-    open: bool,
 }
 
 /// Counters and histograms, summed over workers by the relaxed atomics themselves.
@@ -134,6 +148,13 @@ pub(crate) struct Accepted {
     pub(crate) arrived: Instant,
 }
 
+/// Journal work gathered by a session over one read, sent as one message (`Desk::flush`).
+#[derive(Default)]
+pub(crate) struct Batch(Vec<Op>);
+
+/// How soon answered orders are settled on disk when no new order comes to commit them.
+const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 enum Op {
     Append {
         record: Bytes,
@@ -142,7 +163,6 @@ enum Op {
         queued: Instant,
         done: oneshot::Sender<Result<u64, String>>,
     },
-    Settle(u64),
     /// Answered after everything before it is durable.
     Barrier(oneshot::Sender<Result<u64, String>>),
 }
@@ -279,8 +299,9 @@ impl Desk {
         let desk = Arc::new(Desk {
             name: cfg.name.clone(),
             settings: Mutex::new(Arc::clone(&settings)),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State::new(cfg)),
             journal: tx,
+            settled: Mutex::new(Vec::new()),
             stats: DeskStats::default(),
             recovered: Mutex::new(Vec::new()),
             room: tokio::sync::Notify::new(),
@@ -378,7 +399,14 @@ impl Desk {
 
     /// Decodes, validates and checks one order or cancel frame, and accepts it (journaling
     /// it when the desk journals) or answers it at once.
-    pub(crate) fn admit(&self, s: &Settings, frame: &Frame, arrived: Instant) -> Admit {
+    /// Journal work goes into `batch`, for `flush` once the caller has admitted what it has.
+    pub(crate) fn admit(
+        &self,
+        s: &Settings,
+        frame: &Frame,
+        arrived: Instant,
+        batch: &mut Batch,
+    ) -> Admit {
         let h = *frame.header();
         let invalid = |e: OrderError, key: &OrderKey| {
             Admit::Answer(
@@ -461,13 +489,13 @@ impl Desk {
         };
         let (job, order) = job;
         let mut st = self.lock();
-        if let Some(e) = st.orders.get(&key) {
+        if let Some(e) = st.entry(&key) {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return match (&e.first, &self.journal) {
                 (Some(first), _) => Admit::Answer(first.clone(), e.last.clone()),
-                (None, Some(j)) => {
+                (None, Some(_)) => {
                     let (tx, rx) = oneshot::channel();
-                    let _ = j.send(Op::Barrier(tx));
+                    batch.0.push(Op::Barrier(tx));
                     Admit::Pending(key, rx)
                 }
                 (None, None) => Admit::Busy,
@@ -485,9 +513,7 @@ impl Desk {
             );
             return Admit::Answer(ack, None);
         };
-        let State {
-            accounts, orders, ..
-        } = &mut *st;
+        let State { accounts, open, .. } = &mut *st;
         let account = accounts
             .entry(key.0.clone())
             .or_insert_with(|| AccountState::new(limits, arrived));
@@ -504,8 +530,7 @@ impl Desk {
                 let open = job
                     .orig
                     .as_ref()
-                    .and_then(|o| orders.get(&(key.0.clone(), o.clone())))
-                    .is_some_and(|e| e.open);
+                    .is_some_and(|o| open.contains(&(key.0.clone(), o.clone())));
                 if !account.take_token(limits, arrived) {
                     Err((
                         RejectReason::RateLimit,
@@ -545,7 +570,7 @@ impl Desk {
                 st.remember(&s.cfg, key, Some(ack.clone()), is_order);
                 None
             }
-            Some(j) => {
+            Some(_) => {
                 st.remember(&s.cfg, key.clone(), None, is_order);
                 drop(st);
                 let (done, rx) = oneshot::channel();
@@ -556,9 +581,7 @@ impl Desk {
                     queued: Instant::now(),
                     done,
                 };
-                // A journal thread gone (it failed to start) answers through the dropped
-                // sender: the order is then refused as not durable.
-                let _ = j.send(op);
+                batch.0.push(op);
                 Some(rx)
             }
         };
@@ -570,10 +593,19 @@ impl Desk {
         }))
     }
 
+    /// Hands a session's journal work to the journal thread, in one message. A journal
+    /// thread gone answers through the dropped senders: those orders are then refused as
+    /// not durable.
+    pub(crate) fn flush(&self, batch: &mut Batch) {
+        if let (Some(j), false) = (&self.journal, batch.0.is_empty()) {
+            let _ = j.send(std::mem::take(&mut batch.0));
+        }
+    }
+
     /// The acknowledgements remembered for an order (after its `Pending` commit fired).
     pub(crate) fn remembered(&self, key: &OrderKey) -> Option<(Bytes, Option<Bytes>)> {
         let st = self.lock();
-        let e = st.orders.get(key)?;
+        let e = st.entry(key)?;
         Some((e.first.clone()?, e.last.clone()))
     }
 
@@ -589,9 +621,9 @@ impl Desk {
         let s = self.settings();
         let mut st = self.lock();
         st.release(job, &s, job.kind == Kind::NewOrder);
-        if let Some(e) = st.orders.get_mut(&job.key) {
+        st.open.remove(&job.key);
+        if let Some(e) = st.entry_mut(&job.key) {
             e.first = Some(ack.clone());
-            e.open = false;
         }
         drop(st);
         self.room.notify_waiters();
@@ -626,28 +658,27 @@ impl Desk {
             _ => false,
         };
         st.release(job, &s, closes);
-        if let Some(e) = st.orders.get_mut(&job.key) {
+        if closes {
+            st.open.remove(&job.key);
+        }
+        if let Some(e) = st.entry_mut(&job.key) {
             e.last = Some(ack.clone());
-            if closes {
-                e.open = false;
-            }
         }
         // A cancel the upstream took closes its order.
         if let (true, Some(orig)) = (took, &job.orig) {
             let orig_key = (job.key.0.clone(), orig.clone());
-            let was_open = st
-                .orders
-                .get_mut(&orig_key)
-                .is_some_and(|e| std::mem::take(&mut e.open));
-            if was_open {
+            if st.open.remove(&orig_key) {
                 if let Some(a) = st.accounts.get_mut(&job.key.0) {
                     a.open = a.open.saturating_sub(1);
                 }
             }
         }
         drop(st);
-        if let (Some(j), Some(seq)) = (&self.journal, job.journal_seq) {
-            let _ = j.send(Op::Settle(seq));
+        if let Some(seq) = job.journal_seq {
+            self.settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(seq);
         }
         self.room.notify_waiters();
         ack
@@ -807,8 +838,51 @@ impl Settings {
 }
 
 impl State {
-    /// Remembers an order's first acknowledgement for idempotency, forgetting the oldest
-    /// past the desk's `remember`.
+    fn new(cfg: &fluxgate_conf::Desk) -> State {
+        let size = generation(cfg);
+        let spare: Arc<Mutex<Option<HashMap<OrderKey, Entry>>>> = Arc::default();
+        // The first spare, touched all over on a thread of its own.
+        let slot = Arc::clone(&spare);
+        let _ = std::thread::Builder::new()
+            .name("fluxgate-forget".into())
+            .spawn(move || {
+                let mut m = HashMap::with_capacity(size);
+                for i in 0..size as u64 {
+                    let key = (Bytes::new(), Bytes::copy_from_slice(&i.to_le_bytes()));
+                    m.insert(
+                        key,
+                        Entry {
+                            first: None,
+                            last: None,
+                        },
+                    );
+                }
+                m.clear();
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+            });
+        State {
+            accounts: HashMap::new(),
+            orders: HashMap::with_capacity(size),
+            older: HashMap::new(),
+            spare,
+            open: HashSet::new(),
+            upstream_in_flight: HashMap::new(),
+        }
+    }
+
+    fn entry(&self, key: &OrderKey) -> Option<&Entry> {
+        self.orders.get(key).or_else(|| self.older.get(key))
+    }
+
+    fn entry_mut(&mut self, key: &OrderKey) -> Option<&mut Entry> {
+        match self.orders.contains_key(key) {
+            true => self.orders.get_mut(key),
+            false => self.older.get_mut(key),
+        }
+    }
+
+    /// Remembers an order's first acknowledgement for idempotency (an order stays
+    /// remembered for at least half of the desk's `remember` newer ones, at most all).
     fn remember(
         &mut self,
         cfg: &fluxgate_conf::Desk,
@@ -816,23 +890,27 @@ impl State {
         first: Option<Bytes>,
         open: bool,
     ) {
-        while self.remembered.len() >= cfg.remember {
-            match self.remembered.pop_front() {
-                Some(old) => {
-                    self.orders.remove(&old);
-                }
-                None => break,
-            }
+        let size = generation(cfg);
+        if self.orders.len() >= size {
+            let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let fresh = spare.unwrap_or_else(|| HashMap::with_capacity(size));
+            let gone =
+                std::mem::replace(&mut self.older, std::mem::replace(&mut self.orders, fresh));
+            // Emptied off the desk's lock (a walk over all of it), then kept for the next
+            // rotation.
+            let slot = Arc::clone(&self.spare);
+            let _ = std::thread::Builder::new()
+                .name("fluxgate-forget".into())
+                .spawn(move || {
+                    let mut gone = gone;
+                    gone.clear();
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(gone);
+                });
         }
-        self.remembered.push_back(key.clone());
-        self.orders.insert(
-            key,
-            Entry {
-                first,
-                last: None,
-                open,
-            },
-        );
+        if open {
+            self.open.insert(key.clone());
+        }
+        self.orders.insert(key, Entry { first, last: None });
     }
 
     /// Gives an answered (or failed) job's room back to its account and upstream.
@@ -852,17 +930,29 @@ impl State {
     }
 }
 
-/// The journal thread: takes every op queued, appends and settles them, makes them durable
-/// with one fdatasync (group commit), then records each order's acceptance as its first
-/// acknowledgement and tells its session.
-fn journal_thread(mut journal: Journal, rx: mpsc::Receiver<Op>, desk: Weak<Desk>) {
-    let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        batch.extend(rx.try_iter());
-        let mut appended = Vec::with_capacity(batch.len());
+/// The journal thread: takes every batch queued, appends them and settles what was answered,
+/// makes it all durable with one fdatasync (group commit), then records each order's
+/// acceptance as its first acknowledgement and tells its session. Settles alone are
+/// committed every `SETTLE_EVERY`.
+fn journal_thread(mut journal: Journal, rx: mpsc::Receiver<Vec<Op>>, desk: Weak<Desk>) {
+    let mut settled = Vec::new();
+    loop {
+        let first = match rx.recv_timeout(SETTLE_EVERY) {
+            Ok(ops) => Some(ops),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(desk) = desk.upgrade() else { return };
+        std::mem::swap(
+            &mut settled,
+            &mut *desk.settled.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        if first.is_none() && settled.is_empty() {
+            continue;
+        }
+        let mut appended = Vec::new();
         let mut barriers = Vec::new();
-        for op in batch.drain(..) {
+        for op in first.into_iter().chain(rx.try_iter()).flatten() {
             match op {
                 Op::Append {
                     record,
@@ -874,20 +964,21 @@ fn journal_thread(mut journal: Journal, rx: mpsc::Receiver<Op>, desk: Weak<Desk>
                     let seq = journal.append(&record);
                     appended.push((seq, key, ack, queued, done));
                 }
-                Op::Settle(seq) => journal.settle(seq),
                 Op::Barrier(done) => barriers.push(done),
             }
         }
+        for seq in settled.drain(..) {
+            journal.settle(seq);
+        }
         let started = Instant::now();
         let result = journal.commit();
-        let Some(desk) = desk.upgrade() else { return };
         desk.stats.journal_fsync.record(started.elapsed());
         match result {
             Ok(()) => {
                 {
                     let mut st = desk.lock();
                     for (_, key, ack, _, _) in &appended {
-                        if let Some(e) = st.orders.get_mut(key) {
+                        if let Some(e) = st.entry_mut(key) {
                             e.first = Some(ack.clone());
                         }
                     }

@@ -21,7 +21,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Vers
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::desk::{Accepted, Admit, Desk, Job};
+use super::desk::{Accepted, Admit, Batch, Desk, Job};
 use crate::app::body::ProxyBody;
 use crate::app::fanout::session::{read_room, ws_frame, WsEvent, WsReader};
 use crate::upstream::pool::UpstreamPool;
@@ -73,6 +73,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut held = None;
     let mut pongs: Vec<Bytes> = Vec::new();
     let mut out = BytesMut::new();
+    let mut batch = Batch::default();
     loop {
         let mut closing: Option<(u16, String)> = None;
         let settings = desk.settings();
@@ -118,7 +119,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             };
-            match desk.admit(&settings, &frame, Instant::now()) {
+            match desk.admit(&settings, &frame, Instant::now(), &mut batch) {
                 Admit::Answer(first, last) => {
                     outbox
                         .acks
@@ -155,6 +156,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         drop(settings);
+        desk.flush(&mut batch);
         out.clear();
         for p in pongs.drain(..) {
             out.extend_from_slice(&p);
@@ -436,7 +438,9 @@ pub(crate) async fn post(
     let timeout = desk.settings().cfg.upstream_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let ack = loop {
-        let admitted = desk.admit(&desk.settings(), &frame, Instant::now());
+        let mut batch = Batch::default();
+        let admitted = desk.admit(&desk.settings(), &frame, Instant::now(), &mut batch);
+        desk.flush(&mut batch);
         match admitted {
             Admit::Answer(first, last) => break last.unwrap_or(first),
             Admit::Pending(key, durable) => {
