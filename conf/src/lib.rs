@@ -1312,6 +1312,68 @@ mod tests {
     }
 
     #[test]
+    fn the_orders_example_parses() {
+        let c = Config::from_toml(include_str!("../examples/orders.toml")).unwrap();
+        let d = &c.desks[0];
+        assert_eq!((d.upstream, d.feed, d.session_in_flight), (0, Some(0), 64));
+        assert_eq!(d.instruments[0].reference_e4, Some(1_000_000));
+        assert_eq!(d.instruments[1].tick_e4, 2500);
+        assert!(d.routes[0].matches(1500, b"anyone") && !d.routes[0].matches(15, b"anyone"));
+        assert_eq!(d.accounts[0].price_band_bps, 500);
+        assert_eq!(d.accounts[1].burst, 10);
+        assert_eq!(d.journal.as_ref().unwrap().segment_size, 64 << 20);
+        assert_eq!(c.listeners[1].orders, Some(0));
+        assert!(matches!(
+            c.listeners[2].routes[0].action,
+            RouteAction::Orders(0)
+        ));
+    }
+
+    #[test]
+    fn orders_errors_name_the_key() {
+        let up = "[[upstream]]\nname = \"oms\"\nendpoints = [\"127.0.0.1:9\"]\n";
+        let desk = format!("{up}[[orders]]\nname = \"d\"\nupstream = \"oms\"\n");
+        let inst = "[[orders.instrument]]\nids = [\"1-9\"]\ntick = 0.01\n";
+        let acct = "[[orders.account]]\nname = \"a\"\nmax_quantity = 1\nmax_notional = 1.0\nrate = 1\nmax_open = 1\n";
+        let cases = [
+            (format!("{up}[[orders]]\nname = \"d\"\nupstream = \"nope\"\n{inst}"), "orders[0].upstream"),
+            (desk.clone(), "orders[0].name"),
+            (format!("{desk}[[orders.instrument]]\nids = [\"1-9\"]\ntick = 0.00001\n"), "orders[0].instrument[0].tick"),
+            (format!("{desk}[[orders.instrument]]\nids = [\"9-1\"]\ntick = 0.01\n"), "orders[0].instrument[0].ids"),
+            (format!("{desk}[[orders.instrument]]\nids = [\"1\"]\ntick = 0.05\nreference_price = 1.01\n"), "orders[0].instrument[0].reference_price"),
+            (format!("{desk}[[orders.instrument]]\nids = [\"*\"]\ntick = 0.01\n"), "orders[0].instrument[0].ids"),
+            (format!("{desk}{inst}{acct}{acct}"), "orders[0].account[1].name"),
+            (format!("{desk}{inst}{}", acct.replace("rate = 1", "rate = 0")), "orders[0].account[0].rate"),
+            (format!("{desk}{inst}{}", acct.replace("max_open = 1", "max_open = 0")), "orders[0].account[0].max_open"),
+            (format!("{desk}{inst}{acct}price_band = 2.0\n"), "orders[0].account[0].price_band"),
+            (format!("{desk}{inst}[[orders.route]]\nupstream = \"oms\"\n"), "orders[0].route[0]"),
+            (format!("{desk}order_path = \"orders\"\n{inst}"), "orders[0].order_path"),
+            (format!("{desk}feed = \"md\"\n{inst}"), "orders[0].feed"),
+            (format!("{desk}[orders.journal]\ndir = \"\"\n{inst}"), "orders[0].journal.dir"),
+            (
+                format!("{desk}{inst}[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"orders\"\norders = \"x\"\n"),
+                "listener[1].orders",
+            ),
+            (
+                format!("{desk}{inst}[[listener]]\naddress = \"127.0.0.1:0\"\norders = \"d\"\nrespond = {{ status = 200 }}\n"),
+                "listener[1].orders",
+            ),
+            (
+                format!("{desk}{inst}[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.route]]\norders = \"d\"\nrespond = {{ status = 200 }}\n"),
+                "listener[1].route[0].orders",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(&format!(
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = {{ status = 200 }}\n{text}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
     fn feed_errors_name_the_key() {
         let feed = "[[feed]]\nname = \"md\"\n";
         let cases = [
