@@ -464,7 +464,7 @@ fn cancels_and_acks_round_trip() {
             client_order_id: Some(id(&mut r)),
             account: Some(id(&mut r)),
             status: Some(1 + r.below(4) as i32),
-            reason: (r.below(2) == 0).then(|| 1 + r.below(11) as i32),
+            reason: (r.below(2) == 0).then(|| 1 + r.below(10) as i32),
             text: Some(format!("t{}", r.below(99))),
             upstream_status: (r.below(2) == 0).then(|| 200 + r.below(300) as u32),
             upstream_body: (r.below(2) == 0).then(|| id(&mut r)),

@@ -904,3 +904,68 @@ fn a_torn_journal_tail_is_cut_at_start_and_the_unsettled_orders_are_sent_again()
     );
     drop(gw);
 }
+
+#[test]
+fn the_price_band_follows_the_feeds_last_trade_and_routes_pick_the_upstream() {
+    use fluxgate_codecs::tick::Trade;
+    use fluxgate_codecs::{TickEncoder, TickMsg};
+    let (main, other) = (OrderService::start(), OrderService::start());
+    // Instrument 50 has no reference price: only the feed's trades centre its band. Its
+    // orders, and account `few`'s, go to the other order service.
+    let text = config(main.addr, "feed = \"md\"\n[[orders.route]]\ninstruments = [\"50\"]\nupstream = \"other\"\n[[orders.route]]\naccounts = [\"few\"]\nupstream = \"other\"")
+        .replace(
+            "[admin]",
+            &format!(
+                "[[feed]]\nname = \"md\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nmode = \"feed\"\n\
+                 feed = \"md\"\nrole = \"publish\"\n[[upstream]]\nname = \"other\"\n\
+                 endpoints = [\"{}\"]\n[admin]",
+                other.addr
+            ),
+        );
+    let fg = support::start(&text, IoMode::Epoll);
+    let mut s = Session::connect(fg.local_addrs()[0]);
+    let mut others = Vec::new();
+    s.send(&order("acct", "before", 50, 1, Some(20_000)));
+    let a = s.ack_for("before", AckStatus::Rejected, &mut others);
+    assert_eq!(a.reason(), RejectReason::NoReferencePrice);
+    // A trade at 200.00 on the feed.
+    let mut publisher = TcpStream::connect(fg.local_addrs()[2]).unwrap();
+    let mut out = BytesMut::new();
+    let trade = TickMsg::Trade(Trade {
+        instrument: 50,
+        seq: 1,
+        price: 20_000,
+        size: 5,
+        price_scale: 2,
+        ..Trade::default()
+    });
+    TickEncoder::new().encode(&trade, 0, &mut out);
+    publisher.write_all(&out).unwrap();
+    let mut n = 0;
+    assert!(eventually(LIMIT, || {
+        n += 1;
+        let id = format!("probe-{n}");
+        s.send(&order("acct", &id, 50, 1, Some(20_000)));
+        let a = s.ack().unwrap();
+        others.push(a.clone());
+        a.status() == AckStatus::Accepted
+    }));
+    // 5% around 200.00: 210.00 is in, 210.01 and 189.99 are out.
+    s.send(&order("acct", "in-band", 50, 1, Some(21_000)));
+    s.ack_for("in-band", AckStatus::UpstreamAccepted, &mut others);
+    for (id, price) in [("above", 21_001), ("below", 18_999)] {
+        s.send(&order("acct", id, 50, 1, Some(price)));
+        let a = s.ack_for(id, AckStatus::Rejected, &mut others);
+        assert_eq!(a.reason(), RejectReason::PriceBand, "{id}");
+    }
+    // Instrument 1 goes to the main service; `few` to the other whatever its instrument.
+    s.send(&order("acct", "main-1", 1, 1, Some(10_000)));
+    s.ack_for("main-1", AckStatus::UpstreamAccepted, &mut others);
+    s.send(&order("few", "few-1", 1, 1, Some(10_000)));
+    s.ack_for("few-1", AckStatus::UpstreamAccepted, &mut others);
+    assert_eq!(main.seen(), ["main-1"]);
+    let to_other = other.seen();
+    assert!(to_other.contains(&"in-band".to_owned()) && to_other.contains(&"few-1".to_owned()));
+    assert!(to_other.iter().all(|id| id != "main-1"));
+    fg.shutdown();
+}

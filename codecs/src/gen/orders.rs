@@ -223,8 +223,6 @@ pub enum RejectReason {
     UnknownOrder = 9,
     /// The journal could not make the order durable.
     Journal = 10,
-    /// The gateway is shutting down or the desk is gone.
-    Unavailable = 11,
 }
 impl RejectReason {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -244,7 +242,6 @@ impl RejectReason {
             Self::UnknownAccount => "REJECT_REASON_UNKNOWN_ACCOUNT",
             Self::UnknownOrder => "REJECT_REASON_UNKNOWN_ORDER",
             Self::Journal => "REJECT_REASON_JOURNAL",
-            Self::Unavailable => "REJECT_REASON_UNAVAILABLE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -261,7 +258,6 @@ impl RejectReason {
             "REJECT_REASON_UNKNOWN_ACCOUNT" => Some(Self::UnknownAccount),
             "REJECT_REASON_UNKNOWN_ORDER" => Some(Self::UnknownOrder),
             "REJECT_REASON_JOURNAL" => Some(Self::Journal),
-            "REJECT_REASON_UNAVAILABLE" => Some(Self::Unavailable),
             _ => None,
         }
     }

@@ -90,7 +90,7 @@ struct Entry {
 pub(crate) struct DeskStats {
     pub(crate) accepted: AtomicU64,
     /// By `RejectReason` value.
-    pub(crate) rejected: [AtomicU64; 12],
+    pub(crate) rejected: [AtomicU64; 11],
     pub(crate) duplicates: AtomicU64,
     pub(crate) upstream_accepted: AtomicU64,
     pub(crate) upstream_rejected: AtomicU64,

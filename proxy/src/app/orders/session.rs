@@ -495,7 +495,7 @@ pub(crate) async fn post(
         Some((AckStatus::Accepted, _)) => StatusCode::ACCEPTED,
         Some((AckStatus::UpstreamRejected, _)) => StatusCode::CONFLICT,
         Some((_, RejectReason::RateLimit)) => StatusCode::TOO_MANY_REQUESTS,
-        Some((_, RejectReason::Journal | RejectReason::Unavailable)) => {
+        Some((_, RejectReason::Journal)) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         _ => StatusCode::UNPROCESSABLE_ENTITY,
