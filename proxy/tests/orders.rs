@@ -969,3 +969,102 @@ fn the_price_band_follows_the_feeds_last_trade_and_routes_pick_the_upstream() {
     assert!(to_other.iter().all(|id| id != "main-1"));
     fg.shutdown();
 }
+
+#[test]
+fn orders_arrive_over_tls_sessions_and_http3_posts() {
+    use rustls::pki_types::pem::PemObject;
+    let service = OrderService::start();
+    let dir = scratch("orders-tls");
+    let certs = support::test_certs(&dir, &["localhost"]);
+    let tls = format!(
+        "[listener.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        certs.join("cert.pem").display(),
+        certs.join("key.pem").display(),
+    );
+    // Both listeners over TLS (the HTTP one serves HTTP/3 too).
+    let text = config(service.addr, "")
+        .replace(
+            "orders = \"desk\"\n\n[[listener]]",
+            &format!("orders = \"desk\"\n{tls}\n[[listener]]"),
+        )
+        .replace(
+            "orders = \"desk\"\n\n[admin]",
+            &format!("orders = \"desk\"\n{tls}\n[admin]"),
+        );
+    let fg = support::start(&text, IoMode::Epoll);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
+        .unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    // A session over TLS.
+    let tcp = TcpStream::connect(fg.local_addrs()[0]).unwrap();
+    tcp.set_read_timeout(Some(LIMIT)).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(client.clone()), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut out = BytesMut::new();
+    OrderEncoder::new().encode(&order("acct", "tls-1", 1, 1, Some(10_000)), 0, &mut out);
+    s.write_all(&out).unwrap();
+    let mut buf = BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the gateway closed the session");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(f) = FrameParser::default().parse(&mut buf).unwrap() {
+            got.push(decode_ack(&f).unwrap().status());
+        }
+    }
+    assert_eq!(got, [AckStatus::Accepted, AckStatus::UpstreamAccepted]);
+
+    // A POST over HTTP/3.
+    let https = fg.local_addrs()[1];
+    let mut h3tls = client;
+    h3tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(h3tls).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let conn = ep.connect(https, "localhost").unwrap().await.unwrap();
+        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let uri = format!("https://localhost:{}/orders", https.port());
+        let req = http::Request::post(uri)
+            .header("content-type", "application/x-protobuf")
+            .body(())
+            .unwrap();
+        let mut stream = sender.send_request(req).await.unwrap();
+        let bytes = encode_bare(&order("acct", "h3-1", 1, 1, Some(10_000)));
+        stream.send_data(bytes::Bytes::from(bytes)).await.unwrap();
+        stream.finish().await.unwrap();
+        let resp = stream.recv_response().await.unwrap();
+        let mut all = Vec::new();
+        while let Some(chunk) = stream.recv_data().await.unwrap() {
+            all.extend_from_slice(bytes::Buf::chunk(&chunk));
+        }
+        (resp.status().as_u16(), all)
+    });
+    assert_eq!(status, 200);
+    let a = ack_body(&body);
+    assert_eq!(
+        (id_of(&a), a.status()),
+        ("h3-1".into(), AckStatus::UpstreamAccepted)
+    );
+    let mut seen = service.seen();
+    seen.sort();
+    assert_eq!(seen, ["h3-1", "tls-1"]);
+    fg.shutdown();
+}

@@ -495,9 +495,7 @@ pub(crate) async fn post(
         Some((AckStatus::Accepted, _)) => StatusCode::ACCEPTED,
         Some((AckStatus::UpstreamRejected, _)) => StatusCode::CONFLICT,
         Some((_, RejectReason::RateLimit)) => StatusCode::TOO_MANY_REQUESTS,
-        Some((_, RejectReason::Journal)) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Some((_, RejectReason::Journal)) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
     let mut resp = Response::new(ProxyBody::full(ack.slice(HEADER_LEN..), inflight));
