@@ -598,6 +598,25 @@ impl Source<'_> {
     }
 }
 
+/// The desk (by index into `Config::desks`) a listener or route names.
+fn desk_index(
+    src: &Source<'_>,
+    key: String,
+    name: &Spanned<String>,
+    desks: &[&str],
+) -> Result<usize, ConfError> {
+    desks
+        .iter()
+        .position(|d| d == name.get_ref())
+        .ok_or_else(|| {
+            src.invalid(
+                key,
+                name,
+                format!("no [[orders]] named {:?}", name.get_ref()),
+            )
+        })
+}
+
 fn tls_settings(src: &Source<'_>, key: &str, t: &Spanned<RawTls>) -> Result<Tls, ConfError> {
     let r = t.get_ref();
     if r.certificates.is_empty() {
@@ -944,6 +963,7 @@ impl Config {
 
         let feeds = feed::build(src, &raw.feed)?;
         let desks = orders::build(src, &raw.orders, &upstreams, &feeds)?;
+        let desk_names: Vec<&str> = desks.iter().map(|d| d.name.as_str()).collect();
         let mut listeners = Vec::with_capacity(raw.listener.len());
         for (i, l) in raw.listener.iter().enumerate() {
             let key = |k: &str| format!("listener[{i}].{k}");
@@ -980,7 +1000,7 @@ impl Config {
                             "an orders listener takes `orders`, not `upstream`, `respond` or [[listener.route]]",
                         ));
                     }
-                    Some(orders::desk_index(src, key("orders"), name, &desks)?)
+                    Some(desk_index(src, key("orders"), name, &desk_names)?)
                 }
                 (None, true) => {
                     return Err(src.invalid(
@@ -1137,7 +1157,7 @@ impl Config {
                     .enumerate()
                     .map(|(j, r)| {
                         let at = key(&format!("route[{j}]"));
-                        route::build(src, &at, j, r, &upstreams, &feeds, &desks)
+                        route::build(src, &at, j, r, &upstreams, &feeds, &desk_names)
                     })
                     .collect::<Result<_, _>>()?,
                 _ => {
@@ -1311,6 +1331,18 @@ mod tests {
         ));
     }
 
+    /// Each config text (after a listener of its own) is refused, naming its key.
+    fn refused_at(cases: &[(String, &str)]) {
+        for (text, key) in cases {
+            let err = Config::from_toml(&format!(
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = {{ status = 200 }}\n{text}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
     #[test]
     fn the_orders_example_parses() {
         let c = Config::from_toml(include_str!("../examples/orders.toml")).unwrap();
@@ -1363,14 +1395,7 @@ mod tests {
                 "listener[1].route[0].orders",
             ),
         ];
-        for (text, key) in cases {
-            let err = Config::from_toml(&format!(
-                "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = {{ status = 200 }}\n{text}"
-            ))
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains(key), "{key}: {err}");
-        }
+        refused_at(&cases);
     }
 
     #[test]
@@ -1398,14 +1423,7 @@ mod tests {
                 "listener[1].route[0].feed",
             ),
         ];
-        for (text, key) in cases {
-            let err = Config::from_toml(&format!(
-                "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = {{ status = 200 }}\n{text}"
-            ))
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains(key), "{key}: {err}");
-        }
+        refused_at(&cases);
     }
 
     #[test]

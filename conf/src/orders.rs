@@ -378,25 +378,6 @@ pub(crate) fn build(
     Ok(desks)
 }
 
-/// The desk a listener or route names.
-pub(crate) fn desk_index(
-    src: &Source<'_>,
-    key: String,
-    name: &Spanned<String>,
-    desks: &[Desk],
-) -> Result<usize, ConfError> {
-    desks
-        .iter()
-        .position(|d| &d.name == name.get_ref())
-        .ok_or_else(|| {
-            src.invalid(
-                key,
-                name,
-                format!("no [[orders]] named {:?}", name.get_ref()),
-            )
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::e4;

@@ -344,7 +344,7 @@ pub(crate) fn build(
     r: &RawRoute,
     upstreams: &[Upstream],
     feeds: &[crate::Feed],
-    desks: &[crate::Desk],
+    desks: &[&str],
 ) -> Result<Route, ConfError> {
     let k = |f: &str| format!("{key}.{f}");
     let host = match &r.host {
@@ -433,7 +433,7 @@ pub(crate) fn build(
     let action = match (&r.upstream, &r.respond, &r.redirect) {
         (None, None, None) if r.orders.is_some() && r.feed.is_none() => {
             let name = r.orders.as_ref().expect("checked");
-            RouteAction::Orders(crate::orders::desk_index(src, k("orders"), name, desks)?)
+            RouteAction::Orders(crate::desk_index(src, k("orders"), name, desks)?)
         }
         _ if r.orders.is_some() => {
             return Err(src.invalid(

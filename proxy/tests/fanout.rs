@@ -1117,7 +1117,6 @@ fn a_client_certificate_is_an_identity_its_common_name_entitled() {
 
 #[test]
 fn http3_subscribers_get_a_streaming_response_of_frames() {
-    use rustls::pki_types::pem::PemObject;
     let dir = support::scratch("feed-h3");
     let certs = support::test_certs(&dir, &["localhost"]);
     let fg = support::start(
@@ -1133,29 +1132,12 @@ fn http3_subscribers_get_a_streaming_response_of_frames() {
         IoMode::Epoll,
     );
     let (publish, https) = (fg.local_addrs()[0], fg.local_addrs()[1]);
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let got = rt.block_on(async {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
-        let conn = ep.connect(https, "localhost").unwrap().await.unwrap();
-        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn))
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
+        let (_ep, mut sender) = support::h3_connect(https, &certs).await;
         let uri = format!("https://localhost:{}/md?sub=1-2", https.port());
         let req = http::Request::get(uri).body(()).unwrap();
         let mut s = sender.send_request(req).await.unwrap();

@@ -1004,7 +1004,7 @@ fn orders_arrive_over_tls_sessions_and_http3_posts() {
     let tcp = TcpStream::connect(fg.local_addrs()[0]).unwrap();
     tcp.set_read_timeout(Some(LIMIT)).unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(client.clone()), name).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(client), name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
     let mut out = BytesMut::new();
     OrderEncoder::new().encode(&order("acct", "tls-1", 1, 1, Some(10_000)), 0, &mut out);
@@ -1024,23 +1024,12 @@ fn orders_arrive_over_tls_sessions_and_http3_posts() {
 
     // A POST over HTTP/3.
     let https = fg.local_addrs()[1];
-    let mut h3tls = client;
-    h3tls.alpn_protocols = vec![b"h3".to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(h3tls).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let (status, body) = rt.block_on(async {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
-        let conn = ep.connect(https, "localhost").unwrap().await.unwrap();
-        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn))
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
+        let (_ep, mut sender) = support::h3_connect(https, &certs).await;
         let uri = format!("https://localhost:{}/orders", https.port());
         let req = http::Request::post(uri)
             .header("content-type", "application/x-protobuf")

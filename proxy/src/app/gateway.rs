@@ -177,7 +177,16 @@ impl Handler {
                         .insert(header::ALLOW, HeaderValue::from_static("POST"));
                     return Routed::Answer(Some(index), resp);
                 }
-                let answer = crate::app::orders::session::post(desk, pools, req, inflight);
+                let answer = async move {
+                    let a = crate::app::orders::session::post(desk, pools, req).await;
+                    let mut resp = Response::new(ProxyBody::full(a.body, inflight));
+                    *resp.status_mut() = a.status;
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(a.content_type),
+                    );
+                    resp
+                };
                 return Routed::Later(index, Box::pin(answer));
             }
             RouteAction::Forward(pool) => {

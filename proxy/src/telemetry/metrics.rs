@@ -694,6 +694,21 @@ pub(crate) fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 
+/// One family with a line per item: `NAME{LABEL="item's value"} get(item)`.
+pub(crate) fn per_label<T>(
+    o: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    label: &str,
+    items: &[T],
+    value: impl Fn(&T) -> &str,
+    get: impl Fn(&T) -> u64,
+) {
+    family(o, name, kind, help);
+    for item in items {
+        let _ = writeln!(o, "{name}{{{label}=\"{}\"}} {}", value(item), get(item));
+    }
+}
+
 impl Metrics {
     /// Sums `f` over every worker's stats of route `route` (None: unrouted) of `listener`.
     fn route_sum(

@@ -715,3 +715,35 @@ impl Drop for NatsServer {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP/3 connection to `addr` as `localhost`, trusting `certs/ca.pem` (see
+/// `test_certs`); its driver runs as a task of the current runtime. The endpoint must live
+/// as long as the connection is used.
+pub async fn h3_connect(
+    addr: SocketAddr,
+    certs: &std::path::Path,
+) -> (
+    quinn::Endpoint,
+    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(certs.join("ca.pem")).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut driver, sender) = h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    (ep, sender)
+}

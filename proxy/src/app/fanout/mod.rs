@@ -399,11 +399,8 @@ fn per_feed(
     feeds: &[Arc<hub::FeedHub>],
     get: impl Fn(&hub::FeedHub) -> u64,
 ) {
-    use std::fmt::Write;
-    crate::telemetry::metrics::family(o, name, kind, help);
-    for f in feeds {
-        let _ = writeln!(o, "{name}{{feed=\"{}\"}} {}", f.name, get(f));
-    }
+    let family = (name, kind, help);
+    crate::telemetry::metrics::per_label(o, family, "feed", feeds, |f| &f.name, |f| get(f));
 }
 
 /// One gauge family with a value per feed and transport: `get(feed index, transport)`.

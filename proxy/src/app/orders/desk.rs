@@ -686,7 +686,7 @@ impl Desk {
 
     /// Prometheus lines for every desk.
     pub(crate) fn render_metrics(o: &mut String, desks: &[Arc<Desk>]) {
-        use crate::telemetry::metrics::family;
+        use crate::telemetry::metrics::{family, per_label};
         use std::fmt::Write;
         if desks.is_empty() {
             return;
@@ -725,10 +725,8 @@ impl Desk {
             ),
         ];
         for (name, help, get) in counters {
-            family(o, name, "counter", help);
-            for d in desks {
-                let _ = writeln!(o, "{name}{{desk=\"{}\"}} {}", d.name, get(&d.stats));
-            }
+            let family = (name, "counter", help);
+            per_label(o, family, "desk", desks, |d| &d.name, |d| get(&d.stats));
         }
         family(
             o,

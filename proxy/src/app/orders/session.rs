@@ -15,14 +15,12 @@ use fluxgate_codecs::envelope::{write_frame, FrameParser, Kind, HEADER_LEN};
 use fluxgate_codecs::gen::orders::{AckStatus, RejectReason};
 use fluxgate_conf::UpstreamProtocol;
 use fluxgate_http::body::ClientBody;
-use fluxgate_http::conn::InFlight;
 use fluxgate_wire::ws::{self, Opcode};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::desk::{Accepted, Admit, Batch, Desk, Job};
-use crate::app::body::ProxyBody;
 use crate::app::fanout::session::{read_room, ws_frame, WsEvent, WsReader};
 use crate::upstream::pool::UpstreamPool;
 use crate::upstream::send::UpstreamRequest;
@@ -368,18 +366,22 @@ pub(crate) fn resend(desk: &Arc<Desk>, pools: &Rc<[Rc<UpstreamPool>]>) {
 /// The answer is an `OrderAck` message: the upstream's when it answered within
 /// `upstream_timeout` (200, or 409 when it refused), else the acceptance (202, delivery goes
 /// on); a refusal is 422 (429 for the rate limit, 503 for the journal).
+/// A POST's answer, for the gateway to send.
+pub(crate) struct PostAnswer {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: Bytes,
+}
+
 pub(crate) async fn post(
     desk: Arc<Desk>,
     pools: Rc<[Rc<UpstreamPool>]>,
     req: Request<ClientBody>,
-    inflight: InFlight,
-) -> Response<ProxyBody> {
-    let plain = |status: StatusCode, why: &str, inflight| {
-        let mut resp = Response::new(ProxyBody::full(Bytes::from(format!("{why}\n")), inflight));
-        *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        resp
+) -> PostAnswer {
+    let plain = |status: StatusCode, why: &str| PostAnswer {
+        status,
+        content_type: "text/plain",
+        body: Bytes::from(format!("{why}\n")),
     };
     let ctype = req
         .headers()
@@ -392,7 +394,7 @@ pub(crate) async fn post(
         .is_some_and(|m| m.eq_ignore_ascii_case("application/x-protobuf"))
     {
         let why = "orders are POSTed as application/x-protobuf";
-        return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, why, inflight);
+        return plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, why);
     }
     let cancel = params.any(|p| p == "messageType=fluxgate.orders.CancelOrder");
     let max = desk.settings().cfg.max_payload;
@@ -401,9 +403,10 @@ pub(crate) async fn post(
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         let mut body = body;
         while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.map_err(|_| ())?.into_data() {
+            // Err(true): too large; Err(false): the body failed.
+            if let Ok(data) = frame.map_err(|_| false)?.into_data() {
                 if payload.len() + data.len() > max {
-                    return Err(());
+                    return Err(true);
                 }
                 payload.extend_from_slice(&data);
             }
@@ -412,16 +415,8 @@ pub(crate) async fn post(
     });
     match read.await {
         Ok(Ok(())) => {}
-        Ok(Err(())) if payload.len() >= max => {
-            return plain(StatusCode::PAYLOAD_TOO_LARGE, "order too large", inflight)
-        }
-        _ => {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "the order body did not arrive",
-                inflight,
-            )
-        }
+        Ok(Err(true)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "order too large"),
+        _ => return plain(StatusCode::BAD_REQUEST, "the order body did not arrive"),
     }
     // Framed as a session's would be, its routing metadata from the message itself.
     let kind = if cancel {
@@ -433,7 +428,7 @@ pub(crate) async fn post(
     fluxgate_codecs::frame_bare(kind, &payload, &mut framed);
     let frame = match FrameParser::new(max).parse(&mut framed) {
         Ok(Some(f)) => f,
-        _ => return plain(StatusCode::PAYLOAD_TOO_LARGE, "order too large", inflight),
+        _ => return plain(StatusCode::PAYLOAD_TOO_LARGE, "order too large"),
     };
     let timeout = desk.settings().cfg.upstream_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -447,13 +442,13 @@ pub(crate) async fn post(
                 let _ = durable.await;
                 match desk.remembered(&key) {
                     Some((first, last)) => break last.unwrap_or(first),
-                    None => return plain(StatusCode::SERVICE_UNAVAILABLE, "try again", inflight),
+                    None => return plain(StatusCode::SERVICE_UNAVAILABLE, "try again"),
                 }
             }
             Admit::Busy => {
                 if tokio::time::Instant::now() >= deadline {
                     let why = "the account has too many orders in flight";
-                    return plain(StatusCode::SERVICE_UNAVAILABLE, why, inflight);
+                    return plain(StatusCode::SERVICE_UNAVAILABLE, why);
                 }
                 tokio::select! {
                     _ = desk.room.notified() => {}
@@ -498,11 +493,9 @@ pub(crate) async fn post(
         Some((_, RejectReason::Journal)) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNPROCESSABLE_ENTITY,
     };
-    let mut resp = Response::new(ProxyBody::full(ack.slice(HEADER_LEN..), inflight));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-protobuf; messageType=fluxgate.orders.OrderAck"),
-    );
-    resp
+    PostAnswer {
+        status,
+        content_type: "application/x-protobuf; messageType=fluxgate.orders.OrderAck",
+        body: ack.slice(HEADER_LEN..),
+    }
 }
