@@ -151,6 +151,7 @@ fn run(args: Args) -> Result<()> {
     let grace = config.runtime.drain_timeout;
     // Handlers first: a SIGTERM that lands during start-up must drain, not kill.
     let mut signals = Signals::install()?;
+    fluxgate_sys::ignore_file_size_signal();
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
         eprintln!("fluxgate: cannot raise the open-file limit: {e}");
     }

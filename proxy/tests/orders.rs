@@ -718,7 +718,18 @@ struct Gateway {
 
 impl Gateway {
     fn start(config: &std::path::Path) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fluxgate"))
+        Gateway::start_under(config, &[])
+    }
+
+    /// The same, started through `wrapper` (a command and its arguments, e.g. `prlimit`).
+    fn start_under(config: &std::path::Path, wrapper: &[&str]) -> Gateway {
+        let bin = env!("CARGO_BIN_EXE_fluxgate");
+        let (cmd, args) = match wrapper.split_first() {
+            Some((cmd, args)) => (*cmd, [args, &[bin]].concat()),
+            None => (bin, Vec::new()),
+        };
+        let mut child = Command::new(cmd)
+            .args(args)
             .args(["run", "-c"])
             .arg(config)
             .args(["--workers", "1"])
@@ -1056,4 +1067,47 @@ fn orders_arrive_over_tls_sessions_and_http3_posts() {
     seen.sort();
     assert_eq!(seen, ["h3-1", "tls-1"]);
     fg.shutdown();
+}
+
+#[test]
+fn a_journal_that_cannot_write_refuses_orders_with_its_code_and_they_never_go_out() {
+    let service = OrderService::start();
+    let (config, _) = journaled_config("orders-full", service.addr, true);
+    // One segment (64 KiB) may not grow past 8 KiB: writes past it fail with EFBIG.
+    let gw = Gateway::start_under(&config, &["prlimit", "--fsize=8192"]);
+    let mut s = Session::connect(gw.orders);
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..500 {
+        let id = format!("full-{i}");
+        s.send(&order("acct", &id, 1, 1, Some(10_000)));
+        let a = loop {
+            let a = s.ack().expect("the gateway stays up");
+            if id_of(&a) == id && a.status() != AckStatus::UpstreamAccepted {
+                break a;
+            }
+        };
+        match a.status() {
+            AckStatus::Accepted => accepted.push(id),
+            _ => {
+                assert_eq!(reason_of(&a), (AckStatus::Rejected, RejectReason::Journal));
+                refused = Some(id);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the journal filled up");
+    assert!(!accepted.is_empty());
+    // Still serving, still refusing, and only what was accepted went out.
+    s.send(&order("acct", "after", 1, 1, Some(10_000)));
+    let a = s.ack_for("after", AckStatus::Rejected, &mut Vec::new());
+    assert_eq!(a.reason(), RejectReason::Journal);
+    assert!(eventually(LIMIT, || service.seen().len() >= accepted.len()));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut seen = service.seen();
+    seen.sort();
+    accepted.sort();
+    assert_eq!(seen, accepted);
+    assert!(!seen.contains(&refused));
+    drop(gw);
 }

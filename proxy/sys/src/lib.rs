@@ -277,6 +277,16 @@ pub fn release_free_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
+/// Makes a write past the process's file-size limit (RLIMIT_FSIZE) fail with EFBIG instead
+/// of killing the process with SIGXFSZ: a full journal or log is an error to handle, not a
+/// crash.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit (a proxy holds two descriptors per
 /// proxied connection) and returns the new soft limit.
 pub fn raise_nofile_limit() -> io::Result<u64> {

@@ -68,6 +68,8 @@ pub struct Journal {
     /// Records appended since the last commit.
     pending: Vec<u8>,
     next_seq: u64,
+    /// Records numbered below this were committed (or failed to be, and are forgotten).
+    committed_seq: u64,
     /// Unsettled accepted records: sequence number to their segment's first sequence number.
     open: BTreeMap<u64, u64>,
     /// Settled since the last commit, their segments counted down at the commit.
@@ -165,6 +167,7 @@ impl Journal {
             len,
             pending: Vec::new(),
             next_seq,
+            committed_seq: next_seq,
             open,
             settling: Vec::new(),
         };
@@ -196,12 +199,36 @@ impl Journal {
 
     /// Writes everything appended since the last commit and waits until it is on disk; then
     /// starts a new segment if this one is full, and removes segments wholly settled.
+    /// An error means the records since the last commit are not durable and never will be:
+    /// they are cut from the file and forgotten (the settles among them go again with the
+    /// next commit). A failure after that (a new segment, a removal) is retried at the next
+    /// commit and does not fail this one.
     pub fn commit(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.pending)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(&self.pending)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            let _ = self.file.set_len(self.len);
+            self.pending.clear();
+            // Settles are facts still: they go again with the next commit.
+            for &seq in &self.settling {
+                put(&mut self.pending, SETTLED, seq, &[]);
+            }
+            for seq in self.committed_seq..self.next_seq {
+                if let Some(first) = self.open.remove(&seq) {
+                    if let Some(s) = self.segments.iter_mut().find(|s| s.first == first) {
+                        s.unsettled -= 1;
+                    }
+                }
+            }
+            self.committed_seq = self.next_seq;
+            return Err(e);
+        }
+        self.committed_seq = self.next_seq;
         self.len += self.pending.len() as u64;
         self.pending.clear();
         for seq in self.settling.drain(..) {
@@ -211,13 +238,24 @@ impl Journal {
                 }
             }
         }
+        if let Err(e) = self.rotate().and_then(|()| self.remove_settled()) {
+            eprintln!(
+                "fluxgate: orders journal {}: {e} (tried again at the next commit)",
+                self.settings.dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment when this one is full.
+    fn rotate(&mut self) -> io::Result<()> {
         if self.len >= self.settings.segment_size {
             let s = new_segment(&self.settings.dir, self.next_seq)?;
             self.file = OpenOptions::new().append(true).open(&s.path)?;
             self.len = 0;
             self.segments.push_back(s);
         }
-        self.remove_settled()
+        Ok(())
     }
 
     /// Accepted orders not settled yet.
