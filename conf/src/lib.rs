@@ -22,8 +22,8 @@ pub use feed::{
 };
 pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use route::{
-    HeaderMatch, HeaderOps, HostMatch, PathMatch, QueryMatch, Route, RouteAction, RouteMatch,
-    ValueMatch,
+    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, Route, RouteAction,
+    RouteMatch, Split, SplitTarget, ValueMatch,
 };
 
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
@@ -1341,6 +1341,34 @@ mod tests {
             .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn split_errors_name_the_key() {
+        let ups = "[[upstream]]\nname = \"a\"\nendpoints = [\"127.0.0.1:9\"]\n\
+                   [[upstream]]\nname = \"b\"\nendpoints = [\"127.0.0.1:9\"]\n";
+        let route = |split: &str| {
+            format!("{ups}[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.route]]\nsplit = {split}\n")
+        };
+        let two = "targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"b\", weight = 1 }]";
+        let cases = [
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }] }"), "listener[1].route[0].split.targets"),
+            (route("{ targets = [{ upstream = \"a\", weight = 0 }, { upstream = \"b\", weight = 0 }] }"), "listener[1].route[0].split.targets"),
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"c\", weight = 1 }] }"), "listener[1].route[0].split.targets[1].upstream"),
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"a\", weight = 1 }] }"), "listener[1].route[0].split.targets[1].upstream"),
+            (route("{ targets = [{ upstream = \"a\", weight = -1 }, { upstream = \"b\", weight = 1 }] }"), "listener[1].route[0].split.targets[0].weight"),
+            (route(&format!("{{ {two}, sticky_header = \"bad header\" }}")), "listener[1].route[0].split.sticky_header"),
+            (route(&format!("{{ {two}, force_cookie = \"a=b\" }}")), "listener[1].route[0].split.force_cookie"),
+            (route(&format!("{{ {two}, sticky_header = \"x\", sticky_cookie = \"y\" }}")), "listener[1].route[0].split.sticky_header"),
+        ];
+        refused_at(&cases);
+        let ok =
+            Config::from_toml(&route(&format!("{{ {two}, sticky_cookie = \"uid\" }}"))).unwrap();
+        let RouteAction::Split(s) = &ok.listeners[0].routes[0].action else {
+            panic!("a split route")
+        };
+        assert_eq!(s.sticky, Some(KeySource::Cookie("uid".into())));
+        assert_eq!(s.targets[1].name, "b");
     }
 
     #[test]

@@ -101,9 +101,38 @@ pub enum RouteAction {
     /// Publish to or subscribe to a feed: a WebSocket upgrade, or (subscribing) a streaming
     /// response of envelope frames.
     Feed(crate::FeedEndpoint),
+    /// Proxy to one of several upstreams by weight (`split`).
+    Split(Box<Split>),
     /// Order entry for a desk (index into `Config::desks`): a WebSocket upgrade to an order
     /// session, or one order per `POST` of `application/x-protobuf`.
     Orders(usize),
+}
+
+/// `split = { targets = [{ upstream, weight }, ..], sticky_header | sticky_cookie,
+/// force_header | force_cookie }`: the route's traffic shared between upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub targets: Vec<SplitTarget>,
+    /// Where the user key of a sticky bucket is read (none: a weighted draw per request).
+    pub sticky: Option<KeySource>,
+    /// Where a tester names the target (its upstream's name) to force.
+    pub force: Option<KeySource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitTarget {
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+    /// The upstream's name (what a forcing header or cookie names).
+    pub name: String,
+    pub weight: u32,
+}
+
+/// A request header or cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Header(HeaderName),
+    Cookie(String),
 }
 
 /// Header edits: `remove` first, then `set` (replace), then `add` (append).
@@ -139,11 +168,91 @@ pub(crate) struct RawRoute {
     redirect: Option<Spanned<RawRedirect>>,
     feed: Option<Spanned<RawFeedRoute>>,
     orders: Option<Spanned<String>>,
+    split: Option<Spanned<RawSplit>>,
     timeout: Option<Spanned<String>>,
     max_body: Option<Spanned<crate::RawSize>>,
     rewrite_prefix: Option<Spanned<String>>,
     request_headers: Option<Spanned<RawHeaderOps>>,
     response_headers: Option<Spanned<RawHeaderOps>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    targets: Vec<RawSplitTarget>,
+    sticky_header: Option<String>,
+    sticky_cookie: Option<String>,
+    force_header: Option<String>,
+    force_cookie: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplitTarget {
+    upstream: Spanned<String>,
+    weight: i64,
+}
+
+fn split(
+    src: &Source<'_>,
+    key: &str,
+    raw: &Spanned<RawSplit>,
+    upstreams: &[Upstream],
+) -> Result<Split, ConfError> {
+    let r = raw.get_ref();
+    let mut targets: Vec<SplitTarget> = Vec::new();
+    for (i, t) in r.targets.iter().enumerate() {
+        let at = format!("{key}.targets[{i}]");
+        let upstream = upstream_index(src, format!("{at}.upstream"), &t.upstream, upstreams)?;
+        if !(0..=1_000_000).contains(&t.weight) {
+            return Err(src.invalid(format!("{at}.weight"), raw, "between 0 and 1000000"));
+        }
+        if targets.iter().any(|x| x.upstream == upstream) {
+            return Err(src.invalid(format!("{at}.upstream"), &t.upstream, "named twice"));
+        }
+        targets.push(SplitTarget {
+            upstream,
+            name: t.upstream.get_ref().clone(),
+            weight: t.weight as u32,
+        });
+    }
+    if targets.len() < 2 || targets.iter().all(|t| t.weight == 0) {
+        return Err(src.invalid(
+            format!("{key}.targets"),
+            raw,
+            "a split has two targets or more, and some weight",
+        ));
+    }
+    let source =
+        |what: &str, header: &Option<String>, cookie: &Option<String>| match (header, cookie) {
+            (None, None) => Ok(None),
+            (Some(h), None) => Ok(Some(KeySource::Header(header_name(
+                src,
+                format!("{key}.{what}_header"),
+                raw,
+                h,
+            )?))),
+            (None, Some(c))
+                if !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"=;,".contains(&b)) =>
+            {
+                Ok(Some(KeySource::Cookie(c.clone())))
+            }
+            (None, Some(_)) => {
+                Err(src.invalid(format!("{key}.{what}_cookie"), raw, "not a cookie name"))
+            }
+            (Some(_), Some(_)) => Err(src.invalid(
+                format!("{key}.{what}_header"),
+                raw,
+                format!("one of `{what}_header` and `{what}_cookie`"),
+            )),
+        };
+    Ok(Split {
+        targets,
+        sticky: source("sticky", &r.sticky_header, &r.sticky_cookie)?,
+        force: source("force", &r.force_header, &r.force_cookie)?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -431,6 +540,17 @@ pub(crate) fn build(
         })
         .collect::<Result<_, ConfError>>()?;
     let action = match (&r.upstream, &r.respond, &r.redirect) {
+        (None, None, None) if r.split.is_some() && r.orders.is_none() && r.feed.is_none() => {
+            let s = r.split.as_ref().expect("checked");
+            RouteAction::Split(Box::new(split(src, &k("split"), s, upstreams)?))
+        }
+        _ if r.split.is_some() => {
+            return Err(src.invalid(
+                k("split"),
+                r.split.as_ref().expect("checked"),
+                "needs exactly one action: `upstream`, `split`, `respond`, `redirect`, `feed` or `orders`",
+            ))
+        }
         (None, None, None) if r.orders.is_some() && r.feed.is_none() => {
             let name = r.orders.as_ref().expect("checked");
             RouteAction::Orders(crate::desk_index(src, k("orders"), name, desks)?)
@@ -492,12 +612,12 @@ pub(crate) fn build(
         None => None,
         Some(rw) => {
             if !matches!(path, Some(PathMatch::Prefix(_)))
-                || !matches!(action, RouteAction::Forward(_))
+                || !matches!(action, RouteAction::Forward(_) | RouteAction::Split(_))
             {
                 return Err(src.invalid(
                     k("rewrite_prefix"),
                     rw,
-                    "needs `path_prefix` and `upstream`",
+                    "needs `path_prefix` and `upstream` or `split`",
                 ));
             }
             if !rw.get_ref().starts_with('/') {

@@ -121,6 +121,7 @@ impl Worker {
                 access_log: access_log.clone(),
                 feeds: Rc::clone(&feeds),
                 desks: Rc::clone(&desks),
+                draws: Cell::new(0x9e37_79b9_7f4a_7c15 ^ ((self.id as u64 + 1) << 32 | i as u64)),
             });
             let feed = l.feed.map(|e| (Rc::clone(&feeds[e.feed]), e.role));
             let orders = l.orders.map(|d| Arc::clone(&desks[d]));

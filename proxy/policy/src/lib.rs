@@ -12,3 +12,4 @@ pub mod balance;
 pub mod retry;
 pub mod risk;
 pub mod route;
+pub mod split;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fluxgate_conf::{
-    Balance, FeedEndpoint, FeedRole, HashKey, HeaderOps, Route, RouteAction, UpstreamProtocol,
+    Balance, FeedEndpoint, FeedRole, HashKey, HeaderOps, KeySource, Route, RouteAction, Split,
+    UpstreamProtocol,
 };
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -51,6 +52,8 @@ pub(crate) struct Handler {
     pub(crate) feeds: Rc<[Rc<LocalFeed>]>,
     /// Every order desk, indexed like `Config::desks`.
     pub(crate) desks: Rc<[Arc<crate::app::orders::desk::Desk>]>,
+    /// The state of the splits' weighted draws (xorshift64; never 0).
+    pub(crate) draws: std::cell::Cell<u64>,
 }
 
 impl Handler {
@@ -66,7 +69,7 @@ impl Handler {
         let logged = self.pending(started, &inflight, Some(&req), None);
         match self.route(req, inflight) {
             Routed::Answer(route, resp) => {
-                let resp = self.finish(started, logged, route, None, resp);
+                let resp = self.finish(started, logged, route, None, None, resp);
                 Reply::Ready(Some(Box::new(resp)))
             }
             Routed::Forward(f) => {
@@ -77,7 +80,7 @@ impl Handler {
                 let handler = Rc::clone(self);
                 Reply::Later(Box::pin(async move {
                     let resp = answer.await;
-                    handler.finish(started, logged, Some(index), None, resp)
+                    handler.finish(started, logged, Some(index), None, None, resp)
                 }))
             }
         }
@@ -109,6 +112,7 @@ impl Handler {
         logged: Option<Box<Pending>>,
         route: Option<usize>,
         upstream_time: Option<Duration>,
+        pool: Option<usize>,
         mut resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
@@ -117,7 +121,7 @@ impl Handler {
         if let Some(mut p) = logged {
             if let Some(r) = route.map(|i| &self.routes.routes()[i]) {
                 p.route.clone_from(&r.name);
-                if let RouteAction::Forward(u) = r.action {
+                if let Some(u) = pool {
                     p.upstream.clone_from(&self.pools[u].cfg.name);
                 }
             }
@@ -189,7 +193,12 @@ impl Handler {
                 };
                 return Routed::Later(index, Box::pin(answer));
             }
-            RouteAction::Forward(pool) => {
+            RouteAction::Forward(_) | RouteAction::Split(_) => {
+                let pool = match &route.action {
+                    RouteAction::Split(s) => self.split_target(s, &req),
+                    RouteAction::Forward(pool) => *pool,
+                    _ => unreachable!("matched above"),
+                };
                 let mut req = req;
                 if let Some(max) = route.max_body {
                     if req.body().size_hint().exact().is_some_and(|n| n > max) {
@@ -206,7 +215,7 @@ impl Handler {
                 return Routed::Forward(Forward {
                     index,
                     route,
-                    pool: *pool,
+                    pool,
                     req,
                     inflight,
                     upgrade,
@@ -215,6 +224,20 @@ impl Handler {
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
         Routed::Answer(Some(index), resp)
+    }
+
+    /// The upstream (index into the pools) a split sends this request to.
+    fn split_target(&self, s: &Split, req: &Request<ClientBody>) -> usize {
+        let read = |k: &Option<KeySource>| k.as_ref().and_then(|k| key_value(k, req.headers()));
+        let day = fluxgate_policy::split::day_of(std::time::SystemTime::now());
+        // xorshift64: a draw per request, no lock, no syscall.
+        let mut x = self.draws.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.draws.set(x);
+        let t = fluxgate_policy::split::pick(s, read(&s.force), read(&s.sticky), day, x);
+        s.targets[t].upstream
     }
 
     /// A feed route's answer: a WebSocket upgrade (publisher or subscriber), or the
@@ -412,7 +435,7 @@ impl Service for Gateway {
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
         // Whether the connection closes after it is the server's to say.
         let resp = short_answer(status, false, inflight);
-        handler.finish(started, logged, None, None, resp)
+        handler.finish(started, logged, None, None, None, resp)
     }
 
     fn reset(&self, why: Refusal, conn: &ConnState) {
@@ -498,6 +521,7 @@ impl Outgoing {
             ..
         } = self;
         let route = &handler.routes.routes()[index];
+        let pool_index = pool;
         let pool = &handler.pools[pool];
         if let Some(pick) = pick {
             let ep = pick.ep;
@@ -533,7 +557,14 @@ impl Outgoing {
             Err(e) => short_answer(e.status(), e.closes_client(), inflight),
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
-        handler.finish(started, logged, Some(index), upstream_time, resp)
+        handler.finish(
+            started,
+            logged,
+            Some(index),
+            upstream_time,
+            Some(pool_index),
+            resp,
+        )
     }
 }
 
@@ -802,5 +833,20 @@ fn hash_key<B>(balance: &Balance, req: &Request<B>, peer_ip: &HeaderValue) -> Op
             .find(|(k, _)| k == name)
             .map(|(_, v)| hash64(v.as_bytes())),
         HashKey::ClientIp => Some(hash64(peer_ip.as_bytes())),
+    }
+}
+
+/// The value of a request header, or of a cookie (`Cookie: a=1; b=2`), as it came.
+fn key_value<'a>(k: &KeySource, headers: &'a http::HeaderMap) -> Option<&'a [u8]> {
+    match k {
+        KeySource::Header(name) => headers.get(name).map(HeaderValue::as_bytes),
+        KeySource::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+            .find_map(|pair| {
+                let pair = pair.trim_ascii();
+                pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")
+            }),
     }
 }

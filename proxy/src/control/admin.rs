@@ -140,6 +140,20 @@ fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
                     format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
                 }
                 RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
+                RouteAction::Split(s) => {
+                    let targets: Vec<String> = s
+                        .targets
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "{{\"upstream\":{},\"weight\":{}}}",
+                                json::string(&t.name),
+                                t.weight
+                            )
+                        })
+                        .collect();
+                    format!("{{\"split\":[{}]}}", targets.join(","))
+                }
                 RouteAction::Orders(d) => {
                     format!("{{\"orders\":{}}}", json::string(&c.desks[*d].name))
                 }
