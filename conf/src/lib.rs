@@ -13,10 +13,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod balance;
+mod breaker;
 mod feed;
 mod orders;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
+pub use breaker::Breaker;
 pub use feed::{
     Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, NatsIngest, SlowConsumer,
 };
@@ -321,6 +323,8 @@ pub struct Upstream {
     /// Default none (endpoints are healthy until passive checks say otherwise).
     pub health_check: Option<HealthCheck>,
     pub passive: Passive,
+    /// `[upstream.breaker]`. Default: none.
+    pub breaker: Option<Breaker>,
     /// Default http1. `h2c` (or `h2`) is HTTP/2: cleartext with prior knowledge, or by ALPN
     /// over TLS.
     pub protocol: UpstreamProtocol,
@@ -480,6 +484,7 @@ struct RawUpstream {
     hash_key: Option<Spanned<balance::RawHashKey>>,
     health_check: Option<Spanned<balance::RawHealthCheck>>,
     passive: Option<Spanned<balance::RawPassive>>,
+    breaker: Option<Spanned<breaker::RawBreaker>>,
     protocol: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     response_timeout: Option<Spanned<String>>,
@@ -927,6 +932,10 @@ impl Config {
                 balance,
                 health_check,
                 passive,
+                breaker: match &u.breaker {
+                    None => None,
+                    Some(b) => Some(breaker::build(src, &key("breaker"), b)?),
+                },
                 protocol,
                 connect_timeout: src.duration(
                     || key("connect_timeout"),
@@ -961,6 +970,24 @@ impl Config {
             });
         }
 
+        // Fallbacks name upstreams, any of them: resolved once all are known.
+        for (i, u) in raw.upstream.iter().enumerate() {
+            let Some(name) = u
+                .breaker
+                .as_ref()
+                .and_then(|b| b.get_ref().fallback.as_ref())
+            else {
+                continue;
+            };
+            let key = format!("upstream[{i}].breaker.fallback");
+            let f = route::upstream_index(src, key.clone(), name, &upstreams)?;
+            if f == i {
+                return Err(src.invalid(key, name, "an upstream is not its own fallback"));
+            }
+            if let Some(b) = upstreams[i].breaker.as_mut() {
+                b.fallback = Some(f);
+            }
+        }
         let feeds = feed::build(src, &raw.feed)?;
         let desks = orders::build(src, &raw.orders, &upstreams, &feeds)?;
         let desk_names: Vec<&str> = desks.iter().map(|d| d.name.as_str()).collect();
@@ -1341,6 +1368,25 @@ mod tests {
             .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn breaker_errors_name_the_key() {
+        let up = |b: &str| {
+            format!("[[upstream]]\nname = \"a\"\nendpoints = [\"127.0.0.1:9\"]\n[upstream.breaker]\n{b}\n")
+        };
+        let cases = [
+            (up("error_rate = 1.5"), "upstream[0].breaker.error_rate"),
+            (up("window = \"soon\""), "upstream[0].breaker.window"),
+            (
+                up("half_open_probes = 0"),
+                "upstream[0].breaker.half_open_probes",
+            ),
+            (up("status = 200"), "upstream[0].breaker.status"),
+            (up("fallback = \"nope\""), "upstream[0].breaker.fallback"),
+            (up("fallback = \"a\""), "upstream[0].breaker.fallback"),
+        ];
+        refused_at(&cases);
     }
 
     #[test]

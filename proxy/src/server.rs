@@ -19,6 +19,7 @@ use crate::control::reload::{
 use crate::listen::accept::Acceptor;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
+use fluxgate_policy::breaker::Breaker;
 
 /// Starts fluxgate from a config.
 pub struct Server;
@@ -153,6 +154,11 @@ impl Server {
                 .upstreams
                 .iter()
                 .map(|u| Arc::new(Health::new(u.endpoints.len(), u.passive.clone())))
+                .collect(),
+            breakers: config
+                .upstreams
+                .iter()
+                .map(|u| u.breaker.as_ref().map(|b| Arc::new(Breaker::new(b))))
                 .collect(),
             feeds,
             metrics,

@@ -59,6 +59,7 @@ impl Worker {
                     let p = UpstreamPool::new(
                         u.clone(),
                         Arc::clone(&g.health[i]),
+                        g.breakers[i].clone(),
                         Arc::clone(&g.metrics.upstreams[i][self.id]),
                         g.upstream_tls[i].clone(),
                         (self.id * 1000 + i) as u64,

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod breaker;
 pub mod retry;
 pub mod risk;
 pub mod route;

@@ -31,6 +31,7 @@ use fluxgate_http::conn::{ConnState, InFlight};
 use fluxgate_http::headers::{append_list, connection_has, strip_hop_by_hop};
 use fluxgate_http::service::{Refusal, Reply, Service};
 use fluxgate_policy::balance::{hash64, Pick};
+use fluxgate_policy::breaker::{Breaker, Pass};
 use fluxgate_policy::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -194,11 +195,27 @@ impl Handler {
                 return Routed::Later(index, Box::pin(answer));
             }
             RouteAction::Forward(_) | RouteAction::Split(_) => {
-                let pool = match &route.action {
+                let mut pool = match &route.action {
                     RouteAction::Split(s) => self.split_target(s, &req),
                     RouteAction::Forward(pool) => *pool,
                     _ => unreachable!("matched above"),
                 };
+                // The upstream's breaker: through, to the fallback, or answered here.
+                let mut admitted = None;
+                if let Some(b) = &self.pools[pool].breaker {
+                    match b.admit(std::time::Instant::now()) {
+                        Ok(pass) => admitted = Some(Admitted::new(b, pass)),
+                        Err(_) => match b.settings().fallback {
+                            Some(f) => pool = f,
+                            None => {
+                                let status = StatusCode::from_u16(b.settings().status)
+                                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                                let resp = short_answer(status, false, inflight);
+                                return Routed::Answer(Some(index), resp);
+                            }
+                        },
+                    }
+                }
                 let mut req = req;
                 if let Some(max) = route.max_body {
                     if req.body().size_hint().exact().is_some_and(|n| n > max) {
@@ -219,6 +236,7 @@ impl Handler {
                     req,
                     inflight,
                     upgrade,
+                    admitted,
                 });
             }
         };
@@ -342,6 +360,7 @@ impl Handler {
             req,
             inflight,
             upgrade,
+            admitted,
         } = f;
         let pool = &self.pools[pool_index];
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
@@ -388,6 +407,7 @@ impl Handler {
             timeout: route.timeout.unwrap_or(pool.cfg.response_timeout),
             started,
             logged,
+            admitted,
         };
         (out, request)
     }
@@ -472,6 +492,7 @@ struct Outgoing {
     timeout: Duration,
     started: std::time::Instant,
     logged: Option<Box<Pending>>,
+    admitted: Option<Admitted>,
 }
 
 impl Outgoing {
@@ -518,19 +539,23 @@ impl Outgoing {
             upgrade,
             started,
             logged,
+            admitted,
             ..
         } = self;
         let route = &handler.routes.routes()[index];
         let pool_index = pool;
         let pool = &handler.pools[pool];
+        let failed = match &result {
+            Ok(resp) => resp.status().is_server_error(),
+            Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
+        };
         if let Some(pick) = pick {
             let ep = pick.ep;
             pool.balancer.done(pick);
-            let failed = match &result {
-                Ok(resp) => resp.status().is_server_error(),
-                Err(e) => matches!(e, ProxyError::Connect { .. } | ProxyError::Upstream(_)),
-            };
             pool.health.record(ep, failed);
+        }
+        if let Some(a) = admitted {
+            a.finish(failed || matches!(result, Err(ProxyError::NoHealthyEndpoint)));
         }
         let asked_upgrade = upgrade.is_some();
         let mut resp = match result {
@@ -629,6 +654,41 @@ struct Forward<'a> {
     inflight: InFlight,
     /// The protocol an HTTP/1.1 upgrade asks for.
     upgrade: Option<HeaderValue>,
+    /// The upstream breaker's pass, when it has one.
+    admitted: Option<Admitted>,
+}
+
+/// A request an upstream's breaker let through: its outcome goes back once (a request
+/// dropped before its answer, the client gone, counts as no failure).
+struct Admitted {
+    breaker: Arc<Breaker>,
+    pass: Pass,
+    done: bool,
+}
+
+impl Admitted {
+    fn new(breaker: &Arc<Breaker>, pass: Pass) -> Admitted {
+        Admitted {
+            breaker: Arc::clone(breaker),
+            pass,
+            done: false,
+        }
+    }
+
+    fn finish(mut self, failed: bool) {
+        self.done = true;
+        self.breaker
+            .done(self.pass, failed, std::time::Instant::now());
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if !self.done {
+            self.breaker
+                .done(self.pass, false, std::time::Instant::now());
+        }
+    }
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` with `Upgrade`).

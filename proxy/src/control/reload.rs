@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::app::fanout::hub::FeedHub;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
+use fluxgate_policy::breaker::Breaker;
 use fluxgate_policy::route::RouteTable;
 
 /// What the reloader sends a worker.
@@ -47,6 +48,8 @@ pub(crate) struct Generation {
     pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) tables: Vec<Arc<RouteTable>>,
     pub(crate) health: Vec<Arc<Health>>,
+    /// Per upstream with `[upstream.breaker]`: its breaker, shared by the workers.
+    pub(crate) breakers: Vec<Option<Arc<Breaker>>>,
     pub(crate) metrics: Arc<Metrics>,
     /// TLS settings per listener (certificates read when the generation was built).
     pub(crate) tls: Vec<Option<Arc<rustls::ServerConfig>>>,
@@ -157,6 +160,15 @@ impl Reloader {
                 None => Arc::new(Health::new(u.endpoints.len(), u.passive.clone())),
             })
             .collect();
+        let breakers = config
+            .upstreams
+            .iter()
+            .zip(&keep_upstream)
+            .map(|(u, keep)| match keep {
+                Some(j) => old.breakers[*j].clone(),
+                None => u.breaker.as_ref().map(|b| Arc::new(Breaker::new(b))),
+            })
+            .collect();
         let metrics = Metrics::new(
             &config,
             workers,
@@ -173,6 +185,7 @@ impl Reloader {
             config: Arc::new(config),
             addrs,
             health,
+            breakers,
             metrics,
             tls,
             quic,

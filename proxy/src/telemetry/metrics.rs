@@ -694,6 +694,55 @@ pub(crate) fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 
+/// Every upstream breaker's state (0 closed, 1 open, 2 half-open), openings and refusals.
+pub(crate) fn render_breakers(
+    o: &mut String,
+    config: &Config,
+    breakers: &[Option<Arc<fluxgate_policy::breaker::Breaker>>],
+) {
+    let with: Vec<(&str, &fluxgate_policy::breaker::Breaker)> = config
+        .upstreams
+        .iter()
+        .zip(breakers)
+        .filter_map(|(u, b)| Some((u.name.as_str(), b.as_deref()?)))
+        .collect();
+    if with.is_empty() {
+        return;
+    }
+    use fluxgate_policy::breaker::Breaker;
+    type Family = (&'static str, &'static str, &'static str);
+    type Row = (Family, fn(&Breaker) -> u64);
+    let families: [Row; 3] = [
+        (
+            (
+                "fluxgate_breaker_state",
+                "gauge",
+                "An upstream breaker's state: 0 closed, 1 open, 2 half-open.",
+            ),
+            |b| u64::from(b.state()),
+        ),
+        (
+            (
+                "fluxgate_breaker_opened_total",
+                "counter",
+                "Times an upstream breaker opened.",
+            ),
+            |b| b.opened.load(Ordering::Relaxed),
+        ),
+        (
+            (
+                "fluxgate_breaker_refused_total",
+                "counter",
+                "Requests an upstream breaker kept from its upstream.",
+            ),
+            |b| b.refused.load(Ordering::Relaxed),
+        ),
+    ];
+    for (family, get) in families {
+        per_label(o, family, "upstream", &with, |(n, _)| n, |(_, b)| get(b));
+    }
+}
+
 /// One family with a line per item: `NAME{LABEL="item's value"} get(item)`.
 pub(crate) fn per_label<T>(
     o: &mut String,

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use crate::telemetry::metrics::UpstreamStats;
 use fluxgate_http::stream::UpstreamStream;
 use fluxgate_policy::balance::{Balancer, Health, Pick};
+use fluxgate_policy::breaker::Breaker;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use pingora_pool::{ConnectionMeta, ConnectionPool};
@@ -160,6 +161,8 @@ pub(crate) struct UpstreamPool {
     endpoints: Vec<Endpoint>,
     /// Shared with the other workers and the active checker.
     pub(crate) health: Arc<Health>,
+    /// `[upstream.breaker]`, shared by the workers.
+    pub(crate) breaker: Option<Arc<Breaker>>,
     pub(crate) balancer: Balancer,
     next_id: Cell<i32>,
     /// This worker's counters for the upstream; they follow the pool across reloads.
@@ -234,6 +237,7 @@ impl UpstreamPool {
     pub(crate) fn new(
         cfg: Upstream,
         health: Arc<Health>,
+        breaker: Option<Arc<Breaker>>,
         stats: Arc<UpstreamStats>,
         tls: Option<Arc<rustls::ClientConfig>>,
         seed: u64,
@@ -277,6 +281,7 @@ impl UpstreamPool {
             endpoints,
             balancer: Balancer::new(cfg.balance.clone(), &cfg.endpoints, seed),
             health,
+            breaker,
             next_id: Cell::new(0),
             stats,
             sweeping: Cell::new(false),
