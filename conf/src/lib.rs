@@ -24,8 +24,8 @@ pub use feed::{
 };
 pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use route::{
-    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, Route, RouteAction,
-    RouteMatch, Split, SplitTarget, ValueMatch,
+    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey, RateLimit, Route,
+    RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
 };
 
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
@@ -1368,6 +1368,35 @@ mod tests {
             .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn rate_limit_errors_name_the_key() {
+        let route = |rl: &str| {
+            format!("[[listener]]\naddress = \"127.0.0.1:0\"\n[[listener.route]]\nrespond = {{ status = 200 }}\nrate_limit = {rl}\n")
+        };
+        let cases = [
+            (
+                route("{ rate = 0 }"),
+                "listener[1].route[0].rate_limit.rate",
+            ),
+            (
+                route("{ rate = 5, burst = 0 }"),
+                "listener[1].route[0].rate_limit.burst",
+            ),
+            (
+                route("{ rate = 5, key = \"ip\" }"),
+                "listener[1].route[0].rate_limit.key",
+            ),
+            (
+                route("{ rate = 5, key = \"header:bad name\" }"),
+                "listener[1].route[0].rate_limit.key",
+            ),
+        ];
+        refused_at(&cases);
+        let c = Config::from_toml(&route("{ rate = 2.5 }")).unwrap();
+        let rl = c.listeners[0].routes[0].rate_limit.as_ref().unwrap();
+        assert_eq!((rl.burst, &rl.key), (3, &RateKey::Client));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct Route {
     pub request_headers: HeaderOps,
     /// Applied to the response (forwarded or direct). Default: none.
     pub response_headers: HeaderOps,
+    /// `rate_limit`: requests past it get 429 with `Retry-After`. Default: none.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Every condition set must hold; an empty match matches everything.
@@ -128,6 +130,28 @@ pub struct SplitTarget {
     pub weight: u32,
 }
 
+/// `rate_limit = { rate, burst, key }` on a route: a token bucket per key, for the whole
+/// process (every worker draws from the same buckets).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Requests per second.
+    pub rate: f64,
+    /// Requests allowed at once above the rate. Default: the rate (at least 1).
+    pub burst: u32,
+    pub key: RateKey,
+}
+
+/// What a rate limit's buckets are kept by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// `key = "client"`: the client's address (the default).
+    Client,
+    /// `key = "route"`: one bucket for the route.
+    Route,
+    /// `key = "header:NAME"`: the header's value (requests without it share one bucket).
+    Header(HeaderName),
+}
+
 /// A request header or cookie.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
@@ -169,11 +193,57 @@ pub(crate) struct RawRoute {
     feed: Option<Spanned<RawFeedRoute>>,
     orders: Option<Spanned<String>>,
     split: Option<Spanned<RawSplit>>,
+    rate_limit: Option<Spanned<RawRateLimit>>,
     timeout: Option<Spanned<String>>,
     max_body: Option<Spanned<crate::RawSize>>,
     rewrite_prefix: Option<Spanned<String>>,
     request_headers: Option<Spanned<RawHeaderOps>>,
     response_headers: Option<Spanned<RawHeaderOps>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rate: f64,
+    burst: Option<i64>,
+    key: Option<String>,
+}
+
+fn rate_limit(
+    src: &Source<'_>,
+    key: &str,
+    raw: &Spanned<RawRateLimit>,
+) -> Result<RateLimit, ConfError> {
+    let r = raw.get_ref();
+    if !(r.rate > 0.0 && r.rate <= 1e9) {
+        return Err(src.invalid(format!("{key}.rate"), raw, "requests per second, above 0"));
+    }
+    let burst = r.burst.unwrap_or((r.rate.ceil() as i64).max(1));
+    if !(1..=1_000_000_000).contains(&burst) {
+        return Err(src.invalid(format!("{key}.burst"), raw, "between 1 and 1000000000"));
+    }
+    let k = match r.key.as_deref() {
+        None | Some("client") => RateKey::Client,
+        Some("route") => RateKey::Route,
+        Some(h) if h.starts_with("header:") => RateKey::Header(header_name(
+            src,
+            format!("{key}.key"),
+            raw,
+            &h["header:".len()..],
+        )?),
+        Some(other) => {
+            return Err(src.invalid(
+                format!("{key}.key"),
+                raw,
+                format!("{other:?}: client, route or header:NAME"),
+            ))
+        }
+    };
+    Ok(RateLimit {
+        rate: r.rate,
+        burst: burst as u32,
+        key: k,
+    })
 }
 
 #[derive(Deserialize)]
@@ -443,6 +513,7 @@ pub(crate) fn catch_all(action: RouteAction) -> Route {
         rewrite_prefix: None,
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
+        rate_limit: None,
     }
 }
 
@@ -647,5 +718,9 @@ pub(crate) fn build(
         rewrite_prefix,
         request_headers: header_ops(src, &k("request_headers"), &r.request_headers)?,
         response_headers: header_ops(src, &k("response_headers"), &r.response_headers)?,
+        rate_limit: match &r.rate_limit {
+            None => None,
+            Some(rl) => Some(rate_limit(src, &k("rate_limit"), rl)?),
+        },
     })
 }

@@ -150,6 +150,7 @@ impl Server {
         let generation = Arc::new(Generation {
             desks,
             tables: route_tables(&config),
+            limiters: crate::control::reload::route_limiters(&config),
             health: config
                 .upstreams
                 .iter()

@@ -116,6 +116,7 @@ impl Worker {
         for (i, l) in g.config.listeners.iter().enumerate() {
             let handler = Rc::new(Handler {
                 routes: Arc::clone(&g.tables[i]),
+                limiters: Arc::clone(&g.limiters[i]),
                 pools: Rc::clone(&shared),
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
                 max_request_line: g.config.http.max_request_line,

@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod ratelimit;
 pub mod retry;
 pub mod risk;
 pub mod route;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fluxgate_conf::{
-    Balance, FeedEndpoint, FeedRole, HashKey, HeaderOps, KeySource, Route, RouteAction, Split,
-    UpstreamProtocol,
+    Balance, FeedEndpoint, FeedRole, HashKey, HeaderOps, KeySource, RateKey, Route, RouteAction,
+    Split, UpstreamProtocol,
 };
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -32,6 +32,7 @@ use fluxgate_http::headers::{append_list, connection_has, strip_hop_by_hop};
 use fluxgate_http::service::{Refusal, Reply, Service};
 use fluxgate_policy::balance::{hash64, Pick};
 use fluxgate_policy::breaker::{Breaker, Pass};
+use fluxgate_policy::ratelimit::Limiter;
 use fluxgate_policy::route::{RequestHead, RouteTable};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -44,6 +45,8 @@ pub(crate) struct Handler {
     pub(crate) stats: Arc<RouteSet>,
     /// The listener's routes, shared by all workers.
     pub(crate) routes: Arc<RouteTable>,
+    /// Their rate limits, by route, shared by all workers.
+    pub(crate) limiters: Arc<[Option<Limiter>]>,
     /// This worker's pools, indexed like `Config::upstreams`.
     pub(crate) pools: Rc<[Rc<UpstreamPool>]>,
     pub(crate) max_request_line: usize,
@@ -150,6 +153,21 @@ impl Handler {
         let Some((index, route)) = self.routes.match_request(&head) else {
             return Routed::Answer(None, short_answer(StatusCode::NOT_FOUND, false, inflight));
         };
+        if let (Some(limiter), Some(limit)) = (&self.limiters[index], &route.rate_limit) {
+            let key = match &limit.key {
+                RateKey::Route => None,
+                RateKey::Client => Some(inflight.state().peer_ip.as_bytes()),
+                RateKey::Header(h) => Some(req.headers().get(h).map_or(&b""[..], |v| v.as_bytes())),
+            };
+            if let Err(wait) = limiter.check(key, std::time::Instant::now()) {
+                let mut resp = short_answer(StatusCode::TOO_MANY_REQUESTS, false, inflight);
+                // Whole seconds, rounded up (RFC 9110 10.2.3).
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                return Routed::Answer(Some(index), resp);
+            }
+        }
         let mut resp = match &route.action {
             RouteAction::Respond {
                 status,

@@ -16,6 +16,7 @@ use crate::app::fanout::hub::FeedHub;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
 use fluxgate_policy::breaker::Breaker;
+use fluxgate_policy::ratelimit::Limiter;
 use fluxgate_policy::route::RouteTable;
 
 /// What the reloader sends a worker.
@@ -47,6 +48,8 @@ pub(crate) struct Generation {
     /// Bound address of each listener, in config order.
     pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) tables: Vec<Arc<RouteTable>>,
+    /// Per listener, per route: its rate limit's buckets, shared by the workers.
+    pub(crate) limiters: Vec<Arc<[Option<Limiter>]>>,
     pub(crate) health: Vec<Arc<Health>>,
     /// Per upstream with `[upstream.breaker]`: its breaker, shared by the workers.
     pub(crate) breakers: Vec<Option<Arc<Breaker>>>,
@@ -182,6 +185,7 @@ impl Reloader {
             feeds,
             desks,
             tables: route_tables(&config),
+            limiters: route_limiters(&config),
             config: Arc::new(config),
             addrs,
             health,
@@ -272,6 +276,19 @@ pub(crate) fn feed_hubs(config: &Config, old: &[Arc<FeedHub>]) -> Vec<Arc<FeedHu
     }
     hubs.iter().for_each(crate::app::fanout::nats::follow);
     hubs
+}
+
+pub(crate) fn route_limiters(config: &Config) -> Vec<Arc<[Option<Limiter>]>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            l.routes
+                .iter()
+                .map(|r| r.rate_limit.as_ref().map(Limiter::new))
+                .collect()
+        })
+        .collect()
 }
 
 pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {

@@ -694,6 +694,38 @@ pub(crate) fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 
+/// Requests each rate-limited route refused, by listener and route.
+pub(crate) fn render_rate_limits(
+    o: &mut String,
+    config: &Config,
+    addrs: &[std::net::SocketAddr],
+    limiters: &[Arc<[Option<fluxgate_policy::ratelimit::Limiter>]>],
+) {
+    let mut head = false;
+    for (li, l) in config.listeners.iter().enumerate() {
+        for (ri, r) in l.routes.iter().enumerate() {
+            let Some(limiter) = limiters[li][ri].as_ref() else {
+                continue;
+            };
+            if !head {
+                family(
+                    o,
+                    "fluxgate_rate_limited_total",
+                    "counter",
+                    "Requests a route's rate limit answered 429, by listener and route.",
+                );
+                head = true;
+            }
+            let n = limiter.refused.load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "fluxgate_rate_limited_total{{listener=\"{}\",route=\"{}\"}} {n}",
+                addrs[li], r.name
+            );
+        }
+    }
+}
+
 /// Every upstream breaker's state (0 closed, 1 open, 2 half-open), openings and refusals.
 pub(crate) fn render_breakers(
     o: &mut String,
