@@ -24,8 +24,8 @@ pub use feed::{
 };
 pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use route::{
-    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey, RateLimit, Route,
-    RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
+    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey, RateLimit,
+    Rollback, Route, RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
 };
 
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
@@ -1435,6 +1435,10 @@ mod tests {
             (route(&format!("{{ {two}, sticky_header = \"bad header\" }}")), "listener[1].route[0].split.sticky_header"),
             (route(&format!("{{ {two}, force_cookie = \"a=b\" }}")), "listener[1].route[0].split.force_cookie"),
             (route(&format!("{{ {two}, sticky_header = \"x\", sticky_cookie = \"y\" }}")), "listener[1].route[0].split.sticky_header"),
+            (route(&format!("{{ {two}, rollback = {{ p95 = \"1s\" }} }}")), "listener[1].route[0].split.rollback"),
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"b\", weight = 1, canary = true }] }"), "listener[1].route[0].split.targets"),
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"b\", weight = 1, canary = true }], rollback = { error_rate = 2.0 } }"), "listener[1].route[0].split.rollback.error_rate"),
+            (route("{ targets = [{ upstream = \"a\", weight = 1 }, { upstream = \"b\", weight = 1, canary = true }], rollback = { window = \"0s\" } }"), "listener[1].route[0].split.rollback.window"),
         ];
         refused_at(&cases);
         let ok =

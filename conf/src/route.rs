@@ -112,13 +112,38 @@ pub enum RouteAction {
 
 /// `split = { targets = [{ upstream, weight }, ..], sticky_header | sticky_cookie,
 /// force_header | force_cookie }`: the route's traffic shared between upstreams.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Split {
     pub targets: Vec<SplitTarget>,
     /// Where the user key of a sticky bucket is read (none: a weighted draw per request).
     pub sticky: Option<KeySource>,
     /// Where a tester names the target (its upstream's name) to force.
     pub force: Option<KeySource>,
+    /// `rollback = { .. }`: canary targets leave the split on their own when they misbehave.
+    pub rollback: Option<Rollback>,
+}
+
+/// When a canary target (`canary = true`) is taken out of its split, and how it comes back:
+/// its P95 latency or its error rate over `window` (once it has `min_requests` there)
+/// passes the threshold, its weight goes to the first target that is not a canary for
+/// `latency_hold` or `error_hold`; then it gets `probe_weight` for a `window`, and its full
+/// weight again when that window passes clean.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollback {
+    /// Default 800 ms.
+    pub p95: std::time::Duration,
+    /// Default 0.03.
+    pub error_rate: f64,
+    /// Default 20.
+    pub min_requests: u32,
+    /// Default 60 s.
+    pub window: std::time::Duration,
+    /// Default 5 min.
+    pub latency_hold: std::time::Duration,
+    /// Default 10 min.
+    pub error_hold: std::time::Duration,
+    /// The canary's weight while it probes. Default 1.
+    pub probe_weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +153,8 @@ pub struct SplitTarget {
     /// The upstream's name (what a forcing header or cookie names).
     pub name: String,
     pub weight: u32,
+    /// Watched by the split's `rollback`.
+    pub canary: bool,
 }
 
 /// `rate_limit = { rate, burst, key }` on a route: a token bucket per key, for the whole
@@ -254,6 +281,7 @@ struct RawSplit {
     sticky_cookie: Option<String>,
     force_header: Option<String>,
     force_cookie: Option<String>,
+    rollback: Option<Spanned<RawRollback>>,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +289,20 @@ struct RawSplit {
 struct RawSplitTarget {
     upstream: Spanned<String>,
     weight: i64,
+    #[serde(default)]
+    canary: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollback {
+    p95: Option<Spanned<String>>,
+    error_rate: Option<f64>,
+    min_requests: Option<Spanned<i64>>,
+    window: Option<Spanned<String>>,
+    latency_hold: Option<Spanned<String>>,
+    error_hold: Option<Spanned<String>>,
+    probe_weight: Option<Spanned<i64>>,
 }
 
 fn split(
@@ -284,6 +326,7 @@ fn split(
             upstream,
             name: t.upstream.get_ref().clone(),
             weight: t.weight as u32,
+            canary: t.canary,
         });
     }
     if targets.len() < 2 || targets.iter().all(|t| t.weight == 0) {
@@ -318,10 +361,48 @@ fn split(
                 format!("one of `{what}_header` and `{what}_cookie`"),
             )),
         };
+    let rollback = match &r.rollback {
+        None => None,
+        Some(rb) => {
+            let b = rb.get_ref();
+            let at = |f: &str| format!("{key}.rollback.{f}");
+            if !targets.iter().any(|t| t.canary) || targets.iter().all(|t| t.canary) {
+                return Err(src.invalid(
+                    at("p95").replace(".p95", ""),
+                    rb,
+                    "a rollback needs a target with `canary = true` and one without",
+                ));
+            }
+            let error_rate = b.error_rate.unwrap_or(0.03);
+            if !(error_rate > 0.0 && error_rate <= 1.0) {
+                return Err(src.invalid(at("error_rate"), rb, "a fraction above 0, at most 1"));
+            }
+            let secs = std::time::Duration::from_secs;
+            Some(Rollback {
+                p95: src.duration(|| at("p95"), &b.p95, std::time::Duration::from_millis(800))?,
+                error_rate,
+                min_requests: src.count(|| at("min_requests"), &b.min_requests, 20, 1, 1 << 30)?
+                    as u32,
+                window: src.duration(|| at("window"), &b.window, secs(60))?,
+                latency_hold: src.duration(|| at("latency_hold"), &b.latency_hold, secs(300))?,
+                error_hold: src.duration(|| at("error_hold"), &b.error_hold, secs(600))?,
+                probe_weight: src.count(|| at("probe_weight"), &b.probe_weight, 1, 1, 1_000_000)?
+                    as u32,
+            })
+        }
+    };
+    if r.rollback.is_none() && targets.iter().any(|t| t.canary) {
+        return Err(src.invalid(
+            format!("{key}.targets"),
+            raw,
+            "`canary = true` needs the split's `rollback = { .. }`",
+        ));
+    }
     Ok(Split {
         targets,
         sticky: source("sticky", &r.sticky_header, &r.sticky_cookie)?,
         force: source("force", &r.force_header, &r.force_cookie)?,
+        rollback,
     })
 }
 

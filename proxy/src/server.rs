@@ -151,6 +151,7 @@ impl Server {
             desks,
             tables: route_tables(&config),
             limiters: crate::control::reload::route_limiters(&config),
+            canaries: crate::control::reload::route_canaries(&config),
             health: config
                 .upstreams
                 .iter()

@@ -117,6 +117,7 @@ impl Worker {
             let handler = Rc::new(Handler {
                 routes: Arc::clone(&g.tables[i]),
                 limiters: Arc::clone(&g.limiters[i]),
+                canaries: Arc::clone(&g.canaries[i]),
                 pools: Rc::clone(&shared),
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
                 max_request_line: g.config.http.max_request_line,

@@ -797,6 +797,12 @@ fn check_rule(behavior: Behavior, send: impl FnOnce(&mut H2Raw), wants: &[Want])
             if matches!(want, Reset(id, _) if got == Answered(id)) {
                 continue;
             }
+            // So may an answer to a stream the client itself reset: the head can be on its
+            // way before the server reads the client's RST_STREAM. Only the answers a rule
+            // names are checked.
+            if matches!(got, Answered(id) if !wants.contains(&Answered(id))) {
+                continue;
+            }
             assert_eq!(got, want, "frames came in another order than the rule says");
             break;
         }

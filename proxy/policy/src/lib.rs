@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod canary;
 pub mod ratelimit;
 pub mod retry;
 pub mod risk;

@@ -53,9 +53,11 @@ pub fn bucket(user: &[u8], day: i64) -> u32 {
 }
 
 /// The target (index into `split.targets`) of one request: the one `forced` names, else
-/// the one `user`'s bucket falls in on `day`, else the one the draw `random` falls in.
+/// the one `user`'s bucket falls in on `day`, else the one the draw `random` falls in;
+/// `weight(i)` is target i's weight now (a rolled-back canary's is 0).
 pub fn pick(
     split: &Split,
+    weight: impl Fn(usize) -> u32,
     forced: Option<&[u8]>,
     user: Option<&[u8]>,
     day: i64,
@@ -66,15 +68,15 @@ pub fn pick(
             return i;
         }
     }
-    let total: u64 = split.targets.iter().map(|t| u64::from(t.weight)).sum();
+    let total: u64 = (0..split.targets.len()).map(|i| u64::from(weight(i))).sum();
     // A point in [0, total): the bucket scaled to the weights, or the draw.
     let at = match user {
         Some(u) => u64::from(bucket(u, day)) * total / 100,
         None => random % total.max(1),
     };
     let mut upto = 0;
-    for (i, t) in split.targets.iter().enumerate() {
-        upto += u64::from(t.weight);
+    for i in 0..split.targets.len() {
+        upto += u64::from(weight(i));
         if at < upto {
             return i;
         }
@@ -92,11 +94,13 @@ mod tests {
             upstream: 0,
             name: name.into(),
             weight,
+            canary: false,
         };
         Split {
             targets: vec![t("v1", 70), t("v2", 25), t("v3", 5)],
             sticky: None,
             force: None,
+            rollback: None,
         }
     }
 
@@ -117,7 +121,16 @@ mod tests {
         let on = |day| -> Vec<usize> {
             users
                 .iter()
-                .map(|u| pick(&s, None, Some(u.as_bytes()), day, 0))
+                .map(|u| {
+                    pick(
+                        &s,
+                        |i| s.targets[i].weight,
+                        None,
+                        Some(u.as_bytes()),
+                        day,
+                        0,
+                    )
+                })
                 .collect()
         };
         let (d1, d2) = (on(20_424), on(20_425));
@@ -137,12 +150,30 @@ mod tests {
     #[test]
     fn a_forced_target_wins_and_draws_follow_the_weights() {
         let s = split();
-        assert_eq!(pick(&s, Some(b"v3"), Some(b"anyone"), 1, 0), 2);
-        assert_eq!(pick(&s, Some(b"nope"), None, 1, 0), 0);
+        assert_eq!(
+            pick(
+                &s,
+                |i| s.targets[i].weight,
+                Some(b"v3"),
+                Some(b"anyone"),
+                1,
+                0
+            ),
+            2
+        );
+        assert_eq!(
+            pick(&s, |i| s.targets[i].weight, Some(b"nope"), None, 1, 0),
+            0
+        );
         let mut n = [0usize; 3];
         for r in 0..100u64 {
-            n[pick(&s, None, None, 1, r)] += 1;
+            n[pick(&s, |i| s.targets[i].weight, None, None, 1, r)] += 1;
         }
         assert_eq!(n, [70, 25, 5]);
+        // A target at weight 0 gets nothing; its share goes where `weight` puts it.
+        let moved = |i: usize| [75, 25, 0][i];
+        for r in 0..100u64 {
+            assert_ne!(pick(&s, moved, None, None, 1, r), 2);
+        }
     }
 }

@@ -32,6 +32,7 @@ use fluxgate_http::headers::{append_list, connection_has, strip_hop_by_hop};
 use fluxgate_http::service::{Refusal, Reply, Service};
 use fluxgate_policy::balance::{hash64, Pick};
 use fluxgate_policy::breaker::{Breaker, Pass};
+use fluxgate_policy::canary::{Change, RouteCanaries};
 use fluxgate_policy::ratelimit::Limiter;
 use fluxgate_policy::route::{RequestHead, RouteTable};
 
@@ -47,6 +48,9 @@ pub(crate) struct Handler {
     pub(crate) routes: Arc<RouteTable>,
     /// Their rate limits, by route, shared by all workers.
     pub(crate) limiters: Arc<[Option<Limiter>]>,
+    /// By route, for splits with a `rollback`: each target's canary watch (None for a
+    /// target that is not a canary), shared by all workers.
+    pub(crate) canaries: RouteCanaries,
     /// This worker's pools, indexed like `Config::upstreams`.
     pub(crate) pools: Rc<[Rc<UpstreamPool>]>,
     pub(crate) max_request_line: usize,
@@ -213,9 +217,9 @@ impl Handler {
                 return Routed::Later(index, Box::pin(answer));
             }
             RouteAction::Forward(_) | RouteAction::Split(_) => {
-                let mut pool = match &route.action {
-                    RouteAction::Split(s) => self.split_target(s, &req),
-                    RouteAction::Forward(pool) => *pool,
+                let (mut pool, watch) = match &route.action {
+                    RouteAction::Split(s) => self.split_target(index, s, &req),
+                    RouteAction::Forward(pool) => (*pool, None),
                     _ => unreachable!("matched above"),
                 };
                 // The upstream's breaker: through, to the fallback, or answered here.
@@ -255,6 +259,7 @@ impl Handler {
                     inflight,
                     upgrade,
                     admitted,
+                    watch,
                 });
             }
         };
@@ -262,8 +267,15 @@ impl Handler {
         Routed::Answer(Some(index), resp)
     }
 
-    /// The upstream (index into the pools) a split sends this request to.
-    fn split_target(&self, s: &Split, req: &Request<ClientBody>) -> usize {
+    /// The upstream (index into the pools) split `s` of route `index` sends this request
+    /// to, and the target when it is a watched canary. A rolled-back canary's weight goes to
+    /// the first target that is not a canary.
+    fn split_target(
+        &self,
+        index: usize,
+        s: &Split,
+        req: &Request<ClientBody>,
+    ) -> (usize, Option<usize>) {
         let read = |k: &Option<KeySource>| k.as_ref().and_then(|k| key_value(k, req.headers()));
         let day = fluxgate_policy::split::day_of(std::time::SystemTime::now());
         // xorshift64: a draw per request, no lock, no syscall.
@@ -272,8 +284,30 @@ impl Handler {
         x ^= x >> 7;
         x ^= x << 17;
         self.draws.set(x);
-        let t = fluxgate_policy::split::pick(s, read(&s.force), read(&s.sticky), day, x);
-        s.targets[t].upstream
+        let (forced, user) = (read(&s.force), read(&s.sticky));
+        let Some(watches) = self.canaries[index].as_deref() else {
+            let t = fluxgate_policy::split::pick(s, |i| s.targets[i].weight, forced, user, day, x);
+            return (s.targets[t].upstream, None);
+        };
+        let now = std::time::Instant::now();
+        let mut weights: Vec<u32> = s.targets.iter().map(|t| t.weight).collect();
+        let stable = s.targets.iter().position(|t| !t.canary).unwrap_or(0);
+        for (i, w) in watches.iter().enumerate() {
+            if let Some(c) = w {
+                let (now_weight, change) = c.weight(weights[i], now);
+                if let Some(change) = change {
+                    canary_log(
+                        &self.routes.routes()[index].name,
+                        &s.targets[i].name,
+                        change,
+                    );
+                }
+                weights[stable] += weights[i] - now_weight;
+                weights[i] = now_weight;
+            }
+        }
+        let t = fluxgate_policy::split::pick(s, |i| weights[i], forced, user, day, x);
+        (s.targets[t].upstream, watches[t].as_ref().map(|_| t))
     }
 
     /// A feed route's answer: a WebSocket upgrade (publisher or subscriber), or the
@@ -379,6 +413,7 @@ impl Handler {
             inflight,
             upgrade,
             admitted,
+            watch,
         } = f;
         let pool = &self.pools[pool_index];
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
@@ -426,6 +461,7 @@ impl Handler {
             started,
             logged,
             admitted,
+            watch,
         };
         (out, request)
     }
@@ -511,6 +547,7 @@ struct Outgoing {
     started: std::time::Instant,
     logged: Option<Box<Pending>>,
     admitted: Option<Admitted>,
+    watch: Option<usize>,
 }
 
 impl Outgoing {
@@ -558,6 +595,7 @@ impl Outgoing {
             started,
             logged,
             admitted,
+            watch,
             ..
         } = self;
         let route = &handler.routes.routes()[index];
@@ -574,6 +612,18 @@ impl Outgoing {
         }
         if let Some(a) = admitted {
             a.finish(failed || matches!(result, Err(ProxyError::NoHealthyEndpoint)));
+        }
+        let watched =
+            watch.and_then(|t| Some((t, handler.canaries[index].as_deref()?[t].as_ref()?)));
+        if let Some((t, canary)) = watched {
+            let failed = failed || result.is_err();
+            if let Some(change) =
+                canary.record(started.elapsed(), failed, std::time::Instant::now())
+            {
+                if let RouteAction::Split(s) = &route.action {
+                    canary_log(&route.name, &s.targets[t].name, change);
+                }
+            }
         }
         let asked_upgrade = upgrade.is_some();
         let mut resp = match result {
@@ -674,6 +724,8 @@ struct Forward<'a> {
     upgrade: Option<HeaderValue>,
     /// The upstream breaker's pass, when it has one.
     admitted: Option<Admitted>,
+    /// The split target, when it is a watched canary.
+    watch: Option<usize>,
 }
 
 /// A request an upstream's breaker let through: its outcome goes back once (a request
@@ -927,4 +979,21 @@ fn key_value<'a>(k: &KeySource, headers: &'a http::HeaderMap) -> Option<&'a [u8]
                 pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")
             }),
     }
+}
+
+/// One line per canary transition.
+fn canary_log(route: &str, upstream: &str, change: Change) {
+    let what = match change {
+        Change::Errors { rate } => format!(
+            "rolled back: error rate {:.1}% over the window",
+            rate * 100.0
+        ),
+        Change::Latency { slow_share } => format!(
+            "rolled back: P95 over the threshold ({:.1}% of requests slower)",
+            slow_share * 100.0
+        ),
+        Change::Probing => "probing with its probe weight".to_owned(),
+        Change::Recovered => "recovered: back to its full weight".to_owned(),
+    };
+    eprintln!("fluxgate: canary {upstream:?} of route {route:?}: {what}");
 }

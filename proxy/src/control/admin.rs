@@ -103,6 +103,7 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
             crate::app::orders::desk::Desk::render_metrics(&mut m, &g.desks);
             crate::telemetry::metrics::render_breakers(&mut m, &g.config, &g.breakers);
             crate::telemetry::metrics::render_rate_limits(&mut m, &g.config, &g.addrs, &g.limiters);
+            crate::telemetry::metrics::render_canaries(&mut m, &g.config, &g.addrs, &g.canaries);
             text(StatusCode::OK, "text/plain; version=0.0.4", m)
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),

@@ -16,6 +16,7 @@ use crate::app::fanout::hub::FeedHub;
 use crate::telemetry::metrics::Metrics;
 use fluxgate_policy::balance::Health;
 use fluxgate_policy::breaker::Breaker;
+use fluxgate_policy::canary::{Canary, RouteCanaries};
 use fluxgate_policy::ratelimit::Limiter;
 use fluxgate_policy::route::RouteTable;
 
@@ -50,6 +51,8 @@ pub(crate) struct Generation {
     pub(crate) tables: Vec<Arc<RouteTable>>,
     /// Per listener, per route: its rate limit's buckets, shared by the workers.
     pub(crate) limiters: Vec<Arc<[Option<Limiter>]>>,
+    /// Per listener, per route with a split `rollback`: each canary target's watch.
+    pub(crate) canaries: Vec<RouteCanaries>,
     pub(crate) health: Vec<Arc<Health>>,
     /// Per upstream with `[upstream.breaker]`: its breaker, shared by the workers.
     pub(crate) breakers: Vec<Option<Arc<Breaker>>>,
@@ -186,6 +189,7 @@ impl Reloader {
             desks,
             tables: route_tables(&config),
             limiters: route_limiters(&config),
+            canaries: route_canaries(&config),
             config: Arc::new(config),
             addrs,
             health,
@@ -286,6 +290,27 @@ pub(crate) fn route_limiters(config: &Config) -> Vec<Arc<[Option<Limiter>]>> {
             l.routes
                 .iter()
                 .map(|r| r.rate_limit.as_ref().map(Limiter::new))
+                .collect()
+        })
+        .collect()
+}
+
+pub(crate) fn route_canaries(config: &Config) -> Vec<RouteCanaries> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            l.routes
+                .iter()
+                .map(|r| match &r.action {
+                    fluxgate_conf::RouteAction::Split(s) => s.rollback.as_ref().map(|rb| {
+                        s.targets
+                            .iter()
+                            .map(|t| t.canary.then(|| Canary::new(rb)))
+                            .collect()
+                    }),
+                    _ => None,
+                })
                 .collect()
         })
         .collect()

@@ -726,6 +726,59 @@ pub(crate) fn render_rate_limits(
     }
 }
 
+/// Each watched canary's state (0 active, 1 rolled back, 2 probing) and rollbacks.
+pub(crate) fn render_canaries(
+    o: &mut String,
+    config: &Config,
+    addrs: &[std::net::SocketAddr],
+    canaries: &[fluxgate_policy::canary::RouteCanaries],
+) {
+    let mut rows = Vec::new();
+    for (li, l) in config.listeners.iter().enumerate() {
+        for (ri, r) in l.routes.iter().enumerate() {
+            let (Some(watches), fluxgate_conf::RouteAction::Split(s)) =
+                (&canaries[li][ri], &r.action)
+            else {
+                continue;
+            };
+            for (t, c) in watches.iter().enumerate() {
+                if let Some(c) = c {
+                    let labels = format!(
+                        "listener=\"{}\",route=\"{}\",upstream=\"{}\"",
+                        addrs[li], r.name, s.targets[t].name
+                    );
+                    rows.push((labels, c));
+                }
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    family(
+        o,
+        "fluxgate_canary_state",
+        "gauge",
+        "A canary's state: 0 active, 1 rolled back, 2 probing.",
+    );
+    for (labels, c) in &rows {
+        let _ = writeln!(o, "fluxgate_canary_state{{{labels}}} {}", c.state());
+    }
+    family(
+        o,
+        "fluxgate_canary_rollbacks_total",
+        "counter",
+        "Times a canary was rolled back.",
+    );
+    for (labels, c) in &rows {
+        let _ = writeln!(
+            o,
+            "fluxgate_canary_rollbacks_total{{{labels}}} {}",
+            c.rollbacks.load(Ordering::Relaxed)
+        );
+    }
+}
+
 /// Every upstream breaker's state (0 closed, 1 open, 2 half-open), openings and refusals.
 pub(crate) fn render_breakers(
     o: &mut String,
