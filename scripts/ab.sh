@@ -3,6 +3,8 @@
 # runs wrk (HTTP/1.1) and h2load (h2c) against each proxy in turn, so drift hits all three
 # alike. Prints the proxy's CPU microseconds per request and req/s per run, then the means.
 # Usage: scripts/ab.sh OLD_BIN NEW_BIN [ROUNDS] [DURATION_S]   (defaults 3 rounds of 6 s)
+#   NEW_ARGS="-c FILE": the new one serves a config (listening on 127.0.0.1:18093) instead of
+#   the quick mode, e.g. the same binary with a policy route (scripts/bench.sh part 5).
 # Exits non-zero when any run had errors (non-2xx answers, socket errors, failed requests).
 # Layout as in ../shared/bench/peers.sh: upstream nginx and load on CPU 0, proxies on CPU 1.
 set -euo pipefail
@@ -24,7 +26,9 @@ sleep 0.5
 declare -A PID H1 H2
 taskset -c 1 haproxy -f "$W/ha.cfg" & PID[haproxy]=$!
 taskset -c 1 "$OLD" run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1 2>"$W/old.log" & PID[old]=$!
-taskset -c 1 "$NEW" run --listen 127.0.0.1:18093 --upstream 127.0.0.1:18081 --workers 1 2>"$W/new.log" & PID[new]=$!
+NEW_ARGS=${NEW_ARGS:---listen 127.0.0.1:18093 --upstream 127.0.0.1:18081 --workers 1}
+# shellcheck disable=SC2086 # NEW_ARGS is words
+taskset -c 1 "$NEW" run $NEW_ARGS 2>"$W/new.log" & PID[new]=$!
 H1=([haproxy]=18092 [old]=18090 [new]=18093)
 H2=([haproxy]=18192 [old]=18090 [new]=18093)
 sleep 1

@@ -4,7 +4,9 @@
 #     microseconds per request, HTTP/1.1 (wrk) and h2c (h2load);
 #  2. a new connection per request (wrk, Connection: close) with --io uring vs --io epoll;
 #  3. RSS per idle keep-alive connection with 10,000 idle connections;
-#  4. part 1 again with fluxgate on a 20-route table (conf/examples/bench-20-routes.toml).
+#  4. part 1 again with fluxgate on a 20-route table (conf/examples/bench-20-routes.toml);
+#  5. the plain route against one with a split, breakers and a rate limit
+#     (conf/examples/bench-policy.toml), alternating (scripts/ab.sh): CPU per request.
 # Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
 # Exits non-zero when a run of parts 2 and 3 had errors (part 1 and 4 are ../shared/bench/peers.sh's).
 set -euo pipefail
@@ -17,7 +19,7 @@ FG=$PWD/target/release/fluxgate
 PEERS=${PEERS:-$PWD/../shared/bench/peers.sh}
 ulimit -n 65536 2>/dev/null || true
 
-ONLY=${ONLY:-1 2 3 4}
+ONLY=${ONLY:-1 2 3 4 5}
 part() { [[ " $ONLY " == *" $1 "* ]]; }
 
 if part 1; then
@@ -29,6 +31,12 @@ if part 4; then
 echo
 echo "== 4. as 1, fluxgate routing through 20 routes (the match is the last one)"
 OURS="$FG run -c $PWD/conf/examples/bench-20-routes.toml" bash "$PEERS" "$D"
+fi
+
+if part 5; then
+echo
+echo "== 5. traffic policy: the plain route (old) vs split + breakers + rate limit (new)"
+NEW_ARGS="-c $PWD/conf/examples/bench-policy.toml" scripts/ab.sh "$FG" "$FG" 3 "$D"
 fi
 
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT

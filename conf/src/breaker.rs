@@ -86,3 +86,77 @@ pub(crate) fn build(
         status,
     })
 }
+
+/// `[upstream.retry]`: how a request whose attempt failed is sent again. A retry happens
+/// only under the retry rule (the connection failed, the whole request is at hand, and the
+/// upstream never got it or the method is idempotent), on a new connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// Tries in all, the first included. Default 2.
+    pub attempts: u32,
+    /// Before the second retry and later ones: a random wait up to `backoff` × 2^(n-2),
+    /// at most `max_backoff` (the first retry, after a stale pooled connection, goes at
+    /// once). Defaults 25 ms and 250 ms.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Retries at most this share of requests (over the last 10 s, per worker)... Default 0.2.
+    pub budget: f64,
+    /// ...but always this many in those 10 s. Default 10.
+    pub min_retries: u32,
+    /// Each try's own time limit for the response head. Default: the route's timeout.
+    pub per_try_timeout: Option<Duration>,
+}
+
+impl Default for Retry {
+    fn default() -> Retry {
+        Retry {
+            attempts: 2,
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            budget: 0.2,
+            min_retries: 10,
+            per_try_timeout: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRetry {
+    attempts: Option<Spanned<i64>>,
+    backoff: Option<Spanned<String>>,
+    max_backoff: Option<Spanned<String>>,
+    budget: Option<f64>,
+    min_retries: Option<Spanned<i64>>,
+    per_try_timeout: Option<Spanned<String>>,
+}
+
+pub(crate) fn retry(
+    src: &Source<'_>,
+    key: &str,
+    raw: &Option<Spanned<RawRetry>>,
+) -> Result<Retry, ConfError> {
+    let Some(raw) = raw else {
+        return Ok(Retry::default());
+    };
+    let r = raw.get_ref();
+    let k = |f: &str| format!("{key}.{f}");
+    let d = Retry::default();
+    let budget = r.budget.unwrap_or(d.budget);
+    if !(0.0..=1.0).contains(&budget) {
+        return Err(src.invalid(k("budget"), raw, "a fraction from 0 to 1"));
+    }
+    Ok(Retry {
+        attempts: src.count(|| k("attempts"), &r.attempts, 2, 1, 10)? as u32,
+        backoff: src.duration(|| k("backoff"), &r.backoff, d.backoff)?,
+        max_backoff: src.duration(|| k("max_backoff"), &r.max_backoff, d.max_backoff)?,
+        budget,
+        min_retries: src.count(|| k("min_retries"), &r.min_retries, 10, 0, 1 << 20)? as u32,
+        per_try_timeout: match &r.per_try_timeout {
+            None => None,
+            Some(_) => {
+                Some(src.duration(|| k("per_try_timeout"), &r.per_try_timeout, d.backoff)?)
+            }
+        },
+    })
+}

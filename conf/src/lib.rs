@@ -18,7 +18,7 @@ mod feed;
 mod orders;
 mod route;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
-pub use breaker::Breaker;
+pub use breaker::{Breaker, Retry};
 pub use feed::{
     Entitlement, Feed, FeedEndpoint, FeedRole, InstrumentSet, NatsIngest, SlowConsumer,
 };
@@ -325,6 +325,8 @@ pub struct Upstream {
     pub passive: Passive,
     /// `[upstream.breaker]`. Default: none.
     pub breaker: Option<Breaker>,
+    /// `[upstream.retry]`.
+    pub retry: Retry,
     /// Default http1. `h2c` (or `h2`) is HTTP/2: cleartext with prior knowledge, or by ALPN
     /// over TLS.
     pub protocol: UpstreamProtocol,
@@ -485,6 +487,7 @@ struct RawUpstream {
     health_check: Option<Spanned<balance::RawHealthCheck>>,
     passive: Option<Spanned<balance::RawPassive>>,
     breaker: Option<Spanned<breaker::RawBreaker>>,
+    retry: Option<Spanned<breaker::RawRetry>>,
     protocol: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
     response_timeout: Option<Spanned<String>>,
@@ -936,6 +939,7 @@ impl Config {
                     None => None,
                     Some(b) => Some(breaker::build(src, &key("breaker"), b)?),
                 },
+                retry: breaker::retry(src, &key("retry"), &u.retry)?,
                 protocol,
                 connect_timeout: src.duration(
                     || key("connect_timeout"),
@@ -1414,6 +1418,18 @@ mod tests {
             (up("status = 200"), "upstream[0].breaker.status"),
             (up("fallback = \"nope\""), "upstream[0].breaker.fallback"),
             (up("fallback = \"a\""), "upstream[0].breaker.fallback"),
+            (
+                up("").replace("breaker", "retry") + "attempts = 0\n",
+                "upstream[0].retry.attempts",
+            ),
+            (
+                up("").replace("breaker", "retry") + "budget = 1.5\n",
+                "upstream[0].retry.budget",
+            ),
+            (
+                up("").replace("breaker", "retry") + "backoff = \"x\"\n",
+                "upstream[0].retry.backoff",
+            ),
         ];
         refused_at(&cases);
     }

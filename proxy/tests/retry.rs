@@ -128,3 +128,40 @@ fn h2c_never_more_than_one_retry() {
     fg.shutdown();
     fg2.shutdown();
 }
+
+#[test]
+fn more_attempts_are_capped_by_the_retry_budget_under_a_failing_upstream() {
+    // Every attempt after the very first request fails after the upstream read it: GETs may
+    // go again, up to 5 tries each, but the budget allows 10% of requests (at least 2).
+    let up = upstream(Behavior::DropAllButFirst);
+    let fg = start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\npassive = {{ consecutive_failures = 0 }}\n\
+             [upstream.retry]\nattempts = 5\nbackoff = \"1ms\"\nmax_backoff = \"2ms\"\nbudget = 0.1\nmin_retries = 2\n",
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    assert_eq!(send(&fg, "GET", "/first").status, 200);
+    for _ in 0..60 {
+        assert_eq!(send(&fg, "GET", "/again").status, 502);
+    }
+    let m = String::from_utf8(get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    let retries = metric(&m, "fluxgate_upstream_retries_total{upstream=\"u\"}").unwrap();
+    let denied = metric(&m, "fluxgate_upstream_retries_denied_total{upstream=\"u\"}").unwrap();
+    // One free retry (the stale pooled connection), then 10% of 61 requests: 6.
+    assert!(retries <= 7.0, "{retries} retries");
+    assert!(
+        retries >= 3.0,
+        "{retries} retries: more attempts happen within the budget"
+    );
+    assert!(denied >= 50.0, "{denied} denied");
+    // What reached the upstream: each request once, plus the retries; never 5 tries each.
+    assert_eq!(up.requests() as f64, 61.0 + retries);
+    // A POST that reached the upstream is never sent again, whatever the attempts.
+    let before = up.requests();
+    assert_eq!(send(&fg, "POST", "/order").status, 502);
+    assert_eq!(up.requests(), before + 1);
+    fg.shutdown();
+}

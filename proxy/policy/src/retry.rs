@@ -27,6 +27,8 @@ pub struct AttemptFacts {
     pub idempotent: bool,
     /// The attempt went over a connection used before (pooled, or a shared HTTP/2 one).
     pub reused: bool,
+    /// The connection, pooled or new, closed or was reset before any byte of a response.
+    pub reset: bool,
 }
 
 impl AttemptFacts {
@@ -36,11 +38,92 @@ impl AttemptFacts {
     pub fn may_retry(self) -> bool {
         self.connection_failed && self.replayable && (!self.maybe_received || self.idempotent)
     }
+
+    /// With `[upstream.retry] attempts` above 2, the rule for the tries after the first
+    /// retry: also a new connection that closed or was reset before answering, with the
+    /// whole request at hand, if the upstream never got it or the method is idempotent.
+    pub fn may_retry_again(self) -> bool {
+        (self.connection_failed || self.reset)
+            && self.replayable
+            && (!self.maybe_received || self.idempotent)
+    }
+}
+
+/// A retry budget of one worker for one upstream: retries at most `share` of the requests
+/// of the last ten seconds, but always `floor` of them; so a failing upstream gets at most
+/// that many more attempts, never a multiple of the load.
+pub struct Budget {
+    share: f64,
+    floor: u32,
+    start: std::time::Instant,
+    /// Per second (modulo 10): which second it counts, requests, retries.
+    slots: [std::cell::Cell<(u64, u32, u32)>; 10],
+}
+
+impl Budget {
+    pub fn new(share: f64, floor: u32) -> Budget {
+        Budget {
+            share,
+            floor,
+            start: std::time::Instant::now(),
+            slots: Default::default(),
+        }
+    }
+
+    fn slot(&self, now: std::time::Instant) -> (&std::cell::Cell<(u64, u32, u32)>, u64) {
+        let sec = now.saturating_duration_since(self.start).as_secs();
+        let slot = &self.slots[(sec % 10) as usize];
+        if slot.get().0 != sec {
+            slot.set((sec, 0, 0));
+        }
+        (slot, sec)
+    }
+
+    /// Counts a request.
+    pub fn request(&self, now: std::time::Instant) {
+        let (slot, _) = self.slot(now);
+        let (s, r, t) = slot.get();
+        slot.set((s, r + 1, t));
+    }
+
+    /// Takes one retry from the budget, when there is one left.
+    pub fn retry(&self, now: std::time::Instant) -> bool {
+        let (slot, sec) = self.slot(now);
+        let (requests, retries) = self
+            .slots
+            .iter()
+            .map(std::cell::Cell::get)
+            .filter(|&(s, _, _)| sec.saturating_sub(s) < 10)
+            .fold((0u32, 0u32), |(a, b), (_, r, t)| (a + r, b + t));
+        let allowed = (self.share * f64::from(requests)) as u32;
+        if retries >= allowed.max(self.floor) {
+            return false;
+        }
+        let (s, r, t) = slot.get();
+        slot.set((s, r, t + 1));
+        true
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::AttemptFacts;
+
+    #[test]
+    fn the_budget_caps_retries_at_its_share() {
+        let b = super::Budget::new(0.2, 3);
+        let t = std::time::Instant::now();
+        // Three always; then 20% of the requests.
+        assert!((0..3).all(|_| b.retry(t)));
+        assert!(!b.retry(t));
+        for _ in 0..100 {
+            b.request(t);
+        }
+        assert_eq!((0..50).filter(|_| b.retry(t)).count(), 17);
+        // Ten seconds on, the window is empty again: the floor.
+        let later = t + std::time::Duration::from_secs(10);
+        assert_eq!((0..50).filter(|_| b.retry(later)).count(), 3);
+    }
 
     #[test]
     fn retry_rule() {
@@ -50,6 +133,7 @@ mod tests {
             replayable,
             idempotent,
             reused: true,
+            reset: connection_failed,
         };
         // Idempotent and whole: retried whether or not it arrived.
         assert!(facts(true, true, true, true).may_retry());

@@ -94,6 +94,16 @@ impl Handler {
         }
     }
 
+    /// A random draw (xorshift64: no lock, no syscall).
+    fn draw(&self) -> u64 {
+        let mut x = self.draws.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.draws.set(x);
+        x
+    }
+
     /// The access log line begun for a request (or a refusal: no request head), when the
     /// log is on.
     fn pending(
@@ -278,12 +288,7 @@ impl Handler {
     ) -> (usize, Option<usize>) {
         let read = |k: &Option<KeySource>| k.as_ref().and_then(|k| key_value(k, req.headers()));
         let day = fluxgate_policy::split::day_of(std::time::SystemTime::now());
-        // xorshift64: a draw per request, no lock, no syscall.
-        let mut x = self.draws.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.draws.set(x);
+        let x = self.draw();
         let (forced, user) = (read(&s.force), read(&s.sticky));
         let Some(watches) = self.canaries[index].as_deref() else {
             let t = fluxgate_policy::split::pick(s, |i| s.targets[i].weight, forced, user, day, x);
@@ -564,17 +569,47 @@ impl Outgoing {
     async fn send(&self, request: UpstreamRequest) -> Result<Response<UpstreamBody>, ProxyError> {
         let pool = &self.handler.pools[self.pool];
         let ep = self.pick.as_ref().ok_or(ProxyError::NoHealthyEndpoint)?.ep;
-        let failed = match pool.send(ep, request, self.timeout, false).await {
-            Ok(resp) => return Ok(resp),
-            Err(failed) => failed,
-        };
-        match failed.again.filter(|_| failed.facts.may_retry()) {
-            Some(again) => pool
-                .send(ep, again, self.timeout, true)
-                .await
-                .map_err(|f| f.error),
-            None => Err(failed.error),
+        let retry = &pool.cfg.retry;
+        let timeout = retry.per_try_timeout.unwrap_or(self.timeout);
+        pool.budget.request(std::time::Instant::now());
+        let (mut request, mut fresh) = (request, false);
+        for attempt in 1.. {
+            let failed = match pool.send(ep, request, timeout, fresh).await {
+                Ok(resp) => return Ok(resp),
+                Err(failed) => failed,
+            };
+            // The first retry under the strict rule; more only where `attempts` allows them.
+            let rule = match attempt {
+                1 => {
+                    failed.facts.may_retry()
+                        || (retry.attempts > 2 && failed.facts.may_retry_again())
+                }
+                _ => failed.facts.may_retry_again(),
+            };
+            let again = match failed.again.filter(|_| rule) {
+                Some(again) if attempt < retry.attempts => again,
+                _ => return Err(failed.error),
+            };
+            // A pooled connection that closed under the request is the keep-alive race, not
+            // trouble at the upstream: its one retry on a new connection is free.
+            let stale = attempt == 1 && failed.facts.reused;
+            if !stale && !pool.budget.retry(std::time::Instant::now()) {
+                pool.stats.retries_denied.fetch_add(1, Ordering::Relaxed);
+                return Err(failed.error);
+            }
+            pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+            if attempt >= 2 {
+                // Full jitter over an exponential back-off.
+                let cap = retry
+                    .backoff
+                    .saturating_mul(1 << (attempt - 2).min(16))
+                    .min(retry.max_backoff);
+                let draw = self.handler.draw();
+                tokio::time::sleep(cap.mul_f64((draw >> 11) as f64 / (1u64 << 53) as f64)).await;
+            }
+            (request, fresh) = (again, true);
         }
+        unreachable!("the loop returns")
     }
 
     /// Tells the balancer and passive health how the exchange went (5xx answers and connect

@@ -95,6 +95,9 @@ pub(crate) struct UpstreamStats {
     pub(crate) open: AtomicI64,
     /// Of those, lent to a request right now.
     pub(crate) busy: AtomicI64,
+    /// Attempts sent again, and retries the budget refused.
+    pub(crate) retries: AtomicI64,
+    pub(crate) retries_denied: AtomicI64,
 }
 
 /// The registry of one config generation. Gauges and counters that describe something that
@@ -547,7 +550,19 @@ impl Metrics {
         }
 
         type Counter = fn(&UpstreamStats) -> i64;
-        let pool: [(&str, &str, &str, Counter); 4] = [
+        let pool: [(&str, &str, &str, Counter); 6] = [
+            (
+                "fluxgate_upstream_retries_total",
+                "counter",
+                "Attempts sent again under the retry rule.",
+                |u| u.retries.load(Ordering::Relaxed),
+            ),
+            (
+                "fluxgate_upstream_retries_denied_total",
+                "counter",
+                "Retries the retry budget refused.",
+                |u| u.retries_denied.load(Ordering::Relaxed),
+            ),
             (
                 "fluxgate_upstream_pool_hits_total",
                 "counter",

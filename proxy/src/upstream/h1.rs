@@ -65,6 +65,8 @@ pub(crate) struct Failed {
     pub(crate) stale: bool,
     /// Not one byte of the request reached the socket.
     pub(crate) unsent: bool,
+    /// The connection (pooled or new) closed or was reset before any byte of a response.
+    pub(crate) closed: bool,
 }
 
 /// One request on one connection: the bytes still to write and the body still to read.
@@ -216,13 +218,13 @@ impl Exchange {
             Ok(Err(error)) => error,
             Err(_) => AttemptError::Proxy(crate::error::ProxyError::ResponseTimeout),
         };
-        let stale = self.conn.reused
-            && self.conn.io_mut().rbuf.is_empty()
+        let closed = self.conn.io_mut().rbuf.is_empty()
             && matches!(&error, AttemptError::H1(e) if e.is_closed());
         Err(Failed {
             error: error.into(),
-            stale,
+            stale: self.conn.reused && closed,
             unsent: !self.wrote,
+            closed,
         })
     }
 

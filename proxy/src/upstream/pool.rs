@@ -163,10 +163,12 @@ pub(crate) struct UpstreamPool {
     pub(crate) health: Arc<Health>,
     /// `[upstream.breaker]`, shared by the workers.
     pub(crate) breaker: Option<Arc<Breaker>>,
+    /// This worker's retry budget for the upstream.
+    pub(crate) budget: fluxgate_policy::retry::Budget,
     pub(crate) balancer: Balancer,
     next_id: Cell<i32>,
     /// This worker's counters for the upstream; they follow the pool across reloads.
-    stats: Arc<UpstreamStats>,
+    pub(crate) stats: Arc<UpstreamStats>,
     /// Whether the sweeper task is running (it stops when the pool has no idle connection).
     sweeping: Cell<bool>,
     /// TLS to the endpoints, with the configured server name (else each endpoint's IP).
@@ -282,6 +284,7 @@ impl UpstreamPool {
             balancer: Balancer::new(cfg.balance.clone(), &cfg.endpoints, seed),
             health,
             breaker,
+            budget: fluxgate_policy::retry::Budget::new(cfg.retry.budget, cfg.retry.min_retries),
             next_id: Cell::new(0),
             stats,
             sweeping: Cell::new(false),

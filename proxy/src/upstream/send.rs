@@ -134,6 +134,7 @@ impl UpstreamPool {
                     replayable: again.is_some(),
                     idempotent,
                     reused: false,
+                    reset: false,
                 };
                 return Err(Failed {
                     error,
@@ -154,6 +155,7 @@ impl UpstreamPool {
                     replayable: again.is_some(),
                     idempotent,
                     reused,
+                    reset: failed.closed,
                 },
                 again,
             }),
@@ -191,6 +193,7 @@ async fn send_over_h2(
         replayable: failed.unsent.is_some() || replay.is_some(),
         idempotent,
         reused: !fresh,
+        reset: matches!(failed.error, ProxyError::Upstream(_)),
     };
     let again = failed
         .unsent
@@ -300,6 +303,7 @@ async fn send_over_h3(
             replayable: replay.is_some(),
             idempotent,
             reused: !fresh,
+            reset: matches!(error, ProxyError::Upstream(_)),
         },
         error,
         again: replay.map(|r| UpstreamRequest::H3(Box::new(r))),
