@@ -15,6 +15,7 @@ have curl || need+=(curl)
 have gtlsclient || need+=(ngtcp2-client)
 have openssl || need+=(openssl)
 have nats-server || need+=(nats-server)
+have redis-server || need+=(redis-server)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -q

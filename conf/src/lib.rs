@@ -24,8 +24,8 @@ pub use feed::{
 };
 pub use orders::{AccountLimits, Desk, DeskInstrument, DeskRoute, JournalSettings};
 pub use route::{
-    HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey, RateLimit,
-    Rollback, Route, RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
+    GlobalLimit, HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey,
+    RateLimit, Rollback, Route, RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
 };
 
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
@@ -1395,6 +1395,14 @@ mod tests {
             (
                 route("{ rate = 5, key = \"header:bad name\" }"),
                 "listener[1].route[0].rate_limit.key",
+            ),
+            (
+                route("{ rate = 5, redis = \"127.0.0.1:6379\" }"),
+                "listener[1].route[0].rate_limit.redis",
+            ),
+            (
+                route("{ rate = 5, redis = \"localhost\" }"),
+                "listener[1].route[0].rate_limit.redis",
             ),
         ];
         refused_at(&cases);

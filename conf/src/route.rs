@@ -166,6 +166,20 @@ pub struct RateLimit {
     /// Requests allowed at once above the rate. Default: the rate (at least 1).
     pub burst: u32,
     pub key: RateKey,
+    /// `redis = "IP:PORT"`: the buckets live in that Redis, shared by every gateway using
+    /// it (a fleet's limit). Default: none, the process's own.
+    pub redis: Option<GlobalLimit>,
+}
+
+/// A rate limit kept in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalLimit {
+    pub address: std::net::SocketAddr,
+    /// `fail = "open"` (the default: requests pass while Redis cannot answer) or
+    /// `"closed"` (they get 429).
+    pub fail_open: bool,
+    /// How long an answer from Redis may take before it counts as unreachable. Default 50 ms.
+    pub timeout: std::time::Duration,
 }
 
 /// What a rate limit's buckets are kept by.
@@ -234,6 +248,9 @@ struct RawRateLimit {
     rate: f64,
     burst: Option<i64>,
     key: Option<String>,
+    redis: Option<Spanned<String>>,
+    fail: Option<Spanned<String>>,
+    redis_timeout: Option<Spanned<String>>,
 }
 
 fn rate_limit(
@@ -266,10 +283,30 @@ fn rate_limit(
             ))
         }
     };
+    let redis = match &r.redis {
+        None => None,
+        Some(a) => Some(GlobalLimit {
+            address: src.addr(format!("{key}.redis"), a)?,
+            fail_open: match r.fail.as_ref().map(|f| f.get_ref().as_str()) {
+                None | Some("open") => true,
+                Some("closed") => false,
+                Some(_) => {
+                    let f = r.fail.as_ref().expect("set");
+                    return Err(src.invalid(format!("{key}.fail"), f, "open or closed"));
+                }
+            },
+            timeout: src.duration(
+                || format!("{key}.redis_timeout"),
+                &r.redis_timeout,
+                std::time::Duration::from_millis(50),
+            )?,
+        }),
+    };
     Ok(RateLimit {
         rate: r.rate,
         burst: burst as u32,
         key: k,
+        redis,
     })
 }
 
@@ -778,6 +815,21 @@ pub(crate) fn build(
             Some(rw.get_ref().clone())
         }
     };
+    let rate_limit = match &r.rate_limit {
+        None => None,
+        Some(rl) => {
+            let limit = rate_limit(src, &k("rate_limit"), rl)?;
+            let forwards = matches!(action, RouteAction::Forward(_) | RouteAction::Split(_));
+            if limit.redis.is_some() && !forwards {
+                return Err(src.invalid(
+                    k("rate_limit.redis"),
+                    rl,
+                    "a limit kept in Redis is for routes with `upstream` or `split`",
+                ));
+            }
+            Some(limit)
+        }
+    };
     Ok(Route {
         name: r.name.clone().unwrap_or_else(|| format!("route{index}")),
         matcher: RouteMatch {
@@ -799,9 +851,6 @@ pub(crate) fn build(
         rewrite_prefix,
         request_headers: header_ops(src, &k("request_headers"), &r.request_headers)?,
         response_headers: header_ops(src, &k("response_headers"), &r.response_headers)?,
-        rate_limit: match &r.rate_limit {
-            None => None,
-            Some(rl) => Some(rate_limit(src, &k("rate_limit"), rl)?),
-        },
+        rate_limit,
     })
 }

@@ -29,6 +29,9 @@ pub enum ProxyError {
     /// Every allowed connection to the endpoint was busy and none freed up in time.
     #[error("upstream connection limit reached")]
     Overloaded,
+    /// A fleet-wide rate limit (in Redis) refused the request: wait this many seconds.
+    #[error("rate limited")]
+    RateLimited(u64),
 }
 
 impl ProxyError {
@@ -45,6 +48,7 @@ impl ProxyError {
             ProxyError::Overloaded | ProxyError::NoHealthyEndpoint => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 

@@ -35,6 +35,9 @@ struct Worker {
     access_log: RefCell<Option<(fluxgate_conf::AccessLog, Rc<AccessLog>)>>,
     /// This worker's side of each feed, by the generation's feeds.
     feeds: RefCell<Vec<Rc<LocalFeed>>>,
+    /// This worker's links to the Redis servers of fleet-wide rate limits (kept across
+    /// reloads).
+    redis: RefCell<Vec<Rc<crate::upstream::redis::Redis>>>,
 }
 
 impl Worker {
@@ -117,6 +120,23 @@ impl Worker {
             let handler = Rc::new(Handler {
                 routes: Arc::clone(&g.tables[i]),
                 limiters: Arc::clone(&g.limiters[i]),
+                redis: l
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let at = r.rate_limit.as_ref()?.redis.as_ref()?.address;
+                        let mut links = self.redis.borrow_mut();
+                        let link = match links.iter().find(|x| x.address == at) {
+                            Some(x) => Rc::clone(x),
+                            None => {
+                                let x = crate::upstream::redis::Redis::start(at);
+                                links.push(Rc::clone(&x));
+                                x
+                            }
+                        };
+                        Some(link)
+                    })
+                    .collect(),
                 canaries: Arc::clone(&g.canaries[i]),
                 pools: Rc::clone(&shared),
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
@@ -296,6 +316,7 @@ pub(crate) fn run(
             draining,
             access_log: RefCell::new(None),
             feeds: RefCell::new(Vec::new()),
+            redis: RefCell::new(Vec::new()),
         };
         worker.apply(first);
         loop {

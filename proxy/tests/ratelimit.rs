@@ -96,3 +96,136 @@ fn keyed_limits_keep_a_bucket_per_key() {
     assert_eq!(get("b").status, 200, "another key, another bucket");
     fg.shutdown();
 }
+
+/// The `fluxgate` binary serving `config` (a file), and the address of its first listener.
+fn gateway_process(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fluxgate"))
+        .args(["run", "-c"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the gateway started").unwrap();
+        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+            break rest.split(' ').next().unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+#[test]
+fn a_limit_in_redis_holds_for_two_gateway_processes() {
+    let redis = support::RedisServer::start();
+    let up = support::upstream(support::Behavior::Echo);
+    let dir = support::scratch("ratelimit-fleet");
+    let path = dir.join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[runtime]\nworkers = 2\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\nname = \"api\"\npath_prefix = \"/\"\nupstream = \"u\"\n\
+             rate_limit = {{ rate = 40, burst = 10, key = \"route\", redis = \"{}\", redis_timeout = \"500ms\" }}\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            redis.addr, up.addr
+        ),
+    )
+    .unwrap();
+    let (mut a, a_addr) = gateway_process(&path);
+    let (mut b, b_addr) = gateway_process(&path);
+    let ok = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let run = Duration::from_millis(1500);
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let ok = Arc::clone(&ok);
+            let addr = if i % 2 == 0 { a_addr } else { b_addr };
+            std::thread::spawn(move || {
+                let mut c = RawClient::connect(addr);
+                while started.elapsed() < run {
+                    c.send(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
+                    let r = c.read_response().expect("an answer");
+                    match r.status {
+                        200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        429 => assert!(r.header("retry-after").is_some()),
+                        s => panic!("status {s}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = ok.load(Ordering::Relaxed) as f64;
+    let most = 10.0 + 40.0 * elapsed;
+    assert!(
+        ok <= most + 3.0,
+        "{ok} allowed by both in {elapsed:.2} s, at most {most:.0}"
+    );
+    assert!(
+        ok >= 0.7 * most,
+        "{ok} allowed by both in {elapsed:.2} s, about {most:.0} expected"
+    );
+    assert_eq!(
+        up.requests() as f64,
+        ok,
+        "only what was allowed reached the upstream"
+    );
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn without_redis_a_limit_fails_open_or_closed_as_configured() {
+    let redis = support::RedisServer::start();
+    let gone = redis.addr;
+    drop(redis);
+    let up = support::upstream(support::Behavior::Echo);
+    let fg = support::start(
+        &format!(
+            "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\nname = \"open\"\npath = \"/open\"\nupstream = \"u\"\n\
+             rate_limit = {{ rate = 1, key = \"route\", redis = \"{gone}\" }}\n\
+             [[listener.route]]\nname = \"closed\"\npath = \"/closed\"\nupstream = \"u\"\n\
+             rate_limit = {{ rate = 1, key = \"route\", redis = \"{gone}\", fail = \"closed\" }}\n\
+             [[upstream]]\nname = \"u\"\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+        IoMode::Epoll,
+    );
+    let mut c = RawClient::connect(fg.local_addrs()[0]);
+    let mut status = |path: &str| {
+        c.send(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes());
+        c.read_response().unwrap().status
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            status("/open"),
+            200,
+            "fail open: passes while Redis is away"
+        );
+        assert_eq!(
+            status("/closed"),
+            429,
+            "fail closed: refused while Redis is away"
+        );
+    }
+    let m = String::from_utf8(support::get(fg.admin_addr().unwrap(), "/metrics").body).unwrap();
+    let errors = |route: &str| {
+        let line = format!(
+            "fluxgate_rate_limit_redis_errors_total{{listener=\"{}\",route=\"{route}\"}}",
+            fg.local_addrs()[0]
+        );
+        metric(&m, &line).unwrap()
+    };
+    assert_eq!((errors("open"), errors("closed")), (5.0, 5.0));
+    assert_eq!(up.requests(), 5);
+    fg.shutdown();
+}

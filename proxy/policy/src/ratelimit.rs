@@ -24,6 +24,8 @@ pub struct Limiter {
     shards: Vec<Mutex<HashMap<Box<[u8]>, u64>>>,
     /// Requests refused.
     pub refused: AtomicU64,
+    /// For a limit kept in Redis: calls Redis did not answer in time.
+    pub redis_errors: AtomicU64,
 }
 
 impl Limiter {
@@ -36,6 +38,7 @@ impl Limiter {
             whole: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             refused: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
         }
     }
 
@@ -94,6 +97,11 @@ impl Limiter {
             self.refused.fetch_add(1, Relaxed);
         }
         verdict
+    }
+
+    /// The emission interval and burst tolerance, in microseconds (for a limit in Redis).
+    pub fn gcra_us(&self) -> (u64, u64) {
+        (self.interval / 1000, self.tolerance / 1000)
     }
 
     /// GCRA: the arrival time after a request at `t`, or the wait before one is allowed.

@@ -48,6 +48,8 @@ pub(crate) struct Handler {
     pub(crate) routes: Arc<RouteTable>,
     /// Their rate limits, by route, shared by all workers.
     pub(crate) limiters: Arc<[Option<Limiter>]>,
+    /// By route, for a limit kept in Redis: this worker's link to that Redis.
+    pub(crate) redis: Rc<[Option<Rc<crate::upstream::redis::Redis>>]>,
     /// By route, for splits with a `rollback`: each target's canary watch (None for a
     /// target that is not a canary), shared by all workers.
     pub(crate) canaries: RouteCanaries,
@@ -167,13 +169,20 @@ impl Handler {
         let Some((index, route)) = self.routes.match_request(&head) else {
             return Routed::Answer(None, short_answer(StatusCode::NOT_FOUND, false, inflight));
         };
+        let mut global = None;
         if let (Some(limiter), Some(limit)) = (&self.limiters[index], &route.rate_limit) {
             let key = match &limit.key {
                 RateKey::Route => None,
                 RateKey::Client => Some(inflight.state().peer_ip.as_bytes()),
                 RateKey::Header(h) => Some(req.headers().get(h).map_or(&b""[..], |v| v.as_bytes())),
             };
-            if let Err(wait) = limiter.check(key, std::time::Instant::now()) {
+            if limit.redis.is_some() {
+                // Asked of Redis on the way to the upstream (`Outgoing::run`): the route's
+                // name (or place) and the key make the bucket every gateway shares.
+                let mut k = format!("fluxgate:rl:{}:", route_id(route, index)).into_bytes();
+                k.extend_from_slice(key.unwrap_or_default());
+                global = Some(k);
+            } else if let Err(wait) = limiter.check(key, std::time::Instant::now()) {
                 let mut resp = short_answer(StatusCode::TOO_MANY_REQUESTS, false, inflight);
                 // Whole seconds, rounded up (RFC 9110 10.2.3).
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -270,6 +279,7 @@ impl Handler {
                     upgrade,
                     admitted,
                     watch,
+                    global,
                 });
             }
         };
@@ -419,6 +429,7 @@ impl Handler {
             upgrade,
             admitted,
             watch,
+            global,
         } = f;
         let pool = &self.pools[pool_index];
         let key = hash_key(&pool.cfg.balance, &req, &inflight.state().peer_ip);
@@ -467,6 +478,7 @@ impl Handler {
             logged,
             admitted,
             watch,
+            global,
         };
         (out, request)
     }
@@ -553,15 +565,53 @@ struct Outgoing {
     logged: Option<Box<Pending>>,
     admitted: Option<Admitted>,
     watch: Option<usize>,
+    global: Option<Vec<u8>>,
 }
 
 impl Outgoing {
     /// Forwards the request and answers the client.
-    async fn run(self, request: UpstreamRequest) -> Response<ProxyBody> {
+    async fn run(mut self, request: UpstreamRequest) -> Response<ProxyBody> {
         let asked = self.logged.is_some().then(std::time::Instant::now);
+        if let Some(key) = self.global.take() {
+            if let Some(secs) = self.fleet_limit(&key).await {
+                return self.respond(Err(ProxyError::RateLimited(secs)), None);
+            }
+        }
         let result = self.send(request).await;
         let upstream_time = asked.map(|t| t.elapsed());
         self.respond(result, upstream_time)
+    }
+
+    /// A fleet-wide limit's verdict from Redis: None to go on, or the seconds to wait. Redis
+    /// not answering in time counts, and passes (`fail = "open"`) or refuses.
+    async fn fleet_limit(&self, key: &[u8]) -> Option<u64> {
+        let h = &self.handler;
+        let (Some(limiter), Some(link)) = (&h.limiters[self.index], &h.redis[self.index]) else {
+            return None;
+        };
+        let cfg = h.routes.routes()[self.index]
+            .rate_limit
+            .as_ref()?
+            .redis
+            .as_ref()?;
+        let (interval, tolerance) = limiter.gcra_us();
+        let asked = crate::upstream::redis::gcra_command(key, interval, tolerance);
+        match link.call(asked, cfg.timeout).await {
+            Some(fluxgate_wire::resp::Reply::Integer(0)) => None,
+            Some(fluxgate_wire::resp::Reply::Integer(us)) => {
+                limiter.refused.fetch_add(1, Ordering::Relaxed);
+                Some((us as u64).div_ceil(1_000_000).max(1))
+            }
+            _ => {
+                limiter.redis_errors.fetch_add(1, Ordering::Relaxed);
+                if cfg.fail_open {
+                    None
+                } else {
+                    limiter.refused.fetch_add(1, Ordering::Relaxed);
+                    Some(1)
+                }
+            }
+        }
     }
 
     /// Sends the request and waits for the response head, sending it once more when the
@@ -651,7 +701,8 @@ impl Outgoing {
         let watched =
             watch.and_then(|t| Some((t, handler.canaries[index].as_deref()?[t].as_ref()?)));
         if let Some((t, canary)) = watched {
-            let failed = failed || result.is_err();
+            let failed =
+                failed || matches!(result, Err(ref e) if !matches!(e, ProxyError::RateLimited(_)));
             if let Some(change) =
                 canary.record(started.elapsed(), failed, std::time::Instant::now())
             {
@@ -682,7 +733,14 @@ impl Outgoing {
                     (_, body) => Response::from_parts(parts, ProxyBody::upstream(body, inflight)),
                 }
             }
-            Err(e) => short_answer(e.status(), e.closes_client(), inflight),
+            Err(e) => {
+                let mut resp = short_answer(e.status(), e.closes_client(), inflight);
+                if let ProxyError::RateLimited(secs) = e {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                resp
+            }
         };
         edit_headers(resp.headers_mut(), &route.response_headers);
         handler.finish(
@@ -761,6 +819,8 @@ struct Forward<'a> {
     admitted: Option<Admitted>,
     /// The split target, when it is a watched canary.
     watch: Option<usize>,
+    /// The Redis bucket of a fleet-wide rate limit, to ask before sending.
+    global: Option<Vec<u8>>,
 }
 
 /// A request an upstream's breaker let through: its outcome goes back once (a request
@@ -1031,4 +1091,12 @@ fn canary_log(route: &str, upstream: &str, change: Change) {
         Change::Recovered => "recovered: back to its full weight".to_owned(),
     };
     eprintln!("fluxgate: canary {upstream:?} of route {route:?}: {what}");
+}
+
+/// A route's name for shared state (a fleet's Redis buckets): its name, else its place.
+fn route_id(route: &Route, index: usize) -> std::borrow::Cow<'_, str> {
+    match route.name.is_empty() {
+        true => std::borrow::Cow::Owned(format!("#{index}")),
+        false => std::borrow::Cow::Borrowed(&route.name),
+    }
 }

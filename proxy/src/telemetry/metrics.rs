@@ -709,34 +709,46 @@ pub(crate) fn family(o: &mut String, metric: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
 }
 
-/// Requests each rate-limited route refused, by listener and route.
+/// Requests each rate-limited route refused, by listener and route; for limits kept in
+/// Redis, the calls Redis did not answer in time.
 pub(crate) fn render_rate_limits(
     o: &mut String,
     config: &Config,
     addrs: &[std::net::SocketAddr],
     limiters: &[Arc<[Option<fluxgate_policy::ratelimit::Limiter>]>],
 ) {
-    let mut head = false;
+    let mut rows = Vec::new();
     for (li, l) in config.listeners.iter().enumerate() {
         for (ri, r) in l.routes.iter().enumerate() {
-            let Some(limiter) = limiters[li][ri].as_ref() else {
-                continue;
-            };
-            if !head {
-                family(
-                    o,
-                    "fluxgate_rate_limited_total",
-                    "counter",
-                    "Requests a route's rate limit answered 429, by listener and route.",
-                );
-                head = true;
+            if let (Some(limiter), Some(limit)) = (limiters[li][ri].as_ref(), &r.rate_limit) {
+                let labels = format!("listener=\"{}\",route=\"{}\"", addrs[li], r.name);
+                rows.push((labels, limiter, limit.redis.is_some()));
             }
-            let n = limiter.refused.load(Ordering::Relaxed);
-            let _ = writeln!(
-                o,
-                "fluxgate_rate_limited_total{{listener=\"{}\",route=\"{}\"}} {n}",
-                addrs[li], r.name
-            );
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    family(
+        o,
+        "fluxgate_rate_limited_total",
+        "counter",
+        "Requests a route's rate limit answered 429, by listener and route.",
+    );
+    for (labels, l, _) in &rows {
+        let n = l.refused.load(Ordering::Relaxed);
+        let _ = writeln!(o, "fluxgate_rate_limited_total{{{labels}}} {n}");
+    }
+    if rows.iter().any(|r| r.2) {
+        family(
+            o,
+            "fluxgate_rate_limit_redis_errors_total",
+            "counter",
+            "Calls to the Redis of a fleet-wide rate limit that got no answer in time.",
+        );
+        for (labels, l, _) in rows.iter().filter(|r| r.2) {
+            let n = l.redis_errors.load(Ordering::Relaxed);
+            let _ = writeln!(o, "fluxgate_rate_limit_redis_errors_total{{{labels}}} {n}");
         }
     }
 }

@@ -747,3 +747,40 @@ pub async fn h3_connect(
     });
     (ep, sender)
 }
+
+/// A real `redis-server` (Debian's) on 127.0.0.1, on a port free when it started, with no
+/// persistence; killed when dropped.
+pub struct RedisServer {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/deps.sh installs it)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        assert!(
+            eventually(Duration::from_secs(10), || TcpStream::connect(addr).is_ok()),
+            "redis-server listens"
+        );
+        RedisServer { child, addr }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
