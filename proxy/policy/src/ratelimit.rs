@@ -132,6 +132,7 @@ mod tests {
             rate,
             burst,
             key: RateKey::Route,
+            redis: None,
         })
     }
 
