@@ -150,8 +150,8 @@ impl Server {
         let generation = Arc::new(Generation {
             desks,
             tables: route_tables(&config),
-            limiters: crate::control::reload::route_limiters(&config),
-            canaries: crate::control::reload::route_canaries(&config),
+            limiters: crate::control::reload::route_limiters(&config, None),
+            canaries: crate::control::reload::route_canaries(&config, None),
             health: config
                 .upstreams
                 .iter()

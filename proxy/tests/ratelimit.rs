@@ -229,3 +229,42 @@ fn without_redis_a_limit_fails_open_or_closed_as_configured() {
     assert_eq!(up.requests(), 5);
     fg.shutdown();
 }
+
+#[test]
+fn a_reload_keeps_the_buckets_of_an_unchanged_limit() {
+    let text = |burst: u32| {
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[listener.route]]\nname = \"r\"\npath = \"/\"\nrespond = {{ status = 200 }}\n\
+             rate_limit = {{ rate = 0.1, burst = {burst}, key = \"route\" }}\n"
+        )
+    };
+    let fg = support::start(&text(2), IoMode::Epoll);
+    let addr = fg.local_addrs()[0];
+    let status = || {
+        let mut c = RawClient::connect(addr);
+        c.send(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n");
+        c.read_response().unwrap().status
+    };
+    assert_eq!((status(), status(), status()), (200, 200, 429));
+    // The same limit after a reload: still spent.
+    let mut same = Config::from_toml(&text(2)).unwrap();
+    same.runtime.workers = 1;
+    same.runtime.io = IoMode::Epoll;
+    fg.reload(same).unwrap();
+    assert_eq!(
+        status(),
+        429,
+        "a reload does not refill an unchanged bucket"
+    );
+    // A changed limit starts afresh.
+    let mut changed = Config::from_toml(&text(3)).unwrap();
+    changed.runtime.workers = 1;
+    changed.runtime.io = IoMode::Epoll;
+    fg.reload(changed).unwrap();
+    assert_eq!(
+        (status(), status(), status(), status()),
+        (200, 200, 200, 429)
+    );
+    fg.shutdown();
+}

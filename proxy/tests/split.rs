@@ -87,7 +87,7 @@ fn without_a_user_key_requests_are_drawn_by_weight() {
         upstream(Behavior::Echo),
     );
     let ups = [&a, &b, &c];
-    let fg = gateway("", &ups);
+    let fg = gateway(", force_header = \"x-canary\"", &ups);
     let mut client = RawClient::connect(fg.local_addrs()[0]);
     for _ in 0..5_000 {
         get(&mut client, "");
@@ -96,6 +96,11 @@ fn without_a_user_key_requests_are_drawn_by_weight() {
     for (got, want) in n.iter().zip([3_500usize, 1_250, 250]) {
         assert!(got.abs_diff(want) < 150, "{n:?}");
     }
+    // The override header sends a tester to the 5% target every time.
+    for _ in 0..40 {
+        get(&mut client, "x-canary: v3\r\n");
+    }
+    assert_eq!(counts(&ups)[2] - n[2], 40);
     fg.shutdown();
 }
 

@@ -17,7 +17,7 @@ const SLOTS: usize = 10;
 
 /// A listener's canary watches: by route (None: no split with a rollback there), by split
 /// target (None: not a canary).
-pub type RouteCanaries = std::sync::Arc<[Option<Box<[Option<Canary>]>>]>;
+pub type RouteCanaries = std::sync::Arc<[Option<std::sync::Arc<[Option<Canary>]>>]>;
 
 /// A canary's state, for metrics: 0 active, 1 rolled back, 2 probing.
 pub type State = u8;

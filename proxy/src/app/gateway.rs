@@ -47,7 +47,7 @@ pub(crate) struct Handler {
     /// The listener's routes, shared by all workers.
     pub(crate) routes: Arc<RouteTable>,
     /// Their rate limits, by route, shared by all workers.
-    pub(crate) limiters: Arc<[Option<Limiter>]>,
+    pub(crate) limiters: Arc<[Option<Arc<Limiter>>]>,
     /// By route, for a limit kept in Redis: this worker's link to that Redis.
     pub(crate) redis: Rc<[Option<Rc<crate::upstream::redis::Redis>>]>,
     /// By route, for splits with a `rollback`: each target's canary watch (None for a

@@ -50,7 +50,7 @@ pub(crate) struct Generation {
     pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) tables: Vec<Arc<RouteTable>>,
     /// Per listener, per route: its rate limit's buckets, shared by the workers.
-    pub(crate) limiters: Vec<Arc<[Option<Limiter>]>>,
+    pub(crate) limiters: Vec<Arc<[Option<Arc<Limiter>>]>>,
     /// Per listener, per route with a split `rollback`: each canary target's watch.
     pub(crate) canaries: Vec<RouteCanaries>,
     pub(crate) health: Vec<Arc<Health>>,
@@ -188,8 +188,8 @@ impl Reloader {
             feeds,
             desks,
             tables: route_tables(&config),
-            limiters: route_limiters(&config),
-            canaries: route_canaries(&config),
+            limiters: route_limiters(&config, Some(&old)),
+            canaries: route_canaries(&config, Some(&old)),
             config: Arc::new(config),
             addrs,
             health,
@@ -282,34 +282,79 @@ pub(crate) fn feed_hubs(config: &Config, old: &[Arc<FeedHub>]) -> Vec<Arc<FeedHu
     hubs
 }
 
-pub(crate) fn route_limiters(config: &Config) -> Vec<Arc<[Option<Limiter>]>> {
+/// The generation before, for state a reload keeps.
+pub(crate) type Before<'a> = Option<&'a Generation>;
+
+/// The same route in the generation before: on the listener of the same address, by name
+/// (by place when it has none).
+fn before<'a>(
+    old: Before<'a>,
+    l: &fluxgate_conf::Listener,
+    ri: usize,
+) -> Option<(&'a Generation, usize, usize, &'a fluxgate_conf::Route)> {
+    let g = old?;
+    let name = &l.routes[ri].name;
+    let li = g
+        .config
+        .listeners
+        .iter()
+        .position(|o| o.address == l.address)?;
+    let routes = &g.config.listeners[li].routes;
+    let oi = match name.is_empty() {
+        true => ri,
+        false => routes.iter().position(|o| &o.name == name)?,
+    };
+    Some((g, li, oi, routes.get(oi)?))
+}
+
+/// Each route's rate limit; an unchanged limit of the same route keeps its buckets.
+pub(crate) fn route_limiters(config: &Config, old: Before<'_>) -> Vec<Arc<[Option<Arc<Limiter>>]>> {
     config
         .listeners
         .iter()
         .map(|l| {
             l.routes
                 .iter()
-                .map(|r| r.rate_limit.as_ref().map(Limiter::new))
+                .enumerate()
+                .map(|(ri, r)| {
+                    let limit = r.rate_limit.as_ref()?;
+                    let kept = before(old, l, ri).and_then(|(g, li, oi, o)| {
+                        (o.rate_limit.as_ref() == Some(limit))
+                            .then(|| g.limiters[li][oi].clone())?
+                    });
+                    Some(kept.unwrap_or_else(|| Arc::new(Limiter::new(limit))))
+                })
                 .collect()
         })
         .collect()
 }
 
-pub(crate) fn route_canaries(config: &Config) -> Vec<RouteCanaries> {
+/// Each split's canary watches; an unchanged split of the same route keeps them.
+pub(crate) fn route_canaries(config: &Config, old: Before<'_>) -> Vec<RouteCanaries> {
     config
         .listeners
         .iter()
         .map(|l| {
             l.routes
                 .iter()
-                .map(|r| match &r.action {
-                    fluxgate_conf::RouteAction::Split(s) => s.rollback.as_ref().map(|rb| {
+                .enumerate()
+                .map(|(ri, r)| {
+                    let fluxgate_conf::RouteAction::Split(s) = &r.action else {
+                        return None;
+                    };
+                    let rb = s.rollback.as_ref()?;
+                    let kept = before(old, l, ri).and_then(|(g, li, oi, o)| match &o.action {
+                        fluxgate_conf::RouteAction::Split(os) if os == s => {
+                            g.canaries[li][oi].clone()
+                        }
+                        _ => None,
+                    });
+                    Some(kept.unwrap_or_else(|| {
                         s.targets
                             .iter()
                             .map(|t| t.canary.then(|| Canary::new(rb)))
                             .collect()
-                    }),
-                    _ => None,
+                    }))
                 })
                 .collect()
         })

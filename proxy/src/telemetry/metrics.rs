@@ -715,7 +715,7 @@ pub(crate) fn render_rate_limits(
     o: &mut String,
     config: &Config,
     addrs: &[std::net::SocketAddr],
-    limiters: &[Arc<[Option<fluxgate_policy::ratelimit::Limiter>]>],
+    limiters: &[Arc<[Option<Arc<fluxgate_policy::ratelimit::Limiter>>]>],
 ) {
     let mut rows = Vec::new();
     for (li, l) in config.listeners.iter().enumerate() {
