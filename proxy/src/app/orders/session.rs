@@ -22,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::desk::{Accepted, Admit, Batch, Desk, Job};
 use crate::app::fanout::session::{read_room, ws_frame, WsEvent, WsReader};
+use crate::error::ProxyError;
 use crate::upstream::pool::UpstreamPool;
 use crate::upstream::send::UpstreamRequest;
 
@@ -269,9 +270,15 @@ async fn attempt(pool: &Rc<UpstreamPool>, job: &Job, timeout: Duration) -> Optio
     let ep = pick.ep;
     let request = upstream_request(pool.cfg.protocol, pool.cfg.endpoints[ep].addr, job);
     let result = pool.send(ep, request, timeout, false).await;
-    let failed = result
-        .as_ref()
-        .map_or(true, |r| r.status().is_server_error());
+    // As the gateway counts for passive health: 5xx answers, connect and protocol failures
+    // (not a pool at its connection limit).
+    let failed = match &result {
+        Ok(r) => r.status().is_server_error(),
+        Err(f) => matches!(
+            f.error,
+            ProxyError::Connect { .. } | ProxyError::Upstream(_)
+        ),
+    };
     pool.balancer.done(pick);
     pool.health.record(ep, failed);
     let resp = result.ok()?;
