@@ -15,16 +15,7 @@ pub fn day_of(now: std::time::SystemTime) -> i64 {
 
 /// `YYYY-MM-DD` of a day since the epoch (the proleptic Gregorian calendar).
 pub fn date(day: i64) -> [u8; 10] {
-    // Days to civil date, after Howard Hinnant's `civil_from_days`.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = fluxgate_wire::date::civil(day);
     let mut out = [b'0'; 10];
     let y = y.clamp(0, 9999) as u32;
     for (i, v) in [

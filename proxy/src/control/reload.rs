@@ -307,8 +307,11 @@ fn before<'a>(
     Some((g, li, oi, routes.get(oi)?))
 }
 
-/// Each route's rate limit; an unchanged limit of the same route keeps its buckets.
-pub(crate) fn route_limiters(config: &Config, old: Before<'_>) -> Vec<Arc<[Option<Arc<Limiter>>]>> {
+/// One value per route of every listener (`f(listener, route index, route)`).
+fn per_route<T>(
+    config: &Config,
+    mut f: impl FnMut(&fluxgate_conf::Listener, usize, &fluxgate_conf::Route) -> Option<T>,
+) -> Vec<Arc<[Option<T>]>> {
     config
         .listeners
         .iter()
@@ -316,49 +319,41 @@ pub(crate) fn route_limiters(config: &Config, old: Before<'_>) -> Vec<Arc<[Optio
             l.routes
                 .iter()
                 .enumerate()
-                .map(|(ri, r)| {
-                    let limit = r.rate_limit.as_ref()?;
-                    let kept = before(old, l, ri).and_then(|(g, li, oi, o)| {
-                        (o.rate_limit.as_ref() == Some(limit))
-                            .then(|| g.limiters[li][oi].clone())?
-                    });
-                    Some(kept.unwrap_or_else(|| Arc::new(Limiter::new(limit))))
-                })
+                .map(|(ri, r)| f(l, ri, r))
                 .collect()
         })
         .collect()
 }
 
+/// Each route's rate limit; an unchanged limit of the same route keeps its buckets.
+pub(crate) fn route_limiters(config: &Config, old: Before<'_>) -> Vec<Arc<[Option<Arc<Limiter>>]>> {
+    per_route(config, |l, ri, r| {
+        let limit = r.rate_limit.as_ref()?;
+        let kept = before(old, l, ri).and_then(|(g, li, oi, o)| {
+            (o.rate_limit.as_ref() == Some(limit)).then(|| g.limiters[li][oi].clone())?
+        });
+        Some(kept.unwrap_or_else(|| Arc::new(Limiter::new(limit))))
+    })
+}
+
 /// Each split's canary watches; an unchanged split of the same route keeps them.
 pub(crate) fn route_canaries(config: &Config, old: Before<'_>) -> Vec<RouteCanaries> {
-    config
-        .listeners
-        .iter()
-        .map(|l| {
-            l.routes
+    per_route(config, |l, ri, r| {
+        let fluxgate_conf::RouteAction::Split(s) = &r.action else {
+            return None;
+        };
+        let rb = s.rollback.as_ref()?;
+        let kept = before(old, l, ri).and_then(|(g, li, oi, o)| match &o.action {
+            fluxgate_conf::RouteAction::Split(os) if os == s => g.canaries[li][oi].clone(),
+            _ => None,
+        });
+        Some(kept.unwrap_or_else(|| {
+            s.targets
                 .iter()
-                .enumerate()
-                .map(|(ri, r)| {
-                    let fluxgate_conf::RouteAction::Split(s) = &r.action else {
-                        return None;
-                    };
-                    let rb = s.rollback.as_ref()?;
-                    let kept = before(old, l, ri).and_then(|(g, li, oi, o)| match &o.action {
-                        fluxgate_conf::RouteAction::Split(os) if os == s => {
-                            g.canaries[li][oi].clone()
-                        }
-                        _ => None,
-                    });
-                    Some(kept.unwrap_or_else(|| {
-                        s.targets
-                            .iter()
-                            .map(|t| t.canary.then(|| Canary::new(rb)))
-                            .collect()
-                    }))
-                })
+                .map(|t| t.canary.then(|| Canary::new(rb)))
                 .collect()
-        })
-        .collect()
+        }))
+    })
 }
 
 pub(crate) fn route_tables(config: &Config) -> Vec<Arc<RouteTable>> {

@@ -6,6 +6,7 @@
 //! Never does I/O: no tokio, no sockets, no clock. Errors are values; nothing here panics on
 //! input.
 
+pub mod date;
 pub mod h1;
 pub mod h2;
 pub mod nats;
