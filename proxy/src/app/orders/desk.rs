@@ -844,6 +844,7 @@ impl State {
         let _ = std::thread::Builder::new()
             .name("fluxgate-forget".into())
             .spawn(move || {
+                fluxgate_sys::lower_this_thread_priority();
                 let mut m = HashMap::with_capacity(size);
                 for i in 0..size as u64 {
                     let key = (Bytes::new(), Bytes::copy_from_slice(&i.to_le_bytes()));
@@ -900,6 +901,7 @@ impl State {
             let _ = std::thread::Builder::new()
                 .name("fluxgate-forget".into())
                 .spawn(move || {
+                    fluxgate_sys::lower_this_thread_priority();
                     let mut gone = gone;
                     gone.clear();
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(gone);
