@@ -17,6 +17,7 @@ mod breaker;
 mod feed;
 mod orders;
 mod route;
+mod telemetry;
 pub use balance::{Balance, Endpoint, HashKey, HealthCheck, Passive};
 pub use breaker::{Breaker, Retry};
 pub use feed::{
@@ -27,6 +28,7 @@ pub use route::{
     GlobalLimit, HeaderMatch, HeaderOps, HostMatch, KeySource, PathMatch, QueryMatch, RateKey,
     RateLimit, Rollback, Route, RouteAction, RouteMatch, Split, SplitTarget, ValueMatch,
 };
+pub use telemetry::{check_directives, Log, LogFormat, Tracing};
 
 /// The config `fluxgate run` serves when given no file (see README, "Embedded default").
 pub const DEFAULT_TOML: &str = include_str!("../examples/default.toml");
@@ -103,6 +105,10 @@ pub struct Config {
     pub feeds: Vec<Feed>,
     /// `[[orders]]`: order desks. Default: none.
     pub desks: Vec<Desk>,
+    /// `[log]`: the gateway's own log lines.
+    pub log: Log,
+    /// `[tracing]`: OpenTelemetry spans per request. Default: off.
+    pub tracing: Option<Tracing>,
 }
 
 /// `[http3]`
@@ -370,6 +376,8 @@ struct RawConfig {
     feed: Vec<feed::RawFeed>,
     #[serde(default)]
     orders: Vec<orders::RawDesk>,
+    log: Option<telemetry::RawLog>,
+    tracing: Option<telemetry::RawTracing>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1299,6 +1307,8 @@ impl Config {
             },
             feeds,
             desks,
+            log: telemetry::log(&src, &raw.log)?,
+            tracing: telemetry::tracing(&src, &raw.tracing)?,
             access_log: match &raw.access_log {
                 None => None,
                 Some(a) => {
@@ -1372,6 +1382,52 @@ mod tests {
             .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn log_and_tracing_settings_are_checked() {
+        let cases: Vec<(String, &str)> = [
+            ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+            (
+                "[log]\nfilter = \"fluxgate::upstream=chatty\"",
+                "log.filter",
+            ),
+            ("[log]\nfilter = \"bad target=info\"", "log.filter"),
+            ("[log]\nrepeats = -1", "log.repeats"),
+            (
+                "[tracing]\nendpoint = \"127.0.0.1:4318\"",
+                "tracing.endpoint",
+            ),
+            (
+                "[tracing]\nendpoint = \"http://collector/v1/traces\"",
+                "tracing.endpoint",
+            ),
+            (
+                "[tracing]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample = 1.5",
+                "tracing.sample",
+            ),
+            (
+                "[tracing]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\nbatch = 0",
+                "tracing.batch",
+            ),
+        ]
+        .into_iter()
+        .map(|(t, k)| (t.to_owned(), k))
+        .collect();
+        refused_at(&cases);
+        let l = "[[listener]]\naddress = \"127.0.0.1:1\"\nrespond = { status = 200 }\n";
+        let c = Config::from_toml(&format!(
+            "{l}[log]\nlevel = \"warn\"\nfilter = \"fluxgate::upstream=debug\"\nformat = \"json\"\n\
+             [tracing]\nendpoint = \"http://127.0.0.1:4318/v1/traces\"\nsample = 0.25\n"
+        ))
+        .unwrap();
+        assert_eq!(c.log.directives, "warn,fluxgate::upstream=debug");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let t = c.tracing.unwrap();
+        assert_eq!((t.sample, t.parent_based, t.batch), (0.25, true, 512));
+        let d = Config::from_toml(l).unwrap();
+        assert_eq!((d.log, d.tracing), (Log::default(), None));
     }
 
     #[test]

@@ -133,7 +133,6 @@ fn run(args: Args) -> Result<()> {
             if !args.upstreams.is_empty() {
                 bail!("--upstream needs --listen ADDR");
             }
-            eprintln!("fluxgate: no config given, serving the embedded default");
             Config::embedded_default()
         }
     };
@@ -147,13 +146,17 @@ fn run(args: Args) -> Result<()> {
     if let Some(io) = args.io {
         config.runtime.io = io;
     }
+    fluxgate::logging::init(&config.log);
+    if source.is_none() && args.listen.is_none() {
+        tracing::info!("no config given, serving the embedded default");
+    }
     let workers = config.runtime.workers;
     let grace = config.runtime.drain_timeout;
     // Handlers first: a SIGTERM that lands during start-up must drain, not kill.
     let mut signals = Signals::install()?;
     fluxgate_sys::ignore_file_size_signal();
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
-        eprintln!("fluxgate: cannot raise the open-file limit: {e}");
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
     let kinds: Vec<&str> = config
         .listeners
@@ -175,24 +178,25 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let handle = Server::start_from(config, source)?;
     for (a, proto) in handle.local_addrs().iter().zip(&kinds) {
-        eprintln!("fluxgate: listening on {a} ({proto})");
+        tracing::info!("listening on {a} ({proto})");
     }
-    eprintln!(
-        "fluxgate: {workers} worker(s), accepting through {}",
-        match handle.io_mode() {
+    tracing::info!(
+        workers,
+        accept = match handle.io_mode() {
             IoMode::Uring => "io_uring (multishot accept, deferred task work)",
             _ => "epoll",
-        }
+        },
+        "serving"
     );
     // SIGHUP reloads (the outcome is logged by the reloader); SIGTERM and SIGINT drain.
     while signals.next() == Event::Reload {
         let _ = handle.reload_source();
     }
-    eprintln!("fluxgate: draining (up to {grace:?})");
+    tracing::info!(grace = ?grace, "draining");
     if handle.drain(grace) {
-        eprintln!("fluxgate: drained, exiting");
+        tracing::info!("drained, exiting");
     } else {
-        eprintln!("fluxgate: drain timeout reached, exiting with requests cut off");
+        tracing::warn!("drain timeout reached, exiting with requests cut off");
     }
     Ok(())
 }

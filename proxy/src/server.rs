@@ -160,7 +160,7 @@ impl Server {
             breakers: config
                 .upstreams
                 .iter()
-                .map(|u| u.breaker.as_ref().map(|b| Arc::new(Breaker::new(b))))
+                .map(|u| u.breaker.as_ref().map(|b| Arc::new(Breaker::new(&u.name, b))))
                 .collect(),
             feeds,
             metrics,
@@ -190,7 +190,7 @@ impl Server {
                 .name(format!("fluxgate-w{id}"))
                 .spawn(move || {
                     if let Err(e) = crate::worker::run(id, io, first, rx, phase_rx) {
-                        eprintln!("fluxgate: worker {id} failed: {e}");
+                        tracing::error!(worker = id, error = %e, "worker failed");
                     }
                     let _ = exited_tx.send(());
                 })?;
@@ -270,7 +270,7 @@ fn resolve_io(mode: IoMode) -> io::Result<Acceptor> {
         IoMode::Auto => match fluxgate_sys::probe_uring() {
             Ok(()) => Ok(Acceptor::Uring { strict: false }),
             Err(e) => {
-                eprintln!("fluxgate: io_uring unavailable ({e}); accepting through epoll");
+                tracing::warn!(error = %e, "io_uring unavailable; accepting through epoll");
                 Ok(Acceptor::Epoll)
             }
         },

@@ -82,9 +82,10 @@ impl Worker {
                 *current = wanted.as_ref().and_then(|cfg| match AccessLog::open(cfg) {
                     Ok(log) => Some((cfg.clone(), log)),
                     Err(e) => {
-                        eprintln!(
-                            "fluxgate: access log {} not opened: {e}",
-                            cfg.path.display()
+                        tracing::error!(
+                            path = %cfg.path.display(),
+                            error = %e,
+                            "access log not opened"
                         );
                         None
                     }
@@ -197,7 +198,7 @@ impl Worker {
                                 ));
                             }
                             Err(e) => {
-                                eprintln!("fluxgate: HTTP/3 on {} not served: {e}", g.addrs[i]);
+                                tracing::error!(listener = %g.addrs[i], error = %e, "HTTP/3 not served");
                                 if result.is_ok() {
                                     result = Err(e);
                                 }
@@ -215,7 +216,7 @@ impl Worker {
                         Ok(IoMode::Epoll) if result.is_ok() => result = Ok(IoMode::Epoll),
                         Ok(_) => {}
                         Err(e) => {
-                            eprintln!("fluxgate: listener {} not served: {e}", g.addrs[i]);
+                            tracing::error!(listener = %g.addrs[i], error = %e, "listener not served");
                             if result.is_ok() {
                                 result = Err(e);
                             }

@@ -90,7 +90,7 @@ fn spawn(args: &[&str]) -> Running {
     let addr: SocketAddr = loop {
         let line = lines.next().expect("fluxgate printed its address").unwrap();
         log.lock().unwrap().push(line.clone());
-        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+        if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
             break rest.split_whitespace().next().unwrap().parse().unwrap();
         }
     };

@@ -742,7 +742,7 @@ impl Gateway {
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+                if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
                     if rest.contains("order sessions") {
                         let addr = rest
                             .split(' ')

@@ -120,7 +120,7 @@ fn gateway_process(config: &std::path::Path) -> (std::process::Child, std::net::
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("the gateway started").unwrap();
-        if let Some(rest) = line.strip_prefix("fluxgate: listening on ") {
+        if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
             break rest.split(' ').next().unwrap().parse().unwrap();
         }
     };

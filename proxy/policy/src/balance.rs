@@ -62,21 +62,24 @@ impl Health {
         until == 0 || until <= now_ms()
     }
 
-    /// Records the outcome of a request for passive health.
-    pub fn record(&self, ep: usize, failed: bool) {
+    /// Records the outcome of a request for passive health; true when this failure
+    /// ejected the endpoint.
+    pub fn record(&self, ep: usize, failed: bool) -> bool {
         let e = &self.endpoints[ep];
         if !failed {
             if e.failures.load(Ordering::Relaxed) != 0 {
                 e.failures.store(0, Ordering::Relaxed);
             }
-            return;
+            return false;
         }
         let limit = self.passive.consecutive_failures;
         if limit > 0 && e.failures.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
             e.failures.store(0, Ordering::Relaxed);
             let until = now_ms() + self.passive.ejection.as_millis() as u64;
             e.ejected_until.store(until, Ordering::Relaxed);
+            return true;
         }
+        false
     }
 }
 

@@ -30,6 +30,22 @@ pub enum Refused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
     probe: bool,
+    /// This request moved the breaker from open to half-open.
+    began_probing: bool,
+}
+
+impl Pass {
+    /// Whether this request moved the breaker from open to half-open (for the log).
+    pub fn began_probing(&self) -> bool {
+        self.began_probing
+    }
+}
+
+/// A change of state `done` made: the breaker opened or closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Opened,
+    Closed,
 }
 
 #[derive(Default)]
@@ -41,6 +57,8 @@ struct Slot {
 }
 
 pub struct Breaker {
+    /// The upstream's name, for the log.
+    name: String,
     cfg: Settings,
     start: Instant,
     state: AtomicU8,
@@ -58,8 +76,9 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(cfg: &Settings) -> Breaker {
+    pub fn new(upstream: &str, cfg: &Settings) -> Breaker {
         Breaker {
+            name: upstream.to_owned(),
             cfg: cfg.clone(),
             start: Instant::now(),
             state: AtomicU8::new(CLOSED),
@@ -72,6 +91,10 @@ impl Breaker {
             opened: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
+    }
+
+    pub fn upstream(&self) -> &str {
+        &self.name
     }
 
     pub fn settings(&self) -> &Settings {
@@ -101,6 +124,7 @@ impl Breaker {
             return refuse(Refused::Busy);
         }
         let mut state = self.state.load(Relaxed);
+        let mut began_probing = false;
         if state == OPEN {
             let open_for = self.cfg.open_for.as_millis() as u64;
             if self.ms(now) < self.opened_at.load(Relaxed) + open_for {
@@ -114,6 +138,7 @@ impl Breaker {
             {
                 self.probes.store(0, Relaxed);
                 self.probes_ok.store(0, Relaxed);
+                began_probing = true;
             }
             state = HALF_OPEN;
         }
@@ -122,25 +147,29 @@ impl Breaker {
             return refuse(Refused::Open);
         }
         self.in_flight.fetch_add(1, Relaxed);
-        Ok(Pass { probe })
+        Ok(Pass {
+            probe,
+            began_probing,
+        })
     }
 
-    /// The outcome of a request `admit` let through.
-    pub fn done(&self, pass: Pass, failed: bool, now: Instant) {
+    /// The outcome of a request `admit` let through, and the change of state it made.
+    pub fn done(&self, pass: Pass, failed: bool, now: Instant) -> Option<Change> {
         self.in_flight.fetch_sub(1, Relaxed);
         if pass.probe {
             if self.state.load(Relaxed) != HALF_OPEN {
-                return;
+                return None;
             }
             if failed {
-                self.open(now);
+                return self.open(now);
             } else if self.probes_ok.fetch_add(1, Relaxed) + 1 >= self.cfg.half_open_probes {
                 self.close();
+                return Some(Change::Closed);
             }
-            return;
+            return None;
         }
         if self.state.load(Relaxed) != CLOSED {
-            return;
+            return None;
         }
         self.count(failed, now);
         let streak = match failed {
@@ -152,17 +181,17 @@ impl Breaker {
         };
         let limit = self.cfg.consecutive_failures;
         if limit > 0 && streak >= limit {
-            self.open(now);
-            return;
+            return self.open(now);
         }
         if failed {
             let (total, bad) = self.window(now);
             if total >= self.cfg.min_requests
                 && f64::from(bad) >= self.cfg.error_rate * f64::from(total)
             {
-                self.open(now);
+                return self.open(now);
             }
         }
+        None
     }
 
     fn count(&self, failed: bool, now: Instant) {
@@ -191,11 +220,13 @@ impl Breaker {
             })
     }
 
-    fn open(&self, now: Instant) {
+    fn open(&self, now: Instant) -> Option<Change> {
         self.opened_at.store(self.ms(now), Relaxed);
-        if self.state.swap(OPEN, Relaxed) != OPEN {
-            self.opened.fetch_add(1, Relaxed);
+        if self.state.swap(OPEN, Relaxed) == OPEN {
+            return None;
         }
+        self.opened.fetch_add(1, Relaxed);
+        Some(Change::Opened)
     }
 
     fn close(&self) {
@@ -229,20 +260,24 @@ mod tests {
 
     #[test]
     fn consecutive_failures_open_it_and_probes_close_it() {
-        let b = Breaker::new(&settings());
+        let b = Breaker::new("u", &settings());
         let t = Instant::now();
-        for _ in 0..3 {
-            let p = b.admit(t).unwrap();
-            b.done(p, true, t);
-        }
+        let changes: Vec<_> = (0..3)
+            .map(|_| {
+                let p = b.admit(t).unwrap();
+                b.done(p, true, t)
+            })
+            .collect();
+        assert_eq!(changes, [None, None, Some(Change::Opened)]);
         assert_eq!(b.state(), OPEN);
         assert_eq!(b.admit(t + Duration::from_millis(999)), Err(Refused::Open));
         let later = t + Duration::from_secs(1);
         let (p1, p2) = (b.admit(later).unwrap(), b.admit(later).unwrap());
+        assert!(p1.began_probing() && !p2.began_probing());
         assert_eq!(b.admit(later), Err(Refused::Open), "only two probes");
         assert_eq!(b.state(), HALF_OPEN);
-        b.done(p1, false, later);
-        b.done(p2, false, later);
+        assert_eq!(b.done(p1, false, later), None);
+        assert_eq!(b.done(p2, false, later), Some(Change::Closed));
         assert_eq!(b.state(), CLOSED);
         // A failed probe opens it again.
         for _ in 0..3 {
@@ -260,7 +295,7 @@ mod tests {
     fn the_error_rate_opens_it_past_the_minimum_volume() {
         let mut s = settings();
         s.consecutive_failures = 0;
-        let b = Breaker::new(&s);
+        let b = Breaker::new("u", &s);
         let t = Instant::now();
         // Alternating: 50%, but only past 10 requests.
         for i in 0..9 {
@@ -274,7 +309,7 @@ mod tests {
         b.done(p, true, t);
         assert_eq!(b.state(), OPEN);
         // Outcomes older than the window no longer count.
-        let b = Breaker::new(&s);
+        let b = Breaker::new("u", &s);
         for _ in 0..9 {
             let p = b.admit(t).unwrap();
             b.done(p, true, t);
@@ -287,7 +322,7 @@ mod tests {
 
     #[test]
     fn requests_past_the_cap_are_refused_in_any_state() {
-        let b = Breaker::new(&settings());
+        let b = Breaker::new("u", &settings());
         let t = Instant::now();
         let passes: Vec<_> = (0..5).map(|_| b.admit(t).unwrap()).collect();
         assert_eq!(b.admit(t), Err(Refused::Busy));

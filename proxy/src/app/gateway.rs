@@ -31,7 +31,7 @@ use fluxgate_http::conn::{ConnState, InFlight};
 use fluxgate_http::headers::{append_list, connection_has, strip_hop_by_hop};
 use fluxgate_http::service::{Refusal, Reply, Service};
 use fluxgate_policy::balance::{hash64, Pick};
-use fluxgate_policy::breaker::{Breaker, Pass};
+use fluxgate_policy::breaker::{Breaker, Change as BreakerChange, Pass};
 use fluxgate_policy::canary::{Change, RouteCanaries};
 use fluxgate_policy::ratelimit::Limiter;
 use fluxgate_policy::route::{RequestHead, RouteTable};
@@ -136,6 +136,7 @@ impl Handler {
         mut resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
+        tracing::trace!(route, status, "answered");
         let stats = route.map_or(&self.stats.unrouted, |i| &self.stats.routes[i]);
         stats.record(status, started.elapsed());
         if let Some(mut p) = logged {
@@ -245,7 +246,15 @@ impl Handler {
                 let mut admitted = None;
                 if let Some(b) = &self.pools[pool].breaker {
                     match b.admit(std::time::Instant::now()) {
-                        Ok(pass) => admitted = Some(Admitted::new(b, pass)),
+                        Ok(pass) => {
+                            if pass.began_probing() {
+                                tracing::info!(
+                                    upstream = %self.pools[pool].cfg.name,
+                                    "circuit breaker half-open: probing"
+                                );
+                            }
+                            admitted = Some(Admitted::new(b, pass))
+                        }
                         Err(_) => match b.settings().fallback {
                             Some(f) => pool = f,
                             None => {
@@ -524,6 +533,7 @@ impl Service for Gateway {
         let status = why.status().unwrap_or(StatusCode::BAD_REQUEST);
         let logged = handler.pending(started, &inflight, None, Some(why));
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+        log_refusal(why, &inflight.state().peer_ip, Some(status));
         // Whether the connection closes after it is the server's to say.
         let resp = short_answer(status, false, inflight);
         handler.finish(started, logged, None, None, None, resp)
@@ -540,12 +550,24 @@ impl Gateway {
     pub(crate) fn refused_without_answer(&self, why: Refusal, peer_ip: &HeaderValue) {
         let handler = self.handler();
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+        log_refusal(why, peer_ip, None);
         if let Some(log) = &handler.access_log {
             let mut p = Pending::new(log, std::time::Instant::now(), peer_ip.clone());
             p.reason = Some(why.reason());
             p.finish();
         }
     }
+}
+
+/// One line per refusal (bounded by the log's repeat limit): a hostile or broken client.
+fn log_refusal(why: Refusal, client: &HeaderValue, status: Option<StatusCode>) {
+    tracing::info!(
+        target: "fluxgate::refusal",
+        reason = why.reason(),
+        client = client.to_str().unwrap_or("?"),
+        status = status.map(|s| s.as_u16()),
+        "request refused"
+    );
 }
 
 /// A request prepared for its upstream, with what its answer needs.
@@ -693,7 +715,7 @@ impl Outgoing {
         if let Some(pick) = pick {
             let ep = pick.ep;
             pool.balancer.done(pick);
-            pool.health.record(ep, failed);
+            pool.record_outcome(ep, failed);
         }
         if let Some(a) = admitted {
             a.finish(failed || matches!(result, Err(ProxyError::NoHealthyEndpoint)));
@@ -734,6 +756,12 @@ impl Outgoing {
                 }
             }
             Err(e) => {
+                tracing::debug!(
+                    upstream = %pool.cfg.name,
+                    route = %route.name,
+                    error = %e,
+                    "upstream exchange failed"
+                );
                 let mut resp = short_answer(e.status(), e.closes_client(), inflight);
                 if let ProxyError::RateLimited(secs) = e {
                     resp.headers_mut()
@@ -842,16 +870,30 @@ impl Admitted {
 
     fn finish(mut self, failed: bool) {
         self.done = true;
-        self.breaker
-            .done(self.pass, failed, std::time::Instant::now());
+        self.report(failed);
+    }
+
+    fn report(&self, failed: bool) {
+        let b = &self.breaker;
+        let upstream = b.upstream();
+        match b.done(self.pass, failed, std::time::Instant::now()) {
+            Some(BreakerChange::Opened) => tracing::warn!(
+                upstream,
+                open_for = ?b.settings().open_for,
+                "circuit breaker opened"
+            ),
+            Some(BreakerChange::Closed) => {
+                tracing::info!(upstream, "circuit breaker closed: probes succeeded")
+            }
+            None => {}
+        }
     }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker
-                .done(self.pass, false, std::time::Instant::now());
+            self.report(false);
         }
     }
 }
@@ -1078,19 +1120,26 @@ fn key_value<'a>(k: &KeySource, headers: &'a http::HeaderMap) -> Option<&'a [u8]
 
 /// One line per canary transition.
 fn canary_log(route: &str, upstream: &str, change: Change) {
-    let what = match change {
-        Change::Errors { rate } => format!(
-            "rolled back: error rate {:.1}% over the window",
-            rate * 100.0
+    match change {
+        Change::Errors { rate } => tracing::warn!(
+            route,
+            canary = upstream,
+            error_rate = rate,
+            "canary rolled back: error rate over the threshold"
         ),
-        Change::Latency { slow_share } => format!(
-            "rolled back: P95 over the threshold ({:.1}% of requests slower)",
-            slow_share * 100.0
+        Change::Latency { slow_share } => tracing::warn!(
+            route,
+            canary = upstream,
+            slow_share,
+            "canary rolled back: P95 over the threshold"
         ),
-        Change::Probing => "probing with its probe weight".to_owned(),
-        Change::Recovered => "recovered: back to its full weight".to_owned(),
-    };
-    eprintln!("fluxgate: canary {upstream:?} of route {route:?}: {what}");
+        Change::Probing => {
+            tracing::info!(route, canary = upstream, "canary probing with its probe weight")
+        }
+        Change::Recovered => {
+            tracing::info!(route, canary = upstream, "canary recovered: back to its full weight")
+        }
+    }
 }
 
 /// A route's name for shared state (a fleet's Redis buckets): its name, else its place.

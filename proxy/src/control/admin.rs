@@ -39,7 +39,7 @@ pub(crate) fn spawn(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("fluxgate: admin listener failed: {e}");
+                    tracing::error!(error = %e, "admin listener failed");
                     return;
                 }
             };
@@ -47,7 +47,7 @@ pub(crate) fn spawn(
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
-                        eprintln!("fluxgate: admin listener failed: {e}");
+                        tracing::error!(error = %e, "admin listener failed");
                         return;
                     }
                 };

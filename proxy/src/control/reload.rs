@@ -92,15 +92,19 @@ impl Reloader {
             .map_err(|e| e.to_string())
             .and_then(|c| self.apply(c).map_err(|e| e.to_string()));
         match &result {
-            Ok(()) => eprintln!("fluxgate: reloaded {}", path.display()),
+            Ok(()) => {
+                crate::telemetry::log::apply(&self.current().config.log);
+                tracing::info!(path = %path.display(), "reloaded");
+            }
             Err(e) => {
                 self.current()
                     .metrics
                     .reloads_failed
                     .fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "fluxgate: reload of {} refused, still serving the old config: {e}",
-                    path.display()
+                tracing::error!(
+                    path = %path.display(),
+                    error = %e,
+                    "reload refused; still serving the old config"
                 );
             }
         }
@@ -116,7 +120,7 @@ impl Reloader {
         if config.runtime.workers != old.config.runtime.workers
             || config.runtime.io != old.config.runtime.io
         {
-            eprintln!("fluxgate: runtime.workers and runtime.io take effect on restart only");
+            tracing::warn!("runtime.workers and runtime.io take effect on restart only");
         }
         // A listener continues the first old one with its configured address not yet taken.
         let mut taken = vec![false; old.config.listeners.len()];
@@ -172,7 +176,7 @@ impl Reloader {
             .zip(&keep_upstream)
             .map(|(u, keep)| match keep {
                 Some(j) => old.breakers[*j].clone(),
-                None => u.breaker.as_ref().map(|b| Arc::new(Breaker::new(b))),
+                None => u.breaker.as_ref().map(|b| Arc::new(Breaker::new(&u.name, b))),
             })
             .collect();
         let metrics = Metrics::new(

@@ -50,7 +50,7 @@ pub(crate) fn bind(
     sock.listen(l.backlog as i32)?;
     if l.tcp_fastopen > 0 {
         if let Err(e) = fluxgate_sys::set_tcp_fastopen(&sock, l.tcp_fastopen) {
-            eprintln!("fluxgate: TCP_FASTOPEN on {addr} not set: {e}");
+            tracing::warn!(listener = %addr, error = %e, "TCP_FASTOPEN not set");
         }
     }
     Ok(sock.into())
@@ -77,7 +77,7 @@ pub(crate) fn spawn(
                 ))
             }
             Err(e) => {
-                eprintln!("fluxgate: worker {worker}: io_uring setup failed ({e}); accepting through epoll");
+                tracing::warn!(worker, error = %e, "io_uring setup failed; accepting through epoll");
                 None
             }
         },
@@ -124,7 +124,7 @@ fn start_conn(ctx: &Rc<ListenerCtx>, stream: std::net::TcpStream, peer: SocketAd
     let stream = match tokio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("fluxgate: cannot register accepted socket: {e}");
+            tracing::warn!(error = %e, "cannot register accepted socket");
             return;
         }
     };
@@ -286,7 +286,7 @@ fn handshake_error(e: &io::Error) -> usize {
 
 /// Out of descriptors or memory: back off instead of spinning on a listener that stays ready.
 async fn accept_backoff(e: &io::Error) {
-    eprintln!("fluxgate: accept failed: {e}");
+    tracing::warn!(error = %e, "accept failed");
     if matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
@@ -303,7 +303,7 @@ async fn accept_epoll(
     let listener = match tokio::net::TcpListener::from_std(sock) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("fluxgate: cannot register listener: {e}");
+            tracing::error!(error = %e, "cannot register listener");
             return;
         }
     };
@@ -316,7 +316,7 @@ async fn accept_epoll(
         match accepted {
             Ok((stream, peer)) => match stream.into_std() {
                 Ok(s) => start_conn(&ctx, s, peer),
-                Err(e) => eprintln!("fluxgate: accepted socket unusable: {e}"),
+                Err(e) => tracing::warn!(error = %e, "accepted socket unusable"),
             },
             Err(e) => accept_backoff(&e).await,
         }
@@ -334,7 +334,7 @@ async fn accept_uring(
     let mut ring = match ring.register() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("fluxgate: cannot poll the io_uring: {e}");
+            tracing::error!(error = %e, "cannot poll the io_uring");
             return;
         }
     };
@@ -348,13 +348,13 @@ async fn accept_uring(
         let mut ready = match readable {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("fluxgate: io_uring poll failed: {e}");
+                tracing::error!(error = %e, "io_uring poll failed");
                 return;
             }
         };
         ready.clear_ready();
         if let Err(e) = ready.get_inner_mut().drain(&mut out) {
-            eprintln!("fluxgate: io_uring re-arm failed: {e}");
+            tracing::warn!(error = %e, "io_uring re-arm failed");
             accept_backoff(&e).await;
         }
         for r in out.accepted.drain(..) {

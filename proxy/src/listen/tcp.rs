@@ -75,7 +75,7 @@ impl TcpForward {
             };
             let ep = pick.ep;
             let dialed = pool.connect_tcp(ep, Some(proxied)).await;
-            pool.health.record(ep, dialed.is_err());
+            pool.record_outcome(ep, dialed.is_err());
             if let Ok(mut up) = dialed {
                 let mut client = client;
                 let idle = Some(self.idle);

@@ -53,7 +53,7 @@ impl AccessLog {
             return;
         }
         if let Err(e) = self.file.borrow_mut().write_all(buf.as_bytes()) {
-            eprintln!("fluxgate: access log write failed: {e}");
+            tracing::error!(error = %e, "access log write failed");
         }
         buf.clear();
     }

@@ -700,6 +700,17 @@ impl Metrics {
             "fluxgate_config_reloads_total{{result=\"failed\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
+        family(
+            &mut o,
+            "fluxgate_log_lines_suppressed_total",
+            "counter",
+            "Log lines dropped by the per-place repeat bound ([log] repeats).",
+        );
+        let _ = writeln!(
+            o,
+            "fluxgate_log_lines_suppressed_total {}",
+            crate::telemetry::log::SUPPRESSED.load(Ordering::Relaxed)
+        );
         o
     }
 }

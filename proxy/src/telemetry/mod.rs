@@ -3,4 +3,5 @@
 
 pub(crate) mod accesslog;
 pub(crate) mod json;
+pub mod log;
 pub(crate) mod metrics;

@@ -28,9 +28,10 @@ pub(crate) async fn probe_forever(upstream: Upstream, check: HealthCheck, health
                 fails[i] = 0;
                 if passes[i] >= check.healthy_threshold && !state.load(Ordering::Relaxed) {
                     state.store(true, Ordering::Relaxed);
-                    eprintln!(
-                        "fluxgate: upstream {:?} endpoint {} is healthy again",
-                        upstream.name, ep.addr
+                    tracing::info!(
+                        upstream = %upstream.name,
+                        endpoint = %ep.addr,
+                        "endpoint healthy again"
                     );
                 }
             } else {
@@ -38,9 +39,10 @@ pub(crate) async fn probe_forever(upstream: Upstream, check: HealthCheck, health
                 passes[i] = 0;
                 if fails[i] >= check.unhealthy_threshold && state.load(Ordering::Relaxed) {
                     state.store(false, Ordering::Relaxed);
-                    eprintln!(
-                        "fluxgate: upstream {:?} endpoint {} failed its health check",
-                        upstream.name, ep.addr
+                    tracing::warn!(
+                        upstream = %upstream.name,
+                        endpoint = %ep.addr,
+                        "endpoint failed its health check; out of rotation"
                     );
                 }
             }

@@ -295,6 +295,18 @@ impl UpstreamPool {
         })
     }
 
+    /// Passive health: the outcome of an exchange with endpoint `ep` (an ejection is logged).
+    pub(crate) fn record_outcome(&self, ep: usize, failed: bool) {
+        if self.health.record(ep, failed) {
+            tracing::warn!(
+                upstream = %self.cfg.name,
+                endpoint = %self.cfg.endpoints[ep].addr,
+                ejected_for = ?self.cfg.passive.ejection,
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+
     /// The endpoint for the next request, among the healthy ones (None: none is healthy).
     /// `key_hash` feeds consistent hashing.
     pub(crate) fn pick_endpoint(&self, key_hash: Option<u64>) -> Option<Pick> {
@@ -317,7 +329,7 @@ impl UpstreamPool {
                         self.checkin(ep, conn);
                     }
                     Err(e) => {
-                        eprintln!("fluxgate: pre-warm of upstream {:?}: {e}", self.cfg.name);
+                        tracing::warn!(upstream = %self.cfg.name, error = %e, "pre-warm failed");
                         break;
                     }
                 }

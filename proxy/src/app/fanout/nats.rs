@@ -46,7 +46,7 @@ pub(crate) fn follow(hub: &Arc<FeedHub>) {
         .spawn(move || run(weak, s, flag));
     match started {
         Ok(_) => *cur = Some((settings, stop)),
-        Err(e) => eprintln!("fluxgate: feed {}: cannot start NATS ingest: {e}", hub.name),
+        Err(e) => tracing::error!(feed = %hub.name, error = %e, "cannot start NATS ingest"),
     }
 }
 
@@ -56,7 +56,7 @@ fn run(hub: Weak<FeedHub>, cfg: NatsIngest, stop: Arc<AtomicBool>) {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return eprintln!("fluxgate: NATS ingest: no runtime: {e}"),
+        Err(e) => return tracing::error!(error = %e, "NATS ingest: no runtime"),
     };
     rt.block_on(async {
         let mut logged = false;
@@ -85,9 +85,13 @@ fn run(hub: Weak<FeedHub>, cfg: NatsIngest, stop: Arc<AtomicBool>) {
                 Ok(()) => return,
                 // One line per outage, not one per attempt.
                 Err(e) if !logged => {
-                    eprintln!(
-                        "fluxgate: feed {name}: NATS {} {}: {e}; retrying every {:?}",
-                        cfg.address, cfg.subject, cfg.reconnect
+                    tracing::warn!(
+                        feed = %name,
+                        nats = %cfg.address,
+                        subject = %cfg.subject,
+                        error = %e,
+                        retry_every = ?cfg.reconnect,
+                        "NATS ingest lost; retrying"
                     );
                     logged = true;
                 }

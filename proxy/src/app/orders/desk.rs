@@ -281,9 +281,11 @@ impl Desk {
                     )
                 })?;
                 if let Some((file, at, cut)) = &recovered.cut {
-                    eprintln!(
-                        "fluxgate: orders journal: cut a torn last record of {cut} bytes at {at} in {}",
-                        file.display()
+                    tracing::warn!(
+                        file = %file.display(),
+                        at,
+                        bytes = cut,
+                        "orders journal: cut a torn last record"
                     );
                 }
                 (Some(journal), recovered)
@@ -312,7 +314,7 @@ impl Desk {
             let now = Instant::now();
             for (seq, record) in recovered.unsettled {
                 let Some(job) = settings.job_from_record(&record, seq) else {
-                    eprintln!("fluxgate: orders journal: record {seq} is not an order; skipped");
+                    tracing::error!(seq, "orders journal: record is not an order; skipped");
                     continue;
                 };
                 let ack = ack_frame(
@@ -989,10 +991,7 @@ fn journal_thread(mut journal: Journal, rx: mpsc::Receiver<Vec<Op>>, desk: Weak<
                 }
             }
             Err(e) => {
-                eprintln!(
-                    "fluxgate: orders journal of desk {}: commit failed: {e}",
-                    desk.name
-                );
+                tracing::error!(desk = %desk.name, error = %e, "orders journal commit failed");
                 for (_, _, _, _, done) in appended {
                     let _ = done.send(Err(format!("journal commit failed: {e}")));
                 }

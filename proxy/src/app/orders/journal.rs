@@ -239,9 +239,10 @@ impl Journal {
             }
         }
         if let Err(e) = self.rotate().and_then(|()| self.remove_settled()) {
-            eprintln!(
-                "fluxgate: orders journal {}: {e} (tried again at the next commit)",
-                self.settings.dir.display()
+            tracing::warn!(
+                dir = %self.settings.dir.display(),
+                error = %e,
+                "orders journal: segment rotation or removal failed; tried again at the next commit"
             );
         }
         Ok(())

@@ -280,7 +280,7 @@ async fn attempt(pool: &Rc<UpstreamPool>, job: &Job, timeout: Duration) -> Optio
         ),
     };
     pool.balancer.done(pick);
-    pool.health.record(ep, failed);
+    pool.record_outcome(ep, failed);
     let resp = result.ok()?;
     let status = resp.status().as_u16();
     let body = tokio::time::timeout(timeout, resp.into_body().read_up_to(MAX_RELAYED));
