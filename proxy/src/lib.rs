@@ -24,5 +24,5 @@ mod worker;
 pub use app::orders::journal;
 pub use error::ProxyError;
 pub use io::tls;
-pub use telemetry::log as logging;
 pub use server::{Handle, Server};
+pub use telemetry::log as logging;

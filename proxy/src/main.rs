@@ -148,7 +148,7 @@ fn run(args: Args) -> Result<()> {
     }
     fluxgate::logging::init(&config.log);
     if source.is_none() && args.listen.is_none() {
-        tracing::info!("no config given, serving the embedded default");
+        tracing::info!(target: "fluxgate::run", "no config given, serving the embedded default");
     }
     let workers = config.runtime.workers;
     let grace = config.runtime.drain_timeout;
@@ -156,7 +156,7 @@ fn run(args: Args) -> Result<()> {
     let mut signals = Signals::install()?;
     fluxgate_sys::ignore_file_size_signal();
     if let Err(e) = fluxgate_sys::raise_nofile_limit() {
-        tracing::warn!(error = %e, "cannot raise the open-file limit");
+        tracing::warn!(target: "fluxgate::run", error = %e, "cannot raise the open-file limit");
     }
     let kinds: Vec<&str> = config
         .listeners
@@ -178,25 +178,24 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let handle = Server::start_from(config, source)?;
     for (a, proto) in handle.local_addrs().iter().zip(&kinds) {
-        tracing::info!("listening on {a} ({proto})");
+        tracing::info!(target: "fluxgate::run", "listening on {a} ({proto})");
     }
-    tracing::info!(
-        workers,
-        accept = match handle.io_mode() {
+    tracing::info!(target: "fluxgate::run",
+        "{workers} worker(s), accepting through {}",
+        match handle.io_mode() {
             IoMode::Uring => "io_uring (multishot accept, deferred task work)",
             _ => "epoll",
-        },
-        "serving"
+        }
     );
     // SIGHUP reloads (the outcome is logged by the reloader); SIGTERM and SIGINT drain.
     while signals.next() == Event::Reload {
         let _ = handle.reload_source();
     }
-    tracing::info!(grace = ?grace, "draining");
+    tracing::info!(target: "fluxgate::run", grace = ?grace, "draining");
     if handle.drain(grace) {
-        tracing::info!("drained, exiting");
+        tracing::info!(target: "fluxgate::run", "drained, exiting");
     } else {
-        tracing::warn!("drain timeout reached, exiting with requests cut off");
+        tracing::warn!(target: "fluxgate::run", "drain timeout reached, exiting with requests cut off");
     }
     Ok(())
 }

@@ -160,7 +160,11 @@ impl Server {
             breakers: config
                 .upstreams
                 .iter()
-                .map(|u| u.breaker.as_ref().map(|b| Arc::new(Breaker::new(&u.name, b))))
+                .map(|u| {
+                    u.breaker
+                        .as_ref()
+                        .map(|b| Arc::new(Breaker::new(&u.name, b)))
+                })
                 .collect(),
             feeds,
             metrics,

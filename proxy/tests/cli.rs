@@ -4,7 +4,6 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -70,38 +69,6 @@ fn check_names_key_and_line_of_a_bad_value() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
-}
-
-/// A running `fluxgate` binary, its first listener's address and everything it has logged.
-struct Running {
-    child: std::process::Child,
-    addr: SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-fn spawn(args: &[&str]) -> Running {
-    let mut child = fluxgate()
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let addr: SocketAddr = loop {
-        let line = lines.next().expect("fluxgate printed its address").unwrap();
-        log.lock().unwrap().push(line.clone());
-        if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep reading its log so it never blocks on a full pipe.
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        lines
-            .map_while(Result::ok)
-            .for_each(|l| sink.lock().unwrap().push(l))
-    });
-    Running { child, addr, log }
 }
 
 /// Starts the binary in quick mode in front of `up`, with `extra` flags.

@@ -108,26 +108,6 @@ fn keyed_limits_keep_a_bucket_per_key() {
     fg.shutdown();
 }
 
-/// The `fluxgate` binary serving `config` (a file), and the address of its first listener.
-fn gateway_process(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fluxgate"))
-        .args(["run", "-c"])
-        .arg(config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the gateway started").unwrap();
-        if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
-            break rest.split(' ').next().unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, addr)
-}
-
 #[test]
 fn a_limit_in_redis_holds_for_two_gateway_processes() {
     let redis = support::RedisServer::start();
@@ -145,9 +125,9 @@ fn a_limit_in_redis_holds_for_two_gateway_processes() {
         ),
     )
     .unwrap();
-    let (mut a, a_addr) = gateway_process(&path);
-    let (mut b, b_addr) = gateway_process(&path);
-    let (ok, _, elapsed) = load(&[a_addr, b_addr], 8, Duration::from_millis(1500));
+    let config = ["run", "-c", path.to_str().unwrap()];
+    let (mut a, mut b) = (support::spawn(&config), support::spawn(&config));
+    let (ok, _, elapsed) = load(&[a.addr, b.addr], 8, Duration::from_millis(1500));
     let ok = ok as f64;
     let most = 10.0 + 40.0 * elapsed;
     assert!(
@@ -163,9 +143,9 @@ fn a_limit_in_redis_holds_for_two_gateway_processes() {
         ok,
         "only what was allowed reached the upstream"
     );
-    for c in [&mut a, &mut b] {
-        let _ = c.kill();
-        let _ = c.wait();
+    for g in [&mut a, &mut b] {
+        let _ = g.child.kill();
+        let _ = g.child.wait();
     }
 }
 

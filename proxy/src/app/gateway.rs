@@ -1134,10 +1134,18 @@ fn canary_log(route: &str, upstream: &str, change: Change) {
             "canary rolled back: P95 over the threshold"
         ),
         Change::Probing => {
-            tracing::info!(route, canary = upstream, "canary probing with its probe weight")
+            tracing::info!(
+                route,
+                canary = upstream,
+                "canary probing with its probe weight"
+            )
         }
         Change::Recovered => {
-            tracing::info!(route, canary = upstream, "canary recovered: back to its full weight")
+            tracing::info!(
+                route,
+                canary = upstream,
+                "canary recovered: back to its full weight"
+            )
         }
     }
 }

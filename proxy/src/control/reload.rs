@@ -176,7 +176,10 @@ impl Reloader {
             .zip(&keep_upstream)
             .map(|(u, keep)| match keep {
                 Some(j) => old.breakers[*j].clone(),
-                None => u.breaker.as_ref().map(|b| Arc::new(Breaker::new(&u.name, b))),
+                None => u
+                    .breaker
+                    .as_ref()
+                    .map(|b| Arc::new(Breaker::new(&u.name, b))),
             })
             .collect();
         let metrics = Metrics::new(

@@ -77,7 +77,7 @@ pub(crate) fn spawn(
                 ))
             }
             Err(e) => {
-                tracing::warn!(worker, error = %e, "io_uring setup failed; accepting through epoll");
+                tracing::warn!(error = %e, "worker {worker}: io_uring setup failed; accepting through epoll");
                 None
             }
         },

@@ -71,13 +71,15 @@ pub fn apply(cfg: &Log) {
         let _ = h.reload(directives(cfg).0);
     }
     if let Some(r) = REPEATS.get() {
-        r.per_second.store(u64::from(cfg.repeats), Ordering::Relaxed);
+        r.per_second
+            .store(u64::from(cfg.repeats), Ordering::Relaxed);
     }
 }
 
 /// The filter: `FLUXGATE_LOG` when it is set and parses, else the config's directives.
 fn directives(cfg: &Log) -> (EnvFilter, Option<Result<(), String>>) {
-    let from_cfg = || EnvFilter::try_new(&cfg.directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_cfg =
+        || EnvFilter::try_new(&cfg.directives).unwrap_or_else(|_| EnvFilter::new("info"));
     match std::env::var(ENV) {
         Ok(v) if !v.trim().is_empty() => match EnvFilter::try_new(&v) {
             Ok(f) => (f, Some(Ok(()))),
@@ -154,8 +156,8 @@ impl Repeats {
             tracing::warn!(
                 target: "fluxgate::log",
                 suppressed = n,
-                of = target,
-                place,
+                of = %target,
+                place = %place,
                 "repeated log lines suppressed"
             );
         }

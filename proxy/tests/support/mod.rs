@@ -784,3 +784,44 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// A running `fluxgate` binary, its first listener's address and everything it has logged.
+pub struct Running {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn spawn(args: &[&str]) -> Running {
+    spawn_command(
+        std::process::Command::new(env!("CARGO_BIN_EXE_fluxgate")),
+        args,
+    )
+}
+
+/// `spawn` with `cmd` (the binary, with its environment set) in place of the plain binary.
+pub fn spawn_command(mut cmd: std::process::Command, args: &[&str]) -> Running {
+    use std::io::BufRead;
+    let mut child = cmd
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let addr: SocketAddr = loop {
+        let line = lines.next().expect("fluxgate printed its address").unwrap();
+        log.lock().unwrap().push(line.clone());
+        if let Some(rest) = line.split_once("listening on ").map(|(_, r)| r) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    // Keep reading its log so it never blocks on a full pipe.
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        lines
+            .map_while(Result::ok)
+            .for_each(|l| sink.lock().unwrap().push(l))
+    });
+    Running { child, addr, log }
+}
