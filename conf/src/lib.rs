@@ -1307,8 +1307,8 @@ impl Config {
             },
             feeds,
             desks,
-            log: telemetry::log(&src, &raw.log)?,
-            tracing: telemetry::tracing(&src, &raw.tracing)?,
+            log: telemetry::log(src, &raw.log)?,
+            tracing: telemetry::tracing(src, &raw.tracing)?,
             access_log: match &raw.access_log {
                 None => None,
                 Some(a) => {

@@ -86,6 +86,14 @@ impl Handle {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        self.flush_traces();
+    }
+
+    /// Exports the spans still queued.
+    fn flush_traces(&self) {
+        if let Some(t) = &self.reloader.current().tracer {
+            t.shutdown();
+        }
     }
 
     /// Graceful stop: listeners close (new connections are refused), idle connections close,
@@ -114,6 +122,7 @@ impl Handle {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        self.flush_traces();
         clean
     }
 }
@@ -147,7 +156,12 @@ impl Server {
         }
         let feeds = crate::control::reload::feed_hubs(&config, &[]);
         let desks = crate::app::orders::desk::desks(&config, &[], &feeds)?;
+        let tracer = match &config.tracing {
+            Some(t) => Some(crate::telemetry::trace::Tracer::start(t).map_err(io::Error::other)?),
+            None => None,
+        };
         let generation = Arc::new(Generation {
+            tracer,
             desks,
             tables: route_tables(&config),
             limiters: crate::control::reload::route_limiters(&config, None),

@@ -143,6 +143,7 @@ impl Worker {
                 stats: Arc::clone(&g.metrics.routes[i][self.id]),
                 max_request_line: g.config.http.max_request_line,
                 access_log: access_log.clone(),
+                tracer: g.tracer.clone(),
                 feeds: Rc::clone(&feeds),
                 desks: Rc::clone(&desks),
                 draws: Cell::new(0x9e37_79b9_7f4a_7c15 ^ ((self.id as u64 + 1) << 32 | i as u64)),

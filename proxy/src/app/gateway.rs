@@ -24,6 +24,7 @@ use crate::app::fanout::session::{self, FeedBody};
 use crate::error::ProxyError;
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
+use crate::telemetry::trace::{Tracer, TRACEPARENT, TRACESTATE};
 use crate::upstream::pool::{Proxied, UpstreamPool};
 use crate::upstream::send::{UpstreamBody, UpstreamRequest};
 use fluxgate_http::body::ClientBody;
@@ -58,6 +59,8 @@ pub(crate) struct Handler {
     pub(crate) max_request_line: usize,
     /// This worker's access log, when `[access_log]` is on.
     pub(crate) access_log: Option<Rc<AccessLog>>,
+    /// The process's tracer, when `[tracing]` is on.
+    pub(crate) tracer: Option<Arc<Tracer>>,
     /// This worker's side of each feed, indexed like `Config::feeds`.
     pub(crate) feeds: Rc<[Rc<LocalFeed>]>,
     /// Every order desk, indexed like `Config::desks`.
@@ -106,8 +109,8 @@ impl Handler {
         x
     }
 
-    /// The access log line begun for a request (or a refusal: no request head), when the
-    /// log is on.
+    /// The access log line and the trace begun for a request (or a refusal: no request
+    /// head), when either is on.
     fn pending(
         &self,
         started: std::time::Instant,
@@ -115,9 +118,26 @@ impl Handler {
         req: Option<&Request<ClientBody>>,
         refused: Option<Refusal>,
     ) -> Option<Box<Pending>> {
-        let log = self.access_log.as_ref()?;
-        let mut p = Pending::new(log, started, inflight.state().peer_ip.clone());
-        if let Some(req) = req {
+        let trace = match (&self.tracer, req) {
+            (Some(t), Some(req)) => Some(t.begin(
+                req.method(),
+                req.uri().path(),
+                req.version(),
+                req.headers(),
+                &inflight.state().peer_ip,
+            )),
+            _ => None,
+        };
+        if self.access_log.is_none() && trace.is_none() {
+            return None;
+        }
+        let mut p = Pending::new(
+            self.access_log.clone(),
+            started,
+            inflight.state().peer_ip.clone(),
+        );
+        p.trace = trace;
+        if let (Some(req), Some(_)) = (req, &self.access_log) {
             p.method = Some(req.method().clone());
             p.path = req.uri().path().to_owned();
         }
@@ -427,7 +447,7 @@ impl Handler {
         self: &Rc<Self>,
         f: Forward<'_>,
         started: std::time::Instant,
-        logged: Option<Box<Pending>>,
+        mut logged: Option<Box<Pending>>,
     ) -> (Outgoing, UpstreamRequest) {
         let Forward {
             index,
@@ -446,6 +466,15 @@ impl Handler {
         let (mut parts, body) = req.into_parts();
         let endpoint = pick.as_ref().map(|p| pool.cfg.endpoints[p.ep].addr);
         prepare(&mut parts, inflight.state(), pool.cfg.protocol, endpoint);
+        if let Some(t) = logged.as_mut().and_then(|p| p.trace.as_mut()) {
+            // The upstream's parent is our client span (or, unsampled, our server span).
+            let (parent, state) = t.forwarded(&route_id(route, index), &pool.cfg.name, endpoint);
+            parts.headers.insert(TRACEPARENT, parent);
+            match state {
+                Some(s) => parts.headers.insert(TRACESTATE, s),
+                None => parts.headers.remove(TRACESTATE),
+            };
+        }
         let request = match pool.cfg.protocol {
             UpstreamProtocol::Http1 => {
                 restore_upgrade(&mut parts.headers, upgrade.clone());
@@ -552,7 +581,11 @@ impl Gateway {
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
         log_refusal(why, peer_ip, None);
         if let Some(log) = &handler.access_log {
-            let mut p = Pending::new(log, std::time::Instant::now(), peer_ip.clone());
+            let mut p = Pending::new(
+                Some(Rc::clone(log)),
+                std::time::Instant::now(),
+                peer_ip.clone(),
+            );
             p.reason = Some(why.reason());
             p.finish();
         }
@@ -645,8 +678,18 @@ impl Outgoing {
         let timeout = retry.per_try_timeout.unwrap_or(self.timeout);
         pool.budget.request(std::time::Instant::now());
         let (mut request, mut fresh) = (request, false);
+        let trace = self.logged.as_ref().and_then(|p| p.trace.as_ref());
         for attempt in 1.. {
-            let failed = match pool.send(ep, request, timeout, fresh).await {
+            let mut span = trace.and_then(|t| t.attempt(attempt, pool.cfg.endpoints[ep].addr));
+            let sent = pool.send(ep, request, timeout, fresh).await;
+            if let Some(s) = &mut span {
+                let outcome = match &sent {
+                    Ok(resp) => Ok(resp.status().as_u16()),
+                    Err(f) => Err(&f.error as &dyn std::fmt::Display),
+                };
+                crate::telemetry::trace::end_with(s, outcome);
+            }
+            let failed = match sent {
                 Ok(resp) => return Ok(resp),
                 Err(failed) => failed,
             };
@@ -700,11 +743,17 @@ impl Outgoing {
             inflight,
             upgrade,
             started,
-            logged,
+            mut logged,
             admitted,
             watch,
             ..
         } = self;
+        if let Some(t) = logged.as_mut().and_then(|p| p.trace.as_mut()) {
+            t.answered(match &result {
+                Ok(resp) => Ok(resp.status().as_u16()),
+                Err(e) => Err(e as &dyn std::fmt::Display),
+            });
+        }
         let route = &handler.routes.routes()[index];
         let pool_index = pool;
         let pool = &handler.pools[pool];

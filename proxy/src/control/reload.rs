@@ -67,6 +67,8 @@ pub(crate) struct Generation {
     pub(crate) feeds: Vec<Arc<FeedHub>>,
     /// Per order desk: its shared state and journal, kept across reloads by name.
     pub(crate) desks: Vec<Arc<crate::app::orders::desk::Desk>>,
+    /// `[tracing]`'s tracer, made at start and kept by every reload.
+    pub(crate) tracer: Option<Arc<crate::telemetry::trace::Tracer>>,
 }
 
 /// Applies new configs to running workers; shared by the `Handle` and the admin listener.
@@ -191,7 +193,11 @@ impl Reloader {
             .map_err(io::Error::other)?;
         let feeds = feed_hubs(&config, &old.feeds);
         let desks = crate::app::orders::desk::desks(&config, &old.desks, &feeds)?;
+        if config.tracing != old.config.tracing {
+            tracing::warn!("[tracing] takes effect on restart only");
+        }
         let generation = Arc::new(Generation {
+            tracer: old.tracer.clone(),
             feeds,
             desks,
             tables: route_tables(&config),

@@ -78,7 +78,10 @@ impl Drop for AccessLog {
 
 /// What is known about a request when its answer starts; completed when the body ends.
 pub(crate) struct Pending {
-    pub(crate) log: Rc<AccessLog>,
+    /// None: only the trace wants the request's end.
+    pub(crate) log: Option<Rc<AccessLog>>,
+    /// The request's spans, when `[tracing]` is on.
+    pub(crate) trace: Option<crate::telemetry::trace::RequestTrace>,
     pub(crate) time: SystemTime,
     pub(crate) started: Instant,
     pub(crate) client: http::HeaderValue,
@@ -98,9 +101,14 @@ pub(crate) struct Pending {
 impl Pending {
     /// A line for a request from `client` that began at `started`; the rest is filled in as
     /// the request goes.
-    pub(crate) fn new(log: &Rc<AccessLog>, started: Instant, client: http::HeaderValue) -> Pending {
+    pub(crate) fn new(
+        log: Option<Rc<AccessLog>>,
+        started: Instant,
+        client: http::HeaderValue,
+    ) -> Pending {
         Pending {
-            log: Rc::clone(log),
+            log,
+            trace: None,
             time: SystemTime::now(),
             started,
             client,
@@ -116,9 +124,15 @@ impl Pending {
     }
 
     /// Appends the line: the request is over (body sent, or the client went away).
-    pub(crate) fn finish(self) {
+    pub(crate) fn finish(mut self) {
+        let trace_id = self.trace.take().map(|t| {
+            let id = t.trace_id();
+            t.finish(self.status, self.bytes);
+            id
+        });
+        let Some(log) = &self.log else { return };
         let total = self.started.elapsed();
-        self.log.push(|o| {
+        log.push(|o| {
             o.push_str("{\"time\":\"");
             o.push_str(&json::rfc3339(self.time));
             o.push_str("\",\"client\":");
@@ -147,6 +161,11 @@ impl Pending {
             if let Some(why) = self.reason {
                 o.push_str(",\"reason\":");
                 json::push_str(o, why);
+            }
+            if let Some(id) = &trace_id {
+                o.push_str(",\"trace_id\":\"");
+                o.push_str(id);
+                o.push('"');
             }
             o.push_str("}\n");
         });

@@ -5,3 +5,4 @@ pub(crate) mod accesslog;
 pub(crate) mod json;
 pub mod log;
 pub(crate) mod metrics;
+pub(crate) mod trace;
