@@ -16,6 +16,7 @@ have gtlsclient || need+=(ngtcp2-client)
 have openssl || need+=(openssl)
 have nats-server || need+=(nats-server)
 have redis-server || need+=(redis-server)
+have chromium || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -q

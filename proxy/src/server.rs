@@ -253,6 +253,7 @@ impl Server {
                 let state = Arc::new(AdminState {
                     reloader: Arc::clone(&reloader),
                     draining: AtomicBool::new(false),
+                    started: std::time::Instant::now(),
                 });
                 let (stop, stop_rx) = watch::channel(false);
                 let thread = crate::control::admin::spawn(listener, Arc::clone(&state), stop_rx)?;

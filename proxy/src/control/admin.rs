@@ -22,7 +22,13 @@ use fluxgate_policy::balance::Health;
 pub(crate) struct AdminState {
     pub(crate) reloader: Arc<Reloader>,
     pub(crate) draining: AtomicBool,
+    /// When the admin listener (and the process) started, for `/status`.
+    pub(crate) started: std::time::Instant,
 }
+
+/// The admin page: one self-contained HTML file (styles and script inline) that reads
+/// `/status` every two seconds.
+const PAGE: &str = include_str!("admin.html");
 
 /// Serves the admin endpoints on `listener` until `stop` turns true.
 pub(crate) fn spawn(
@@ -106,6 +112,12 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
             crate::telemetry::metrics::render_canaries(&mut m, &g.config, &g.addrs, &g.canaries);
             text(StatusCode::OK, "text/plain; version=0.0.4", m)
         }
+        "/" => text(StatusCode::OK, "text/html; charset=utf-8", PAGE.to_owned()),
+        "/status" => text(
+            StatusCode::OK,
+            "application/json",
+            crate::control::status::status_json(&g, state.started),
+        ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if state.draining.load(Ordering::Relaxed) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -123,7 +135,7 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
 }
 
 /// The running config's shape and every endpoint's health, as JSON.
-fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
+pub(crate) fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
     let mut o = String::from("{\"listeners\":[");
     for (i, l) in c.listeners.iter().enumerate() {
         if i > 0 {

@@ -3,3 +3,4 @@
 
 pub(crate) mod admin;
 pub(crate) mod reload;
+pub(crate) mod status;

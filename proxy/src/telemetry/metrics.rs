@@ -17,6 +17,11 @@ const BUCKETS_US: [u64; 14] = [
     2_500_000, 5_000_000, 10_000_000,
 ];
 
+/// `BUCKETS_US` in milliseconds, for the admin page's quantiles.
+pub(crate) fn latency_bounds_ms() -> impl Iterator<Item = f64> {
+    BUCKETS_US.iter().map(|us| *us as f64 / 1e3)
+}
+
 /// Upper bounds of the finer histograms (order acknowledgement, journal), in microseconds.
 const FINE_BUCKETS_US: [u64; 12] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000,
@@ -883,6 +888,29 @@ pub(crate) fn per_label<T>(
 
 impl Metrics {
     /// Sums `f` over every worker's stats of route `route` (None: unrouted) of `listener`.
+    /// One route's (or, `None`, the unrouted requests') counts summed over the workers:
+    /// by status class, the cumulative latency histogram over `LATENCY_BOUNDS_MS` (+Inf
+    /// last), and the latency sum in seconds.
+    pub(crate) fn route_snapshot(
+        &self,
+        listener: usize,
+        route: Option<usize>,
+    ) -> ([u64; 5], Vec<u64>, f64) {
+        let classes = std::array::from_fn(|c| {
+            self.route_sum(listener, route, |r| r.by_class[c].load(Ordering::Relaxed))
+        });
+        let mut cumulative = 0;
+        let buckets = (0..=BUCKETS_US.len())
+            .map(|b| {
+                cumulative +=
+                    self.route_sum(listener, route, |r| r.buckets[b].load(Ordering::Relaxed));
+                cumulative
+            })
+            .collect();
+        let sum = self.route_sum(listener, route, |r| r.sum_us.load(Ordering::Relaxed));
+        (classes, buckets, sum as f64 / 1e6)
+    }
+
     fn route_sum(
         &self,
         listener: usize,
