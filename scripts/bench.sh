@@ -6,7 +6,9 @@
 #  3. RSS per idle keep-alive connection with 10,000 idle connections;
 #  4. part 1 again with fluxgate on a 20-route table (conf/examples/bench-20-routes.toml);
 #  5. the plain route against one with a split, breakers and a rate limit
-#     (conf/examples/bench-policy.toml), alternating (scripts/ab.sh): CPU per request.
+#     (conf/examples/bench-policy.toml), alternating (scripts/ab.sh): CPU per request;
+#  6. the plain route with tracing off against tracing at a 1% sample ratio
+#     (conf/examples/bench-tracing.toml), alternating (scripts/ab.sh): CPU per request.
 # Usage: scripts/bench.sh [DURATION_S]   (default 8; ONLY="1 3" runs just those parts)
 # Exits non-zero when a run of parts 2 and 3 had errors (part 1 and 4 are ../shared/bench/peers.sh's).
 set -euo pipefail
@@ -19,7 +21,7 @@ FG=$PWD/target/release/fluxgate
 PEERS=${PEERS:-$PWD/../shared/bench/peers.sh}
 ulimit -n 65536 2>/dev/null || true
 
-ONLY=${ONLY:-1 2 3 4 5}
+ONLY=${ONLY:-1 2 3 4 5 6}
 part() { [[ " $ONLY " == *" $1 "* ]]; }
 
 if part 1; then
@@ -37,6 +39,12 @@ if part 5; then
 echo
 echo "== 5. traffic policy: the plain route (old) vs split + breakers + rate limit (new)"
 NEW_ARGS="-c $PWD/conf/examples/bench-policy.toml" scripts/ab.sh "$FG" "$FG" 3 "$D"
+fi
+
+if part 6; then
+echo
+echo "== 6. tracing: off (old) vs on at a 1% sample ratio, exported over OTLP/HTTP (new)"
+NEW_ARGS="-c $PWD/conf/examples/bench-tracing.toml" scripts/ab.sh "$FG" "$FG" 3 "$D"
 fi
 
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT

@@ -24,7 +24,7 @@ use crate::app::fanout::session::{self, FeedBody};
 use crate::error::ProxyError;
 use crate::telemetry::accesslog::{AccessLog, Pending};
 use crate::telemetry::metrics::RouteSet;
-use crate::telemetry::trace::{Tracer, TRACEPARENT, TRACESTATE};
+use crate::telemetry::trace::{TraceIds, Tracer, TRACEPARENT, TRACESTATE};
 use crate::upstream::pool::{Proxied, UpstreamPool};
 use crate::upstream::send::{UpstreamBody, UpstreamRequest};
 use fluxgate_http::body::ClientBody;
@@ -79,14 +79,15 @@ impl Handler {
         inflight: InFlight,
     ) -> Reply<Forwarding, ProxyBody> {
         let started = std::time::Instant::now();
-        let logged = self.pending(started, &inflight, Some(&req), None);
+        let ids = (self.tracer.as_ref()).map(|t| t.decide(req.headers(), || self.draw()));
+        let logged = self.pending(started, &inflight, Some(&req), None, ids.as_ref());
         match self.route(req, inflight) {
             Routed::Answer(route, resp) => {
                 let resp = self.finish(started, logged, route, None, None, resp);
                 Reply::Ready(Some(Box::new(resp)))
             }
             Routed::Forward(f) => {
-                let (out, request) = self.outgoing(f, started, logged);
+                let (out, request) = self.outgoing(f, started, logged, ids);
                 Reply::Later(Box::pin(out.run(request)))
             }
             Routed::Later(index, answer) => {
@@ -117,13 +118,14 @@ impl Handler {
         inflight: &InFlight,
         req: Option<&Request<ClientBody>>,
         refused: Option<Refusal>,
+        ids: Option<&TraceIds>,
     ) -> Option<Box<Pending>> {
-        let trace = match (&self.tracer, req) {
-            (Some(t), Some(req)) => Some(t.begin(
+        let trace = match (&self.tracer, req, ids) {
+            (Some(t), Some(req), Some(ids)) if ids.sampled => Some(t.begin(
+                ids,
                 req.method(),
                 req.uri().path(),
                 req.version(),
-                req.headers(),
                 &inflight.state().peer_ip,
             )),
             _ => None,
@@ -137,6 +139,7 @@ impl Handler {
             inflight.state().peer_ip.clone(),
         );
         p.trace = trace;
+        p.trace_id = ids.map(|i| i.trace);
         if let (Some(req), Some(_)) = (req, &self.access_log) {
             p.method = Some(req.method().clone());
             p.path = req.uri().path().to_owned();
@@ -448,6 +451,7 @@ impl Handler {
         f: Forward<'_>,
         started: std::time::Instant,
         mut logged: Option<Box<Pending>>,
+        ids: Option<TraceIds>,
     ) -> (Outgoing, UpstreamRequest) {
         let Forward {
             index,
@@ -466,9 +470,12 @@ impl Handler {
         let (mut parts, body) = req.into_parts();
         let endpoint = pick.as_ref().map(|p| pool.cfg.endpoints[p.ep].addr);
         prepare(&mut parts, inflight.state(), pool.cfg.protocol, endpoint);
-        if let Some(t) = logged.as_mut().and_then(|p| p.trace.as_mut()) {
-            // The upstream's parent is our client span (or, unsampled, our server span).
-            let (parent, state) = t.forwarded(&route_id(route, index), &pool.cfg.name, endpoint);
+        // The upstream's parent is our client span (or, unsampled, our server span's id).
+        let trace = match logged.as_mut().and_then(|p| p.trace.as_mut()) {
+            Some(t) => Some(t.forwarded(&route_id(route, index), &pool.cfg.name, endpoint)),
+            None => ids.map(|i| i.headers()),
+        };
+        if let Some((parent, state)) = trace {
             parts.headers.insert(TRACEPARENT, parent);
             match state {
                 Some(s) => parts.headers.insert(TRACESTATE, s),
@@ -560,7 +567,7 @@ impl Service for Gateway {
         let handler = self.handler();
         let started = std::time::Instant::now();
         let status = why.status().unwrap_or(StatusCode::BAD_REQUEST);
-        let logged = handler.pending(started, &inflight, None, Some(why));
+        let logged = handler.pending(started, &inflight, None, Some(why), None);
         handler.stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
         log_refusal(why, &inflight.state().peer_ip, Some(status));
         // Whether the connection closes after it is the server's to say.

@@ -82,6 +82,8 @@ pub(crate) struct Pending {
     pub(crate) log: Option<Rc<AccessLog>>,
     /// The request's spans, when `[tracing]` is on.
     pub(crate) trace: Option<crate::telemetry::trace::RequestTrace>,
+    /// The request's trace, sampled or not, when `[tracing]` is on.
+    pub(crate) trace_id: Option<opentelemetry::trace::TraceId>,
     pub(crate) time: SystemTime,
     pub(crate) started: Instant,
     pub(crate) client: http::HeaderValue,
@@ -109,6 +111,7 @@ impl Pending {
         Pending {
             log,
             trace: None,
+            trace_id: None,
             time: SystemTime::now(),
             started,
             client,
@@ -125,11 +128,9 @@ impl Pending {
 
     /// Appends the line: the request is over (body sent, or the client went away).
     pub(crate) fn finish(mut self) {
-        let trace_id = self.trace.take().map(|t| {
-            let id = t.trace_id();
+        if let Some(t) = self.trace.take() {
             t.finish(self.status, self.bytes);
-            id
-        });
+        }
         let Some(log) = &self.log else { return };
         let total = self.started.elapsed();
         log.push(|o| {
@@ -162,10 +163,8 @@ impl Pending {
                 o.push_str(",\"reason\":");
                 json::push_str(o, why);
             }
-            if let Some(id) = &trace_id {
-                o.push_str(",\"trace_id\":\"");
-                o.push_str(id);
-                o.push('"');
+            if let Some(id) = self.trace_id {
+                let _ = write!(o, ",\"trace_id\":\"{id}\"");
             }
             o.push_str("}\n");
         });

@@ -5,8 +5,10 @@
 //! (parent-based, else by trace-id ratio), and finished spans go to the SDK's batch
 //! processor, which exports them over OTLP/HTTP (protobuf) from its own thread.
 //!
-//! A request that is not sampled costs one id draw and one header: no span is recorded,
-//! and the upstream is told the trace and our span id with the sampled flag off.
+//! The sampling decision is made here, per request, before the SDK is asked for anything
+//! (the SDK's own sampler is always-on and sees only sampled requests): a request that is
+//! not sampled costs two draws of the worker's generator and one header, the upstream is
+//! told the trace and our span id with the sampled flag off, and no span is built.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -17,7 +19,8 @@ use fluxgate_conf::Tracing;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanKind, Status, TraceContextExt, TraceState, Tracer as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HttpClient, HttpError};
@@ -36,6 +39,35 @@ pub(crate) struct Tracer {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    /// Requests without a parent traced, out of 2^53.
+    ratio: u64,
+    parent_based: bool,
+}
+
+/// Who a request is in its trace, decided when its head arrives.
+pub(crate) struct TraceIds {
+    pub(crate) trace: TraceId,
+    /// Our server span's id: the upstream's parent when the request is not sampled.
+    span: SpanId,
+    pub(crate) sampled: bool,
+    /// The client's span, when it sent a valid `traceparent`.
+    parent: Option<SpanContext>,
+}
+
+impl TraceIds {
+    /// `traceparent` / `tracestate` for the upstream of a request that is not sampled.
+    pub(crate) fn headers(&self) -> (HeaderValue, Option<HeaderValue>) {
+        let flags = if self.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let state = self
+            .parent
+            .as_ref()
+            .and_then(|p| tracestate(p.trace_state()));
+        (traceparent(self.trace, self.span, flags), state)
+    }
 }
 
 impl Tracer {
@@ -54,13 +86,8 @@ impl Tracer {
             .with_max_export_batch_size(cfg.batch.min(cfg.queue))
             .with_scheduled_delay(cfg.flush_interval)
             .build();
-        let ratio = Sampler::TraceIdRatioBased(cfg.sample);
-        let sampler = match cfg.parent_based {
-            true => Sampler::ParentBased(Box::new(ratio)),
-            false => ratio,
-        };
         let provider = SdkTracerProvider::builder()
-            .with_sampler(sampler)
+            .with_sampler(Sampler::AlwaysOn)
             .with_span_processor(
                 BatchSpanProcessor::builder(exporter)
                     .with_batch_config(batch)
@@ -77,7 +104,43 @@ impl Tracer {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            ratio: (cfg.sample * (1u64 << 53) as f64) as u64,
+            parent_based: cfg.parent_based,
         }))
+    }
+
+    /// The ids and the sampling decision of a request with head `headers`: a valid
+    /// parent's sampled flag decides (parent-based), else a draw against the ratio.
+    /// `draw` is the worker's random generator.
+    pub(crate) fn decide(&self, headers: &HeaderMap, mut draw: impl FnMut() -> u64) -> TraceIds {
+        let parent = headers
+            .contains_key(TRACEPARENT)
+            .then(|| {
+                let cx = self.propagator.extract(&HeaderExtractor(headers));
+                cx.span().span_context().clone()
+            })
+            .filter(SpanContext::is_valid);
+        let span = SpanId::from(draw().max(1));
+        let (trace, sampled) = match &parent {
+            Some(p) => (
+                p.trace_id(),
+                match self.parent_based {
+                    true => p.is_sampled(),
+                    false => draw() >> 11 < self.ratio,
+                },
+            ),
+            None => {
+                let hi = draw();
+                let trace = TraceId::from((u128::from(hi) << 64) | u128::from(draw().max(1)));
+                (trace, hi >> 11 < self.ratio)
+            }
+        };
+        TraceIds {
+            trace,
+            span,
+            sampled,
+            parent,
+        }
     }
 
     /// Exports what is queued and stops the export thread (at exit).
@@ -85,17 +148,20 @@ impl Tracer {
         let _ = self.provider.shutdown_with_timeout(Duration::from_secs(5));
     }
 
-    /// The server span of a request with head `headers`, child of the client's
-    /// `traceparent` when it sent a valid one.
+    /// The server span of a sampled request, with the ids `decide` gave it: a child of the
+    /// client's span when it sent one.
     pub(crate) fn begin(
         self: &Arc<Self>,
+        ids: &TraceIds,
         method: &http::Method,
         path: &str,
         version: http::Version,
-        headers: &HeaderMap,
         client: &HeaderValue,
     ) -> RequestTrace {
-        let parent = self.propagator.extract(&HeaderExtractor(headers));
+        let parent = match &ids.parent {
+            Some(p) => Context::new().with_remote_span_context(p.clone()),
+            None => Context::new(),
+        };
         let name: Cow<'static, str> = match method.as_str() {
             "GET" => "GET".into(),
             "POST" => "POST".into(),
@@ -105,16 +171,15 @@ impl Tracer {
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
+            .with_trace_id(ids.trace)
+            .with_span_id(ids.span)
             .start_with_context(&self.tracer, &parent);
-        // Attributes cost allocations: only for a span that is recorded.
-        if server.is_recording() {
-            server.set_attributes([
-                KeyValue::new("http.request.method", method.as_str().to_owned()),
-                KeyValue::new("url.path", path.to_owned()),
-                KeyValue::new("network.protocol.version", protocol(version)),
-                KeyValue::new("client.address", client.to_str().unwrap_or("").to_owned()),
-            ]);
-        }
+        server.set_attributes([
+            KeyValue::new("http.request.method", method.as_str().to_owned()),
+            KeyValue::new("url.path", path.to_owned()),
+            KeyValue::new("network.protocol.version", protocol(version)),
+            KeyValue::new("client.address", client.to_str().unwrap_or("").to_owned()),
+        ]);
         RequestTrace {
             tracer: Arc::clone(self),
             start: SystemTime::now(),
@@ -145,15 +210,6 @@ pub(crate) struct RequestTrace {
 }
 
 impl RequestTrace {
-    fn sampled(&self) -> bool {
-        self.server.span_context().is_sampled()
-    }
-
-    /// The trace id, as the access log writes it.
-    pub(crate) fn trace_id(&self) -> String {
-        self.server.span_context().trace_id().to_string()
-    }
-
     fn child_of(&self, span: &Span) -> Context {
         Context::new().with_remote_span_context(span.span_context().clone())
     }
@@ -180,7 +236,7 @@ impl RequestTrace {
         upstream: &str,
         endpoint: Option<std::net::SocketAddr>,
     ) -> (HeaderValue, Option<HeaderValue>) {
-        let parent = if self.sampled() {
+        {
             self.server
                 .set_attribute(KeyValue::new("http.route", route.to_owned()));
             let t = &self.tracer.tracer;
@@ -199,11 +255,12 @@ impl RequestTrace {
                 attrs.push(KeyValue::new("server.port", i64::from(ep.port())));
             }
             let client = self.start("upstream", SpanKind::Client, &self.server, attrs);
-            self.client.insert(client).span_context().clone()
-        } else {
-            self.server.span_context().clone()
-        };
-        (traceparent(&parent), tracestate(parent.trace_state()))
+            let sc = self.client.insert(client).span_context();
+            (
+                traceparent(sc.trace_id(), sc.span_id(), sc.trace_flags()),
+                tracestate(sc.trace_state()),
+            )
+        }
     }
 
     /// One try of the exchange (the first, or a retry), to `endpoint`.
@@ -241,14 +298,12 @@ impl RequestTrace {
         if let Some(mut c) = self.client.take() {
             c.end();
         }
-        if self.sampled() {
-            self.server.set_attribute(KeyValue::new(
-                "http.response.status_code",
-                i64::from(status),
-            ));
-            if status >= 500 {
-                self.server.set_status(Status::error(""));
-            }
+        self.server.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+        if status >= 500 {
+            self.server.set_status(Status::error(""));
         }
         self.server.end();
     }
@@ -275,14 +330,12 @@ pub(crate) fn end_with(span: &mut Span, outcome: Result<u16, &dyn std::fmt::Disp
 }
 
 /// `00-TRACE-SPAN-FLAGS` (W3C Trace Context, version 00).
-fn traceparent(sc: &SpanContext) -> HeaderValue {
-    let v = format!(
-        "00-{}-{}-{:02x}",
-        sc.trace_id(),
-        sc.span_id(),
-        sc.trace_flags().to_u8()
-    );
-    HeaderValue::try_from(v).expect("hex digits and dashes")
+fn traceparent(trace: TraceId, span: SpanId, flags: TraceFlags) -> HeaderValue {
+    use std::io::Write as _;
+    let mut v = [0u8; 55];
+    let mut w = &mut v[..];
+    let _ = write!(w, "00-{trace}-{span}-{:02x}", flags.to_u8());
+    HeaderValue::from_bytes(&v).expect("hex digits and dashes")
 }
 
 fn tracestate(ts: &TraceState) -> Option<HeaderValue> {
