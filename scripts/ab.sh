@@ -4,7 +4,8 @@
 # alike. Prints the proxy's CPU microseconds per request and req/s per run, then the means.
 # Usage: scripts/ab.sh OLD_BIN NEW_BIN [ROUNDS] [DURATION_S]   (defaults 3 rounds of 6 s)
 #   NEW_ARGS="-c FILE": the new one serves a config (listening on 127.0.0.1:18093) instead of
-#   the quick mode, e.g. the same binary with a policy route (scripts/bench.sh part 5).
+#   the quick mode, e.g. the same binary with a policy route (scripts/bench.sh part 5);
+#   OLD_ARGS likewise for the old one (listening on 127.0.0.1:18090).
 # Exits non-zero when any run had errors (non-2xx answers, socket errors, failed requests).
 # Layout as in ../shared/bench/peers.sh: upstream nginx and load on CPU 0, proxies on CPU 1.
 set -euo pipefail
@@ -25,7 +26,9 @@ taskset -c 0 nginx -c "$W/up.conf" &
 sleep 0.5
 declare -A PID H1 H2
 taskset -c 1 haproxy -f "$W/ha.cfg" & PID[haproxy]=$!
-taskset -c 1 "$OLD" run --listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1 2>"$W/old.log" & PID[old]=$!
+OLD_ARGS=${OLD_ARGS:---listen 127.0.0.1:18090 --upstream 127.0.0.1:18081 --workers 1}
+# shellcheck disable=SC2086 # OLD_ARGS is words
+taskset -c 1 "$OLD" run $OLD_ARGS 2>"$W/old.log" & PID[old]=$!
 NEW_ARGS=${NEW_ARGS:---listen 127.0.0.1:18093 --upstream 127.0.0.1:18081 --workers 1}
 # shellcheck disable=SC2086 # NEW_ARGS is words
 taskset -c 1 "$NEW" run $NEW_ARGS 2>"$W/new.log" & PID[new]=$!

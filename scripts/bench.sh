@@ -44,7 +44,10 @@ fi
 if part 6; then
 echo
 echo "== 6. tracing: off (old) vs on at a 1% sample ratio, exported over OTLP/HTTP (new)"
-NEW_ARGS="-c $PWD/conf/examples/bench-tracing.toml" scripts/ab.sh "$FG" "$FG" 3 "$D"
+# The same config without its [tracing] section, on the old one's port.
+OFF=$(mktemp); sed '/^\[tracing\]/,$d; s/18093/18090/' conf/examples/bench-tracing.toml > "$OFF"
+OLD_ARGS="-c $OFF" NEW_ARGS="-c $PWD/conf/examples/bench-tracing.toml" scripts/ab.sh "$FG" "$FG" 3 "$D"
+rm -f "$OFF"
 fi
 
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT

@@ -53,7 +53,7 @@ pub struct Tracing {
     pub service_name: String,
     /// Spans per export request. Default 512.
     pub batch: usize,
-    /// Finished spans kept waiting for export; past it new ones are dropped and counted.
+    /// Finished spans kept waiting for export; past it new ones are dropped.
     /// Default 4096.
     pub queue: usize,
     /// How often a batch goes out when it is not full. Default 1 s.

@@ -331,10 +331,17 @@ pub(crate) fn end_with(span: &mut Span, outcome: Result<u16, &dyn std::fmt::Disp
 
 /// `00-TRACE-SPAN-FLAGS` (W3C Trace Context, version 00).
 fn traceparent(trace: TraceId, span: SpanId, flags: TraceFlags) -> HeaderValue {
-    use std::io::Write as _;
-    let mut v = [0u8; 55];
-    let mut w = &mut v[..];
-    let _ = write!(w, "00-{trace}-{span}-{:02x}", flags.to_u8());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let hex = |out: &mut [u8], bytes: &[u8]| {
+        for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
+        }
+    };
+    hex(&mut v[3..35], &trace.to_bytes());
+    hex(&mut v[36..52], &span.to_bytes());
+    hex(&mut v[53..55], &[flags.to_u8()]);
     HeaderValue::from_bytes(&v).expect("hex digits and dashes")
 }
 
