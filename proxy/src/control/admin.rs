@@ -1,22 +1,18 @@
 //! The admin listener, on its own thread and address: `/metrics` (Prometheus text),
-//! `/healthz` (the process is up), `/readyz` (503 while draining), `/config` (the running
-//! config and endpoint health as JSON).
+//! `/healthz` (the process is up), `/readyz` (503 while draining), `/config` and `/status`
+//! (JSON, from `status`), `/` (the admin page that reads `/status`).
 
 use std::convert::Infallible;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fluxgate_conf::{Balance, Config, RouteAction};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::control::reload::Reloader;
-use crate::telemetry::json;
-use fluxgate_policy::balance::Health;
 
 /// What the admin endpoints read.
 pub(crate) struct AdminState {
@@ -128,107 +124,8 @@ fn admin_response<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Byte
         "/config" => text(
             StatusCode::OK,
             "application/json",
-            config_json(&g.config, &g.health),
+            crate::control::status::config_json(&g.config, &g.health),
         ),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }
-}
-
-/// The running config's shape and every endpoint's health, as JSON.
-pub(crate) fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
-    let mut o = String::from("{\"listeners\":[");
-    for (i, l) in c.listeners.iter().enumerate() {
-        if i > 0 {
-            o.push(',');
-        }
-        let _ = write!(
-            o,
-            "{{\"address\":{},\"routes\":[",
-            json::string(&l.address.to_string())
-        );
-        for (j, r) in l.routes.iter().enumerate() {
-            if j > 0 {
-                o.push(',');
-            }
-            let action = match &r.action {
-                RouteAction::Forward(u) => {
-                    format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
-                }
-                RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
-                RouteAction::Split(s) => {
-                    let targets: Vec<String> = s
-                        .targets
-                        .iter()
-                        .map(|t| {
-                            format!(
-                                "{{\"upstream\":{},\"weight\":{}}}",
-                                json::string(&t.name),
-                                t.weight
-                            )
-                        })
-                        .collect();
-                    format!("{{\"split\":[{}]}}", targets.join(","))
-                }
-                RouteAction::Orders(d) => {
-                    format!("{{\"orders\":{}}}", json::string(&c.desks[*d].name))
-                }
-                RouteAction::Feed(e) => format!(
-                    "{{\"feed\":{},\"role\":\"{}\"}}",
-                    json::string(&c.feeds[e.feed].name),
-                    match e.role {
-                        fluxgate_conf::FeedRole::Publish => "publish",
-                        fluxgate_conf::FeedRole::Subscribe => "subscribe",
-                    }
-                ),
-                RouteAction::Redirect {
-                    status, location, ..
-                } => {
-                    format!(
-                        "{{\"redirect\":{status},\"location\":{}}}",
-                        json::string(location)
-                    )
-                }
-            };
-            let _ = write!(
-                o,
-                "{{\"name\":{},\"action\":{action}}}",
-                json::string(&r.name)
-            );
-        }
-        o.push_str("]}");
-    }
-    o.push_str("],\"upstreams\":[");
-    for (i, (u, h)) in c.upstreams.iter().zip(health).enumerate() {
-        if i > 0 {
-            o.push(',');
-        }
-        let balance = match &u.balance {
-            Balance::RoundRobin => "round_robin",
-            Balance::WeightedRoundRobin => "weighted_round_robin",
-            Balance::LeastRequest => "least_request",
-            Balance::P2cEwma => "p2c_ewma",
-            Balance::Hash(_) => "hash",
-        };
-        let _ = write!(
-            o,
-            "{{\"name\":{},\"balance\":{},\"endpoints\":[",
-            json::string(&u.name),
-            json::string(balance)
-        );
-        for (j, e) in u.endpoints.iter().enumerate() {
-            if j > 0 {
-                o.push(',');
-            }
-            let _ = write!(
-                o,
-                "{{\"address\":{},\"weight\":{},\"healthy\":{}}}",
-                json::string(&e.addr.to_string()),
-                e.weight,
-                h.is_healthy(j)
-            );
-        }
-        o.push_str("]}");
-    }
-    o.push_str("]}\n");
-    o
 }

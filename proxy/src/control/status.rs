@@ -1,4 +1,5 @@
-//! `GET /status` on the admin listener: what the gateway is doing now, as one JSON object
+//! The admin listener's JSON documents. `GET /config`: the running config's shape and
+//! endpoint health. `GET /status` on the admin listener: what the gateway is doing now, as one JSON object
 //! (the admin page at `GET /` reads it every two seconds). Counters are totals since the
 //! generation started; a reader takes rates from two readings.
 //!
@@ -22,7 +23,11 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
+
+use fluxgate_conf::{Balance, Config, RouteAction};
+use fluxgate_policy::balance::Health;
 
 use crate::control::reload::Generation;
 use crate::telemetry::json;
@@ -56,7 +61,7 @@ pub(crate) fn status_json(g: &Generation, started: Instant) -> String {
         env!("CARGO_PKG_VERSION"),
         started.elapsed().as_secs_f64(),
         c.runtime.workers,
-        crate::control::admin::config_json(c, &g.health).trim_end(),
+        config_json(c, &g.health).trim_end(),
         crate::telemetry::metrics::latency_bounds_ms()
             .map(|b| b.to_string())
             .collect::<Vec<_>>()
@@ -172,6 +177,105 @@ pub(crate) fn status_json(g: &Generation, started: Instant) -> String {
             silent.as_secs_f64().min(1e9),
             silent > f.config().stale_after
         );
+    }
+    o.push_str("]}\n");
+    o
+}
+
+/// The running config's shape and every endpoint's health, as JSON.
+pub(crate) fn config_json(c: &Config, health: &[Arc<Health>]) -> String {
+    let mut o = String::from("{\"listeners\":[");
+    for (i, l) in c.listeners.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let _ = write!(
+            o,
+            "{{\"address\":{},\"routes\":[",
+            json::string(&l.address.to_string())
+        );
+        for (j, r) in l.routes.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            let action = match &r.action {
+                RouteAction::Forward(u) => {
+                    format!("{{\"upstream\":{}}}", json::string(&c.upstreams[*u].name))
+                }
+                RouteAction::Respond { status, .. } => format!("{{\"respond\":{status}}}"),
+                RouteAction::Split(s) => {
+                    let targets: Vec<String> = s
+                        .targets
+                        .iter()
+                        .map(|t| {
+                            format!(
+                                "{{\"upstream\":{},\"weight\":{}}}",
+                                json::string(&t.name),
+                                t.weight
+                            )
+                        })
+                        .collect();
+                    format!("{{\"split\":[{}]}}", targets.join(","))
+                }
+                RouteAction::Orders(d) => {
+                    format!("{{\"orders\":{}}}", json::string(&c.desks[*d].name))
+                }
+                RouteAction::Feed(e) => format!(
+                    "{{\"feed\":{},\"role\":\"{}\"}}",
+                    json::string(&c.feeds[e.feed].name),
+                    match e.role {
+                        fluxgate_conf::FeedRole::Publish => "publish",
+                        fluxgate_conf::FeedRole::Subscribe => "subscribe",
+                    }
+                ),
+                RouteAction::Redirect {
+                    status, location, ..
+                } => {
+                    format!(
+                        "{{\"redirect\":{status},\"location\":{}}}",
+                        json::string(location)
+                    )
+                }
+            };
+            let _ = write!(
+                o,
+                "{{\"name\":{},\"action\":{action}}}",
+                json::string(&r.name)
+            );
+        }
+        o.push_str("]}");
+    }
+    o.push_str("],\"upstreams\":[");
+    for (i, (u, h)) in c.upstreams.iter().zip(health).enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        let balance = match &u.balance {
+            Balance::RoundRobin => "round_robin",
+            Balance::WeightedRoundRobin => "weighted_round_robin",
+            Balance::LeastRequest => "least_request",
+            Balance::P2cEwma => "p2c_ewma",
+            Balance::Hash(_) => "hash",
+        };
+        let _ = write!(
+            o,
+            "{{\"name\":{},\"balance\":{},\"endpoints\":[",
+            json::string(&u.name),
+            json::string(balance)
+        );
+        for (j, e) in u.endpoints.iter().enumerate() {
+            if j > 0 {
+                o.push(',');
+            }
+            let _ = write!(
+                o,
+                "{{\"address\":{},\"weight\":{},\"healthy\":{}}}",
+                json::string(&e.addr.to_string()),
+                e.weight,
+                h.is_healthy(j)
+            );
+        }
+        o.push_str("]}");
     }
     o.push_str("]}\n");
     o
